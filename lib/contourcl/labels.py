@@ -1,0 +1,126 @@
+"""Structure names and label numbering.
+
+The datastore keeps one label map per CT in the *stored* numbering below (the OARs, then the
+target). Each model sees only its own structures, numbered from 1 in its own order. Slicer
+numbers segments in its own order and sends their names in ``label_info``: values are always
+mapped by name, never trusted as numbers (MONAILabel #565, #1856).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from contourcl.errors import UnknownLabelError, UnknownModelError
+
+#: TG-263 names of the organs at risk, in the ``oar`` model's order.
+OAR_NAMES: tuple[str, ...] = (
+    "Brainstem",
+    "SpinalCord",
+    "Parotid_R",
+    "Parotid_L",
+    "Mandible",
+    "Larynx",
+    "Esophagus",
+)
+#: The tumour target of the ``gtv`` model. On OpenKBP this is PTV70, the closest real target.
+GTV_NAME = "GTV"
+
+#: Stored numbering: one label map per CT in the datastore.
+STORED_LABELS: dict[str, int] = {**{n: i + 1 for i, n in enumerate(OAR_NAMES)}, GTV_NAME: len(OAR_NAMES) + 1}
+
+#: Other names a client may send for a stored structure (case is ignored everywhere).
+ALIASES: dict[str, str] = {"ptv70": GTV_NAME, "ptv_70": GTV_NAME, "tumor": GTV_NAME, "tumour": GTV_NAME}
+
+#: Each model's structures, numbered from 1 (0 is background).
+MODEL_LABELS: dict[str, dict[str, int]] = {
+    "oar": {n: i + 1 for i, n in enumerate(OAR_NAMES)},
+    "gtv": {GTV_NAME: 1},
+}
+
+
+def model_labels(model: str) -> dict[str, int]:
+    """The structures of ``model`` as ``{name: value}``; raises for an unknown model."""
+    try:
+        return dict(MODEL_LABELS[model])
+    except KeyError:
+        raise UnknownModelError(f"unknown model {model!r}; known models: {sorted(MODEL_LABELS)}") from None
+
+
+def canonical_name(name: str) -> str | None:
+    """The stored structure that ``name`` means, ``None`` for background; raises if unknown."""
+    key = str(name).strip().lower()
+    if key in ("", "background", "bg"):
+        return None
+    for stored in STORED_LABELS:
+        if stored.lower() == key:
+            return stored
+    if key in ALIASES:
+        return ALIASES[key]
+    raise UnknownLabelError(
+        f"unknown structure name {name!r}; known: {list(STORED_LABELS)} (aliases {sorted(ALIASES)})"
+    )
+
+
+def remap_by_name(label: np.ndarray, label_info: Iterable[Mapping] | None) -> np.ndarray:
+    """Renumber a client's label map into the stored numbering, by segment name.
+
+    ``label_info`` is Slicer's list of ``{"name": ..., "idx": ...}``. Without it the values are
+    taken to be in the stored numbering already. Unknown names, and voxel values that no entry
+    names, are errors: guessing would put a contour on the wrong organ.
+    """
+    label = np.asarray(label)
+    values = {int(v) for v in np.unique(label)} - {0}
+    if label_info is None:
+        unknown = values - set(STORED_LABELS.values())
+        if unknown:
+            raise UnknownLabelError(
+                f"label values {sorted(unknown)} are not in the stored numbering {STORED_LABELS}; "
+                "send label_info to map segments by name"
+            )
+        return label.astype(np.uint8)
+
+    mapping: dict[int, int] = {}
+    unknown_names = []
+    for entry in label_info:
+        name, idx = entry.get("name"), entry.get("idx")
+        if idx is None:
+            raise UnknownLabelError(f"label_info entry {dict(entry)!r} has no 'idx'")
+        try:
+            stored = canonical_name(name)
+        except UnknownLabelError:
+            unknown_names.append(name)
+            continue
+        mapping[int(idx)] = 0 if stored is None else STORED_LABELS[stored]
+    if unknown_names:
+        raise UnknownLabelError(f"unknown structure names {unknown_names}; known: {list(STORED_LABELS)}")
+    unnamed = values - set(mapping)
+    if unnamed:
+        raise UnknownLabelError(f"label values {sorted(unnamed)} have no entry in label_info {list(label_info)}")
+
+    out = np.zeros(label.shape, dtype=np.uint8)
+    for idx, stored_value in mapping.items():
+        out[label == idx] = stored_value
+    return out
+
+
+def to_model(stored: np.ndarray, model: str) -> np.ndarray:
+    """Extract ``model``'s structures from a stored label map, numbered as the model numbers them."""
+    labels = model_labels(model)
+    lut = np.zeros(max(STORED_LABELS.values()) + 1, dtype=np.uint8)
+    for name, value in labels.items():
+        lut[STORED_LABELS[name]] = value
+    stored = np.asarray(stored)
+    if stored.size and (stored.min() < 0 or stored.max() >= lut.size):
+        raise UnknownLabelError(f"stored label has values outside 0..{lut.size - 1}")
+    return lut[stored.astype(np.int64)]
+
+
+def from_model(pred: np.ndarray, model: str) -> np.ndarray:
+    """Renumber a model's output into the stored numbering."""
+    labels = model_labels(model)
+    lut = np.zeros(len(labels) + 1, dtype=np.uint8)
+    for name, value in labels.items():
+        lut[value] = STORED_LABELS[name]
+    return lut[np.asarray(pred).astype(np.int64)]

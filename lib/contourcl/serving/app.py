@@ -1,0 +1,95 @@
+"""``ContourApp``: the MONAI Label app base class that ``apps/radonc/main.py`` instantiates."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.random import Random
+
+from contourcl.ids import check_id
+from contourcl.labels import MODEL_LABELS
+from contourcl.serving.datastore import SafeDatastore
+from contourcl.serving.errors import http_errors
+from contourcl.serving.infer import ContourInferTask
+from contourcl.serving.strategy import MCDropoutEntropy
+from contourcl.serving.train import RetrainTask
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTIONS = {
+    "oar": "Organs at risk of the head and neck (TG-263 names), 2D U-Net on axial slices",
+    "gtv": "Tumour target (trained on PTV70 where no GTV exists), 2D U-Net on axial slices",
+}
+
+
+def _models(conf: dict) -> list[str]:
+    """The models named by ``--conf models`` (``all``, or a comma-separated list)."""
+    value = conf.get("models", "all")
+    names = list(MODEL_LABELS) if value == "all" else [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODEL_LABELS]
+    if unknown:
+        raise ValueError(f"--conf models: unknown model(s) {unknown}; known: {list(MODEL_LABELS)} or 'all'")
+    return names
+
+
+class ContourApp(MONAILabelApp):
+    """Serves the ``oar``/``gtv`` models of ``<app_dir>/model`` over a :class:`SafeDatastore`.
+
+    ``--conf`` keys: ``models`` (``all`` or ``oar,gtv``), ``<model>_init`` (a pretraining
+    checkpoint used when no model file exists yet), ``skip_trainers``, ``skip_strategies``.
+    """
+
+    def __init__(self, app_dir, studies, conf, name="ContourCL radonc", description="Auto-contouring of head-and-neck CT"):
+        self.model_dir = Path(app_dir) / "model"
+        self.models = _models(conf or {})
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name=name, description=description, version="0.1.0")
+
+    def init_datastore(self):
+        return SafeDatastore(self.studies, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True)
+
+    def init_infers(self):
+        return {m: ContourInferTask(m, self.model_dir / f"{m}.pt", DESCRIPTIONS[m], largest_component=(m == "oar")) for m in self.models}
+
+    def init_trainers(self):
+        if str(self.conf.get("skip_trainers", "false")).lower() == "true":
+            return {}
+        return {m: RetrainTask(m, self.model_dir, init=self.conf.get(f"{m}_init")) for m in self.models}
+
+    def init_strategies(self):
+        strategies = {"random": Random()}
+        if str(self.conf.get("skip_strategies", "false")).lower() != "true":
+            for m in self.models:
+                strategies[f"{m}_uncertainty"] = MCDropoutEntropy(self._infers[m].contourer, m)
+        return strategies
+
+    def init_scoring_methods(self):
+        return {}
+
+    # -- request checks the endpoints do not make ---------------------------------------------
+    def _check_model(self, model, tasks: dict) -> None:
+        if model not in tasks:
+            raise HTTPException(404, f"unknown model {model!r}; this server has {sorted(tasks)}")
+
+    def infer(self, request, datastore=None):
+        self._check_model(request.get("model"), self._infers)
+        image = request.get("image")
+        if isinstance(image, str):
+            uploaded = os.path.isfile(image) and Path(image).resolve().parent == Path(tempfile.gettempdir()).resolve()
+            if not uploaded:
+                with http_errors():
+                    check_id(image)
+                if image not in self.datastore().list_images():
+                    raise HTTPException(404, f"image {image!r} is not in the datastore")
+        with http_errors():
+            return super().infer(request, datastore)
+
+    def bundle_path(self, model):
+        # called by the /train endpoint before it starts the training subprocess: the one
+        # place to refuse an unknown model with a clear error
+        self._check_model(model, self._trainers)
+        return None
