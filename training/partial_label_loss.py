@@ -9,14 +9,18 @@ background before the loss:
     q_0 = p_0 + sum_{k not contoured} p_k,    q_k = p_k  (k contoured),
 
 so predicting an uncontoured organ where the label says "background" costs nothing, while every
-contoured organ is trained as usual. The loss is ``CE(q, y) + Dice(q, y)``, the Dice taken over
-the contoured foreground structures of each case (soft Dice per class, Milletari et al. 2016).
+contoured organ is trained as usual. The loss is ``CE(q, y) + Dice(q, y)``. The Dice is the soft
+Dice of each foreground structure (Milletari et al. 2016, Eq. 1), its sums taken over the whole
+batch, counting only the samples whose case contours that structure: a 2D slice usually shows
+two or three of the seven organs, and a per-slice Dice would reward predicting nothing. A
+structure with no voxel in the batch is left to the cross-entropy: its Dice would be a constant
+1 with no gradient, diluting the others'.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceLoss
+from monai.networks.utils import one_hot
 from torch import nn
 
 
@@ -32,12 +36,12 @@ class PartialLabelDiceCELoss(nn.Module):
     ``present`` every structure counts as contoured and this is plain Dice + CE.
     """
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, eps: float = 1e-6):
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, eps: float = 1e-6, smooth: float = 1e-5):
         super().__init__()
         self.lambda_dice = lambda_dice
         self.lambda_ce = lambda_ce
         self.eps = eps
-        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=False, reduction="none")
+        self.smooth = smooth
 
     @staticmethod
     def marginal_probabilities(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -58,7 +62,12 @@ class PartialLabelDiceCELoss(nn.Module):
         target = target.long()
         q = self.marginal_probabilities(logits, present)
         ce = nn.functional.nll_loss(torch.log(q.clamp_min(self.eps)), target[:, 0])
-        dice_per_class = self.dice(q, target).reshape(b, c - 1)  # (B, C-1)
-        weights = present[:, 1:].to(dice_per_class)
-        dice = (dice_per_class * weights).sum() / weights.sum().clamp_min(1.0)
+        y = one_hot(target, c)
+        w = present.to(q).view(b, c, *([1] * (q.ndim - 2)))  # only the cases that contour k count for k
+        dims = [0] + list(range(2, q.ndim))
+        inter = (q * y * w).sum(dims)
+        truth = (y * w).sum(dims)
+        dice_per_class = 1.0 - (2.0 * inter + self.smooth) / ((q * w).sum(dims) + truth + self.smooth)  # (C,)
+        seen = truth[1:] > 0  # contoured structures with voxels in this batch
+        dice = dice_per_class[1:][seen].mean() if bool(seen.any()) else q.sum() * 0.0
         return self.lambda_ce * ce + self.lambda_dice * dice

@@ -148,16 +148,82 @@ def _ell2(x, y, cx, cy, a, b):
     return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2
 
 
+def _upsample(a: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """Linear interpolation of ``a`` along ``axis`` onto ``n`` evenly spaced points (end to end)."""
+    m = a.shape[axis]
+    pos = np.linspace(0.0, m - 1.0, n)
+    i0 = np.minimum(pos.astype(np.int64), m - 2)
+    shape = [1] * a.ndim
+    shape[axis] = n
+    w = (pos - i0).astype(a.dtype).reshape(shape)
+    a0 = np.take(a, i0, axis=axis)
+    return a0 + (np.take(a, i0 + 1, axis=axis) - a0) * w
+
+
 def _smooth_fields(rng, shape, n, cell=6):
     """``n`` smooth random fields of unit standard deviation (noise on a coarse grid, upsampled)."""
     lo = tuple(max(2, -(-s // cell)) + 1 for s in shape)
-    noise = rng.standard_normal((n, *lo), dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, (0, 0.7, 0.7, 0.7))
-    up = ndimage.zoom(noise, (1, *(s / l for s, l in zip(shape, lo))), order=1)
-    up = up[:, : shape[0], : shape[1], : shape[2]]
+    up = ndimage.gaussian_filter(rng.standard_normal((n, *lo), dtype=np.float32), (0, 0.7, 0.7, 0.7))
+    for axis, s in enumerate(shape, start=1):
+        up = _upsample(up, axis, s)
     up -= up.mean(axis=(1, 2, 3), keepdims=True)
     up /= up.std(axis=(1, 2, 3), keepdims=True) + 1e-6
     return up
+
+
+def _draw_case(rng: np.random.Generator) -> dict:
+    """All random choices of one synthetic patient (scalars only, independent of the grid)."""
+    U = rng.uniform
+    p = {}
+    # pose and size
+    p["angles"] = np.radians([U(-5, 5), U(-4, 4), U(-3, 3)])  # yaw, pitch, roll
+    p["shift"] = (U(-8, 8), U(-8, 8), 0.0)
+    p["skull_base"] = U(62, 74)  # world z (mm) of the skull base; the default volume spans +-144 mm
+    p["neck_len"] = U(0.92, 1.08)
+    size = U(0.92, 1.08)
+    p["size_lat"], p["size_ap"] = size * U(0.97, 1.03), size * U(0.97, 1.03)
+    p["body_cx"] = U(-3, 3)
+    p["fat_th"] = U(4, 8)
+    # tissue values (HU)
+    p["fat"], p["muscle"], p["brain"], p["csf"] = U(-110, -85), U(45, 58), U(28, 36), U(5, 14)
+    p["cord"], p["bstem"] = U(30, 40), U(30, 40)
+    p["parotid"] = (U(-35, 0), U(-35, 0))  # right, left
+    p["cancellous"], p["cortical"], p["skull"] = U(280, 380), U(750, 1000), U(900, 1200)
+    p["mand_cort"], p["mand_med"] = U(1000, 1200), U(550, 750)
+    p["cartilage"], p["laryngeal_soft"], p["eso"] = U(150, 220), U(90, 120), U(35, 48)
+    p["vessel"] = U(130, 220) if rng.random() < 0.7 else U(38, 50)  # with or without contrast
+    p["thyroid"], p["globe"] = U(80, 110), U(8, 20)
+    p["tumour"] = float(np.clip(p["muscle"] + U(32, 42), 75, 100))
+    p["noise"] = U(15, 25)
+    # structure geometry
+    p["disc_phase"] = U(0, 17)
+    p["aw_cx"] = U(-2, 2)
+    p["cord_s"] = U(0.5, 0.6)
+    p["mand"] = dict(c=8.0 + U(-3, 3), B=62.0 * U(0.94, 1.06), A_r=44.0 * U(0.95, 1.05), A_l=44.0 * U(0.95, 1.05),
+                     lo=-96.0 + U(-3, 3), hi=-68.0 + U(-2, 2))
+    p["parotids"] = []
+    for side in (1, -1):  # right (+x), then left
+        s = U(0.88, 1.12)
+        p["parotids"].append(dict(side=side, cx=side * (48 + U(-3, 3)), cy=-10 + U(-3, 3), cz=-35 + U(-4, 4),
+                                  ax=13 * s, ay=17 * s, az=25 * s))
+    p["larynx"] = dict(hi=-102.0 + U(-3, 3), scale=U(0.9, 1.1))
+    p["eso"] = (p["eso"], dict(top=-140.0 + U(-4, 0), a=9 * U(0.9, 1.1), b=5.5 * U(0.9, 1.1),
+                               air=rng.random() < 0.5, air_z=U(-200, -155)))
+    # tumour: site, size, lobes
+    side = 1 if rng.random() < 0.5 else -1
+    if rng.random() < 0.5:  # oropharynx (tonsil / tongue base)
+        centre = np.array([side * U(18, 24), U(10, 20), U(-80, -55)])
+    else:  # level II-III neck node
+        centre = np.array([side * U(28, 36), U(6, 20), U(-130, -100)])
+    r0 = U(8, 15)
+    lobes = [(centre, r0, r0 * U(1.0, 1.25))]
+    for _ in range(int(rng.integers(2, 5))):
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        rr = r0 * U(0.45, 0.7)
+        lobes.append((centre + d * r0 * U(0.4, 0.75), rr, rr * U(0.9, 1.2)))
+    p["gtv"] = dict(side=side, centre=centre, lobes=lobes)
+    return p
 
 
 def make_phantom(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING):
@@ -165,98 +231,67 @@ def make_phantom(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING):
 
     Returns ``(ct, label, affine)``: ``ct`` int16 Hounsfield units, ``label`` uint8 in the stored
     numbering (:data:`contourcl.labels.STORED_LABELS`, 0 = background), ``affine`` the 4 x 4
-    RAS+ voxel-to-world matrix (see :func:`phantom_affine`). Deterministic in ``seed``.
+    RAS+ voxel-to-world matrix (see :func:`phantom_affine`). Deterministic in ``seed``; the
+    synthetic patient of a seed does not depend on the grid (only its sampling and noise do).
     """
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
     if len(shape) != 3 or len(spacing) != 3 or min(shape) < 8 or min(spacing) <= 0:
         raise ValueError(f"need a 3-D shape of at least 8 voxels per axis and positive spacing, got {shape}, {spacing}")
     rng = np.random.default_rng(int(seed))
-    U = rng.uniform
-
-    # ---- the synthetic patient: geometry and tissue values ---------------------------------
-    rot = _rotation(np.radians(U(-5, 5)), np.radians(U(-4, 4)), np.radians(U(-3, 3)))
-    shift = (U(-8, 8), U(-8, 8), 0.0)
-    skull_base = U(62, 74)  # world z (mm) of the skull base; the volume spans about +-144 mm
-    neck_len = U(0.92, 1.08)
-    size = U(0.92, 1.08)
-    f = _Frame(shape, spacing, rot, shift, skull_base, neck_len, size * U(0.97, 1.03), size * U(0.97, 1.03))
+    p = _draw_case(rng)
+    tex = _smooth_fields(rng, shape, 3)  # soft-tissue texture, fat planes, lobulation
+    f = _Frame(shape, spacing, _rotation(*p["angles"]), p["shift"], p["skull_base"], p["neck_len"],
+               p["size_lat"], p["size_ap"])
     X, Y, REL = f.X, f.Y, f.rel
-
-    hu_fat = U(-110, -85)
-    hu_muscle = U(45, 58)
-    hu_brain = U(28, 36)
-    hu_csf = U(5, 14)
-    hu_cord = U(30, 40)
-    hu_bstem = U(30, 40)
-    hu_parotid = (U(-25, 10), U(-25, 10))  # right, left
-    hu_cancellous = U(280, 380)
-    hu_cortical = U(750, 1000)
-    hu_skull = U(900, 1200)
-    hu_mand_cort = U(1000, 1200)
-    hu_mand_med = U(550, 750)
-    hu_cartilage = U(150, 220)
-    hu_laryngeal_soft = U(90, 120)
-    hu_eso = U(35, 48)
-    hu_vessel = U(130, 220) if rng.random() < 0.7 else U(38, 50)  # contrast or not
-    hu_thyroid = U(80, 110)
-    hu_tumour = float(np.clip(hu_muscle + U(30, 40), 70, 100))
-    noise_sigma = U(15, 25)
-    fat_th = U(4, 8)
-
-    tex = _smooth_fields(rng, shape, 3)  # soft-tissue texture, fat planes, gland lobulation
 
     ct = np.full(shape, HU_OUTSIDE, np.float32)
     label = np.zeros(shape, np.uint8)
     bone = np.zeros(shape, bool)
 
     def paint(mask, value, sl=None, lab=None, is_bone=False):
-        """Paint ``value`` where ``mask`` (inside slab ``sl``); label it ``lab`` if given."""
+        """Paint ``value`` where ``mask`` (inside slab ``sl``, inside the body); label it ``lab``."""
         sl = sl or (slice(None),) * 3
+        mask = mask & body[sl]
         if lab is not None:
             mask = mask & (label[sl] == 0)  # never overwrite another structure
             label[sl][mask] = lab
-        if np.ndim(value):
-            ct[sl][mask] = value[mask]
-        else:
-            ct[sl][mask] = value
+        ct[sl][mask] = value[mask] if np.ndim(value) else value
         bone[sl][mask] = is_bone
         return mask
 
     # ---- body outline: shoulders / neck / jaw / head ---------------------------------------
-    lvl = [-230, -190, -165, -100, -85, -65, -10, 30, 60, 100]
-    body_a = f.prof(lvl, [118, 78, 60, 60, 66, 70, 74, 77, 76, 72])
-    body_b = f.prof(lvl, [80, 66, 58, 58, 74, 78, 92, 94, 94, 92])
-    body_cy = f.prof(lvl, [-6, 2, 5, 5, 12, 14, 8, 4, 3, 3])
-    body_cx = np.float32(U(-3, 3))
-    r_out = _ell2(X, Y, body_cx, body_cy, body_a, body_b)
-    body = r_out < 1
+    lvl = [-230, -190, -165, -115, -100, -85, -65, -10, 30, 60, 100]
+    body_a = f.prof(lvl, [118, 78, 60, 60, 64, 67, 70, 74, 77, 76, 72])
+    body_b = f.prof(lvl, [80, 66, 58, 58, 72, 76, 78, 92, 94, 94, 92])
+    body_cy = f.prof(lvl, [-6, 2, 5, 5, 13, 13, 14, 8, 4, 3, 3])
+    body_cx = np.float32(p["body_cx"])
+    fat_th = p["fat_th"]
+    body = _ell2(X, Y, body_cx, body_cy, body_a, body_b) < 1
     inner = _ell2(X, Y, body_cx, body_cy, body_a - fat_th, body_b - fat_th) < 1
-    del r_out
-    ct[body] = hu_fat
-    ct[inner] = (hu_muscle + 6.0 * tex[0])[inner]
-    # fat planes between the neck muscles
-    neck = inner & (REL < -15) & (tex[1] > 1.1)
-    ct[neck] = hu_fat + 10.0 * tex[0][neck]
+    ct[body] = p["fat"]
+    ct[inner] = (p["muscle"] + 6.0 * tex[0])[inner]
+    neck = inner & (REL < -15) & (tex[1] > 1.1)  # fat planes between the neck muscles
+    ct[neck] = p["fat"] + 10.0 * tex[0][neck]
     del neck
 
     # ---- neck: parapharyngeal fat, vessels, thyroid ------------------------------------------
-    sl = f.slab(-215, 0)
+    sl = f.slab(-240, 0)
     if sl is not None:
         x, y, r = X[sl], Y[sl], REL[sl]
         for side in (1, -1):
-            paint((_ell2(x, y, side * 24, 12, 6, 8) + ((r + 50) / 18) ** 2) < 1, hu_fat, sl)
+            paint((_ell2(x, y, side * 24, 12, 6, 8) + ((r + 50) / 18) ** 2) < 1, p["fat"], sl)
         vlvl = [-230, -120, -60, -10]
         for side in (1, -1):
-            cx = side * f.prof(vlvl, [22, 24, 28, 30], sl)
+            cx = side * f.prof(vlvl, [22, 24, 28, 30], sl)  # common / internal carotid
             cy = f.prof(vlvl, [12, 10, 4, 0], sl)
-            paint((_ell2(x, y, cx, cy, 3.5, 3.5) < 1) & (r < -10), hu_vessel, sl)
-            cx = side * f.prof(vlvl, [31, 34, 37, 34], sl)
+            paint((_ell2(x, y, cx, cy, 3.5, 3.5) < 1) & (r < -10), p["vessel"], sl)
+            cx = side * f.prof(vlvl, [31, 34, 37, 34], sl)  # internal jugular vein
             cy = f.prof(vlvl, [9, 6, -2, -8], sl)
-            paint((_ell2(x, y, cx, cy, 5.0, 4.5) < 1) & (r < -15), hu_vessel - 15, sl)
+            paint((_ell2(x, y, cx, cy, 5.0, 4.5) < 1) & (r < -15), p["vessel"] - 15, sl)
         for side in (1, -1):
-            paint((_ell2(x, y, side * 16, 28, 7, 9) + ((r + 168) / 18) ** 2) < 1, hu_thyroid, sl)
-        paint((_ell2(x, y, 0, 41, 10, 4) < 1) & (np.abs(r + 170) < 5), hu_thyroid, sl)
+            paint((_ell2(x, y, side * 16, 28, 7, 9) + ((r + 160) / 18) ** 2) < 1, p["thyroid"], sl)
+        paint((_ell2(x, y, 0, 41, 10, 4) < 1) & (np.abs(r + 162) < 5), p["thyroid"], sl)
 
     # ---- cranium, brain, face ----------------------------------------------------------------
     bs_cy_pts = ([-10, 15, 55], [-20, -16, -8])  # brainstem centre (ap) by level
@@ -264,177 +299,150 @@ def make_phantom(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING):
     if sl is not None:
         x, y, r = X[sl], Y[sl], REL[sl]
         a, b, cy = body_a[sl], body_b[sl], body_cy[sl]
-        floor = np.interp(y, [-30, 0, 20, 45], [-8, 0, 2, 45]).astype(np.float32)
+        floor = np.interp(y, [-30, 0, 20, 45], [-8, 0, 2, 45]).astype(np.float32)  # cranial fossae
         shell = (_ell2(x, y, body_cx, cy, a - 5, b - 5) < 1) & (r > floor - 7)
         cavity = (_ell2(x, y, body_cx, cy, a - 12, b - 12) < 1) & (r >= floor)
-        bs_cy = f.prof(*bs_cy_pts, sl)
-        foramen = (_ell2(x, y, 0, bs_cy, 15, 17) < 1) & (r < 5)
-        paint(shell & ~cavity & ~foramen, hu_skull, sl, is_bone=True)
-        paint(cavity, hu_brain + 4.0 * tex[0][sl], sl)
+        foramen = (_ell2(x, y, 0, f.prof(*bs_cy_pts, sl), 15, 17) < 1) & (r < 5)
+        paint(shell & ~cavity & ~foramen, p["skull"], sl, is_bone=True)
+        paint(cavity, p["brain"] + 4.0 * tex[0][sl], sl)
         del shell, cavity, foramen, floor
-        # orbits: fat cone and globe
-        for side in (1, -1):
-            paint((_ell2(x, y, side * 32, 66, 17, 22) + ((r - 30) / 16) ** 2) < 1, hu_fat, sl)
-            paint((_ell2(x, y, side * 32, 76, 12, 12) + ((r - 30) / 12) ** 2) < 1, U(8, 20), sl)
-        # maxillary sinuses with a bony wall, nasal cavity
-        for side in (1, -1):
+        for side in (1, -1):  # orbits: fat cone and globe
+            paint((_ell2(x, y, side * 32, 66, 17, 22) + ((r - 30) / 16) ** 2) < 1, p["fat"], sl)
+            paint((_ell2(x, y, side * 32, 76, 12, 12) + ((r - 30) / 12) ** 2) < 1, p["globe"], sl)
+        for side in (1, -1):  # maxillary sinuses with a bony wall
             e = _ell2(x, y, side * 27, 52, 13, 16) + ((r + 22) / 18) ** 2
             paint(e < 1.5, 600.0, sl, is_bone=True)
             paint(e < 1, HU_AIR, sl)
-        paint((_ell2(x, y, 0, 58, 9, 32) + ((r + 13) / 36) ** 2) < 1, HU_AIR, sl)
-        # hard palate and upper dental arch
-        e = _ell2(x, y, 0, 28, 30, 50)
+        paint((_ell2(x, y, 0, 56, 8, 29) + ((r + 15) / 27) ** 2) < 1, HU_AIR, sl)  # nasal cavity
+        e = _ell2(x, y, 0, 28, 30, 50)  # hard palate and upper dental arch
         paint((e < 1) & (y > 28) & (np.abs(r + 49) < 2.5), 700.0, sl, is_bone=True)
         paint((np.abs(np.sqrt(e) - 0.93) < 0.1) & (y > 26) & (r > -60) & (r < -46), 1100.0, sl, is_bone=True)
+        del e
 
-    # ---- cervical spine, spinal canal, CSF ------------------------------------------------
+    # ---- cervical spine, spinal canal and cord, brainstem, airway ---------------------------
     sl = f.slab(-1e9, 60)
-    vlvl = [-230, -190, -150, -60, -8]
-    x, y, r = X[sl], Y[sl], REL[sl]
-    vb_cy = f.prof(vlvl, [-16, -12, -8, -5, -4], sl)
-    vb_a = f.prof(vlvl, [16, 13, 11, 10.5, 10], sl)
-    vb_b = f.prof(vlvl, [12, 10, 8, 8, 8], sl)
-    canal_cy = vb_cy - vb_b - 10
-    canal_r = f.prof(vlvl, [7.5, 8, 8, 8.5, 9], sl)
-    phase = np.mod(r + 200.0 + U(0, 17), 17.0)
-    spine = r < -8
-    e = _ell2(x, y, 0, vb_cy, vb_a, vb_b)
-    disc = (phase < 4) & (r < -25)
-    paint((e < 1) & spine, hu_cortical, sl, is_bone=True)
-    paint((e < 0.55) & spine & ~disc, hu_cancellous + 20.0 * tex[0][sl], sl, is_bone=True)
-    paint((e < 1) & spine & disc, 85.0, sl)
-    arch = spine & (phase > 4.5) & (phase < 15)
-    rc = np.sqrt(_ell2(x, y, 0, canal_cy, 1, 1))
-    paint(arch & (rc > canal_r) & (rc < canal_r + 5) & (y < canal_cy + 3), hu_cortical, sl, is_bone=True)
-    paint(arch & (np.abs(x) < 3.5) & (y < canal_cy - canal_r) & (y > canal_cy - canal_r - 22), hu_cortical, sl, is_bone=True)
-    for side in (1, -1):
-        paint(arch & (_ell2(x, y, side * 18, canal_cy + 4, 6, 7) < 1), hu_cortical - 150, sl, is_bone=True)
-    paint(spine & (rc < canal_r), hu_csf, sl)
-    del e, disc, arch, phase
-    # CSF cisterns around the brainstem
-    bs_cy = f.prof(*bs_cy_pts, sl)
-    bs_r = f.prof([-5, 5, 25, 45, 55], [8, 10, 14, 12, 11], sl)
-    cist = (r >= -8) & (r <= 56) & (_ell2(x, y, 0, bs_cy, bs_r * 1.05 + 4, bs_r * 0.85 + 4) < 1)
-    paint(cist, hu_csf, sl)
-    del cist
+    if sl is not None:
+        vlvl = [-230, -190, -150, -60, -8]
+        x, y, r = X[sl], Y[sl], REL[sl]
+        vb_cy = f.prof(vlvl, [-16, -12, -8, -5, -4], sl)
+        vb_a = f.prof(vlvl, [16, 13, 11, 10.5, 10], sl)
+        vb_b = f.prof(vlvl, [12, 10, 8, 8, 8], sl)
+        canal_b = f.prof(vlvl, [7, 7.5, 7.5, 8, 8.5], sl)  # spinal canal semi-axes (ap, lat)
+        canal_a = canal_b * np.float32(1.35)
+        canal_cy = vb_cy - vb_b - canal_b - 2
+        phase = np.mod(r + 200.0 + p["disc_phase"], 17.0)  # vertebral level, ~17 mm each
+        spine = r < -8
+        e = _ell2(x, y, 0, vb_cy, vb_a, vb_b)
+        disc = (phase < 4) & (r < -25)
+        paint((e < 1) & spine, p["cortical"], sl, is_bone=True)
+        paint((e < 0.55) & spine & ~disc, p["cancellous"] + 20.0 * tex[0][sl], sl, is_bone=True)
+        paint((e < 1) & spine & disc, 85.0, sl)
+        arch = spine & (phase > 4.5) & (phase < 15)
+        rc = _ell2(x, y, 0, canal_cy, canal_a, canal_b)
+        rim = _ell2(x, y, 0, canal_cy, canal_a + 5, canal_b + 5)
+        paint(arch & (rc > 1) & (rim < 1) & (y < canal_cy + 3), p["cortical"], sl, is_bone=True)  # laminae
+        tip = canal_cy - canal_b
+        paint(arch & (np.abs(x) < 3.5) & (y < tip) & (y > tip - 22), p["cortical"], sl, is_bone=True)  # spinous
+        for side in (1, -1):  # lateral masses
+            paint(arch & (_ell2(x, y, side * 18, canal_cy + 4, 6, 7) < 1), p["cortical"] - 150, sl, is_bone=True)
+        paint(spine & (rc < 1), p["csf"], sl)
+        del e, disc, arch, phase, rc, rim
+        bs_cy = f.prof(*bs_cy_pts, sl)
+        bs_r = f.prof([-5, 5, 25, 45, 55], [8, 10, 14, 12, 11], sl)
+        cist = (r >= -8) & (r <= 56) & (_ell2(x, y, 0, bs_cy, bs_r * 1.05 + 4, bs_r * 0.85 + 4) < 1)
+        paint(cist, p["csf"], sl)  # CSF cisterns around the brainstem
+        del cist
 
-    # ---- airway ------------------------------------------------------------------------------
-    alvl = [-230, -150, -145, -112, -100, -90, -40, -20, -8, -2]
-    aw_cy = f.prof(alvl, [30, 30, 30, 30, 18, 13, 13, 18, 24, 28], sl)
-    aw_a = f.prof(alvl, [8, 8, 6, 7, 13, 12, 12, 11, 10, 9], sl)
-    aw_b = f.prof(alvl, [7, 7, 7, 8, 7, 6, 6, 7, 8, 8], sl)
-    aw_cx = np.float32(U(-2, 2))
-    e = _ell2(x, y, aw_cx, aw_cy, aw_a, aw_b)
-    trachea = r < -150
-    paint(trachea & (e < 1.6), hu_cartilage - 30, sl)  # tracheal rings
-    paint((e < 1) & (r < -2), HU_AIR, sl)
-    del e, trachea
+        alvl = [-230, -140, -135, -102, -92, -85, -40, -20, -8, -2]
+        aw_cy = f.prof(alvl, [30, 30, 30, 30, 18, 13, 13, 18, 24, 28], sl)
+        aw_a = f.prof(alvl, [8, 8, 6, 7, 13, 12, 12, 11, 10, 9], sl)
+        aw_b = f.prof(alvl, [7, 7, 7, 8, 7, 6, 6, 7, 8, 8], sl)
+        e = _ell2(x, y, np.float32(p["aw_cx"]), aw_cy, aw_a, aw_b)
+        paint((r < -140) & (e < 1.6), p["cartilage"] - 30, sl)  # tracheal rings
+        paint((e < 1) & (r < -2), HU_AIR, sl)  # pharynx, larynx, trachea
+        del e
 
-    # ---- OARs (each only where no other OAR is) -------------------------------------------
-    # SpinalCord in the canal, up to the foramen magnum
-    cord_r = canal_r * np.float32(U(0.62, 0.72))
-    cord = (r < -5) & (_ell2(x, y, 0, canal_cy + 1.0, cord_r, cord_r * 0.9) < 1)
-    paint(cord, hu_cord, sl, lab=_LAB["SpinalCord"])
-    # Brainstem from the foramen magnum upwards
-    bstem = (r >= -5) & (r <= 52) & (_ell2(x, y, 0, bs_cy, bs_r * 1.05, bs_r * 0.85) < 1)
-    paint(bstem, hu_bstem + 3.0 * tex[0][sl], sl, lab=_LAB["Brainstem"])
-    del cord, bstem, rc
+        # OARs, each only where no other OAR is
+        cs = np.float32(p["cord_s"])
+        cord = (r < -5) & (_ell2(x, y, 0, canal_cy + 0.5, canal_a * cs, canal_b * (cs + 0.02)) < 1)
+        paint(cord, p["cord"], sl, lab=_LAB["SpinalCord"])
+        bstem = (r >= -5) & (r <= 52) & (_ell2(x, y, 0, bs_cy, bs_r * 1.05, bs_r * 0.85) < 1)
+        paint(bstem, p["bstem"] + 3.0 * tex[0][sl], sl, lab=_LAB["Brainstem"])
+        del cord, bstem
 
-    # Mandible: horseshoe body and two rami
+    # ---- Mandible: horseshoe body and two rami ---------------------------------------------
     sl = f.slab(-105, -5)
     if sl is not None:
         x, y, r = X[sl], Y[sl], REL[sl]
-        c, B = 8.0 + U(-3, 3), 64.0 * U(0.94, 1.06)
-        A_r, A_l = 44.0 * U(0.95, 1.05), 44.0 * U(0.95, 1.05)
-        A = np.where(x > 0, np.float32(A_r), np.float32(A_l))
+        m = p["mand"]
+        c, B = m["c"], m["B"]
+        A = np.where(x > 0, np.float32(m["A_r"]), np.float32(m["A_l"]))
         u = np.sqrt(_ell2(x, y, 0, c, A, B)) + 1e-6
         grad = np.sqrt((x / A**2) ** 2 + ((y - c) / B**2) ** 2) / u + 1e-6
-        dist = (u - 1) / grad  # ~ signed distance to the arch curve, mm
-        half = 5.5 + 1.0 * np.clip((y - c) / B, 0, 1)  # thicker at the chin
-        body_lo, body_hi = -98.0 + U(-3, 3), -68.0 + U(-2, 2)
-        mbody = (np.abs(dist) < half) & (y > c - 3) & (r > body_lo) & (r < body_hi)
+        dist = (u - 1) / grad  # about the signed distance to the arch curve, mm
+        half = 4.5 + 1.5 * np.clip((y - c) / B, 0, 1)  # thicker at the chin
+        mbody = (np.abs(dist) < half) & (y > c - 3) & (r > m["lo"]) & (r < m["hi"])
         del u, grad
         ramus = np.zeros(x.shape, bool)
-        condyle = np.zeros(x.shape, bool)
-        for side, As in ((1, A_r), (-1, A_l)):
+        for side, As in ((1, m["A_r"]), (-1, m["A_l"])):
             cx = side * (As + 1.0 + 0.05 * (r + 80))
             post = c - 2 - 0.09 * (r + 80)  # posterior border leans back as it rises
             lat = np.abs(x - cx)
             ramus |= (lat < 3.5) & (y > post) & (y < post + 28) & (r > -82) & (r < -30)
             ramus |= (lat < 3.5) & (y > post) & (y < post + 10) & (r >= -30) & (r < -12)  # condylar neck
-            condyle |= (lat < 6.5) & (y > post - 1) & (y < post + 10) & (r >= -20) & (r < -11)
-        mand = mbody | ramus | condyle
-        cortex = mand & ~((np.abs(dist) < half - 2.5) & mbody)
-        paint(mand, hu_mand_med, sl, lab=_LAB["Mandible"], is_bone=True)
-        ct[sl][cortex & (label[sl] == _LAB["Mandible"])] = hu_mand_cort
-        del mand, cortex, mbody, ramus, condyle, dist, A
+            ramus |= (lat < 6.5) & (y > post - 1) & (y < post + 10) & (r >= -20) & (r < -11)  # condyle
+        mand = paint(mbody | ramus, p["mand_med"], sl, lab=_LAB["Mandible"], is_bone=True)
+        ct[sl][mand & ~((np.abs(dist) < half - 2.5) & mbody)] = p["mand_cort"]
+        del mand, mbody, ramus, dist, A
 
-    # Parotids: tapered ellipsoids (wider above), lobulated by a smooth field
+    # ---- Parotids: tapered ellipsoids (wider above), lobulated by a smooth field -------------
     sl = f.slab(-80, 5)
     if sl is not None:
         x, y, r = X[sl], Y[sl], REL[sl]
         lob = 0.15 * tex[2][sl]
-        for side, name, hu in ((1, "Parotid_R", hu_parotid[0]), (-1, "Parotid_L", hu_parotid[1])):
-            s = U(0.88, 1.12)
-            cx, cy, cz = side * (48 + U(-3, 3)), -10 + U(-3, 3), -35 + U(-4, 4)
-            ax, ay, az = 13 * s, 17 * s, 25 * s
-            t = np.clip((r - cz) / az, -1, 1)
-            g = np.sqrt(np.clip(1 - t**2, 0, None)) * (1 + 0.3 * t) + 1e-3
-            m = (np.abs(r - cz) < az) & (_ell2(x, y, cx, cy, ax * g, ay * g) < 1 + lob)
+        for g, name, hu in zip(p["parotids"], ("Parotid_R", "Parotid_L"), p["parotid"]):
+            t = np.clip((r - g["cz"]) / g["az"], -1, 1)
+            w = np.sqrt(np.clip(1 - t**2, 0, None)) * (1 + 0.3 * t) + 1e-3
+            m = (np.abs(r - g["cz"]) < g["az"]) & (_ell2(x, y, g["cx"], g["cy"], g["ax"] * w, g["ay"] * w) < 1 + lob)
             paint(m, hu + 6.0 * tex[0][sl], sl, lab=_LAB[name])
-        del lob
+        del lob, t, w, m
 
-    # Larynx: whole organ (cartilage + soft-tissue wall + air lumen); Esophagus below it
+    # ---- Larynx (whole organ: cartilage, soft-tissue wall, air lumen); Esophagus below it ----
     sl = f.slab(-1e9, -105)
     if sl is not None:
         x, y, r = X[sl], Y[sl], REL[sl]
-        lx_lo, lx_hi = -150.0, -112.0 + U(-3, 3)
-        fl = U(0.9, 1.1)
-        sc = f.prof([-150, -140, -125, -112], [0.75, 0.95, 1.0, 0.9], sl) * np.float32(fl)
+        aw_cx = np.float32(p["aw_cx"])
+        sc = f.prof([-140, -130, -115, -102], [0.75, 0.95, 1.0, 0.9], sl) * np.float32(p["larynx"]["scale"])
         e = _ell2(x, y, aw_cx, 32.0, 17 * sc, 14 * sc)
-        lx_z = (r >= lx_lo) & (r <= lx_hi)
-        organ = paint(lx_z & (e < 1), hu_laryngeal_soft, sl, lab=_LAB["Larynx"])
-        ct[sl][organ & (e > 0.62)] = hu_cartilage
-        lum_a = f.prof([-150, -135, -125, -112], [6, 4, 7, 9], sl)
-        lum_b = f.prof([-150, -135, -112], [7, 8, 9], sl)
+        organ = paint((r >= -140) & (r <= p["larynx"]["hi"]) & (e < 1), p["laryngeal_soft"], sl, lab=_LAB["Larynx"])
+        ct[sl][organ & (e > 0.62)] = p["cartilage"]
+        lum_a = f.prof([-140, -125, -115, -102], [6, 4, 7, 9], sl)
+        lum_b = f.prof([-140, -125, -102], [7, 8, 9], sl)
         ct[sl][organ & (_ell2(x, y, aw_cx, 30.0, lum_a, lum_b) < 1)] = HU_AIR
         del e, organ
-        eso_top = -150.0 + U(-4, 0)
-        e = _ell2(x, y, aw_cx - 2.0, 13.0, 8 * U(0.9, 1.1), 5 * U(0.9, 1.1))
-        eso = paint((r < eso_top) & (e < 1), hu_eso + 4.0 * tex[0][sl], sl, lab=_LAB["Esophagus"])
-        if rng.random() < 0.5:  # a little air in part of the lumen
-            z0 = U(-205, -165)
-            ct[sl][eso & (e < 0.2) & (np.abs(r - z0) < 10)] = HU_AIR
-        del e, eso, lx_z
+        hu, q = p["eso"]
+        e = _ell2(x, y, aw_cx - 2.0, 13.0, q["a"], q["b"])
+        eso = paint((r < q["top"]) & (e < 1), hu + 4.0 * tex[0][sl], sl, lab=_LAB["Esophagus"])
+        if q["air"]:  # a little air in part of the lumen
+            ct[sl][eso & (e < 0.2) & (np.abs(r - q["air_z"]) < 10)] = HU_AIR
+        del e, eso
 
-    # ---- GTV: lobulated enhancing mass, only where no OAR, no bone, inside the body ---------
-    side = 1 if rng.random() < 0.5 else -1
-    if rng.random() < 0.5:  # oropharynx (tonsil / tongue base)
-        centre = np.array([side * U(12, 20), U(12, 22), U(-80, -55)])
-    else:  # level II-III neck node
-        centre = np.array([side * U(26, 34), U(8, 24), U(-120, -85)])
-    r0 = U(8, 14)
-    lobes = [(centre, r0, r0 * U(1.0, 1.25))]
-    for _ in range(int(rng.integers(2, 5))):
-        d = rng.normal(size=3)
-        d /= np.linalg.norm(d)
-        rr = r0 * U(0.45, 0.7)
-        lobes.append((centre + d * r0 * U(0.4, 0.75), rr, rr * U(0.9, 1.2)))
-    sl = f.slab(centre[2] - 40, centre[2] + 40)
+    # ---- GTV: lobulated enhancing mass, only where no OAR and no bone, inside the body -------
+    zc = p["gtv"]["centre"][2]
+    sl = f.slab(zc - 40, zc + 40)
     if sl is not None:
         x, y, r = X[sl], Y[sl], REL[sl]
         tum = np.zeros(x.shape, bool)
-        for (cx, cy, cz), rr, rz in lobes:
+        for (cx, cy, cz), rr, rz in p["gtv"]["lobes"]:
             tum |= (_ell2(x, y, cx, cy, rr, rr) + ((r - cz) / rz) ** 2) < 1 + 0.2 * tex[2][sl]
-        tum &= inner[sl] & ~bone[sl]
-        paint(tum, hu_tumour + 8.0 * tex[1][sl], sl, lab=_LAB["GTV"])
+        tum &= inner[sl] & ~ndimage.binary_dilation(bone[sl])  # keep off bone, by a voxel
+        paint(tum, p["tumour"] + 5.0 * tex[0][sl], sl, lab=_LAB["GTV"])
         del tum
 
     # ---- image formation: partial-volume blur, noise, outside the body ------------------------
     ct = ndimage.gaussian_filter(ct, sigma=(0.6, 0.6, 0.5), mode="nearest")
-    ct += rng.standard_normal(shape, dtype=np.float32) * np.float32(noise_sigma)
-    outside = ~ndimage.binary_dilation(body, iterations=1)
-    ct[outside] = HU_OUTSIDE
+    ct += rng.standard_normal(shape, dtype=np.float32) * np.float32(p["noise"])
+    ct[~ndimage.binary_dilation(body)] = HU_OUTSIDE
     ct = np.clip(np.rint(ct), HU_MIN, HU_MAX).astype(np.int16)
     return ct, label, phantom_affine(shape, spacing)
 

@@ -59,7 +59,11 @@ def ct_preprocessing(
 
 
 class StoredToModeld(MapTransform):
-    """Renumber a stored label map (:data:`contourcl.labels.STORED_LABELS`) into ``model``'s labels."""
+    """Renumber a stored label map (:data:`contourcl.labels.STORED_LABELS`) into ``model``'s labels.
+
+    Items whose ``numbering`` entry is ``"model"`` (e.g. OpenKBP's ``target.nii.gz`` for ``gtv``)
+    are already in the model's numbering and pass unchanged.
+    """
 
     def __init__(self, keys: KeysCollection, model: str):
         super().__init__(keys)
@@ -67,6 +71,8 @@ class StoredToModeld(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
+        if d.get("numbering", "stored") == "model":
+            return d
         for key in self.key_iterator(d):
             lab = d[key]
             arr = lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab)

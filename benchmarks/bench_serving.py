@@ -1,0 +1,168 @@
+"""Serving benchmarks on CPU: inference time and memory, and the retraining turnaround.
+
+    python benchmarks/bench_serving.py [--runs 5] [--skip-retrain]
+
+Prints, as a Markdown table, medians over ``--runs`` runs:
+
+- inference wall time and peak resident memory (RSS) of the served ``oar`` model, each run in a
+  fresh process (so the peak is that run's), for a 128^3 OpenKBP case (read in place from
+  ../shared/data/openkbp) and a 512 x 512 x 150 CT-sized volume (that case resampled to
+  0.98 mm in-plane and 150 slices, written to a temporary folder);
+- the retrain turnaround: from submitting a label to the real server (``PUT
+  /datastore/label``) to the first inference answered by the new model, for a 3-epoch update
+  on 5 labeled synthetic cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+KBP = REPO.parent / "shared" / "data" / "openkbp" / "train-pats" / "pt_1" / "ct.nii.gz"
+MODEL = REPO / "apps" / "radonc" / "model" / "oar.pt"
+
+_CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from contourcl.inference import Contourer
+c = Contourer(sys.argv[1])
+c.model()
+t1 = time.perf_counter()
+p = c(sys.argv[2])
+t2 = time.perf_counter()
+print(json.dumps({"load_s": t1 - t0, "infer_s": t2 - t1, "timings": p.timings, "shape": list(p.label.shape),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def ct_sized_volume(src: Path, out: Path) -> Path:
+    """``src`` resampled to 512 x 512 x 150 (a typical planning CT's grid)."""
+    import nibabel as nib
+    from scipy.ndimage import zoom
+
+    img = nib.load(src)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    factors = (512 / data.shape[0], 512 / data.shape[1], 150 / data.shape[2])
+    big = zoom(data, factors, order=1).astype(np.int16)
+    affine = img.affine.copy()
+    for i in range(3):
+        affine[:3, i] /= factors[i]
+    nib.save(nib.Nifti1Image(big, affine), str(out))
+    return out
+
+
+def bench_inference(image: Path, runs: int) -> dict:
+    results = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", _CHILD, str(MODEL), str(image)], capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {
+        "infer_s": statistics.median(r["infer_s"] for r in results),
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+        "runs": len(results),
+        "shape": results[0]["shape"],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_retrain(runs: int) -> dict:
+    import nibabel as nib
+    import requests
+
+    from contourcl.phantom import make_dataset
+
+    turnarounds = []
+    for run in range(runs):
+        root = Path(tempfile.mkdtemp(prefix="contourcl-bench-"))
+        studies, app = root / "studies", root / "radonc"
+        make_dataset(studies, 6, first_seed=200 + 10 * run, labeled=4)
+        shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__"))
+        port = _free_port()
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        log = open(root / "server.log", "w")
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
+                                 "--conf", "models", "oar", "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(180):
+                try:
+                    if requests.get(f"{url}/info/", timeout=5).ok:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(1)
+            unlabeled = sorted(set(p.name[:-7] for p in studies.glob("*.nii.gz")) - set(p.name[:-7] for p in (studies / "labels" / "final").glob("*.nii.gz")))[0]
+            before = requests.post(f"{url}/infer/oar", params={"image": unlabeled, "output": "json"}).json()["model_version"]
+            # the fifth labeled case: the phantom's truth, submitted as a clinician would
+            from contourcl.phantom import make_phantom
+
+            seed = int(unlabeled.rsplit("_", 1)[1])
+            img = nib.load(studies / f"{unlabeled}.nii.gz")
+            label = make_phantom(seed, shape=img.shape, spacing=tuple(float(z) for z in img.header.get_zooms()))[1]
+            nib.save(nib.Nifti1Image(label, img.affine), str(root / "label.nii.gz"))
+            t0 = time.perf_counter()
+            with open(root / "label.nii.gz", "rb") as f:
+                requests.put(f"{url}/datastore/label", params={"image": unlabeled, "tag": "final"}, files={"label": f}).raise_for_status()
+            requests.post(f"{url}/train/oar", json={"max_epochs": 3}).raise_for_status()
+            while True:
+                status = requests.get(f"{url}/train/").json()
+                if status.get("status") not in ("SUBMITTED", "RUNNING"):
+                    break
+                time.sleep(0.5)
+            version = requests.post(f"{url}/infer/oar", params={"image": unlabeled, "output": "json"}).json()["model_version"]
+            t1 = time.perf_counter()
+            entry = requests.get(f"{url}/info/").json()["train_stats"]["oar"]["history"][-1]
+            turnarounds.append({"seconds": t1 - t0, "published": entry["published"], "new_model_served": version != before, "reason": entry["reason"]})
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            log.close()
+            shutil.rmtree(root, ignore_errors=True)
+    return {"turnaround_s": statistics.median(t["seconds"] for t in turnarounds), "runs": turnarounds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--retrain-runs", type=int, default=3)
+    parser.add_argument("--skip-retrain", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if KBP.is_file():
+            r = bench_inference(KBP, args.runs)
+            rows.append(("inference, OpenKBP pt_1 " + "x".join(map(str, r["shape"])), f"{r['infer_s']:.2f} s", f"{r['peak_rss_mb']:.0f} MB", "<= 3 s, <= 3 GB"))
+            big = ct_sized_volume(KBP, Path(tmp) / "ct512.nii.gz")
+            r = bench_inference(big, args.runs)
+            rows.append(("inference, " + "x".join(map(str, r["shape"])) + " CT-sized", f"{r['infer_s']:.2f} s", f"{r['peak_rss_mb']:.0f} MB", "<= 25 s, <= 3 GB"))
+        else:
+            print(f"(no OpenKBP case at {KBP}: inference rows skipped)")
+    if not args.skip_retrain:
+        r = bench_retrain(args.retrain_runs)
+        served = all(t["new_model_served"] for t in r["runs"])
+        rows.append(("retrain turnaround, 3 epochs, 5 labeled cases", f"{r['turnaround_s']:.1f} s", "-", f"<= 120 s (new model served in every run: {served})"))
+        print(json.dumps(r["runs"], indent=1))
+    print(f"\nmedians of {args.runs} inference runs / {args.retrain_runs} retrain runs, CPU threads: {os.cpu_count()}\n")
+    print("| measurement | time | peak RSS | target |\n| --- | --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

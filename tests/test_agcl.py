@@ -1,0 +1,229 @@
+"""AGCL: patches, paired augmentation, 2 -> 1 channel conversion, ASPP variant, label fusion, a tiny run."""
+
+import numpy as np
+import pytest
+import torch
+
+from contourcl import labels as label_names
+from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder, save_encoder
+from contourcl.training.agcl import (
+    AGCLPatchDataset,
+    AGCLSegmenter,
+    PairedAugment,
+    convert_checkpoint,
+    extract_patch,
+    find_label_file,
+    fuse_labels,
+    load_coarse_labels,
+    to_single_channel,
+    two_channel_path,
+)
+from contourcl.training.base import ConfigError, PretrainConfig
+from contourcl.training.pretrain import pretrain
+from contourcl.training.volumes import Volume
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------- patches
+def test_patch_is_centred_on_the_target_and_zero_padded():
+    image = torch.arange(100, dtype=torch.float32).reshape(10, 10) + 1
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[4:6, 2:4] = True  # bounding-box centre (5, 3)
+    patch = extract_patch(image, mask, 4)
+    assert patch.shape == (2, 4, 4)
+    assert torch.equal(patch[0], image[3:7, 1:5])
+    assert torch.equal(patch[1], mask[3:7, 1:5].float())
+    corner = torch.zeros(10, 10, dtype=torch.bool)
+    corner[0, 0] = True  # centre (0, 0) -> rows/cols -2..1: two rows and columns of padding
+    p = extract_patch(image, corner, 4)
+    assert (p[:, :2, :] == 0).all() and (p[:, :, :2] == 0).all()
+    assert torch.equal(p[0, 2:, 2:], image[:2, :2])
+    assert p[1].sum() == 1 and p[1, 2, 2] == 1
+    with pytest.raises(ValueError):
+        extract_patch(image, torch.zeros(10, 10, dtype=torch.bool), 4)
+
+
+def test_paired_augmentation_keeps_the_mask_on_the_image():
+    mask = torch.zeros(32, 32)
+    mask[6:26, 8:14] = 1  # an L shape: misalignment of any rotation or crop would show
+    mask[20:26, 8:28] = 1
+    patch = torch.stack([mask.clone(), mask])  # the image is the mask itself
+    aug = PairedAugment(32)
+    changed = 0
+    for seed in range(8):
+        aug.set_random_state(seed)
+        out = aug(patch)
+        assert out.shape == (2, 32, 32)
+        assert set(out[1].unique().tolist()) <= {0.0, 1.0}  # the mask stays binary
+        img, msk = out[0] > 0.5, out[1] > 0.5
+        iou = (img & msk).sum() / (img | msk).sum()
+        assert iou > 0.9, f"seed {seed}: image and mask disagree (IoU {iou:.2f})"
+        changed += int(not torch.equal(msk, mask > 0.5))
+        # control: image and mask augmented with different draws would not overlap like this
+        aug.set_random_state(seed + 100)
+        other = aug(patch)[1] > 0.5
+        assert (img & other).sum() / (img | other).sum() < 0.8
+    assert changed == 8  # every draw really transforms the patch
+
+
+def test_patch_dataset_labels_are_modality_times_targets_plus_target():
+    rng = np.random.default_rng(0)
+    vols, labs = [], []
+    for i in range(3):
+        vols.append(Volume(f"case{i}", rng.random((40, 40, 3)).astype(np.float32), np.ones((40, 40, 3), bool)))
+        lab = np.zeros((40, 40, 3), np.uint8)
+        lab[5:10, 5:10, 0] = label_names.STORED_LABELS["Brainstem"]
+        lab[20:30, 20:25, 1] = label_names.STORED_LABELS["Parotid_L"]
+        lab[0:1, 0:2, 2] = label_names.STORED_LABELS["Mandible"]  # 2 pixels: below min_pixels
+        labs.append(lab)
+    labs[2] = None  # no coarse segmentation: skipped
+    ds = AGCLPatchDataset(vols, labs, label_names.OAR_NAMES, {"case0": "GE", "case1": "Siemens"}, size=32, min_pixels=4)
+    assert ds.modality_names == ["GE", "Siemens"]
+    assert ds.index.tolist() == [[0, 0, 0], [0, 1, 3], [1, 0, 0], [1, 1, 3]]
+    item = ds[3]
+    assert item["views"].shape == (2, 2, 32, 32)
+    assert item["label"].item() == 1 * 7 + 3  # modality Siemens (1), target Parotid_L (index 3)
+    assert ds[0]["label"].item() == 0
+    single = AGCLPatchDataset(vols, labs, label_names.OAR_NAMES, None, size=32)
+    assert single.modality_names == ["unknown"] and single[3]["label"].item() == 3
+    with pytest.raises(ConfigError):
+        AGCLPatchDataset(vols, [None, None, None], label_names.OAR_NAMES)
+
+
+# ------------------------------------------------------------------------------- channels
+def test_single_channel_conversion_equals_a_zero_mask():
+    torch.manual_seed(0)
+    enc2 = ResNetEncoder("resnet10", 8, 2).eval()
+    enc1 = to_single_channel(enc2).eval()
+    assert enc1.config.in_channels == 1
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(enc2(torch.cat([x, torch.zeros_like(x)], 1)), enc1(x)):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_convert_checkpoint_loads_into_the_app_network(tmp_path):
+    torch.manual_seed(0)
+    enc2 = ResNetEncoder("resnet10", 8, 2)
+    save_encoder(enc2, tmp_path / "agcl.2ch.pt", method="agcl")
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    with pytest.raises(ValueError):
+        load_encoder(net, tmp_path / "agcl.2ch.pt")  # 2 channels: refused as is
+    convert_checkpoint(tmp_path / "agcl.2ch.pt", tmp_path / "agcl.pt")
+    meta = load_encoder(net, tmp_path / "agcl.pt")
+    assert meta["method"] == "agcl" and "converted_from" in meta
+    assert torch.equal(net.encoder.resnet.conv1.weight, enc2.resnet.conv1.weight[:, :1])
+    assert torch.equal(net.encoder.resnet.layer4[0].conv2.weight, enc2.resnet.layer4[0].conv2.weight)
+    assert two_channel_path("runs/agcl.pt").as_posix() == "runs/agcl.2ch.pt"
+
+
+# ------------------------------------------------------------------------------- ASPP variant
+def test_label_fusion_by_hand():
+    fg = torch.tensor(
+        [[[[0.9, 0.2], [0.3, 0.1]],  # target 1
+          [[0.6, 0.7], [0.4, 0.2]],  # target 2
+          [[0.1, 0.8], [0.45, 0.55]]]]  # target 3
+    )
+    # (0,0): 0.9 -> 1; (0,1): 0.8 -> 3; (1,0): all < 0.5 -> background; (1,1): 0.55 -> 3
+    assert fuse_labels(fg).tolist() == [[[1, 3], [0, 3]]]
+    assert fuse_labels(fg, threshold=0.85).tolist() == [[[1, 0], [0, 0]]]
+
+
+def test_segmenter_keeps_the_encoder_frozen():
+    torch.manual_seed(0)
+    enc = ResNetEncoder("resnet10", 8, 2)
+    seg = AGCLSegmenter(enc, n_targets=3, channels=16).train()
+    assert not seg.encoder.training  # batch-norm statistics stay those of pretraining
+    frozen = {k: v.clone() for k, v in enc.state_dict().items()}
+    image = torch.rand(2, 1, 64, 64)
+    coarse = torch.zeros(2, 64, 64, dtype=torch.long)
+    coarse[:, 10:20, 10:20] = 1
+    coarse[:, 30:40, 30:50] = 3
+    logits = seg(image, coarse)
+    assert logits.shape == (2, 3, 2, 64, 64)
+    loss = seg.loss(image, coarse, coarse)
+    loss.backward()
+    assert all(p.grad is None for p in seg.encoder.parameters())
+    assert all(h.classifier.weight.grad is not None for h in seg.heads)
+    opt = torch.optim.Adam([p for p in seg.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in frozen.items())
+    pred = seg.predict(image, coarse)
+    assert pred.shape == (2, 64, 64) and int(pred.min()) >= 0 and int(pred.max()) <= 3
+    plain = AGCLSegmenter(enc, n_targets=1, channels=8, low_level=False)
+    assert plain(image, coarse).shape == (2, 1, 2, 64, 64)
+    with pytest.raises(ValueError):
+        AGCLSegmenter(ResNetEncoder("resnet10", 8, 1), n_targets=1)
+
+
+# ------------------------------------------------------------------------------- tiny run
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from contourcl.phantom import write_phantom
+
+    root = tmp_path_factory.mktemp("agcl-data")
+    for i in range(3):
+        write_phantom(root, f"case{i}", i, shape=(64, 64, 24), spacing=(4.0, 4.0, 8.0))
+    return root
+
+
+def tiny_config(tmp_path, data, **kw) -> PretrainConfig:
+    return PretrainConfig(
+        method="agcl", images=[str(data)], out=str(tmp_path / "agcl.pt"), encoder="resnet10", width=8,
+        spacing=(4.0, 4.0), image_size=64, batch_size=8, iterations=40, lr=3e-3, num_workers=0, device="cpu",
+        cache_dir=str(tmp_path / "cache"), progress=False, checkpoint_every=0, log_every=1000, amp=False, seed=0, **kw,
+    )
+
+
+def test_labels_are_found_in_the_monai_label_layout(phantoms, tmp_path):
+    image = phantoms / "case0.nii.gz"
+    assert find_label_file(image) == phantoms / "labels" / "final" / "case0.nii.gz"
+    assert find_label_file(image, phantoms / "labels" / "final") == phantoms / "labels" / "final" / "case0.nii.gz"
+    assert find_label_file(image, tmp_path) is None
+
+
+def test_coarse_labels_from_an_oar_model(phantoms, tmp_path):
+    from contourcl.checkpoint import ModelMeta, save_model
+    from contourcl.training.volumes import load_volume
+
+    torch.manual_seed(0)
+    net_cfg = NetConfig(out_channels=8, encoder="resnet10", width=8)
+    model = tmp_path / "oar.pt"
+    save_model(model, build_network(net_cfg), ModelMeta("oar", label_names.model_labels("oar"), net_cfg.to_dict(), roi=(64, 64)))
+    vol = load_volume(phantoms / "case0.nii.gz", (4.0, 4.0))
+    cfg = tiny_config(tmp_path, phantoms)
+    (lab,) = load_coarse_labels([vol], cfg, {"coarse_model": str(model)})
+    assert lab.shape == vol.image.shape
+    assert set(np.unique(lab).tolist()) <= set(range(8))  # stored numbering of the OARs
+    (from_file,) = load_coarse_labels([vol], cfg, {})
+    assert from_file.shape == vol.image.shape and from_file.max() > 0
+
+
+def test_tiny_agcl_pretraining(tmp_path, phantoms):
+    cfg = tiny_config(tmp_path, phantoms, options={"modalities": {"case0": "GE"}})
+    result = pretrain(cfg)
+    losses = [v for _, v in result["history"]["main"]]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8])
+
+    # --out is the 1-channel encoder that the app's U-Net loads
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    before = net.encoder.resnet.conv1.weight.detach().clone()
+    meta = load_encoder(net, cfg.out)
+    assert meta["method"] == "agcl" and meta["modalities"] == ["GE", "unknown"]
+    after = net.encoder.state_dict()
+    assert not torch.equal(after["resnet.conv1.weight"], before)
+    # changed from the random initialisation: the run's fresh 1-channel encoder, then AGCL's 2-channel one
+    torch.manual_seed(cfg.seed)
+    ResNetEncoder("resnet10", 8, 1)
+    init = to_single_channel(ResNetEncoder("resnet10", 8, 2)).state_dict()
+    for key in ("resnet.conv1.weight", "resnet.layer4.0.conv2.weight"):
+        assert (after[key] - init[key]).abs().max() > 1e-3
+    assert after["resnet.bn1.num_batches_tracked"] > 0
+
+    # the 2-channel encoder is kept for the ASPP variant
+    two = two_channel_path(cfg.out)
+    seg = AGCLSegmenter.from_checkpoint(two, n_targets=7, channels=8)
+    assert torch.equal(seg.encoder.resnet.conv1.weight[:, :1], after["resnet.conv1.weight"])
+    assert seg(torch.rand(1, 1, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long)).shape == (1, 7, 2, 64, 64)

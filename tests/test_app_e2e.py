@@ -1,0 +1,221 @@
+"""End to end: the real MONAI Label server on a copy of the sample data, driven like Slicer.
+
+The server is started as a user starts it (``monailabel start_server --app ... --studies ...
+--conf models all``) on 127.0.0.1 and a free port, and driven with
+``monailabel.client.MONAILabelClient``: info, next sample, infer, submit a corrected label,
+train, infer again. So that a few CPU epochs make a visible difference, the served ``oar``
+model is replaced by a tiny, barely trained one before the server starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+
+from contourcl.datasets import labeled_cases
+from contourcl.inference import model_version
+from contourcl.labels import STORED_LABELS, to_model
+from contourcl.phantom import make_phantom
+from contourcl.training.finetune import FinetuneConfig, finetune, save_finetuned
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(900)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dice(a: np.ndarray, b: np.ndarray, labels) -> float:
+    scores = []
+    for v in labels:
+        x, y = a == v, b == v
+        if y.any():
+            scores.append(2 * (x & y).sum() / (x.sum() + y.sum()))
+    return float(np.mean(scores))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    studies = root / "studies"
+    shutil.copytree(REPO / "sample-data", studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "original", "README.md", ".contourcl"))
+    app = root / "radonc"
+    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp"))
+
+    # a tiny, barely trained oar model, so that retraining for a few epochs visibly improves it
+    cfg = FinetuneConfig(model="oar", net={"encoder": "resnet10", "width": 8}, max_epochs=1, samples_per_volume=8, batch_size=16, lr=3e-3)
+    cases = labeled_cases(studies, "oar")
+    save_finetuned(app / "model" / "oar.pt", cfg, finetune(cases[:1], cases[1:2], cfg, progress=False))
+
+    port = _free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
+         "--conf", "models", "all", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/info/", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"url": url, "app": app, "studies": studies, "log": root / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _wait_for_training(url: str, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = requests.get(f"{url}/train/").json()
+        if status.get("status") not in ("SUBMITTED", "RUNNING"):
+            return status
+        time.sleep(2)
+    raise TimeoutError("training did not finish")
+
+
+def test_clinician_loop(server):
+    url, app, studies = server["url"], server["app"], server["studies"]
+    client = MONAILabelClient(url)
+
+    info = client.info()
+    assert set(info["models"]) == {"oar", "gtv"}
+    assert info["models"]["oar"]["labels"] == {"Brainstem": 1, "SpinalCord": 2, "Parotid_R": 3, "Parotid_L": 4, "Mandible": 5, "Larynx": 6, "Esophagus": 7}
+    assert info["models"]["gtv"]["labels"] == {"GTV": 1}
+    assert {"oar", "gtv"} <= set(info["trainers"])
+
+    # next sample: an unlabeled study (random, and the uncertainty strategy)
+    unlabeled = {p.name.removesuffix(".nii.gz") for p in studies.glob("*.nii.gz")} - {p.name.removesuffix(".nii.gz") for p in (studies / "labels" / "final").glob("*.nii.gz")}
+    assert client.next_sample("random", {})["id"] in unlabeled
+    image_id = client.next_sample("oar_uncertainty", {})["id"]
+    assert image_id in unlabeled
+
+    # auto-contour: a label map on the image's own grid
+    image_path = studies / f"{image_id}.nii.gz"
+    result_file, params = client.infer("oar", image_id, {})
+    first = nib.load(result_file)
+    image = nib.load(image_path)
+    assert first.shape == image.shape and np.allclose(first.affine, image.affine, atol=1e-4)
+    assert params["label_names"]["Parotid_L"] == 4
+    served_before = params["model_version"]
+    assert served_before == model_version(app / "model" / "oar.pt")
+
+    # the clinician corrects the contours (here: the phantom's truth) and submits them; Slicer
+    # numbers segments in its own order and says so in label_info
+    seed = int(image_id.rsplit("_", 1)[1])
+    truth_stored = make_phantom(seed, shape=image.shape, spacing=tuple(float(s) for s in image.header.get_zooms()))[1]
+    slicer_order = ["Mandible", "GTV", "Brainstem", "Parotid_R", "Parotid_L", "SpinalCord", "Larynx", "Esophagus"]
+    slicer = np.zeros_like(truth_stored)
+    for idx, name in enumerate(slicer_order, start=1):
+        slicer[truth_stored == STORED_LABELS[name]] = idx
+    label_file = app.parent / "corrected.nii.gz"
+    nib.save(nib.Nifti1Image(slicer, image.affine), str(label_file))
+    client.save_label(image_id, str(label_file), tag="final", params={"label_info": [{"name": n, "idx": i} for i, n in enumerate(slicer_order, start=1)]})
+    stored = np.asanyarray(nib.load(studies / "labels" / "final" / f"{image_id}.nii.gz").dataobj)
+    assert np.array_equal(stored, truth_stored), "segments were mapped by name into the stored numbering"
+
+    # retrain: fine-tunes from the served model, validates, publishes because it is better
+    client.train_start("oar", {"max_epochs": 6, "lr": 3e-3, "samples_per_volume": 16})
+    status = _wait_for_training(url)
+    assert status["status"] == "DONE", status
+    stats = client.info()["train_stats"]["oar"]
+    published = stats["history"][-1]
+    assert published["published"] is True, published
+    assert published["val_dice"] >= published["served_val_dice"]
+
+    # the new model is what now answers
+    result_file, params = client.infer("oar", image_id, {})
+    assert params["model_version"] != served_before
+    assert params["model_version"] == model_version(app / "model" / "oar.pt")
+    after = np.asanyarray(nib.load(result_file).dataobj)
+    truth = to_model(truth_stored, "oar")
+    assert _dice(after, truth, range(1, 8)) > _dice(np.asanyarray(first.dataobj), truth, range(1, 8))
+
+    # a training run that makes the model worse is not served
+    served_now = params["model_version"]
+    client.train_start("oar", {"max_epochs": 1, "lr": 50.0})
+    assert _wait_for_training(url)["status"] == "DONE"
+    rejected = client.info()["train_stats"]["oar"]["history"][-1]
+    assert rejected["published"] is False and "kept the served model" in rejected["reason"]
+    assert client.infer("oar", image_id, {})[1]["model_version"] == served_now
+    versions = [e["version"] for e in client.info()["train_stats"]["oar"]["history"]]
+    assert versions == [0, 1, 2]  # the original model, the published one, the rejected one: all kept
+
+
+def test_bad_input_gets_a_clear_error_and_nothing_is_lost(server):
+    url, studies = server["url"], server["studies"]
+    labeled = sorted(p.name.removesuffix(".nii.gz") for p in (studies / "labels" / "final").glob("*.nii.gz"))
+    image_id = labeled[0]
+    label_path = studies / "labels" / "final" / f"{image_id}.nii.gz"
+    before = label_path.read_bytes()
+    image = nib.load(studies / f"{image_id}.nii.gz")
+
+    r = requests.post(f"{url}/infer/liver?image={image_id}")
+    assert r.status_code == 404 and "unknown model 'liver'" in r.json()["detail"]
+    r = requests.post(f"{url}/train/liver")
+    assert r.status_code == 404 and "unknown model 'liver'" in r.json()["detail"]
+    for bad in ("../../etc/passwd", "/etc/passwd"):
+        r = requests.post(f"{url}/infer/oar", params={"image": bad})
+        assert r.status_code == 400 and "not allowed" in r.json()["detail"]
+
+    def put_label(path, params, tag="final", image=image_id):
+        with open(path, "rb") as f:
+            return requests.put(f"{url}/datastore/label", params={"image": image, "tag": tag}, files={"label": f}, data={"params": json.dumps(params)})
+
+    tmp = server["app"].parent
+    good = np.asanyarray(nib.load(label_path).dataobj)
+    nib.save(nib.Nifti1Image(good[:-2], image.affine), str(tmp / "short.nii.gz"))
+    r = put_label(tmp / "short.nii.gz", {})
+    assert r.status_code == 422 and "shape" in r.json()["detail"]
+    moved = image.affine.copy()
+    moved[0, 3] += 10
+    nib.save(nib.Nifti1Image(good, moved), str(tmp / "moved.nii.gz"))
+    r = put_label(tmp / "moved.nii.gz", {})
+    assert r.status_code == 422 and "affine differs" in r.json()["detail"]
+    nib.save(nib.Nifti1Image((good > 0).astype(np.uint8), image.affine), str(tmp / "named.nii.gz"))
+    r = put_label(tmp / "named.nii.gz", {"label_info": [{"name": "Liver", "idx": 1}]})
+    assert r.status_code == 422 and "Liver" in r.json()["detail"]
+    r = put_label(tmp / "named.nii.gz", {"label_info": [{"name": "Mandible", "idx": 1}]}, tag="../../escape")
+    assert r.status_code == 400 and "label tag" in r.json()["detail"]
+    (tmp / "junk.nii.gz").write_bytes(b"not an image")
+    with open(tmp / "junk.nii.gz", "rb") as f:
+        r = requests.put(f"{url}/datastore/image", params={"image": "junk_case"}, files={"file": f})
+    assert r.status_code == 422 and "cannot read the image 'junk_case'" in r.json()["detail"]
+    with open(studies / f"{labeled[1]}.nii.gz", "rb") as f:
+        r = requests.put(f"{url}/datastore/image", params={"image": image_id}, files={"file": f})
+    assert r.status_code == 409 and "nothing was overwritten" in r.json()["detail"]
+
+    assert label_path.read_bytes() == before, "the stored label is untouched"
+    assert not list(studies.rglob("*escape*")) and not (studies / "junk_case.nii.gz").exists()
+    assert requests.get(f"{url}/info/").ok, "the server keeps serving"

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from contourcl.checkpoint import load_model
+from contourcl.networks import ResNetEncoder, save_encoder
+from contourcl.training.finetune import FinetuneConfig, evaluate, finetune, save_finetuned
+from contourcl.transforms import StructurePresenced
+from conftest import blob_case, write_nifti
+
+
+def cases(tmp_path, n, first_seed=0):
+    out = []
+    for i in range(n):
+        ct, lab, affine = blob_case(seed=first_seed + i)
+        out.append({"id": f"c{i}", "image": write_nifti(tmp_path / f"ct{i}.nii.gz", ct, affine), "label": write_nifti(tmp_path / f"lab{i}.nii.gz", lab, affine)})
+    return out
+
+
+def tiny_config(**kw):
+    base = dict(model="oar", net={"encoder": "resnet10", "width": 8}, roi=(64, 64), max_epochs=6, batch_size=8, samples_per_volume=8, lr=5e-3)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_structure_presence_marks_contoured_structures():
+    lab = torch.zeros(1, 4, 4, 2)
+    lab[0, 0, 0, 0] = 2
+    assert StructurePresenced("label", 4)({"label": lab})["present"].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_finetune_learns_and_writes_a_servable_model(tmp_path):
+    data = cases(tmp_path, 3)
+    cfg = tiny_config(max_epochs=15, samples_per_volume=16)
+    result = finetune(data[:2], data[2:], cfg, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert set(result.per_structure) == {"Brainstem", "Mandible"}, "only the structures the cases contour are scored"
+    assert result.best_dice > 0.3
+    path = save_finetuned(tmp_path / "oar.pt", cfg, result, train_ids=["c0", "c1"])
+    net, meta = load_model(path)
+    assert meta.model == "oar" and meta.labels["Mandible"] == 5 and meta.metrics["val_dice"] == pytest.approx(result.best_dice)
+    assert evaluate(net, data[2:], cfg)[0] == pytest.approx(result.best_dice, abs=1e-4)
+
+
+def test_encoder_initialised_from_a_pretraining_checkpoint(tmp_path):
+    data = cases(tmp_path, 2)
+    enc = ResNetEncoder("resnet10", width=8)
+    with torch.no_grad():
+        enc.resnet.conv1.weight.fill_(0.01)
+    save_encoder(enc, tmp_path / "pre.pt", method="test")
+    cfg = tiny_config(max_epochs=0, init=str(tmp_path / "pre.pt"))
+    result = finetune(data[:1], [], cfg, progress=False)
+    assert torch.allclose(result.network.encoder.resnet.conv1.weight, torch.full_like(enc.resnet.conv1.weight, 0.01))
+
+
+def test_voxel_siamese_option_trains(tmp_path):
+    data = cases(tmp_path, 2)
+    result = finetune(data[:1], data[1:], tiny_config(max_epochs=2, voxel_siamese=True), progress=False)
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    assert not any("feature_loss" in k or k.startswith("heads") for k in result.network.state_dict()), "only the U-Net is kept"
+
+
+def test_finetune_cli_on_a_studies_folder(tmp_path):
+    from contourcl.phantom import make_dataset
+
+    make_dataset(tmp_path / "studies", 3, first_seed=50, labeled=3, shape=(48, 48, 12))
+    out = tmp_path / "gtv.pt"
+    cmd = [sys.executable, "-m", "contourcl.cli", "finetune", "--model", "gtv", "--data", str(tmp_path / "studies"), "--out", str(out),
+           "--encoder", "resnet10", "--width", "8", "--epochs", "1", "--samples-per-volume", "4", "--batch-size", "8", "--half"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    net, meta = load_model(out)
+    assert meta.model == "gtv" and meta.labels == {"GTV": 1} and len(meta.provenance["train_ids"]) == 2

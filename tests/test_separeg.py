@@ -1,0 +1,244 @@
+"""SepaReg: SIS coverage and caching, region squaring, Eq. 3-4 by hand, cluster routing,
+a tiny full run and resumption across stages."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder
+from contourcl.training import separeg
+from contourcl.training.base import PretrainConfig, RunContext
+from contourcl.training.pretrain import pretrain
+from contourcl.training.separeg import (
+    INDEX_DTYPE,
+    Distiller,
+    RegionDataset,
+    RegionSet,
+    SepaRegMethod,
+    build_region_set,
+    kl_distillation,
+    kmeans_clusters,
+)
+from contourcl.training.simsiam import SimSiamModel, negative_cosine
+from contourcl.training.volumes import Volume, body_mask, find_ct_images, load_volumes, synthetic_ct, window_value, write_synthetic_cts
+
+torch.set_num_threads(1)
+
+TINY_HEADS = {"proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}
+
+
+def synthetic_volume(case="a", shape=(48, 48, 5), seed=0) -> Volume:
+    window = (-500.0, 800.0)
+    image = np.clip((synthetic_ct(shape, seed) - window[0]) / (window[1] - window[0]), 0, 1).astype(np.float32)
+    return Volume(case, image, body_mask(image, window_value(-400, window)))
+
+
+def coverage(region_set: RegionSet, case: int) -> np.ndarray:
+    """How many regions of the index cover each voxel of volume ``case``."""
+    count = np.zeros(region_set.images[case].shape, np.int32)
+    for i in range(len(region_set)):
+        mask, (r0, c0, r1, c1), c, z = region_set.region_mask(i)
+        if c == case:
+            count[r0:r1, c0:c1, z] += mask
+    return count
+
+
+def test_sis_regions_cover_the_body_exactly_once(tmp_path):
+    vols = [synthetic_volume("a", seed=0), synthetic_volume("b", seed=1)]
+    rs = build_region_set(vols, n_segments=16, min_body_pixels=1, cache_dir=tmp_path)
+    assert len(rs) > 2 * 5 * 4
+    for case, v in enumerate(vols):
+        assert np.array_equal(coverage(rs, case), v.body.astype(np.int32))  # every body pixel once, nothing outside
+        assert set(rs.index["slice"][rs.index["case"] == case]) == set(np.flatnonzero(v.body.any(axis=(0, 1))))
+    # areas in the index are the masks' sizes; crops are image x mask
+    for i in range(0, len(rs), 7):
+        mask, (r0, c0, r1, c1), c, z = rs.region_mask(i)
+        assert mask.sum() == rs.index["area"][i]
+        assert np.array_equal(rs.region_crop(i), vols[c].image[r0:r1, c0:c1, z] * mask)
+    # pooled and shuffled: the index is not in (case, slice) order
+    order = rs.index["case"] * 1000 + rs.index["slice"]
+    assert not np.all(np.diff(order) >= 0)
+
+
+def test_sis_workers_match_serial_and_cache_is_reused(tmp_path, monkeypatch):
+    vols = [synthetic_volume("a", seed=0), synthetic_volume("b", seed=1)]
+    serial = build_region_set(vols, n_segments=16, chunk_slices=2)
+    parallel = build_region_set(vols, n_segments=16, chunk_slices=2, num_workers=2, cache_dir=tmp_path)
+    assert np.array_equal(serial.index, parallel.index)
+    assert all(np.array_equal(a, b) for a, b in zip(serial.labels, parallel.labels))
+
+    def boom(*a, **k):
+        raise AssertionError("SIS recomputed instead of read from the cache")
+
+    monkeypatch.setattr(separeg, "_sis_job", boom)
+    cached = build_region_set(vols, n_segments=16, chunk_slices=2, cache_dir=tmp_path)
+    assert np.array_equal(cached.index, parallel.index) and cached.key == parallel.key
+    with pytest.raises(AssertionError):  # other settings: another cache entry
+        build_region_set(vols, n_segments=8, cache_dir=tmp_path)
+
+
+def one_region_set(height=4, width=8, value=0.5) -> RegionSet:
+    image = np.full((16, 16, 1), value, np.float32)
+    labels = np.zeros((16, 16, 1), np.uint8)
+    labels[2 : 2 + height, 3 : 3 + width, 0] = 1
+    index = np.array([(0, 0, 1, 2, 3, 2 + height, 3 + width, height * width)], dtype=INDEX_DTYPE)
+    return RegionSet(["a"], [image], [labels], index)
+
+
+def test_region_pad_keeps_aspect_resize_does_not():
+    rs = one_region_set()
+    padded = RegionDataset(rs, 16, "pad")[0]
+    resized = RegionDataset(rs, 16, "resize")[0]
+    assert padded.shape == resized.shape == (1, 16, 16)
+    # a 4 x 8 region zero-padded to 8 x 8 (2 rows above and below), then resized x 2 (bilinear)
+    assert padded[0, :3].abs().max() == 0 and padded[0, -3:].abs().max() == 0
+    assert torch.allclose(padded[0, 5:11], torch.tensor(0.5))
+    assert torch.allclose(resized[0], torch.tensor(0.5))
+
+
+def test_kl_distillation_by_hand():
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[1.0, 0.0]])
+    pt = [math.e / (math.e + 1), 1 / (math.e + 1)]
+    expected = sum(p * math.log(p / 0.5) for p in pt)  # KL(P_teacher || P_student), P_student uniform
+    assert kl_distillation(student, teacher, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+    # temperature 0.5 doubles the logits
+    pt2 = [math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)]
+    assert kl_distillation(student, teacher, 0.5).item() == pytest.approx(sum(p * math.log(p / 0.5) for p in pt2), abs=1e-6)
+    # literal order of Eq. 3: KL(P_student || P_teacher)
+    reverse = sum(0.5 * math.log(0.5 / p) for p in pt)
+    assert kl_distillation(student, teacher, 1.0, "student-teacher").item() == pytest.approx(reverse, abs=1e-6)
+    # batch mean
+    two = kl_distillation(torch.cat([student, teacher]), torch.cat([teacher, teacher]), 1.0)
+    assert two.item() == pytest.approx(expected / 2, abs=1e-6)
+
+
+class ConstantEncoder(torch.nn.Module):
+    """A stand-in intra-organ encoder whose feature is its own number."""
+
+    def __init__(self, k, dim=4):
+        super().__init__()
+        self.k, self.dim = k, dim
+        self.seen = 0
+
+    def pooled(self, x):
+        self.seen += len(x)
+        return torch.full((len(x), self.dim), float(self.k))
+
+
+def test_distiller_routes_each_region_to_its_clusters_model():
+    torch.manual_seed(0)
+    student = ResNetEncoder("resnet10", 8)
+    inter = SimSiamModel(ResNetEncoder("resnet10", 8), 16, 8, 16)
+    teachers = [ConstantEncoder(k) for k in range(3)]
+    d = Distiller(student, inter, teachers)
+    clusters = torch.tensor([2, 0, 2, 1, 0])
+    f_hat = d.teacher_features(torch.rand(5, 1, 32, 32), clusters)
+    assert torch.equal(f_hat[:, 0], clusters.float())
+    assert [t.seen for t in teachers] == [2, 1, 2]
+
+
+def test_distiller_loss_is_eq_3_to_5_and_teachers_stay_frozen():
+    torch.manual_seed(0)
+    student = ResNetEncoder("resnet10", 8)
+    inter = SimSiamModel(ResNetEncoder("resnet10", 8), 16, 8, 16)
+    intra = [ResNetEncoder("resnet10", 8) for _ in range(2)]
+    x, clusters = torch.rand(6, 1, 32, 32), torch.tensor([0, 1, 1, 0, 1, 0])
+    for head in ("projector", "predictor"):
+        d = Distiller(student, inter, intra, temperature=0.1, inter_head=head).train()
+        assert not inter.training and not any(m.training for m in intra) and student.training
+        loss, logs = d((x, clusters))
+        f = student.pooled(x)  # train mode, as in the distiller: the same batch statistics
+        f_hat = torch.cat([intra[int(c)].pooled(x[i : i + 1]) for i, c in enumerate(clusters)])
+        z_hat = inter.projector(inter.encoder.pooled(x))
+        g = inter.projector(f) if head == "projector" else inter.predictor(inter.projector(f))
+        l_intra = kl_distillation(f, f_hat, 0.1)
+        l_inter = negative_cosine(g, z_hat)
+        assert logs["intra"] == pytest.approx(l_intra.item(), rel=1e-4)
+        assert logs["inter"] == pytest.approx(l_inter.item(), rel=1e-4, abs=1e-6)
+        assert loss.item() == pytest.approx(l_intra.item() + l_inter.item(), rel=1e-4)
+        student.zero_grad()
+        loss.backward()
+        assert student.resnet.conv1.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for m in [inter, *intra] for p in m.parameters())
+
+
+def test_kmeans_subsets_feed_the_matching_intra_model(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8) * 10
+    feats = np.concatenate([c + rng.normal(0, 0.1, (20, 8)) for c in centres])
+    ids = kmeans_clusters(feats, 3)
+    assert len(set(ids[:20])) == len(set(ids[20:40])) == len(set(ids[40:])) == 1 and len(set(ids)) == 3
+
+    vols = [synthetic_volume("a", seed=0), synthetic_volume("b", seed=1)]
+    cfg = PretrainConfig(method="separeg", encoder="resnet10", width=8, image_size=32, cache_dir=str(tmp_path),
+                         options={**TINY_HEADS, "num_clusters": 3, "n_segments": 16})
+    method = SepaRegMethod(ResNetEncoder("resnet10", 8), cfg)
+    method.build_region_set(vols)
+    n = len(method.region_set)
+    method.clusters = np.arange(n) % 3
+    method.region_key = method.region_set.key
+    stages = list(method.stages(vols, RunContext(cfg, torch.device("cpu"))))
+    assert [s.name for s in stages] == ["inter", "intra0", "intra1", "intra2", "distill"]
+    for k, stage in enumerate(stages[1:4]):
+        assert stage.module is method.intra[k]
+        assert np.array_equal(np.sort(stage.dataset.base.indices), np.flatnonzero(method.clusters == k))
+    distill = stages[-1]
+    assert distill.module.student is method.encoder
+    assert all(distill.module.intra[k] is method.intra[k].encoder for k in range(3))
+    x, target = distill.dataset[5]
+    assert target == method.clusters[distill.dataset.indices[5]]
+
+
+def separeg_config(tmp_path, **kw) -> PretrainConfig:
+    opts = {**TINY_HEADS, "num_clusters": 2, "n_segments": 16, "inter_iterations": 8, "intra_iterations": 3, "distill_iterations": 8}
+    return PretrainConfig(
+        method="separeg", images=[str(tmp_path / "imgs")], out=str(tmp_path / "out" / "separeg.pt"), encoder="resnet10", width=8,
+        image_size=32, batch_size=8, lr=0.05, schedule="constant", num_workers=0, checkpoint_every=4,
+        cache_dir=str(tmp_path / "cache"), progress=False, options={**opts, **kw},
+    )
+
+
+def test_tiny_separeg_run_lowers_loss_and_yields_the_student(tmp_path):
+    write_synthetic_cts(tmp_path / "imgs", 2, shape=(48, 48, 5))
+    cfg = separeg_config(tmp_path)
+    volumes = load_volumes(find_ct_images(cfg.images), cache_dir=cfg.cache_dir)
+    result = pretrain(cfg, volumes=volumes)
+    h = {k: [v for _, v in steps] for k, steps in result["history"].items()}
+    assert list(h) == ["inter", "intra0", "intra1", "distill"]
+    assert np.mean(h["inter"][-3:]) < np.mean(h["inter"][:3])
+    assert np.mean(h["distill"][-3:]) < np.mean(h["distill"][:3])
+    meta = result["meta"]
+    assert meta["iterations"] == 8 + 3 + 3 + 8 and sum(meta["cluster_sizes"]) == meta["regions"]
+
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    assert load_encoder(net, cfg.out)["method"] == "separeg"
+    method = result["method"]
+    for name, value in net.encoder.state_dict().items():  # the student is what was saved
+        assert torch.equal(value, method.encoder.state_dict()[name].cpu())
+    torch.manual_seed(cfg.seed)
+    initial = ResNetEncoder("resnet10", 8)  # the student's random init (built first, same seed)
+    assert not torch.allclose(initial.resnet.conv1.weight, net.encoder.resnet.conv1.weight)
+
+
+def test_separeg_resumes_inside_a_later_stage(tmp_path):
+    write_synthetic_cts(tmp_path / "imgs", 2, shape=(48, 48, 5))
+    full = pretrain(separeg_config(tmp_path))
+    reference = torch.load(tmp_path / "out" / "separeg.pt", weights_only=False)["encoder"]
+
+    cfg = separeg_config(tmp_path)
+    cfg.out = str(tmp_path / "out2" / "separeg.pt")
+    first = pretrain(cfg, stop_after=10)  # 8 inter steps, k-means, 2 steps of intra0
+    assert first["interrupted"]
+    state = torch.load(cfg.state_path, weights_only=False)
+    assert (state["stage_name"], state["step"]) == ("intra0", 2)
+    second = pretrain(cfg, resume=True)
+    assert [s for s, _ in second["history"]["intra0"]] == [1, 2, 3]  # steps 1-2 from the first call, 3 now
+    assert second["meta"]["iterations"] == full["meta"]["iterations"]
+    resumed = torch.load(cfg.out, weights_only=False)["encoder"]
+    for name, value in reference.items():
+        assert torch.allclose(value.float(), resumed[name].float(), atol=1e-5), name

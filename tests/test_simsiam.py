@@ -1,0 +1,113 @@
+"""SimSiam: loss values by hand, stop-gradient, heads, augmentations, a tiny baseline run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder
+from contourcl.training.base import PretrainConfig
+from contourcl.training.pretrain import pretrain
+from contourcl.training.simsiam import Augment, SimSiamLoss, SimSiamModel, gaussian_blur, negative_cosine, projection_mlp, simsiam_loss
+from contourcl.training.volumes import find_ct_images, load_volumes, write_synthetic_cts
+
+torch.set_num_threads(1)
+
+SQRT2 = math.sqrt(2.0)
+
+
+def test_negative_cosine_by_hand():
+    p = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    z = torch.tensor([[1.0, 1.0], [4.0, 3.0]])
+    # cos = 1/sqrt(2) and 24/25
+    expected = -(1 / SQRT2 + 24 / 25) / 2
+    assert negative_cosine(p, z).item() == pytest.approx(expected, abs=1e-6)
+    expected_code = ((2 - 2 / SQRT2) + (2 - 2 * 24 / 25)) / 2
+    assert negative_cosine(p, z, distance="2-2cos").item() == pytest.approx(expected_code, abs=1e-6)
+
+
+def test_symmetric_loss_by_hand():
+    p1 = torch.tensor([[1.0, 0.0]])
+    p2 = torch.tensor([[0.0, 2.0]])
+    z1 = torch.tensor([[1.0, 1.0]])
+    z2 = torch.tensor([[-1.0, 0.0]])
+    # 1/2 D(p1, z2) + 1/2 D(p2, z1) = 1/2 (-(-1)) + 1/2 (-(1/sqrt 2))
+    expected = 0.5 * 1.0 + 0.5 * (-1 / SQRT2)
+    assert simsiam_loss(p1, p2, z1, z2).item() == pytest.approx(expected, abs=1e-6)
+    assert SimSiamLoss()(p1, p2, z1, z2).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_stop_gradient_blocks_the_target_branch():
+    torch.manual_seed(0)
+    z = torch.randn(8, 4, requires_grad=True)  # projections of both views
+    predictor = torch.nn.Linear(4, 4)
+    p = predictor(z)
+    z1, z2 = z.chunk(2)
+    p1, p2 = p.chunk(2)
+
+    # the targets: no gradient reaches z through them
+    z_leaf1, z_leaf2 = z1.detach().requires_grad_(), z2.detach().requires_grad_()
+    p_leaf1, p_leaf2 = p1.detach().requires_grad_(), p2.detach().requires_grad_()
+    simsiam_loss(p_leaf1, p_leaf2, z_leaf1, z_leaf2).backward()
+    assert z_leaf1.grad is None and z_leaf2.grad is None
+    assert p_leaf1.grad.abs().sum() > 0 and p_leaf2.grad.abs().sum() > 0
+
+    # through the whole graph, z's gradient is exactly the one through the predictor
+    (g_stop,) = torch.autograd.grad(simsiam_loss(p1, p2, z1, z2), z, retain_graph=True)
+    no_sg = 0.5 * (negative_cosine(p1, z2, stop_gradient=False) + negative_cosine(p2, z1, stop_gradient=False))
+    (g_full,) = torch.autograd.grad(no_sg, z, retain_graph=True)
+    manual = 0.5 * (-torch.nn.functional.cosine_similarity(p1, z2.detach()).mean() - torch.nn.functional.cosine_similarity(p2, z1.detach()).mean())
+    (g_manual,) = torch.autograd.grad(manual, z)
+    assert torch.allclose(g_stop, g_manual, atol=1e-7)
+    assert not torch.allclose(g_stop, g_full, atol=1e-4)
+
+
+def test_heads_have_the_papers_shape():
+    proj = projection_mlp(64)
+    layers = [type(m).__name__ for m in proj]
+    assert layers == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert proj[0].out_features == 4096 and proj[3].out_features == 256
+    model = SimSiamModel(ResNetEncoder("resnet10", 8), proj_hidden=32, proj_dim=16, pred_hidden=32)
+    assert model.predictor[0].in_features == 16 and model.predictor[3].out_features == 16
+    loss, logs = model((torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)))
+    assert loss.ndim == 0 and -1.0 <= loss.item() <= 1.0 and "z_std" in logs
+
+
+def test_augment_shapes_and_range():
+    torch.manual_seed(0)
+    x = torch.rand(1, 40, 30)
+    aug = Augment(32, jitter_p=1.0, blur_p=1.0)
+    views = [aug(x) for _ in range(5)]
+    assert all(v.shape == (1, 32, 32) for v in views)
+    assert all(0.0 <= v.min() and v.max() <= 1.0 for v in views)
+    assert not torch.allclose(views[0], views[1])
+    # blur keeps a constant image constant and smooths an impulse
+    assert torch.allclose(gaussian_blur(torch.full((1, 9, 9), 0.5), 1.0), torch.full((1, 9, 9), 0.5), atol=1e-6)
+    impulse = torch.zeros(1, 9, 9)
+    impulse[0, 4, 4] = 1
+    assert gaussian_blur(impulse, 1.0)[0, 4, 4] < 0.5
+
+
+def test_tiny_simsiam_run_lowers_loss_and_checkpoint_loads(tmp_path):
+    write_synthetic_cts(tmp_path / "imgs", 2, shape=(48, 48, 6))
+    cfg = PretrainConfig(
+        method="simsiam", images=[str(tmp_path / "imgs")], out=str(tmp_path / "simsiam.pt"), encoder="resnet10", width=8,
+        image_size=32, batch_size=8, iterations=16, lr=0.05, schedule="constant", num_workers=0, cache_dir=str(tmp_path / "cache"),
+        progress=False, options={"proj_hidden": 64, "pred_hidden": 64, "proj_dim": 32},
+    )
+    volumes = load_volumes(find_ct_images(cfg.images), cache_dir=cfg.cache_dir)
+    result = pretrain(cfg, volumes=volumes)
+    losses = [v for _, v in result["history"]["main"]]
+    assert len(losses) == 16
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    meta = load_encoder(net, cfg.out)
+    assert meta["method"] == "simsiam" and meta["iterations"] == 16
+    torch.manual_seed(cfg.seed)
+    initial = ResNetEncoder("resnet10", 8)  # the trainer's initial encoder (same seed)
+    changed = [k for k, v in initial.state_dict().items() if v.is_floating_point() and not torch.allclose(v, net.encoder.state_dict()[k])]
+    assert "resnet.conv1.weight" in changed and len(changed) > len(initial.state_dict()) // 2

@@ -1,0 +1,60 @@
+"""``contourcl finetune``: train the ``oar`` or ``gtv`` model into a model file the app serves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from dataclasses import replace
+
+from contourcl.datasets import labeled_cases
+from contourcl.training.finetune import FinetuneConfig, finetune, save_finetuned
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=["oar", "gtv"], required=True)
+    parser.add_argument("--data", required=True, help="a MONAI Label studies folder (labels/final) or OpenKBP's train-pats")
+    parser.add_argument("--val-data", help="validation cases (same layouts); default: a fraction of --data")
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--max-cases", type=int, help="use only this many training cases (drawn with --seed)")
+    parser.add_argument("--out", required=True, help="model file to write (e.g. apps/radonc/model/oar.pt)")
+    parser.add_argument("--init", help="pretraining checkpoint for the encoder (contourcl pretrain --out)")
+    parser.add_argument("--encoder", default="resnet18", choices=["resnet10", "resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--samples-per-volume", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--voxel-siamese", action="store_true", help="add the voxel-level Siamese auxiliary loss")
+    parser.add_argument("--voxel-siamese-lambda", type=float, default=10.0)
+    parser.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = labeled_cases(args.data, args.model)
+    if args.val_data:
+        train, val = cases, labeled_cases(args.val_data, args.model)
+    else:
+        shuffled = cases[:]
+        random.Random(args.seed).shuffle(shuffled)
+        n_val = max(1, round(args.val_fraction * len(cases))) if len(cases) > 1 else 0
+        val, train = shuffled[:n_val], shuffled[n_val:]
+    if args.max_cases:
+        train = sorted(random.Random(args.seed).sample(train, min(args.max_cases, len(train))), key=lambda c: c["id"])
+    logger.info("%s: %d training cases, %d validation cases", args.model, len(train), len(val))
+    cfg = replace(
+        FinetuneConfig(model=args.model), net={"encoder": args.encoder, "width": args.width}, max_epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, seed=args.seed, init=args.init,
+        voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
+    )
+    result = finetune(train, val, cfg)
+    save_finetuned(
+        args.out, cfg, result, half=args.half, data=str(args.data), train_ids=[c["id"] for c in train], val_ids=[c["id"] for c in val],
+        command="contourcl finetune " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("command", "verbose")),
+    )
+    print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure, "seconds": round(result.seconds, 1)}, indent=1))
+    return 0
