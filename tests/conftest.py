@@ -44,3 +44,14 @@ def blob_files(tmp_path):
     """Paths of a tiny image/label pair on disk and their affine."""
     ct, lab, affine = blob_case()
     return write_nifti(tmp_path / "ct.nii.gz", ct, affine), write_nifti(tmp_path / "lab.nii.gz", lab, affine), affine
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    """A studies folder of three small synthetic phantoms (64 x 64 x 24 at 4 x 4 x 8 mm), labeled."""
+    from contourcl.phantom import write_phantom
+
+    root = tmp_path_factory.mktemp("phantoms")
+    for i in range(3):
+        write_phantom(root, f"case{i}", i, shape=(64, 64, 24), spacing=(4.0, 4.0, 8.0))
+    return root

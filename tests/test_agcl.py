@@ -158,14 +158,6 @@ def test_segmenter_keeps_the_encoder_frozen():
 
 
 # ------------------------------------------------------------------------------- tiny run
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from contourcl.phantom import write_phantom
-
-    root = tmp_path_factory.mktemp("agcl-data")
-    for i in range(3):
-        write_phantom(root, f"case{i}", i, shape=(64, 64, 24), spacing=(4.0, 4.0, 8.0))
-    return root
 
 
 def tiny_config(tmp_path, data, **kw) -> PretrainConfig:

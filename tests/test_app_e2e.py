@@ -4,7 +4,8 @@ The server is started as a user starts it (``monailabel start_server --app ... -
 --conf models all``) on 127.0.0.1 and a free port, and driven with
 ``monailabel.client.MONAILabelClient``: info, next sample, infer, submit a corrected label,
 train, infer again. So that a few CPU epochs make a visible difference, the served ``oar``
-model is replaced by a tiny, barely trained one before the server starts.
+model is the shipped one with its output layer re-initialised (its Dice drops to about 0);
+retraining recovers it within a few epochs.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from contourcl.datasets import labeled_cases
+import torch
+
+from contourcl.checkpoint import load_model, save_model
 from contourcl.inference import model_version
 from contourcl.labels import STORED_LABELS, to_model
 from contourcl.phantom import make_phantom
-from contourcl.training.finetune import FinetuneConfig, finetune, save_finetuned
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
@@ -57,10 +59,12 @@ def server(tmp_path_factory):
     app = root / "radonc"
     shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp"))
 
-    # a tiny, barely trained oar model, so that retraining for a few epochs visibly improves it
-    cfg = FinetuneConfig(model="oar", net={"encoder": "resnet10", "width": 8}, max_epochs=1, samples_per_volume=8, batch_size=16, lr=3e-3)
-    cases = labeled_cases(studies, "oar")
-    save_finetuned(app / "model" / "oar.pt", cfg, finetune(cases[:1], cases[1:2], cfg, progress=False))
+    # the shipped oar model with its output layer re-initialised: retraining must recover it
+    network, meta = load_model(REPO / "apps" / "radonc" / "model" / "oar.pt")
+    torch.manual_seed(0)
+    network.head[0].reset_parameters()
+    meta.metrics = {"note": "shipped model, output layer re-initialised for the end-to-end test"}
+    save_model(app / "model" / "oar.pt", network, meta)
 
     port = _free_port()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -107,7 +111,10 @@ def _wait_for_training(url: str, timeout: float = 600) -> dict:
 
 def test_clinician_loop(server):
     url, app, studies = server["url"], server["app"], server["studies"]
-    client = MONAILabelClient(url)
+    # results go to a folder of their own: on one machine, the server's temporary result file
+    # has the same name in /tmp, and the server removes it after answering
+    client = MONAILabelClient(url, tmpdir=str(app.parent / "client"))
+    (app.parent / "client").mkdir(exist_ok=True)
 
     info = client.info()
     assert set(info["models"]) == {"oar", "gtv"}
@@ -146,7 +153,7 @@ def test_clinician_loop(server):
     assert np.array_equal(stored, truth_stored), "segments were mapped by name into the stored numbering"
 
     # retrain: fine-tunes from the served model, validates, publishes because it is better
-    client.train_start("oar", {"max_epochs": 6, "lr": 3e-3, "samples_per_volume": 16})
+    client.train_start("oar", {"max_epochs": 4, "lr": 3e-3, "samples_per_volume": 16})
     status = _wait_for_training(url)
     assert status["status"] == "DONE", status
     stats = client.info()["train_stats"]["oar"]

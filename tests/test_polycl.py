@@ -121,14 +121,6 @@ def test_triplet_dataset_fixed_and_resampled():
 
 
 # ------------------------------------------------------------------------------- tiny runs
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from contourcl.phantom import write_phantom
-
-    root = tmp_path_factory.mktemp("polycl-data")
-    for i in range(3):
-        write_phantom(root, f"case{i}", i, shape=(64, 64, 24), spacing=(4.0, 4.0, 8.0))
-    return root
 
 
 def tiny_config(tmp_path, data, method, **kw) -> PretrainConfig:

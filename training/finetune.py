@@ -209,12 +209,13 @@ def finetune(
     start_from: ContourUNet | None = None,
     device: str | None = None,
     progress: bool = True,
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict, ContourUNet], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``train_items``; keep the epoch with the best mean Dice on ``val_items``.
 
     ``start_from`` continues from an existing network (the served model, for retraining);
     otherwise a new network is built and its encoder initialised from ``cfg.init`` if given.
+    ``on_epoch(record, network)`` is called after every epoch (e.g. to save the best so far).
     Without validation cases, the last epoch is kept and ``best_dice`` is nan.
     """
     t_start = time.perf_counter()
@@ -294,8 +295,8 @@ def finetune(
         if rank == 0:
             bar.set_postfix(loss=f"{record['loss']:.3f}", dice=f"{record.get('val_dice', float('nan')):.3f}")
             logger.info("epoch %d/%d  loss %.4f  val Dice %s", epoch, cfg.max_epochs, record["loss"], f"{record['val_dice']:.4f}" if "val_dice" in record else "-")
-        if on_epoch:
-            on_epoch(record)
+        if on_epoch and rank == 0:
+            on_epoch(record, network)
     if not val_volumes:
         best = (float("nan"), cfg.max_epochs, {}, copy.deepcopy(network.state_dict()))
     network.load_state_dict(best[3])

@@ -8,8 +8,9 @@ import logging
 import random
 from dataclasses import replace
 
+from contourcl.checkpoint import load_model
 from contourcl.datasets import labeled_cases
-from contourcl.training.finetune import FinetuneConfig, finetune, save_finetuned
+from contourcl.training.finetune import FinetuneConfig, FinetuneResult, finetune, save_finetuned
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cases", type=int, help="use only this many training cases (drawn with --seed)")
     parser.add_argument("--out", required=True, help="model file to write (e.g. apps/radonc/model/oar.pt)")
     parser.add_argument("--init", help="pretraining checkpoint for the encoder (contourcl pretrain --out)")
+    parser.add_argument("--start-from", help="continue from this model file (e.g. the shipped apps/radonc/model/oar.pt); its network and preprocessing are kept")
     parser.add_argument("--encoder", default="resnet18", choices=["resnet10", "resnet18", "resnet34", "resnet50"])
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=50)
@@ -51,10 +53,27 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, seed=args.seed, init=args.init,
         voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
     )
-    result = finetune(train, val, cfg)
-    save_finetuned(
-        args.out, cfg, result, half=args.half, data=str(args.data), train_ids=[c["id"] for c in train], val_ids=[c["id"] for c in val],
+    provenance = dict(
+        data=str(args.data), train_ids=[c["id"] for c in train], val_ids=[c["id"] for c in val],
         command="contourcl finetune " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("command", "verbose")),
     )
+    best = {"dice": -1.0}
+
+    def keep_best(record: dict, network) -> None:
+        """Write the model file whenever validation improves, so an interrupted run leaves its best."""
+        if record.get("val_dice", -1.0) > best["dice"]:
+            best["dice"] = record["val_dice"]
+            partial = FinetuneResult(network, record["val_dice"], record["epoch"], record["per_structure"], [], 0.0)
+            save_finetuned(args.out, cfg, partial, half=args.half, **provenance, interrupted_at_epoch=record["epoch"])
+
+    start = None
+    if args.start_from:
+        start, meta = load_model(args.start_from)
+        if meta.model != args.model:
+            raise SystemExit(f"--start-from {args.start_from} is a {meta.model} model, not {args.model}")
+        cfg = replace(cfg, net={k: v for k, v in meta.net.items() if k != "out_channels"}, spacing=meta.spacing, window=meta.window, roi=meta.roi)
+        provenance["started_from"] = str(args.start_from)
+    result = finetune(train, val, cfg, start_from=start, on_epoch=keep_best)
+    save_finetuned(args.out, cfg, result, half=args.half, **provenance)
     print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure, "seconds": round(result.seconds, 1)}, indent=1))
     return 0
