@@ -65,3 +65,40 @@ def test_unreadable_image_is_named(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(InvalidImageError, match="scan.nii.gz"):
         Contourer(model_file(tmp_path / "m.pt", 1))(bad)
+
+
+def _brute_force(label, affine, out_affine, out_shape):
+    out = np.zeros(out_shape, np.uint8)
+    m = np.linalg.inv(affine) @ out_affine
+    for idx in np.ndindex(*out_shape):
+        src = np.rint(m[:3, :3] @ np.array(idx) + m[:3, 3]).astype(int)
+        if all(0 <= s < n for s, n in zip(src, label.shape)):
+            out[idx] = label[tuple(src)]
+    return out
+
+
+def test_nearest_to_grid_matches_voxel_by_voxel_mapping():
+    from contourcl.inference import nearest_to_grid
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 8, (6, 5, 4)).astype(np.uint8)
+    affine = np.diag([4.0, 4.0, 3.0, 1.0])
+    affine[:3, 3] = [-10, -8, 0]
+    # output grid: axes permuted (z, x, y), x flipped, finer spacing, extending past the label's grid
+    out_affine = np.array([[0, -2.0, 0, 12], [0, 0, 1.5, -9], [1.5, 0, 0, -1], [0, 0, 0, 1]])
+    got = nearest_to_grid(label, affine, out_affine, (7, 13, 15))
+    assert np.array_equal(got, _brute_force(label, affine, out_affine, (7, 13, 15)))
+    rotated = out_affine.copy()
+    rotated[:3, :3] = rotated[:3, :3] @ np.array([[1, 0.3, 0], [-0.3, 1, 0], [0, 0, 1]])
+    assert nearest_to_grid(label, affine, rotated, (7, 13, 15)) is None
+
+
+def test_oblique_image_gets_its_own_grid_back(tmp_path):
+    ct, _, affine = blob_case(shape=(40, 36, 6))
+    c, s = np.cos(0.35), np.sin(0.35)
+    oblique = affine.copy()
+    oblique[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ affine[:3, :3]
+    path = write_nifti(tmp_path / "oblique.nii.gz", ct, oblique)
+    pred = Contourer(model_file(tmp_path / "m.pt", 6), largest_component=False)(path)
+    assert pred.label.shape == ct.shape and np.allclose(pred.affine, nib.load(path).affine, atol=1e-4)
+    assert (pred.label == 6).mean() > 0.9  # the whole grid is covered (borders may fall outside)

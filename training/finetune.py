@@ -1,8 +1,8 @@
 """Supervised fine-tuning of the 2D U-Net: the engine behind retraining and ``contourcl finetune``.
 
 Volumes are preprocessed once (:func:`contourcl.transforms.ct_preprocessing`) and cached in
-memory; each epoch draws ``samples_per_volume`` axial slices per training case, two thirds of
-them centred on a contoured structure. The loss is the marginal Dice + CE of
+memory; each epoch draws ``samples_per_volume`` axial slices per training case, centred on each
+contoured structure and on background in equal shares. The loss is the marginal Dice + CE of
 :mod:`contourcl.training.partial_label_loss`, so structures a case does not contour are not
 trained as background. Validation contours every validation case whole, slice by slice, and
 reports per-structure Dice (MONAI's ``DiceMetric``), skipping the structures a case lacks; the
@@ -35,7 +35,7 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     RandAffined,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
     RandGaussianNoised,
     RandScaleIntensityd,
     SpatialPadd,
@@ -116,14 +116,17 @@ def augmentation(cfg: FinetuneConfig) -> list:
     would swap Parotid_R and Parotid_L."""
     return [
         SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, -1)),
-        RandCropByPosNegLabeld(
+        # class-balanced slice sampling: each structure (and background) is the centre of an equal
+        # share of the slices, so that small organs (cord, oesophagus) are seen as often as the
+        # mandible; structures a case lacks get no share
+        RandCropByLabelClassesd(
             keys=("image", "label"),
             label_key="label",
             spatial_size=(*cfg.roi, 1),
-            pos=2,
-            neg=1,
+            num_classes=len(model_labels(cfg.model)) + 1,
             num_samples=cfg.samples_per_volume,
             allow_smaller=True,
+            warn=False,
         ),
         SqueezeDimd(keys=("image", "label"), dim=-1),
         RandAffined(

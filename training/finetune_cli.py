@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from contourcl.checkpoint import load_model
 from contourcl.datasets import labeled_cases
+from contourcl.plots import training_curves
 from contourcl.training.finetune import FinetuneConfig, FinetuneResult, finetune, save_finetuned
 
 logger = logging.getLogger(__name__)
@@ -75,5 +76,6 @@ def run(args: argparse.Namespace) -> int:
         provenance["started_from"] = str(args.start_from)
     result = finetune(train, val, cfg, start_from=start, on_epoch=keep_best)
     save_finetuned(args.out, cfg, result, half=args.half, **provenance)
-    print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure, "seconds": round(result.seconds, 1)}, indent=1))
+    curve = training_curves(result.history, str(args.out) + ".curves.png", title=f"{args.model}: {len(train)} training cases")
+    print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure, "seconds": round(result.seconds, 1), "curves": str(curve)}, indent=1))
     return 0

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("contourcl.phantom_cli", "write synthetic head-and-neck CT phantoms (a MONAI Label studies folder)"),
     "finetune": ("contourcl.training.finetune_cli", "fine-tune the oar or gtv model on labeled CT"),
     "pretrain": ("contourcl.training.pretrain", "contrastive pretraining of the encoder on unlabeled CT"),
+    "contour": ("contourcl.contour_cli", "contour one CT with a model file (label map, optional overlay picture)"),
     "models": ("contourcl.models_cli", "list a served model's history, or restore an earlier version"),
 }
 

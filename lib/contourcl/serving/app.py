@@ -77,6 +77,9 @@ class ContourApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         self._check_model(request.get("model"), self._infers)
+        task = self._infers[request["model"]]
+        if not task.is_valid():
+            raise HTTPException(404, f"model {request['model']!r} has no weights yet ({task.model_path} is missing): submit labels and train it, or see README 'Shipped weights'")
         image = request.get("image")
         if isinstance(image, str):
             uploaded = os.path.isfile(image) and Path(image).resolve().parent == Path(tempfile.gettempdir()).resolve()
