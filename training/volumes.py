@@ -22,73 +22,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from contourcl.errors import InvalidImageError
+from contourcl.datasets import IMAGE_SUFFIXES, case_id, find_ct_images, is_image_file, is_label_name  # noqa: F401 (re-exported)
 from contourcl.transforms import DEFAULT_SPACING, DEFAULT_WINDOW
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-#: names that mark a label/structure file, never an image
-LABEL_WORDS = ("label", "mask", "seg", "oar", "target", "gtv", "ptv", "ctv", "struct", "dose", "possible")
-#: file names of the CT inside a per-case folder (OpenKBP: pt_*/ct.nii.gz)
-CASE_IMAGE_NAMES = ("ct", "image", "img", "ct_image")
 #: body threshold (HU): air is -1000, fat -100; -400 keeps the skin and drops the air around it
 BODY_HU = -400.0
 CACHE_VERSION = 1
-
-
-def _strip_suffix(name: str) -> str:
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
-
-
-def is_label_name(path: Path) -> bool:
-    stem = _strip_suffix(path.name).lower()
-    return any(word in stem for word in LABEL_WORDS)
-
-
-def find_ct_images(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """CT files named by ``sources``: files, flat folders of images, or folders of case folders.
-
-    A folder contributes its own image files (label-like names such as ``oar``, ``target``,
-    ``*_label`` and subfolders such as ``labels/`` are skipped) and, for each subfolder,
-    its ``ct.nii.gz`` (or ``image.nii.gz``; the OpenKBP layout ``pt_*/ct.nii.gz``).
-    """
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    found: list[Path] = []
-    for source in sources:
-        p = Path(source)
-        if p.is_file():
-            found.append(p)
-            continue
-        if not p.is_dir():
-            raise InvalidImageError(f"{p} is neither an image file nor a folder")
-        entries = sorted(p.iterdir())
-        found += [f for f in entries if is_image_file(f) and not is_label_name(f)]
-        for sub in entries:
-            if not sub.is_dir() or sub.name.startswith(".") or "label" in sub.name.lower():
-                continue
-            for name in CASE_IMAGE_NAMES:
-                hits = [sub / (name + s) for s in IMAGE_SUFFIXES if (sub / (name + s)).is_file()]
-                if hits:
-                    found.append(hits[0])
-                    break
-    unique = list(dict.fromkeys(found))
-    if not unique:
-        raise InvalidImageError(f"no CT images found in {[str(s) for s in sources]}")
-    return unique
-
-
-def case_id(path: Path) -> str:
-    """``pt_1`` for ``.../pt_1/ct.nii.gz``, ``case01`` for ``.../case01.nii.gz``."""
-    stem = _strip_suffix(path.name)
-    return path.parent.name if stem.lower() in CASE_IMAGE_NAMES else stem
 
 
 @dataclass
