@@ -92,7 +92,8 @@ class ContourApp(MONAILabelApp):
             return super().infer(request, datastore)
 
     def bundle_path(self, model):
-        # called by the /train endpoint before it starts the training subprocess: the one
-        # place to refuse an unknown model with a clear error
-        self._check_model(model, self._trainers)
+        # called by the /train and /batch/infer endpoints before they start their subprocess:
+        # the one place to refuse an unknown model with a clear error
+        if model is not None:
+            self._check_model(model, {**self._infers, **self._trainers})
         return None
