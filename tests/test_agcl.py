@@ -219,3 +219,29 @@ def test_tiny_agcl_pretraining(tmp_path, phantoms):
     seg = AGCLSegmenter.from_checkpoint(two, n_targets=7, channels=8)
     assert torch.equal(seg.encoder.resnet.conv1.weight[:, :1], after["resnet.conv1.weight"])
     assert seg(torch.rand(1, 1, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long)).shape == (1, 7, 2, 64, 64)
+
+
+def test_agcl_heads_fine_tune_and_fuse_on_phantoms(phantoms, tmp_path):
+    """The fine-tuning variant end to end: frozen 2-channel encoder, per-target ASPP heads, fusion."""
+    from contourcl.checkpoint import ModelMeta, save_model
+    from contourcl.datasets import labeled_cases
+    from contourcl.labels import model_labels
+    from contourcl.networks import NetConfig, build_network, save_encoder
+    from contourcl.training.agcl_finetune import dilated_coarse, finetune_agcl
+    from contourcl.training.finetune import FinetuneConfig
+
+    enc = ResNetEncoder("resnet10", 8, 2)
+    save_encoder(enc, tmp_path / "agcl.2ch.pt")
+    coarse = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    save_model(tmp_path / "oar.pt", coarse, ModelMeta(model="oar", labels=model_labels("oar"), net=coarse.config.to_dict()))
+    cases = labeled_cases(phantoms, "oar")
+    cfg = FinetuneConfig(model="oar", roi=(64, 64), max_epochs=3, batch_size=8, samples_per_volume=8, lr=1e-2)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    result = finetune_agcl(cases[:2], cases[2:], tmp_path / "agcl.2ch.pt", tmp_path / "oar.pt", cfg, progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    for k, v in result.segmenter.encoder.state_dict().items():
+        assert torch.equal(v, before[k]), f"encoder weight {k} changed: it must stay frozen"
+    assert set(result.val_dice) <= set(model_labels("oar")) and all(0 <= d <= 1 for d in result.val_dice.values())
+    lab = torch.zeros(1, 1, 9, 9)
+    lab[0, 0, 4, 4] = 2
+    assert int((dilated_coarse(lab, 1) == 2).sum()) == 5  # a cross: dilation by one voxel

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--voxel-siamese", action="store_true", help="add the voxel-level Siamese auxiliary loss")
     parser.add_argument("--voxel-siamese-lambda", type=float, default=10.0)
+    parser.add_argument("--agcl-encoder", help="AGCL's fine-tuning variant: the 2-channel AGCL checkpoint (CKPT.2ch.pt of contourcl pretrain agcl); trains one ASPP head per structure on the frozen encoder")
+    parser.add_argument("--coarse-model", help="with --agcl-encoder: the model file whose predictions are the coarse masks at validation (e.g. apps/radonc/model/oar.pt)")
     parser.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
 
 
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             partial = FinetuneResult(network, record["val_dice"], record["epoch"], record["per_structure"], [], 0.0)
             save_finetuned(args.out, cfg, partial, half=args.half, **provenance, interrupted_at_epoch=record["epoch"])
 
+    if args.agcl_encoder:
+        return _run_agcl(args, train, val, cfg)
     start = None
     if args.start_from:
         start, meta = load_model(args.start_from)
@@ -78,4 +82,20 @@ def run(args: argparse.Namespace) -> int:
     save_finetuned(args.out, cfg, result, half=args.half, **provenance)
     curve = training_curves(result.history, str(args.out) + ".curves.png", title=f"{args.model}: {len(train)} training cases")
     print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure, "seconds": round(result.seconds, 1), "curves": str(curve)}, indent=1))
+    return 0
+
+
+def _run_agcl(args: argparse.Namespace, train: list[dict], val: list[dict], cfg: FinetuneConfig) -> int:
+    """``--agcl-encoder``: AGCL's frozen-encoder, per-structure ASPP variant (not served by the app)."""
+    import torch
+
+    from contourcl.training.agcl_finetune import finetune_agcl
+
+    if not args.coarse_model:
+        raise SystemExit("--agcl-encoder needs --coarse-model (the model whose predictions give the coarse masks)")
+    result = finetune_agcl(train, val, args.agcl_encoder, args.coarse_model, cfg)
+    torch.save({"format": "contourcl-agcl/1", "model": args.model, "state_dict": result.segmenter.state_dict(),
+                "encoder_2ch": str(args.agcl_encoder), "coarse_model": str(args.coarse_model), "val_dice": result.val_dice,
+                "history": result.history}, args.out)
+    print(json.dumps({"out": args.out, "per_structure": result.val_dice, "seconds": round(result.seconds, 1)}, indent=1))
     return 0
