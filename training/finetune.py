@@ -139,6 +139,9 @@ def augmentation(cfg: FinetuneConfig) -> list:
         ),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandGaussianNoised(keys="image", std=0.02, prob=0.3),
+        # plain tensors: samples with and without the random affine carry different metadata,
+        # which MONAI's collate cannot stack
+        EnsureTyped(keys=("image", "label"), track_meta=False),
     ]
 
 

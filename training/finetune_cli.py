@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 from dataclasses import replace
 
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, net={k: v for k, v in meta.net.items() if k != "out_channels"}, spacing=meta.spacing, window=meta.window, roi=meta.roi)
         provenance["started_from"] = str(args.start_from)
     result = finetune(train, val, cfg, start_from=start, on_epoch=keep_best)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process writes
+        return 0
     save_finetuned(args.out, cfg, result, half=args.half, **provenance)
     curve = training_curves(result.history, str(args.out) + ".curves.png", title=f"{args.model}: {len(train)} training cases")
     print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure, "seconds": round(result.seconds, 1), "curves": str(curve)}, indent=1))
