@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -154,16 +155,19 @@ def dice_per_structure(
     over structures counts only structures that at least one case contours.
     """
     names = list(model_labels(cfg.model))
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=len(names) + 1)
+    n = len(names) + 1
     was_training = network.training
     network.eval()
+    rows = []
     for vol in volumes:
         probs = slice_probabilities(network, vol["image"][None], cfg.roi, device=device)
         pred = torch.argmax(probs, dim=1, keepdim=True).cpu()
-        metric(y_pred=pred, y=vol["label"][None].long().cpu())
+        # MONAI's functional Dice: the DiceMetric class all-gathers across DDP ranks in
+        # aggregate(), which deadlocks when (as here) only rank 0 validates
+        dice = compute_dice(one_hot(pred, n), one_hot(vol["label"][None].long().cpu(), n), include_background=False, ignore_empty=True)
+        rows.append(dice[0].numpy())
     network.train(was_training)
-    scores = metric.aggregate().numpy()  # (cases, structures), nan where skipped
-    metric.reset()
+    scores = np.stack(rows)  # (cases, structures), nan where skipped
     per = {}
     for i, name in enumerate(names):
         col = scores[:, i]
