@@ -32,7 +32,8 @@ import torch
 from contourcl.networks import ResNetEncoder
 from contourcl.training.base import PretrainConfig, RunContext, available_methods, get_method, to_device
 from contourcl.training.separeg import build_region_set
-from contourcl.training.volumes import find_ct_images, load_volumes, write_synthetic_cts
+from contourcl.datasets import find_ct_images
+from contourcl.training.volumes import load_volumes, write_synthetic_cts
 
 OPENKBP = Path("/work/shared/data/openkbp/train-pats")
 

@@ -18,7 +18,8 @@ from contourcl.networks import NetConfig, build_network, load_encoder
 from contourcl.training import base
 from contourcl.training.base import ConfigError, PretrainConfig, PretrainMethod, Stage, get_method, register_method
 from contourcl.training.pretrain import pretrain
-from contourcl.training.volumes import SliceDataset, body_mask, find_ct_images, load_volumes, write_synthetic_cts
+from contourcl.datasets import find_ct_images
+from contourcl.training.volumes import SliceDataset, body_mask, load_volumes, write_synthetic_cts
 
 torch.set_num_threads(1)
 

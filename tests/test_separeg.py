@@ -24,7 +24,8 @@ from contourcl.training.separeg import (
     kmeans_clusters,
 )
 from contourcl.training.simsiam import SimSiamModel, negative_cosine
-from contourcl.training.volumes import Volume, body_mask, find_ct_images, load_volumes, synthetic_ct, window_value, write_synthetic_cts
+from contourcl.datasets import find_ct_images
+from contourcl.training.volumes import Volume, body_mask, load_volumes, synthetic_ct, window_value, write_synthetic_cts
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,8 @@ from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_enc
 from contourcl.training.base import PretrainConfig
 from contourcl.training.pretrain import pretrain
 from contourcl.training.simsiam import Augment, SimSiamLoss, SimSiamModel, gaussian_blur, negative_cosine, projection_mlp, simsiam_loss
-from contourcl.training.volumes import find_ct_images, load_volumes, write_synthetic_cts
+from contourcl.datasets import find_ct_images
+from contourcl.training.volumes import load_volumes, write_synthetic_cts
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ memory; each epoch draws ``samples_per_volume`` axial slices per training case, 
 contoured structure and on background in equal shares. The loss is the marginal Dice + CE of
 :mod:`contourcl.training.partial_label_loss`, so structures a case does not contour are not
 trained as background. Validation contours every validation case whole, slice by slice, and
-reports per-structure Dice (MONAI's ``DiceMetric``), skipping the structures a case lacks; the
+reports per-structure Dice (MONAI's ``compute_dice``), skipping the structures a case lacks; the
 epoch with the best mean Dice is kept.
 
 With ``voxel_siamese=True`` the loss is Dice + CE + lambda * the voxel-level Siamese feature

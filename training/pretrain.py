@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from contourcl.datasets import find_ct_images
 from contourcl.networks import RESNET_SPECS, ResNetEncoder, save_encoder
 from contourcl.training.base import (
     ConfigError,
@@ -55,7 +56,7 @@ from contourcl.training.base import (
     read_config_file,
     to_device,
 )
-from contourcl.training.volumes import find_ct_images, load_volumes
+from contourcl.training.volumes import load_volumes
 
 logger = logging.getLogger(__name__)
 

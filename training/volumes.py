@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from contourcl.errors import InvalidImageError
-from contourcl.datasets import IMAGE_SUFFIXES, case_id, find_ct_images, is_image_file, is_label_name  # noqa: F401 (re-exported)
+from contourcl.datasets import case_id
 from contourcl.transforms import DEFAULT_SPACING, DEFAULT_WINDOW
 
 logger = logging.getLogger(__name__)

@@ -82,16 +82,11 @@ def case_id(path: Path) -> str:
     return path.parent.name if stem.lower() in CASE_IMAGE_NAMES else stem
 
 
-def studies(folder: str | Path) -> list[Path]:
-    """The CT images of a studies folder (either layout)."""
-    return find_ct_images(folder)
-
-
 def labeled_cases(folder: str | Path, model: str) -> list[dict]:
     """The cases of ``folder`` that have a label file usable by ``model``."""
     model_labels(model)  # raises for an unknown model
     cases = []
-    for image in studies(folder):
+    for image in find_ct_images(folder):
         if image.name == "ct.nii.gz":  # OpenKBP
             label = image.parent / ("oar.nii.gz" if model == "oar" else "target.nii.gz")
             numbering = "stored" if model == "oar" else "model"
