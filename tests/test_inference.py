@@ -102,3 +102,34 @@ def test_oblique_image_gets_its_own_grid_back(tmp_path):
     pred = Contourer(model_file(tmp_path / "m.pt", 6), largest_component=False)(path)
     assert pred.label.shape == ct.shape and np.allclose(pred.affine, nib.load(path).affine, atol=1e-4)
     assert (pred.label == 6).mean() > 0.9  # the whole grid is covered (borders may fall outside)
+
+
+def test_whole_slice_inference_matches_monai_slice_inferer():
+    from monai.inferers import SliceInferer
+
+    from contourcl.inference import slice_probabilities
+
+    torch.manual_seed(0)
+    net = build_network(NetConfig(out_channels=3, encoder="resnet10", width=8)).eval()
+    image = torch.rand(1, 1, 50, 44, 5)
+    ours = slice_probabilities(net, image, roi=(64, 64))
+    with torch.no_grad():
+        ref = torch.softmax(SliceInferer(roi_size=(64, 64), sw_batch_size=4, spatial_dim=2, progress=False)(image, net), dim=1)
+    assert ours.shape == (1, 3, 50, 44, 5)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_body_box_and_whole_slice_roi():
+    from contourcl.inference import body_box, whole_slice_roi
+
+    image = torch.zeros(100, 80, 6)
+    image[30:50, 20:41, 2] = 0.4  # the body in one slice
+    rows, cols = body_box(image, margin=8)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (22, 58, 12, 49)
+    image[0:5, 75:80, 0] = 1.0  # touching the edges: clipped to the volume
+    rows, cols = body_box(image, margin=8)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (0, 58, 12, 80)
+    assert body_box(torch.zeros(10, 12, 3)) == (slice(0, 10), slice(0, 12))
+    assert whole_slice_roi((36, 37)) == (64, 64)
+    assert whole_slice_roi((20, 173)) == (32, 192)
+    assert whole_slice_roi((600, 64)) == (512, 64)

@@ -119,7 +119,7 @@ def _load_label_file(image_path: str, label_path: Path, config: PretrainConfig, 
 def _predict_coarse(image: np.ndarray, model_path: str, config: PretrainConfig, device: torch.device) -> np.ndarray:
     """Coarse segmentation of a preprocessed volume ``(H, W, D)`` by a model file, stored numbering."""
     from contourcl.checkpoint import load_model
-    from contourcl.inference import slice_probabilities
+    from contourcl.inference import slice_probabilities, whole_slice_roi
 
     network, meta = load_model(model_path, device)
     if tuple(meta.spacing) != tuple(config.spacing):
@@ -131,7 +131,7 @@ def _predict_coarse(image: np.ndarray, model_path: str, config: PretrainConfig, 
     if tuple(meta.window) != tuple(config.window):  # re-window: [0, 1] in config.window -> model window
         hu = x * (config.window[1] - config.window[0]) + config.window[0]
         x = ((hu - meta.window[0]) / (meta.window[1] - meta.window[0])).clamp(0, 1)
-    probs = slice_probabilities(network, x[None, None], roi=tuple(meta.roi), device=device)
+    probs = slice_probabilities(network, x[None, None], roi=whole_slice_roi(x.shape[:2]), device=device)
     pred = probs.argmax(1)[0].cpu().numpy()
     return label_names.from_model(pred, meta.model)
 

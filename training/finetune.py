@@ -33,7 +33,9 @@ from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
+    DeleteItemsd,
     EnsureTyped,
     RandAffined,
     RandCropByLabelClassesd,
@@ -43,6 +45,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 from monai.utils import set_determinism
+from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
 from contourcl.checkpoint import ModelMeta, save_model
@@ -66,6 +69,9 @@ class FinetuneConfig:
     window: tuple[float, float] = DEFAULT_WINDOW
     roi: tuple[int, int] = (128, 128)
     max_epochs: int = 50
+    #: optimisation steps per epoch; None: one pass over the training cases. Set it to train for a
+    #: fixed number of steps whatever the number of cases (cases drawn with replacement)
+    steps_per_epoch: int | None = None
     batch_size: int = 16
     samples_per_volume: int = 16
     lr: float = 1e-3
@@ -108,6 +114,11 @@ def preprocessing(cfg: FinetuneConfig) -> list:
         *ct_preprocessing("image", "label", cfg.spacing, cfg.window),
         StoredToModeld("label", cfg.model),
         StructurePresenced("label", n_classes),
+        SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, -1)),
+        # the voxels of each class, found once and cached (searching the volume for every sampled
+        # slice was most of a training step); background only inside the body (above the window's
+        # lower bound), so that background slices are not air
+        ClassesToIndicesd(keys="label", num_classes=n_classes, image_key="image", image_threshold=0.0),
         EnsureTyped(keys=("image", "label"), track_meta=False),
     ]
 
@@ -116,7 +127,6 @@ def augmentation(cfg: FinetuneConfig) -> list:
     """Random transforms: slice sampling and mild augmentation. No left-right flips: they
     would swap Parotid_R and Parotid_L."""
     return [
-        SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, -1)),
         # class-balanced slice sampling: each structure (and background) is the centre of an equal
         # share of the slices, so that small organs (cord, oesophagus) are seen as often as the
         # mandible; structures a case lacks get no share
@@ -126,9 +136,11 @@ def augmentation(cfg: FinetuneConfig) -> list:
             spatial_size=(*cfg.roi, 1),
             num_classes=len(model_labels(cfg.model)) + 1,
             num_samples=cfg.samples_per_volume,
+            indices_key="label_cls_indices",
             allow_smaller=True,
             warn=False,
         ),
+        DeleteItemsd(keys="label_cls_indices"),  # per-volume, not per sample: not collated
         SqueezeDimd(keys=("image", "label"), dim=-1),
         RandAffined(
             keys=("image", "label"),
@@ -256,8 +268,12 @@ def finetune(
     val_items = [_item(i) for i in val_items]
     train_cache = CacheDataset(train_items, Compose(pre), num_workers=min(2, len(train_items)), progress=False)
     train_ds = Dataset(train_cache, Compose(augmentation(cfg)))
+    volumes_per_batch = max(1, cfg.batch_size // cfg.samples_per_volume)
+    sampler = None
+    if cfg.steps_per_epoch:
+        sampler = RandomSampler(train_ds, replacement=True, num_samples=cfg.steps_per_epoch * volumes_per_batch)
     loader = DataLoader(
-        train_ds, batch_size=max(1, cfg.batch_size // cfg.samples_per_volume), shuffle=True,
+        train_ds, batch_size=volumes_per_batch, shuffle=sampler is None, sampler=sampler,
         num_workers=cfg.num_workers, collate_fn=list_data_collate,
     )
     val_volumes = list(CacheDataset(val_items, Compose(pre), num_workers=min(2, max(1, len(val_items))), progress=False)) if val_items and rank == 0 else []

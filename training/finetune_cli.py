@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["oar", "gtv"], required=True)
     parser.add_argument("--data", required=True, help="a MONAI Label studies folder (labels/final) or OpenKBP's train-pats")
     parser.add_argument("--val-data", help="validation cases (same layouts); default: a fraction of --data")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="without --val-data: this fraction of --data validates (0: none; the last epoch is kept)")
     parser.add_argument("--max-cases", type=int, help="use only this many training cases (drawn with --seed)")
     parser.add_argument("--out", required=True, help="model file to write (e.g. apps/radonc/model/oar.pt)")
     parser.add_argument("--init", help="pretraining checkpoint for the encoder (contourcl pretrain --out)")
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", default="resnet18", choices=["resnet10", "resnet18", "resnet34", "resnet50"])
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--steps-per-epoch", type=int, help="fixed optimisation steps per epoch, cases drawn with replacement (default: one pass over the cases)")
+    parser.add_argument("--roi", type=int, default=128, help="side of the training slices, a multiple of 32 (default %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--samples-per-volume", type=int, default=16)
@@ -47,13 +49,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         shuffled = cases[:]
         random.Random(args.seed).shuffle(shuffled)
-        n_val = max(1, round(args.val_fraction * len(cases))) if len(cases) > 1 else 0
+        n_val = max(1, round(args.val_fraction * len(cases))) if len(cases) > 1 and args.val_fraction > 0 else 0
         val, train = shuffled[:n_val], shuffled[n_val:]
     if args.max_cases:
         train = sorted(random.Random(args.seed).sample(train, min(args.max_cases, len(train))), key=lambda c: c["id"])
     logger.info("%s: %d training cases, %d validation cases", args.model, len(train), len(val))
     cfg = replace(
         FinetuneConfig(model=args.model), net={"encoder": args.encoder, "width": args.width}, max_epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch, roi=(args.roi, args.roi),
         lr=args.lr, batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, seed=args.seed, init=args.init,
         voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
     )

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("contourcl.training.finetune_cli", "fine-tune the oar or gtv model on labeled CT"),
     "pretrain": ("contourcl.training.pretrain", "contrastive pretraining of the encoder on unlabeled CT"),
     "contour": ("contourcl.contour_cli", "contour one CT with a model file (label map, optional overlay picture)"),
+    "evaluate": ("contourcl.evaluate_cli", "Dice, HD95 and surface Dice of a model file on labeled CTs"),
+    "benchmark": ("contourcl.training.label_efficiency", "benchmarks on real CT: label-efficiency (pretraining methods vs labeled cases, OpenKBP)"),
     "models": ("contourcl.models_cli", "list a served model's history, or restore an earlier version"),
 }
 

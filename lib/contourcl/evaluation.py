@@ -1,0 +1,185 @@
+"""Contour quality on the image's own grid: Dice, HD95 (mm) and surface Dice (mm tolerance).
+
+The three figures radiotherapy auto-contouring papers report, computed with MONAI's metric
+classes (:class:`monai.metrics.DiceMetric`, :class:`~monai.metrics.HausdorffDistanceMetric`
+with ``percentile=95``, :class:`~monai.metrics.SurfaceDiceMetric`, Nikolov et al. 2021) on the
+label maps in the CT's voxel grid, with the CT's voxel spacing.
+
+Conventions, per structure and case:
+
+- a structure the reference does not contain is *not contoured* (OpenKBP's partial labels):
+  every metric is ``nan`` and the structure is skipped for that case;
+- a contoured structure the prediction misses gets Dice 0 and surface Dice 0; its HD95 is
+  undefined and ``nan`` (counted as a miss by :func:`summarise`, never averaged as a number).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
+from monai.networks.utils import one_hot
+
+METRICS = ("dice", "hd95", "surface_dice")
+#: surface Dice tolerance used unless one is given: about one in-plane voxel of OpenKBP (3.9-4.7 mm)
+DEFAULT_TOLERANCE_MM = 4.0
+
+
+def _crop(pred: np.ndarray, ref: np.ndarray, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Both maps cropped to the box around either's foreground (distances do not change)."""
+    fg = np.argwhere((pred > 0) | (ref > 0))
+    if fg.size == 0:
+        return pred, ref
+    lo = np.maximum(fg.min(0) - margin, 0)
+    hi = fg.max(0) + margin + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return pred[box], ref[box]
+
+
+def contour_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    labels: Mapping[str, int],
+    spacing: Sequence[float],
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+) -> dict[str, dict[str, float]]:
+    """``{structure: {"dice", "hd95", "surface_dice"}}`` of label map ``pred`` against ``ref``.
+
+    ``pred`` and ``ref`` are integer label maps on the same grid, numbered as ``labels``
+    (``{name: value}``, background 0); ``spacing`` is the grid's voxel size in mm.
+    """
+    pred = np.asarray(pred)
+    ref = np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from the reference's {ref.shape}")
+    if len(spacing) != ref.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} does not match a {ref.ndim}D label map")
+    names = list(labels)
+    values = [int(labels[n]) for n in names]
+    # renumber to 0..K in the order of ``labels``; anything else is background
+    lut = np.zeros(max([int(pred.max()), int(ref.max()), *values]) + 1, dtype=np.int64)
+    for k, v in enumerate(values, start=1):
+        lut[v] = k
+    p, r = _crop(lut[pred.astype(np.int64)], lut[ref.astype(np.int64)])
+    n = len(names) + 1
+    yp = one_hot(torch.as_tensor(p)[None, None], n)
+    yr = one_hot(torch.as_tensor(r)[None, None], n)
+    spacing = [float(s) for s in spacing]
+    with warnings.catch_warnings():  # MONAI warns about empty masks; they are handled below
+        warnings.simplefilter("ignore")
+        dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(yp, yr)[0]
+        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(yp, yr, spacing=spacing)[0]
+        nsd = SurfaceDiceMetric([float(tolerance_mm)] * (n - 1), include_background=False, reduction="none")(yp, yr, spacing=spacing)[0]
+    out = {}
+    for k, name in enumerate(names):
+        in_ref = bool((r == k + 1).any())
+        in_pred = bool((p == k + 1).any())
+        if not in_ref:
+            out[name] = {m: float("nan") for m in METRICS}
+            continue
+        out[name] = {
+            "dice": float(dice[k]),
+            "hd95": float(hd95[k]) if in_pred else float("nan"),
+            "surface_dice": float(nsd[k]) if in_pred else 0.0,
+        }
+    return out
+
+
+_PREPROCESSED: dict[tuple, tuple] = {}  # per process: (image, spacing, window) -> Contourer.preprocess(...)
+
+
+def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+                        keep_preprocessed: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    """``{case id: contour_metrics(...)}`` of a model file on labeled ``cases`` (each CT's own grid).
+
+    ``cases`` are :func:`contourcl.datasets.labeled_cases` entries. The model contours as the app
+    does (:class:`~contourcl.inference.Contourer`; largest component for ``oar``); the reference
+    is renumbered to the model's numbering. ``keep_preprocessed`` keeps the preprocessed CTs in
+    this process for the next call (a benchmark evaluates many models on the same cases).
+    """
+    import nibabel as nib
+
+    from contourcl.inference import Contourer
+    from contourcl.labels import to_model
+
+    contourer = Contourer(model_path)
+    _, _, meta = contourer.model()
+    contourer.largest_component = meta.model == "oar"
+    out = {}
+    for case in cases:
+        key = (str(case["image"]), tuple(meta.spacing), tuple(meta.window))
+        pre = _PREPROCESSED.get(key) or contourer.preprocess(case["image"], meta)
+        if keep_preprocessed:
+            _PREPROCESSED[key] = pre
+        prediction = contourer.predict(*pre)
+        ref_img = nib.load(str(case["label"]))
+        ref = np.asarray(ref_img.dataobj).astype(np.int64)
+        if ref.shape != prediction.label.shape or not np.allclose(ref_img.affine, prediction.affine, atol=1e-3):
+            raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {prediction.label.shape})")
+        if case.get("numbering", "stored") == "stored":
+            ref = to_model(ref, meta.model)
+        spacing = np.linalg.norm(prediction.affine[:3, :3], axis=0)
+        out[case["id"]] = contour_metrics(prediction.label, ref, meta.labels, spacing, tolerance_mm)
+    return out
+
+
+def case_mean(per_structure: Mapping[str, Mapping[str, float]], metric: str) -> float:
+    """Mean of ``metric`` over the structures the case contours (``nan`` if none)."""
+    vals = [s[metric] for s in per_structure.values() if not np.isnan(s[metric])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, standard error of the mean (sample SD / sqrt(n)) and n, ignoring ``nan``."""
+    v = np.asarray([x for x in values if not np.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+    return float(v.mean()), se, int(v.size)
+
+
+def summarise(draws: Sequence[Mapping[str, Mapping[str, Mapping[str, float]]]], structures: Sequence[str]) -> dict[tuple[str, str], dict]:
+    """Patient-wise summary of one or more evaluations of the same cases.
+
+    ``draws`` holds one ``{case: {structure: {metric: value}}}`` per trained model (e.g. per
+    random draw of training cases). A patient's value for a structure is averaged over the draws;
+    the patient's ``"mean"`` is the mean over the structures its reference contours. Returns
+    ``{(structure or "mean", metric): {"mean", "se", "patients", "missed", "draw_means"}}``:
+    mean ± standard error over patients; ``missed`` counts (patient, draw) pairs whose HD95 is
+    undefined because the structure was not predicted at all; ``draw_means`` the per-draw means
+    over patients of the ``"mean"`` rows.
+    """
+    cases = sorted(set().union(*(d.keys() for d in draws))) if draws else []
+    out = {}
+    for metric in METRICS:
+        values: dict[str, dict[str, list[float]]] = {c: {s: [] for s in ["mean", *structures]} for c in cases}
+        missed = dict.fromkeys(["mean", *structures], 0)
+        draw_means = []
+        for d in draws:
+            scores = []
+            for c in cases:
+                per = d.get(c)
+                if per is None:
+                    continue
+                for s in structures:
+                    v = per[s][metric]
+                    if not np.isnan(v):
+                        values[c][s].append(v)
+                    elif metric == "hd95" and not np.isnan(per[s]["dice"]):
+                        missed[s] += 1
+                        missed["mean"] += 1
+                m = case_mean(per, metric)
+                if not np.isnan(m):
+                    values[c]["mean"].append(m)
+                    scores.append(m)
+            if scores:
+                draw_means.append(float(np.mean(scores)))
+        for s in ["mean", *structures]:
+            mean, se, n = mean_se([float(np.mean(values[c][s])) for c in cases if values[c][s]])
+            out[(s, metric)] = {"mean": mean, "se": se, "patients": n, "missed": missed[s],
+                                "draw_means": draw_means if s == "mean" else []}
+    return out

@@ -1,0 +1,213 @@
+"""The label-efficiency benchmark: metrics, draws, aggregation, the task runner, and a tiny
+end-to-end run of ``contourcl benchmark label-efficiency`` on an OpenKBP-like folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from contourcl.evaluation import contour_metrics, mean_se
+from contourcl.training import label_efficiency as le
+from contourcl.training.label_efficiency_report import aggregate
+from conftest import write_nifti
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_contour_metrics_against_hand_computed_values():
+    ref = np.zeros((30, 30, 12), np.uint8)
+    ref[5:15, 5:15, 2:10] = 1  # a 10 x 10 x 8 box
+    ref[20:25, 20:25, 2:6] = 2
+    pred = np.zeros_like(ref)
+    pred[6:16, 5:15, 2:10] = 1  # shifted by one voxel along x (2.5 mm)
+    m = contour_metrics(pred, ref, {"A": 1, "B": 2, "C": 3}, spacing=(2.5, 1.0, 3.0), tolerance_mm=3.0)
+    assert m["A"]["dice"] == pytest.approx(0.9)  # overlap 9 x 10 x 8 of 800 + 800
+    assert m["A"]["hd95"] == pytest.approx(2.5)  # x is the 2.5 mm axis
+    assert m["A"]["surface_dice"] == pytest.approx(1.0)  # every boundary point within 3 mm
+    strict = contour_metrics(pred, ref, {"A": 1}, spacing=(2.5, 1.0, 3.0), tolerance_mm=2.0)
+    assert strict["A"]["surface_dice"] < 1.0
+    # B is contoured but missed: Dice and surface Dice 0, HD95 undefined
+    assert m["B"]["dice"] == 0.0 and m["B"]["surface_dice"] == 0.0 and math.isnan(m["B"]["hd95"])
+    # C is not contoured in the reference: skipped
+    assert all(math.isnan(v) for v in m["C"].values())
+
+
+def test_contour_metrics_rejects_mismatched_grids():
+    with pytest.raises(ValueError, match="shape"):
+        contour_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), {"A": 1}, (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        contour_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), {"A": 1}, (1, 1))
+
+
+def test_mean_se():
+    mean, se, n = mean_se([1.0, 2.0, 3.0, float("nan")])
+    assert (mean, n) == (2.0, 3)
+    assert se == pytest.approx(1.0 / math.sqrt(3))
+
+
+# ------------------------------------------------------------------------------ protocol
+def test_draws_are_reproducible_subsets():
+    cases = [{"id": f"pt_{i}"} for i in range(30)]
+    a = le.draw_cases(cases, 5, 0)
+    assert a == le.draw_cases(cases, 5, 0)
+    assert a != le.draw_cases(cases, 5, 1)
+    assert len({c["id"] for c in a}) == 5
+    with pytest.raises(ValueError, match="cannot draw 31"):
+        le.draw_cases(cases, 31, 0)
+
+
+def _run(model, method, n, draw, cases):
+    return {"model": model, "method": method, "n_labeled": n, "draw": draw, "tolerance_mm": 4.0, "cases": cases}
+
+
+def _s(dice, hd=1.0, nsd=0.5):
+    return {"dice": dice, "hd95": hd, "surface_dice": nsd}
+
+
+NAN = {"dice": math.nan, "hd95": math.nan, "surface_dice": math.nan}
+
+
+def test_aggregate_patient_wise_over_draws_and_structures():
+    gtv = lambda d: {"GTV": _s(d)}  # noqa: E731
+    runs = [
+        _run("gtv", "random", 1, 0, {"p1": gtv(0.2), "p2": gtv(0.4)}),
+        _run("gtv", "random", 1, 1, {"p1": gtv(0.4), "p2": gtv(0.8)}),
+    ]
+    rows = aggregate(runs)
+    mean = next(r for r in rows if r["structure"] == "mean" and r["metric"] == "dice")
+    # patients: p1 = 0.3, p2 = 0.6 (averaged over draws); mean 0.45, SE = sd/sqrt(2)
+    assert mean["mean"] == pytest.approx(0.45)
+    assert mean["se"] == pytest.approx(np.std([0.3, 0.6], ddof=1) / math.sqrt(2))
+    assert mean["patients"] == 2 and mean["draws"] == 2
+    assert mean["draw_means"] == "0.3000;0.6000"
+
+
+def test_aggregate_skips_structures_a_case_lacks_and_counts_hd95_misses():
+    oar = {name: dict(NAN) for name in ("Brainstem", "SpinalCord", "Parotid_R", "Parotid_L", "Mandible", "Larynx", "Esophagus")}
+    p1 = {**oar, "Mandible": _s(0.9, 2.0), "Larynx": _s(0.0, math.nan, 0.0)}  # larynx missed
+    p2 = {**oar, "Mandible": _s(0.7, 4.0)}  # larynx not contoured
+    rows = aggregate([_run("oar", "random", 5, 0, {"p1": p1, "p2": p2})])
+    get = lambda s, m: next(r for r in rows if r["structure"] == s and r["metric"] == m)  # noqa: E731
+    assert get("mean", "dice")["mean"] == pytest.approx(((0.9 + 0.0) / 2 + 0.7) / 2)
+    assert get("Larynx", "dice")["patients"] == 1
+    assert get("Brainstem", "dice")["patients"] == 0
+    assert get("Larynx", "hd95")["hd95_missed"] == 1
+    assert get("mean", "hd95")["mean"] == pytest.approx(3.0)  # p1: 2 (larynx missed, left out), p2: 4
+
+
+# ------------------------------------------------------------------------------ runner
+def _write(spec):
+    from pathlib import Path
+
+    Path(spec["out"]).write_text("ok")
+    return {}
+
+
+def _fail(spec):
+    raise RuntimeError("boom")
+
+
+def test_run_tasks_order_failures_and_resume(tmp_path):
+    a, b, c, d = (tmp_path / x for x in "abcd")
+    tasks = [
+        le.Task("b", _write, {"out": str(b)}, b, deps=("a",)),
+        le.Task("a", _write, {"out": str(a)}, a),
+        le.Task("c", _fail, {}, c),
+        le.Task("d", _write, {"out": str(d)}, d, deps=("c",)),
+    ]
+    failed = le.run_tasks(tasks, jobs=1, progress=False)
+    assert a.exists() and b.exists() and not d.exists()
+    assert sorted(failed) == ["c", "d"]
+    a.write_text("kept")
+    le.run_tasks(tasks[:2], jobs=1, progress=False)  # finished runs are not redone
+    assert a.read_text() == "kept"
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def openkbp_like(tmp_path_factory):
+    """An OpenKBP-shaped folder (pt_*/ct, oar, target) of small synthetic phantoms."""
+    from contourcl.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("openkbp")
+    for split, seeds in (("train-pats", range(4)), ("validation-pats", range(10, 12))):
+        cases = []
+        for seed in seeds:
+            ct, lab, affine = make_phantom(seed, shape=(64, 64, 16), spacing=(4.0, 4.0, 8.0))
+            d = root / split / f"pt_{seed}"
+            d.mkdir(parents=True)
+            write_nifti(d / "ct.nii.gz", ct, affine)
+            write_nifti(d / "oar.nii.gz", np.where(lab <= 7, lab, 0).astype(np.uint8), affine)
+            write_nifti(d / "target.nii.gz", (lab == 8).astype(np.uint8), affine)
+            cases.append({"case": f"pt_{seed}", "has_target": bool((lab == 8).any())})
+        (root / split / "manifest.json").write_text(json.dumps({"cases": cases}))
+    return root
+
+
+def test_plan_masks_come_from_the_same_draw(openkbp_like, tmp_path):
+    scale = le.Scale("tiny", "resnet10", 8, 64, 2, 4, finetune_steps=4, finetune_epochs=2, finetune_batch=4,
+                     samples_per_volume=2, pool=None, sizes=(1, 2), draws=2)
+    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl"])
+    keys = {t.key: t for t in p.tasks}
+    assert "pretrain/simclr" in keys  # label-free: once for every draw
+    agcl = keys["pretrain/agcl/oar/n02-d1"]
+    assert agcl.deps == ("finetune/random/oar/n02-d1",)
+    assert agcl.spec["config"]["options"]["coarse_model"] == keys["finetune/random/oar/n02-d1"].spec["model_path"]
+    assert keys["finetune/agcl/oar/n02-d1"].deps == ("pretrain/agcl/oar/n02-d1",)
+    # the draw's labeled cases are the same for every method
+    assert keys["finetune/simclr/oar/n02-d1"].spec["train"] == keys["finetune/random/oar/n02-d1"].spec["train"]
+    # validation cases are never among the training cases
+    val = {c["id"] for c in p.validation["oar"]}
+    assert not val & {c["id"] for t in p.tasks if t.key.startswith("finetune/") for c in t.spec["train"]}
+    with pytest.raises(ValueError, match="keep 'random'"):
+        le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["agcl"])
+    with pytest.raises(ValueError, match="unknown method"):
+        le.plan(openkbp_like, tmp_path, scale, methods=["nope"])
+
+
+def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
+    from contourcl.cli import main
+
+    out = tmp_path / "results"
+    argv = ["benchmark", "label-efficiency", "--data", str(openkbp_like), "--out", str(out),
+            "--methods", "random", "simclr", "voxel-siamese", "--sizes", "1", "2", "--draws", "1", "--pool", "0",
+            "--pretrain-iterations", "2", "--finetune-steps", "4", "--jobs", "1", "--threads", "1"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    for model in ("oar", "gtv"):
+        for method in ("random", "simclr", "voxel-siamese"):
+            for n in ("1", "2"):
+                r = [x for x in rows if (x["model"], x["method"], x["n_labeled"], x["structure"], x["metric"]) == (model, method, n, "mean", "dice")]
+                assert len(r) == 1 and 0.0 <= float(r[0]["mean"]) <= 1.0 and r[0]["patients"] in ("1", "2")
+    run = json.loads((out / "runs" / "oar" / "simclr" / "n02-d0.json").read_text())
+    assert run["init"].endswith("simclr.pt") and len(run["train_cases"]) == 2
+    assert set(run["cases"]) == {"pt_10", "pt_11"}  # evaluated on the validation cases only
+    assert set(run["cases"]["pt_10"]) == {"Brainstem", "SpinalCord", "Parotid_R", "Parotid_L", "Mandible", "Larynx", "Esophagus"}
+    md = (out / "results.md").read_text()
+    assert "| simclr |" in md and "surface Dice at 4 mm" in md
+    assert (out / "dice-vs-labeled-oar.png").stat().st_size > 0
+    assert list((out / "overlays").glob("oar-*.png"))
+    # a second call resumes: nothing is redone
+    stamp = (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns == stamp
+    # the command that states a model's figures, on the same validation cases
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "contourcl"
+    res = subprocess.run([str(cli), "evaluate", str(out / "models" / "oar-random-n02-d0.pt"), "--data", str(openkbp_like / "validation-pats"),
+                          "--json", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "| Mandible |" in res.stdout and "| mean |" in res.stdout
+    per_case = json.loads((tmp_path / "eval.json").read_text())["cases"]
+    # the same figures as the benchmark's run (compared as JSON: NaN marks skipped structures)
+    assert json.dumps(per_case, sort_keys=True) == json.dumps(run_random_n2(out)["cases"], sort_keys=True)
+
+
+def run_random_n2(out):
+    return json.loads((out / "runs" / "oar" / "random" / "n02-d0.json").read_text())
