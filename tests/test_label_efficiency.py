@@ -211,3 +211,15 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
 
 def run_random_n2(out):
     return json.loads((out / "runs" / "oar" / "random" / "n02-d0.json").read_text())
+
+
+def test_paper_scale_is_the_seeds_configuration(openkbp_like, tmp_path):
+    from dataclasses import replace
+
+    tiny_sizes = replace(le.SCALES["paper"], sizes=(1, 2))  # the fixture has 4 training cases
+    p = le.plan(openkbp_like, tmp_path, tiny_sizes, models=["oar"], methods=["random", "separeg"])
+    config = next(t for t in p.tasks if t.key == "pretrain/separeg").spec["config"]
+    assert (config["encoder"], config["width"], config["image_size"], config["iterations"], config["batch_size"]) == ("resnet50", 64, 128, 100_000, 32)
+    assert len(config["images"]) == 4  # every training CT (no pool subset)
+    ft = next(t for t in p.tasks if t.key.startswith("finetune/separeg/")).spec["finetune"]
+    assert ft["net"] == {"encoder": "resnet50", "width": 64}

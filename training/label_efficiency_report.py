@@ -98,8 +98,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
         structures = list(model_labels(model))
         if len(structures) > 1:
             n = sizes[-1]
-            lines += [f"**{model}: Dice per structure, \\|X_tr\\| = {n}**", ""]
-            lines.append("| pretraining | " + " | ".join(structures) + " |")
+            lines += [f"**{model}: Dice per structure, \\|X_tr\\| = {n}** (in brackets: validation patients whose reference contours it)", ""]
+            counts = [index.get((model, methods[0], n, st, "dice"), {}).get("patients", 0) for st in structures]
+            lines.append("| pretraining | " + " | ".join(f"{st} ({c})" for st, c in zip(structures, counts)) + " |")
             lines.append("|---|" + "---|" * len(structures))
             for m in methods:
                 lines.append(f"| {m} | " + " | ".join(_fmt(index.get((model, m, n, st, "dice")), "dice") for st in structures) + " |")

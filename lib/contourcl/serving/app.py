@@ -37,15 +37,32 @@ def _models(conf: dict) -> list[str]:
     return names
 
 
+def model_dir(app_dir: str | Path, conf: dict) -> Path:
+    """The folder of served model files: ``<app_dir>/model``, or ``<app_dir>/model/<weights>``
+    for ``--conf weights NAME`` (``synthetic``: the weights trained on the synthetic phantoms of
+    ``sample-data``, for the offline demo)."""
+    base = Path(app_dir) / "model"
+    name = str(conf.get("weights", "") or "").strip()
+    if name in ("", "default", "openkbp"):
+        return base
+    check_id(name, "--conf weights")
+    folder = base / name
+    if not (folder / "oar.pt").is_file() and not (folder / "gtv.pt").is_file():
+        known = sorted(p.name for p in base.iterdir() if p.is_dir() and any(p.glob("*.pt"))) if base.is_dir() else []
+        raise ValueError(f"--conf weights {name!r}: no model files in {folder}; choose the default or one of {known}")
+    return folder
+
+
 class ContourApp(MONAILabelApp):
     """Serves the ``oar``/``gtv`` models of ``<app_dir>/model`` over a :class:`SafeDatastore`.
 
-    ``--conf`` keys: ``models`` (``all`` or ``oar,gtv``), ``<model>_init`` (a pretraining
+    ``--conf`` keys: ``models`` (``all`` or ``oar,gtv``), ``weights`` (a subfolder of
+    ``<app_dir>/model`` to serve instead, see :func:`model_dir`), ``<model>_init`` (a pretraining
     checkpoint used when no model file exists yet), ``skip_trainers``, ``skip_strategies``.
     """
 
     def __init__(self, app_dir, studies, conf, name="ContourCL radonc", description="Auto-contouring of head-and-neck CT"):
-        self.model_dir = Path(app_dir) / "model"
+        self.model_dir = model_dir(app_dir, conf or {})
         self.models = _models(conf or {})
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name=name, description=description, version="0.1.0")
 
