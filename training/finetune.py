@@ -54,7 +54,7 @@ from contourcl.labels import model_labels
 from contourcl.networks import ContourUNet, NetConfig, build_network, load_encoder
 from contourcl.transforms import DEFAULT_SPACING, DEFAULT_WINDOW, StoredToModeld, StructurePresenced, ct_preprocessing
 from contourcl.training.partial_label_loss import PartialLabelDiceCELoss
-from contourcl.training.voxel_siamese import VoxelSiameseNet, trusted_voxels
+from contourcl.training.voxel_siamese import DEFAULT_LAMBDA, VoxelSiameseNet, trusted_voxels
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class FinetuneConfig:
     # steps, with 0.1 it reached a foreground Dice of 0.44 in 150 steps.
     ce_weight: float = 0.1
     voxel_siamese: bool = False  # voxel-level Siamese auxiliary loss (contourcl.training.voxel_siamese)
-    voxel_siamese_lambda: float = 10.0  # lambda of "Dice + lambda * feature loss"
+    voxel_siamese_lambda: float = DEFAULT_LAMBDA  # lambda of "Dice + lambda * feature loss" (see voxel_siamese)
 
     def net_config(self) -> NetConfig:
         return NetConfig(out_channels=len(model_labels(self.model)) + 1, **self.net)

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-volume", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--voxel-siamese", action="store_true", help="add the voxel-level Siamese auxiliary loss")
-    parser.add_argument("--voxel-siamese-lambda", type=float, default=10.0)
+    parser.add_argument("--voxel-siamese-lambda", type=float, default=0.3, help="weight of the feature loss (default %(default)s; the paper's 10 collapsed fine-tuning here)")
     parser.add_argument("--agcl-encoder", help="AGCL's fine-tuning variant: the 2-channel AGCL checkpoint (CKPT.2ch.pt of contourcl pretrain agcl); trains one ASPP head per structure on the frozen encoder")
     parser.add_argument("--coarse-model", help="with --agcl-encoder: the model file whose predictions are the coarse masks at validation (e.g. apps/radonc/model/oar.pt)")
     parser.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")

@@ -67,6 +67,8 @@ class Scale:
     finetune_roi: int = 64  #: side of the training slices (centred on structures); inference uses whole slices
     samples_per_volume: int = 4
     lr: float = 5e-3
+    #: weight of the voxel-level Siamese feature loss (see contourcl.training.voxel_siamese.DEFAULT_LAMBDA)
+    voxel_siamese_lambda: float = 0.3
     pool: int | None = 40  #: training CTs used for pretraining (and to draw labeled cases from); None: all
     sizes: tuple[int, ...] = (1, 5, 20)
     draws: int = 2
@@ -330,7 +332,7 @@ def _finetune_config(plan: Plan, model: str, method: Method, init: str | None, d
         "steps_per_epoch": max(1, s.finetune_steps // s.finetune_epochs), "batch_size": s.finetune_batch,
         "roi": (s.finetune_roi, s.finetune_roi),
         "samples_per_volume": s.samples_per_volume, "lr": s.lr, "seed": plan.seed + draw, "init": init,
-        "voxel_siamese": method.voxel_siamese,
+        "voxel_siamese": method.voxel_siamese, "voxel_siamese_lambda": s.voxel_siamese_lambda,
     }
 
 

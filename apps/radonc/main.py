@@ -1,6 +1,10 @@
 """ContourCL radonc: the MONAI Label app (wiring only; the logic is in ``contourcl``).
 
-    monailabel start_server --app apps/radonc --studies sample-data --conf models all
+    monailabel start_server --app apps/radonc --studies /path/to/CTs --conf models all
+    monailabel start_server --app apps/radonc --studies sample-data --conf models all --conf weights synthetic
+
+The default weights (``model/oar.pt``, ``model/gtv.pt``) are trained on real head-and-neck CT
+(OpenKBP); ``model/synthetic/`` holds weights trained on the synthetic phantoms of ``sample-data``.
 """
 
 from contourcl.serving.app import ContourApp
