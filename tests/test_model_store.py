@@ -65,3 +65,13 @@ def test_worse_model_is_never_served_and_earlier_ones_can_be_restored(tmp_path):
     with pytest.raises(ValueError, match="no archived version 9"):
         store.restore(9)
     assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left behind"
+
+
+def test_info_summary_is_valid_json_for_a_model_without_validation_figures(tmp_path):
+    from contourcl.retrain import served_summary
+
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0, dice=float("nan"))  # trained without validation cases
+    summary = served_summary(store)
+    assert summary["val_dice"] is None
+    json.dumps(summary, allow_nan=False)  # what MONAI Label's /info/ does with it

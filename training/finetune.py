@@ -341,7 +341,9 @@ def model_meta(cfg: FinetuneConfig, network: ContourUNet, result: FinetuneResult
     """The :class:`ModelMeta` for a network fine-tuned with ``cfg``."""
     metrics = {}
     if result is not None:
-        metrics = {"val_dice": result.best_dice, "per_structure": result.per_structure, "best_epoch": result.best_epoch}
+        # no validation cases: no figure (NaN is not valid JSON, and /info/ reports these)
+        val = result.best_dice if math.isfinite(result.best_dice) else None
+        metrics = {"val_dice": val, "per_structure": result.per_structure, "best_epoch": result.best_epoch}
     return ModelMeta(
         model=cfg.model,
         labels=model_labels(cfg.model),

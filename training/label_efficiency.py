@@ -387,8 +387,9 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
                         "result": str(result), "tolerance_mm": p.tolerance_mm,
                     }
                     p.tasks.append(Task(f"finetune/{name}/{tag}", finetune_task, spec, result, deps))
-    # the random-init runs first: the mask-needing pretrainings wait for them
-    p.tasks.sort(key=lambda t: (not t.key.startswith("finetune/random/"), not t.key.startswith("pretrain/")))
+    # the random-init runs first (the mask-needing pretrainings wait for them), then the
+    # pretrainings, then the fine-tunings draw by draw: a benchmark stopped early has whole draws
+    p.tasks.sort(key=lambda t: (not t.key.startswith("finetune/random/"), not t.key.startswith("pretrain/"), t.spec.get("draw", 0)))
     return p
 
 

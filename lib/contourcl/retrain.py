@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -87,14 +88,21 @@ def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | No
     return {**entry, "model": model}
 
 
+def _finite(value):
+    """``value`` if it is a finite number (or not a number at all), else ``None``: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def served_summary(store: ModelStore) -> dict:
     """What ``/info/`` reports for a model: the served version and its validation figures."""
     out: dict = {"model_file": str(store.served.name)}
     if store.served.is_file():
         meta = read_meta(store.served)
-        out.update(val_dice=meta.metrics.get("val_dice"), trained=meta.created)
+        out.update(val_dice=_finite(meta.metrics.get("val_dice")), trained=meta.created)
     entry = store.served_entry()
     if entry:
-        out.update(version=entry["version"], val_dice=entry.get("val_dice"))
-    out["history"] = [{k: e.get(k) for k in ("version", "time", "val_dice", "served_val_dice", "published", "reason")} for e in store.entries()]
+        out.update(version=entry["version"], val_dice=_finite(entry.get("val_dice")))
+    out["history"] = [{k: _finite(e.get(k)) for k in ("version", "time", "val_dice", "served_val_dice", "published", "reason")} for e in store.entries()]
     return out
