@@ -74,7 +74,7 @@ __all__ = [
 PAPER_LAMBDA = 10.0
 #: ``lambda`` used here. With the pair-averaged Eq. 4 (see above) the feature loss of three layers
 #: spans [-3, 3]; at the paper's 10 it outweighed the Dice loss and fine-tuning on OpenKBP collapsed
-#: to background (oar, one labeled case: validation Dice 0.00), while 0.3 gave 0.28 and 0.32 on two
+#: to background (oar, one labeled case: validation Dice 0.00), while 0.3 gave 0.29 and 0.33 on two
 #: draws against 0.25 and 0.32 without the loss (``contourcl benchmark label-efficiency``).
 DEFAULT_LAMBDA = 0.3
 
