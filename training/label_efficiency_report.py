@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from contourcl.evaluation import METRICS, case_mean, summarise
+from contourcl.evaluation import METRICS, case_mean, format_figure, summarise
 from contourcl.labels import model_labels, to_model
 from contourcl.plots import _pyplot, contour_overlay
 
@@ -64,12 +64,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
 def _fmt(row: dict | None, metric: str) -> str:
     if row is None:
         return "-"
-    if np.isnan(row["mean"]):
-        return f"- ({row['hd95_missed']} missed)" if metric == "hd95" and row["hd95_missed"] else "-"
-    digits = 1 if metric == "hd95" else 3
-    se = "" if np.isnan(row["se"]) else f" ± {row['se']:.{digits}f}"
-    miss = f" ({row['hd95_missed']} missed)" if metric == "hd95" and row["hd95_missed"] else ""
-    return f"{row['mean']:.{digits}f}{se}{miss}"
+    return format_figure(row["mean"], row["se"], metric, row["hd95_missed"] or 0)
 
 
 def markdown(rows: list[dict], settings: dict) -> str:
@@ -133,7 +128,7 @@ def plot_dice(rows: list[dict], model: str, methods: list[str], out: Path) -> Pa
     return out
 
 
-def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, cases: int = 2) -> list[Path]:
+def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, validation: list[dict], cases: int = 2) -> list[Path]:
     """Contours of the best method and of random init (largest |X_tr|, draw 0) on a few validation cases."""
     from contourcl.inference import Contourer
 
@@ -150,7 +145,7 @@ def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, case
             continue
         contourer = Contourer(run["model_path"], largest_component=(model == "oar"))
         for case_id in sorted(run["cases"])[:cases]:
-            case = _case_paths(run, case_id)
+            case = next((item for item in validation if item["id"] == case_id), None)
             if case is None:
                 continue
             pred = contourer(case["image"])
@@ -165,10 +160,6 @@ def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, case
                             title=f"{model}, {method}, |X_tr|={n}, {case_id}: Dice {dice:.2f}")
             written.append(path)
     return written
-
-
-def _case_paths(run: dict, case_id: str) -> dict | None:
-    return next((item for item in run.get("validation", []) if item["id"] == case_id), None)
 
 
 def write_report(plan) -> list[Path]:
@@ -193,7 +184,5 @@ def write_report(plan) -> list[Path]:
         if any(r["model"] == model for r in rows):
             written.append(plot_dice(rows, model, list(plan.methods), out / f"dice-vs-labeled-{model}.png"))
             (out / "overlays").mkdir(exist_ok=True)
-            for r in runs:
-                r.setdefault("validation", plan.validation.get(r["model"], []))
-            written += overlays(runs, rows, model, out / "overlays")
+            written += overlays(runs, rows, model, out / "overlays", plan.validation.get(model, []))
     return written

@@ -7,7 +7,7 @@ import json
 
 from contourcl.checkpoint import read_meta
 from contourcl.datasets import labeled_cases
-from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, summarise
+from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, format_figure, summarise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,12 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def table(summary: dict, structures: list[str], tolerance_mm: float) -> str:
     """A Markdown table, one row per structure and the mean: mean ± SE over patients."""
     def cell(x: dict, metric: str) -> str:
-        d = 1 if metric == "hd95" else 3
-        if x["patients"] == 0:
-            return f"- ({x['missed']} missed)" if metric == "hd95" and x["missed"] else "-"
-        se = "" if x["se"] != x["se"] else f" ± {x['se']:.{d}f}"
-        miss = f" ({x['missed']} missed)" if metric == "hd95" and x["missed"] else ""
-        return f"{x['mean']:.{d}f}{se}{miss}"
+        return format_figure(x["mean"], x["se"], metric, x["missed"])
 
     lines = [f"| structure | Dice | HD95 (mm) | surface Dice ({tolerance_mm:g} mm) | patients |", "|---|---|---|---|---|"]
     for s in [*structures, "mean"]:

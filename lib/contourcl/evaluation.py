@@ -142,6 +142,16 @@ def mean_se(values: Sequence[float]) -> tuple[float, float, int]:
     return float(v.mean()), se, int(v.size)
 
 
+def format_figure(mean: float, se: float, metric: str, missed: int = 0) -> str:
+    """``"0.532 ± 0.025"`` (HD95: one decimal, and the count of missed structures), ``"-"`` if none."""
+    miss = f" ({missed} missed)" if metric == "hd95" and missed else ""
+    if np.isnan(mean):
+        return f"-{miss}"
+    digits = 1 if metric == "hd95" else 3
+    se_text = "" if np.isnan(se) else f" ± {se:.{digits}f}"
+    return f"{mean:.{digits}f}{se_text}{miss}"
+
+
 def summarise(draws: Sequence[Mapping[str, Mapping[str, Mapping[str, float]]]], structures: Sequence[str]) -> dict[tuple[str, str], dict]:
     """Patient-wise summary of one or more evaluations of the same cases.
 
