@@ -14,8 +14,10 @@ from monailabel.tasks.activelearning.random import Random
 from contourcl.ids import check_id
 from contourcl.labels import MODEL_LABELS
 from contourcl.serving.datastore import SafeDatastore
+from contourcl.serving.endpoints import install as install_endpoints
 from contourcl.serving.errors import http_errors
 from contourcl.serving.infer import ContourInferTask
+from contourcl.serving.security import install as install_security
 from contourcl.serving.strategy import MCDropoutEntropy
 from contourcl.serving.train import RetrainTask
 
@@ -86,6 +88,17 @@ class ContourApp(MONAILabelApp):
 
     def init_scoring_methods(self):
         return {}
+
+    def on_init_complete(self):
+        """Runs once in the server process (not in the training subprocess), before the first
+        request: the server's own safety layer goes on here."""
+        super().on_init_complete()
+        from monailabel.app import app as server  # the FastAPI app that uvicorn is serving
+
+        # each step lives in its own module of contourcl.serving; the order matters: the
+        # security gateway must wrap every route, including the ones installed after it
+        install_security(server, self)
+        install_endpoints(server, self)
 
     # -- request checks the endpoints do not make ---------------------------------------------
     def _check_model(self, model, tasks: dict) -> None:
