@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from monailabel.client import MONAILabelClient
 
 import torch
 
+from conftest import CodePayload, free_port, wait_until_serving
+
 from contourcl.checkpoint import load_model, save_model
 from contourcl.inference import model_version
 from contourcl.labels import STORED_LABELS, to_model
@@ -34,12 +35,6 @@ from contourcl.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dice(a: np.ndarray, b: np.ndarray, labels) -> float:
@@ -66,8 +61,10 @@ def server(tmp_path_factory):
     meta.metrics = {"note": "shipped model, output layer re-initialised for the end-to-end test"}
     save_model(app / "model" / "oar.pt", network, meta)
 
-    port = _free_port()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    port = free_port()
+    server_tmp = root / "server-tmp"  # the server's temporary folder: no request may leave a file in it
+    server_tmp.mkdir()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", TMPDIR=str(server_tmp))
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
@@ -76,19 +73,8 @@ def server(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield {"url": url, "app": app, "studies": studies, "log": root / "server.log"}
+        wait_until_serving(proc, url, root / "server.log")
+        yield {"url": url, "app": app, "studies": studies, "log": root / "server.log", "tmp": server_tmp}
     finally:
         proc.terminate()
         try:
@@ -226,3 +212,115 @@ def test_bad_input_gets_a_clear_error_and_nothing_is_lost(server):
     assert label_path.read_bytes() == before, "the stored label is untouched"
     assert not list(studies.rglob("*escape*")) and not (studies / "junk_case.nii.gz").exists()
     assert requests.get(f"{url}/info/").ok, "the server keeps serving"
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_uploads_models_and_paths_are_safe(server):
+    url, app, studies, tmp = server["url"], server["app"], server["studies"], server["tmp"]
+    work = app.parent / "safety"
+    work.mkdir()
+    temp_before = _tree(tmp)
+    labeled = sorted(p.name.removesuffix(".nii.gz") for p in (studies / "labels" / "final").glob("*.nii.gz"))
+    image_id = labeled[0]
+    image = nib.load(studies / f"{image_id}.nii.gz")
+    ct = np.asarray(image.dataobj)
+
+    def put_image(name, array, affine):
+        path = work / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(array, affine), str(path))
+        with open(path, "rb") as f:
+            return requests.put(f"{url}/datastore/image", params={"image": name}, files={"file": (path.name, f)})
+
+    # images no CT can be: refused at the door, nothing stored, no temp file left
+    nan = ct.astype(np.float32)
+    nan[10, 10, 10] = np.nan
+    for name, array, affine, needle in [
+        ("nan_ct", nan, image.affine, "NaN"),
+        ("zero_ct", np.zeros_like(ct), image.affine, "constant"),
+        ("tiny_spacing", ct, np.diag([0.001, 0.001, 0.001, 1.0]), "spacing"),
+        ("huge_spacing", ct[:8, :8, :8], np.diag([100.0, 100.0, 100.0, 1.0]), "spacing"),
+    ]:
+        r = put_image(name, array, affine)
+        assert r.status_code == 422 and needle in r.json()["detail"], (name, r.status_code, r.text[:300])
+        assert not (studies / f"{name}.nii.gz").exists()
+
+    # label_info that cannot be meant: 422 naming it; the stored label is untouched
+    label_path = studies / "labels" / "final" / f"{image_id}.nii.gz"
+    before = label_path.read_bytes()
+    nib.save(nib.Nifti1Image((np.asanyarray(nib.load(label_path).dataobj) > 0).astype(np.uint8), image.affine), str(work / "one.nii.gz"))
+    for info, needle in [
+        ([{"name": "Brainstem", "idx": 1}, {"name": "SpinalCord", "idx": 1}], "twice"),
+        ([{"name": "Brainstem", "idx": "one"}], "idx"),
+        ([{"name": "Brainstem", "idx": 1.5}], "idx"),
+    ]:
+        with open(work / "one.nii.gz", "rb") as f:
+            r = requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": f}, data={"params": json.dumps({"label_info": info})})
+        assert r.status_code == 422 and needle in r.json()["detail"], r.text[:300]
+    assert label_path.read_bytes() == before
+    # a correct one is stored renumbered, and /datastore/label/info describes the stored voxels
+    with open(work / "one.nii.gz", "rb") as f:
+        r = requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": f},
+                         data={"params": json.dumps({"label_info": [{"name": "Mandible", "idx": 1}]})})
+    assert r.ok, r.text[:300]
+    stored = np.asanyarray(nib.load(label_path).dataobj)
+    assert set(np.unique(stored)) == {0, STORED_LABELS["Mandible"]}
+    info = requests.get(f"{url}/datastore/label/info", params={"label": image_id, "tag": "final"}).json()
+    assert info["label_info"] == [{"name": "Mandible", "idx": STORED_LABELS["Mandible"]}]
+
+    # a model file that runs code when unpickled: refused, never run, the served model untouched
+    marker = work / "pwned"
+    served = app / "model" / "oar.pt"
+    served_bytes = served.read_bytes()
+    evil = work / "evil.pt"
+    torch.save({"format": "contourcl-model/1", "meta": CodePayload(marker), "state_dict": {}}, evil)
+    with open(evil, "rb") as f:
+        r = requests.put(f"{url}/model/oar", files={"file": ("oar.pt", f)})
+    assert r.status_code == 422 and "not a ContourCL model file" in r.json()["detail"], r.text[:300]
+    assert not marker.exists() and served.read_bytes() == served_bytes
+    assert requests.post(f"{url}/infer/oar", params={"image": image_id, "output": "json"}).ok
+
+    # a valid model goes the way of a retrained one: archived, gated, then published
+    with open(served, "rb") as f:
+        r = requests.put(f"{url}/model/oar", files={"file": ("oar.pt", f)})
+    assert r.status_code == 200, r.text[:300]
+    last = requests.get(f"{url}/info/").json()["train_stats"]["oar"]["history"][-1]
+    assert last["origin"].startswith("uploaded") and last["published"] and last["gate_cases"] >= 1
+
+    # DELETE /model stops serving but keeps the file in the history
+    gtv = app / "model" / "gtv.pt"
+    gtv_bytes = gtv.read_bytes()
+    r = requests.delete(f"{url}/model/gtv")
+    assert r.status_code == 200, r.text[:300]
+    kept = r.json()["kept_as_version"]
+    assert not gtv.exists() and (app / "model" / "history" / "gtv" / f"v{kept:04d}.pt").read_bytes() == gtv_bytes
+    assert "gtv" not in requests.get(f"{url}/info/").json()["models"]
+    assert requests.post(f"{url}/infer/gtv", params={"image": image_id}).status_code == 404
+
+    # only datastore ids or the request's own upload are contoured
+    (tmp / "other-client.nii.gz").write_bytes((studies / f"{image_id}.nii.gz").read_bytes())
+    r = requests.post(f"{url}/infer/oar", params={"image": str(tmp / "other-client.nii.gz")})
+    assert r.status_code == 400, r.text[:300]
+    r = requests.post(f"{url}/infer/oar", params={"image": image_id, "output": "json"}, data={"params": json.dumps({"image": "/etc/passwd"})})
+    assert r.ok and r.json()["label_names"]["Mandible"] == 5
+    with open(studies / f"{image_id}.nii.gz", "rb") as f:
+        r = requests.post(f"{url}/infer/oar", params={"output": "image"}, files={"file": ("ct.nii.gz", f)})
+    assert r.ok and len(r.content) > 100
+    (tmp / "other-client.nii.gz").unlink()
+
+    # a symlink in the studies folder that leaves it is never served
+    (studies / "escape.nii.gz").symlink_to("/etc/passwd")
+    deadline = time.time() + 30
+    while "escape" not in requests.get(f"{url}/datastore/", params={"output": "all"}).json().get("objects", {}) and time.time() < deadline:
+        time.sleep(1)
+    for r in (requests.get(f"{url}/datastore/image", params={"image": "escape"}), requests.post(f"{url}/infer/oar", params={"image": "escape"})):
+        assert r.status_code == 400 and "outside the studies folder" in r.json()["detail"], r.text[:300]
+    (studies / "escape.nii.gz").unlink()
+
+    # the dataset download leaves no zip behind
+    r = requests.get(f"{url}/datastore/dataset")
+    assert r.ok and r.content[:2] == b"PK"
+    assert _tree(tmp) == temp_before, "no request left a file in the server's temporary folder"
+    assert requests.get(f"{url}/info/").ok

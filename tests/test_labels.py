@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from contourcl.errors import UnknownLabelError, UnknownModelError
-from contourcl.labels import OAR_NAMES, STORED_LABELS, from_model, model_labels, remap_by_name, to_model
+from contourcl.labels import OAR_NAMES, STORED_LABELS, from_model, model_labels, remap_by_name, stored_label_info, to_model
 
 
 def test_oar_names_are_tg263_in_model_order():
@@ -40,3 +40,18 @@ def test_to_model_and_back():
     assert to_model(stored, "gtv").tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 1]
     assert from_model(np.array([0, 1]), "gtv").tolist() == [0, STORED_LABELS["GTV"]]
     assert from_model(to_model(stored, "oar"), "oar").tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0]
+
+
+def test_label_info_that_cannot_be_meant_is_refused_naming_the_problem():
+    label = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    with pytest.raises(UnknownLabelError, match="value 1 twice"):
+        remap_by_name(label, [{"name": "Brainstem", "idx": 1}, {"name": "SpinalCord", "idx": 1}, {"name": "Mandible", "idx": 2}])
+    for idx in ("1", 1.5, None, True, -1, 300):
+        with pytest.raises(UnknownLabelError, match="idx"):
+            remap_by_name(label, [{"name": "Brainstem", "idx": idx}, {"name": "Mandible", "idx": 2}])
+    with pytest.raises(UnknownLabelError, match="label_info"):
+        remap_by_name(label, "Brainstem")
+    with pytest.raises(UnknownLabelError, match=r"\[2\] are not outputs of the 'gtv' model"):
+        from_model(np.array([0, 1, 2]), "gtv")
+    stored = remap_by_name(label, [{"name": "Mandible", "idx": 1}, {"name": "ptv70", "idx": 2.0}])
+    assert stored_label_info(stored) == [{"name": "Mandible", "idx": 5}, {"name": "GTV", "idx": 8}]

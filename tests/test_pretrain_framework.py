@@ -162,8 +162,9 @@ def test_cli_with_config_file(tmp_path, capsys):
     assert rc == 0 and "simclr: wrote" in capsys.readouterr().out
     meta = load_encoder(build_network(NetConfig(out_channels=8, encoder="resnet10", width=8)), out)
     assert meta["iterations"] == 4 and meta["config"]["options"] == {"proj_dim": 16, "proj_hidden": 32, "temperature": 0.2}
-    with pytest.raises(ConfigError, match="unknown pretraining method"):
-        cli_main(["pretrain", "nope", "--images", str(tmp_path / "imgs"), "--out", str(out)])
+    # an input error reaches the user as one line on stderr and a non-zero exit
+    assert cli_main(["pretrain", "nope", "--images", str(tmp_path / "imgs"), "--out", str(out)]) == 2
+    assert "contourcl pretrain: error: unknown pretraining method 'nope'" in capsys.readouterr().err
 
 
 def test_multi_stage_protocol_and_on_end(tmp_path):

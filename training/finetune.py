@@ -100,6 +100,7 @@ class FinetuneResult:
     per_structure: dict[str, float]
     history: list[dict]
     seconds: float
+    skipped: dict[str, int] = field(default_factory=dict)  # case id -> steps skipped (non-finite loss)
 
 
 def _item(item: dict) -> dict:
@@ -289,10 +290,10 @@ def finetune(
     history: list[dict] = []
     bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"fine-tune {cfg.model}", disable=not progress or rank != 0, unit="epoch")
     recent: list[torch.Tensor] = []  # the last training batches, for recalibrate_batchnorm
+    skipped: dict[str, int] = {}  # case id -> training steps skipped for a non-finite loss
     for epoch in bar:
         losses = []
         for batch in loader:
-            recent = (recent + [batch["image"]])[-8:]
             image = batch["image"].to(dev)
             label = batch["label"].to(dev)
             present = batch["present"].to(dev)
@@ -304,6 +305,15 @@ def finetune(
             loss = loss_fn(logits.float(), label, present)
             if feature_loss is not None:
                 loss = loss + cfg.voxel_siamese_lambda * feature_loss
+            if not bool(torch.isfinite(loss)):
+                # a case that gives a non-finite loss is named and its step skipped: it must not
+                # sink the run (the weights would become NaN and every later step with them)
+                for case in batch.get("id", ["?"]):
+                    skipped[str(case)] = skipped.get(str(case), 0) + 1
+                logger.warning("non-finite loss on %s: step skipped", sorted(set(map(str, batch.get("id", ["?"])))))
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            recent = (recent + [batch["image"]])[-8:]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -327,7 +337,7 @@ def finetune(
         best = (float("nan"), cfg.max_epochs, {}, copy.deepcopy(network.state_dict()))
     network.load_state_dict(best[3])
     network.eval()
-    return FinetuneResult(network.cpu(), best[0], best[1], best[2], history, time.perf_counter() - t_start)
+    return FinetuneResult(network.cpu(), best[0], best[1], best[2], history, time.perf_counter() - t_start, skipped)
 
 
 def evaluate(network: ContourUNet, items: Sequence[dict], cfg: FinetuneConfig, device: str | None = None) -> tuple[float, dict[str, float]]:

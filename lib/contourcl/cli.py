@@ -1,7 +1,10 @@
 """The ``contourcl`` command line.
 
 Each subcommand lives in the module that does the work and exposes ``add_arguments(parser)``
-and ``run(args)``; this file only dispatches.
+and ``run(args)``; this file only dispatches. A command's input error (``ValueError``, which
+includes :class:`contourcl.errors.ContourCLError`, or ``FileNotFoundError``) is printed as one line,
+``contourcl <command>: error: <message>``, with exit code 2 (its traceback with ``-v``); any other
+exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -23,12 +26,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option), if known."""
+    for word in argv:
+        if word in ("-h", "--help"):
+            return None
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="contourcl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
+    chosen = _chosen_command(argv)
     for name, (module_name, help_text) in COMMANDS.items():
+        if chosen is not None and name != chosen:  # only the command that runs is imported (PyTorch is slow to load)
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:  # a subcommand whose module is not there yet
@@ -43,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # input errors (ContourCLError is a ValueError)
+        logging.getLogger("contourcl.cli").debug("%s failed", args.command, exc_info=True)
+        print(f"contourcl {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,3 +27,7 @@ class UnsafeIdError(ContourCLError):
 
 class UnknownModelError(ContourCLError):
     """A model name that the app does not serve."""
+
+
+class InvalidModelError(ContourCLError):
+    """A file that is not a servable ContourCL model (wrong format, model, labels or weights)."""

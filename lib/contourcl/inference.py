@@ -25,6 +25,7 @@ from contourcl.checkpoint import ModelMeta, load_model
 from contourcl.errors import InvalidImageError
 from contourcl.networks import ContourUNet
 from contourcl.transforms import ct_preprocessing
+from contourcl.volumes import check_header
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class Contourer:
         """
         steps = ct_preprocessing("image", None, meta.spacing, meta.window)
         load, pre = Compose(steps[:3]), Compose(steps[3:])  # load + channel + type; orientation, spacing, window
+        check_header(image_path)  # before a voxel is read or resampled
         try:
             data = load({"image": str(image_path)})
             grid = (np.asarray(data["image"].affine, dtype=np.float64), tuple(data["image"].shape[1:]))
@@ -179,6 +181,8 @@ class Contourer:
             raise InvalidImageError(f"cannot read {Path(image_path).name} as a CT volume: {cause}") from err
         data["grid"] = grid
         image = data["image"]
+        if not bool(torch.isfinite(image).all()):
+            raise InvalidImageError(f"{Path(image_path).name} holds NaN or infinite values: not a CT")
         if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
             raise InvalidImageError(
                 f"{Path(image_path).name} is not a 3D volume (shape {tuple(image.shape[1:])} after loading)"

@@ -83,16 +83,20 @@ def remap_by_name(label: np.ndarray, label_info: Iterable[Mapping] | None) -> np
 
     mapping: dict[int, int] = {}
     unknown_names = []
+    if isinstance(label_info, (str, bytes)) or not isinstance(label_info, Iterable):
+        raise UnknownLabelError(f"label_info must be a list of {{'name': ..., 'idx': ...}}, not {label_info!r}")
     for entry in label_info:
-        name, idx = entry.get("name"), entry.get("idx")
-        if idx is None:
-            raise UnknownLabelError(f"label_info entry {dict(entry)!r} has no 'idx'")
+        if not isinstance(entry, Mapping):
+            raise UnknownLabelError(f"label_info entry {entry!r} is not {{'name': ..., 'idx': ...}}")
+        name, idx = entry.get("name"), _label_index(entry)
+        if idx in mapping:
+            raise UnknownLabelError(f"label_info gives value {idx} twice (again as {name!r}): each segment needs its own value")
         try:
             stored = canonical_name(name)
         except UnknownLabelError:
             unknown_names.append(name)
             continue
-        mapping[int(idx)] = 0 if stored is None else STORED_LABELS[stored]
+        mapping[idx] = 0 if stored is None else STORED_LABELS[stored]
     if unknown_names:
         raise UnknownLabelError(f"unknown structure names {unknown_names}; known: {list(STORED_LABELS)}")
     unnamed = values - set(mapping)
@@ -103,6 +107,22 @@ def remap_by_name(label: np.ndarray, label_info: Iterable[Mapping] | None) -> np
     for idx, stored_value in mapping.items():
         out[label == idx] = stored_value
     return out
+
+
+def _label_index(entry: Mapping) -> int:
+    """The voxel value of a ``label_info`` entry: an integer 0..255 (``3`` or ``3.0``), else an error."""
+    idx = entry.get("idx")
+    if idx is None:
+        raise UnknownLabelError(f"label_info entry {dict(entry)!r} has no 'idx'")
+    if isinstance(idx, bool) or not isinstance(idx, (int, float)) or float(idx) != int(idx) or not 0 <= int(idx) <= 255:
+        raise UnknownLabelError(f"label_info entry {dict(entry)!r}: 'idx' must be an integer label value 0..255")
+    return int(idx)
+
+
+def stored_label_info(stored: np.ndarray) -> list[dict]:
+    """Slicer's ``label_info`` of a stored label map: the structures it holds, in stored numbering."""
+    present = {int(v) for v in np.unique(stored)} - {0}
+    return [{"name": name, "idx": value} for name, value in STORED_LABELS.items() if value in present]
 
 
 def to_model(stored: np.ndarray, model: str) -> np.ndarray:
@@ -123,4 +143,8 @@ def from_model(pred: np.ndarray, model: str) -> np.ndarray:
     lut = np.zeros(len(labels) + 1, dtype=np.uint8)
     for name, value in labels.items():
         lut[value] = STORED_LABELS[name]
-    return lut[np.asarray(pred).astype(np.int64)]
+    pred = np.asarray(pred).astype(np.int64)
+    extra = sorted({int(v) for v in np.unique(pred)} - set(range(lut.size)))
+    if extra:
+        raise UnknownLabelError(f"label values {extra} are not outputs of the {model!r} model (its values: {labels})")
+    return lut[pred]

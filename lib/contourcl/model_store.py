@@ -15,6 +15,7 @@ so a worse model is never served. Earlier models stay in the history and can be 
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import os
@@ -23,7 +24,9 @@ import shutil
 import time
 from pathlib import Path
 
-from contourcl.checkpoint import read_meta
+
+#: Fewer validation cases than this, and the gate's decision is flagged as unreliable.
+MIN_GATE_CASES = 3
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -91,7 +94,7 @@ class ModelStore:
         served = [e for e in self.entries() if e.get("served")]
         return served[-1] if served else None
 
-    def consider(self, candidate: Path, candidate_dice: float, served_dice: float | None, **details) -> dict:
+    def consider(self, candidate: Path, candidate_dice: float, served_dice: float | None, origin: str = "retrain", **details) -> dict:
         """Archive ``candidate`` and publish it if it is not worse than the served model.
 
         ``served_dice`` is the served model's Dice on the same validation cases (``None``
@@ -101,9 +104,9 @@ class ModelStore:
         """
         entries = self.entries()
         if self.served.is_file() and not any(e.get("served") for e in entries):
-            # the model served before any retraining (e.g. the shipped one): keep it restorable
-            meta = read_meta(self.served)
-            self._archive(self.served, entries, origin="served before first retrain", val_dice=meta.metrics.get("val_dice"), published=True, served=True)
+            # the model served before any retraining (e.g. the shipped one): keep it restorable,
+            # with the gate's figure on the same validation cases as the candidate's
+            self._archive(self.served, entries, origin="served before first retrain", val_dice=served_dice, published=True, served=True)
         if served_dice is None or not self.served.is_file():
             ok, reason = True, "no model was served"
         elif candidate_dice is None or math.isnan(candidate_dice):
@@ -113,7 +116,7 @@ class ModelStore:
         else:
             ok, reason = False, f"validation Dice {candidate_dice:.4f} < served {served_dice:.4f}: kept the served model"
         entry = self._archive(
-            Path(candidate), entries, origin="retrain", val_dice=candidate_dice, served_val_dice=served_dice,
+            Path(candidate), entries, origin=origin, val_dice=candidate_dice, served_val_dice=served_dice,
             published=ok, reason=reason, **details,
         )
         if ok:
@@ -121,6 +124,21 @@ class ModelStore:
             for e in entries:
                 e["served"] = e is entry
         self._save_entries(entries)
+        return entry
+
+    def withdraw(self) -> dict:
+        """Stop serving the model: its file is archived (if it is not already) and removed from
+        the served place; ``restore`` serves it again. Returns its history entry."""
+        if not self.served.is_file():
+            raise FileNotFoundError(f"{self.name}: no model is served ({self.served} does not exist)")
+        entries = self.entries()
+        served = [e for e in entries if e.get("served") and filecmp.cmp(self.root / e["file"], self.served, shallow=False)]
+        entry = served[-1] if served else self._archive(self.served, entries, origin="served before withdrawal", val_dice=None, published=True)
+        for e in entries:
+            e["served"] = False
+        entry["withdrawn"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._save_entries(entries)
+        os.remove(self.served)
         return entry
 
     def restore(self, version: int) -> dict:

@@ -164,7 +164,7 @@ def load_encoder(network: ContourUNet, path: str | Path) -> dict:
     Raises ``ValueError`` when the checkpoint's encoder is not the network's (another depth,
     width or number of input channels), naming both.
     """
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)  # data only, never code
     if "encoder" not in ckpt:
         raise ValueError(f"{path} is not a ContourCL pretraining checkpoint (no 'encoder' entry)")
     want = EncoderConfig(network.config.encoder, network.config.width, network.config.in_channels).to_dict()

@@ -1,10 +1,18 @@
-"""Reading volumes and checking that a label belongs to its image."""
+"""Reading volumes and checking that a file can be a CT, and that a label belongs to its image.
+
+:func:`check_header` reads only a file's header and refuses a grid no CT has (too many voxels,
+impossible spacing or field of view) *before* any voxel is read or resampled: a 100 KB file may
+claim 100 mm voxels or a billion of them. :func:`check_ct_values` refuses what no CT holds
+(NaN or infinite values, a constant image).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 from monai.transforms import LoadImage
 
 from contourcl.errors import InvalidImageError, LabelMismatchError
@@ -13,13 +21,66 @@ from contourcl.errors import InvalidImageError, LabelMismatchError
 AFFINE_TOLERANCE_MM = 1e-2
 
 
+@dataclass(frozen=True)
+class CTBounds:
+    """What a CT grid can be. Planning CTs are 512 x 512 in-plane, 0.5-1.5 mm pixels, 1-5 mm
+    slices, up to a few hundred slices; OpenKBP's are 128^3 at up to 5.4 mm."""
+
+    max_voxels: int = 512 * 512 * 1000  # 262 M voxels (1 GB as float32)
+    min_spacing_mm: float = 0.2
+    max_spacing_mm: float = 10.0
+    max_extent_mm: float = 2000.0  # along any axis (a whole-body scan is under 2 m)
+
+
+CT_BOUNDS = CTBounds()
+
+
+def check_header(path: str | Path, what: str = "image", name: str | None = None, bounds: CTBounds = CT_BOUNDS) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """``(size, spacing)`` from ``path``'s header alone; raise :class:`InvalidImageError` when
+    the file cannot be read or its grid is outside ``bounds``."""
+    name = name or Path(path).name
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        raise InvalidImageError(f"cannot read the {what} {name!r}: not a NIfTI/NRRD volume ({first})") from err
+    size = tuple(int(s) for s in reader.GetSize())
+    spacing = tuple(float(s) for s in reader.GetSpacing())
+    voxels = int(np.prod(size, dtype=np.int64))
+    if voxels > bounds.max_voxels:
+        raise InvalidImageError(f"the {what} {name!r} has {voxels:,} voxels {size}: more than a CT has (at most {bounds.max_voxels:,})")
+    bad = [s for s in spacing[:3] if not (bounds.min_spacing_mm <= s <= bounds.max_spacing_mm)]
+    if bad:
+        raise InvalidImageError(
+            f"the {what} {name!r} has voxel spacing {tuple(round(s, 4) for s in spacing)} mm: a CT's spacing lies within "
+            f"{bounds.min_spacing_mm}-{bounds.max_spacing_mm} mm"
+        )
+    extent = [n * s for n, s in zip(size[:3], spacing[:3])]
+    if max(extent) > bounds.max_extent_mm:
+        raise InvalidImageError(f"the {what} {name!r} spans {tuple(round(e) for e in extent)} mm: more than a CT (at most {bounds.max_extent_mm:g} mm)")
+    return size, spacing
+
+
+def check_ct_values(array, name: str) -> None:
+    """Raise :class:`InvalidImageError` for values no CT holds: NaN or infinite, or one constant."""
+    arr = np.asarray(array)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InvalidImageError(f"the image {name!r} holds NaN or infinite values: not a CT")
+    if arr.size and arr.min() == arr.max():
+        raise InvalidImageError(f"the image {name!r} is constant (every voxel {arr.flat[0]}): not a CT")
+
+
 def read_volume(path: str | Path, what: str = "image", name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(array, affine)`` of a 3D volume (NIfTI, NRRD, ... via MONAI's readers).
 
-    Raises :class:`InvalidImageError` for a file that cannot be read or is not a 3D volume
-    (a trailing singleton dimension is allowed and dropped).
+    Raises :class:`InvalidImageError` for a file that cannot be read, whose header is outside
+    :data:`CT_BOUNDS` (checked before the voxels are read) or that is not a 3D volume (a
+    trailing singleton dimension is allowed and dropped).
     """
     name = name or Path(path).name
+    check_header(path, what, name)
     try:
         img = LoadImage(image_only=True)(str(path))
     except Exception as err:
@@ -33,6 +94,15 @@ def read_volume(path: str | Path, what: str = "image", name: str | None = None) 
     if not np.issubdtype(arr.dtype, np.number):
         raise InvalidImageError(f"the {what} {name!r} does not hold numbers ({arr.dtype})")
     return arr, np.asarray(img.affine, dtype=np.float64)
+
+
+def read_ct(path: str | Path, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_volume` of a CT, with :func:`check_ct_values`: what an image must pass to be
+    stored, contoured or trained on."""
+    name = name or Path(path).name
+    arr, affine = read_volume(path, "image", name)
+    check_ct_values(arr, name)
+    return arr, affine
 
 
 def check_label_geometry(image: tuple[np.ndarray, np.ndarray], label: tuple[np.ndarray, np.ndarray], label_name: str = "label") -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -13,12 +11,17 @@ from monailabel.tasks.activelearning.random import Random
 
 from contourcl.ids import check_id
 from contourcl.labels import MODEL_LABELS
+from contourcl.model_store import ModelStore
+from contourcl.retrain import consider_model_file
 from contourcl.serving.datastore import SafeDatastore
 from contourcl.serving.endpoints import install as install_endpoints
 from contourcl.serving.errors import http_errors
 from contourcl.serving.infer import ContourInferTask
+from contourcl.serving.lifecycle import TrainerBusyError
 from contourcl.serving.security import install as install_security
-from contourcl.serving.strategy import MCDropoutEntropy
+from contourcl.serving.security import status as security_status
+from contourcl.serving.scoring import UncertaintyScoring, request_scoring
+from contourcl.serving.strategy import UncertaintyStrategy
 from contourcl.serving.train import RetrainTask
 
 logger = logging.getLogger(__name__)
@@ -60,7 +63,8 @@ class ContourApp(MONAILabelApp):
 
     ``--conf`` keys: ``models`` (``all`` or ``oar,gtv``), ``weights`` (a subfolder of
     ``<app_dir>/model`` to serve instead, see :func:`model_dir`), ``<model>_init`` (a pretraining
-    checkpoint used when no model file exists yet), ``skip_trainers``, ``skip_strategies``.
+    checkpoint used when no model file exists yet), ``skip_trainers``, ``skip_strategies``,
+    ``skip_scoring``, ``insecure``, ``max_upload_mb``, ``max_model_mb``.
     """
 
     def __init__(self, app_dir, studies, conf, name="ContourCL radonc", description="Auto-contouring of head-and-neck CT"):
@@ -83,22 +87,63 @@ class ContourApp(MONAILabelApp):
         strategies = {"random": Random()}
         if str(self.conf.get("skip_strategies", "false")).lower() != "true":
             for m in self.models:
-                strategies[f"{m}_uncertainty"] = MCDropoutEntropy(self._infers[m].contourer, m)
+                strategies[f"{m}_uncertainty"] = UncertaintyStrategy(self._infers[m].contourer, m, self.studies)
         return strategies
 
     def init_scoring_methods(self):
-        return {}
+        # the uncertainty scores behind <model>_uncertainty, computed in MONAI Label's scoring
+        # subprocess and stored under <studies>/.contourcl/scores/ (contourcl.serving.scoring)
+        skip = any(str(self.conf.get(k, "false")).lower() == "true" for k in ("skip_scoring", "skip_strategies"))
+        if skip:
+            return {}
+        return {f"{m}_uncertainty": UncertaintyScoring(self._infers[m].contourer, m, self.studies) for m in self.models}
+
+    def next_sample(self, request):
+        """MONAI Label's next sample, with a 404 naming the strategies for an unknown one, and
+        background scoring started only for methods that have unscored images and are not
+        already queued (instead of every method after every request).
+
+        A chosen image that is not a usable CT (checked when first chosen, see
+        :meth:`SafeDatastore.check_image`) is skipped, with its reason logged and in ``/info/``.
+        """
+        strategy = request.get("strategy") or "random"
+        task = self._strategies.get(strategy)
+        if task is None:
+            raise HTTPException(404, f"unknown active-learning strategy {strategy!r}; this server has {sorted(self._strategies)}")
+        result = {}
+        for _ in range(8):  # an image found unusable now is recorded, and the strategy asked again
+            with http_errors():
+                result = task(request, self.datastore()) or {}
+            if not result.get("id") or self.datastore().check_image(result["id"]) is None:
+                break
+            result = {}
+        if result.get("id"):
+            result["path"] = self.datastore().get_image_uri(result["id"])
+        if self._auto_update_scoring:
+            request_scoring(self)
+        return result
+
+    def info(self):
+        """MONAI Label's app info, plus ``"security"``: auth on/off, host, the insecure override
+        and its warning, the upload limits (:func:`contourcl.serving.security.status`); and
+        ``"unusable_images"``: the studies-folder files found not to be usable CTs, with why."""
+        meta = super().info()
+        meta["security"] = security_status(self)
+        # images in the studies folder that are not usable CTs: skipped by next-sample and training
+        meta["unusable_images"] = {i: e["reason"] for i, e in self.datastore().unusable().items()}
+        return meta
 
     def on_init_complete(self):
         """Runs once in the server process (not in the training subprocess), before the first
         request: the server's own safety layer goes on here."""
-        super().on_init_complete()
         from monailabel.app import app as server  # the FastAPI app that uvicorn is serving
 
-        # each step lives in its own module of contourcl.serving; the order matters: the
-        # security gateway must wrap every route, including the ones installed after it
+        # each step lives in its own module of contourcl.serving. The order matters: the host
+        # check refuses an unsafe start before any background job (scoring) is launched, and
+        # the security gateway wraps every route, including the ones installed after it
         install_security(server, self)
         install_endpoints(server, self)
+        super().on_init_complete()
 
     # -- request checks the endpoints do not make ---------------------------------------------
     def _check_model(self, model, tasks: dict) -> None:
@@ -106,24 +151,53 @@ class ContourApp(MONAILabelApp):
             raise HTTPException(404, f"unknown model {model!r}; this server has {sorted(tasks)}")
 
     def infer(self, request, datastore=None):
+        """Contour a datastore image, or the file uploaded with this very request (its path is
+        passed as ``_upload`` by :mod:`contourcl.serving.endpoints`, a key no client can set):
+        never any other path on the server."""
+        request = dict(request)
+        upload = request.pop("_upload", None)
         self._check_model(request.get("model"), self._infers)
         task = self._infers[request["model"]]
         if not task.is_valid():
             raise HTTPException(404, f"model {request['model']!r} has no weights yet ({task.model_path} is missing): submit labels and train it, or see README 'Shipped weights'")
         image = request.get("image")
-        if isinstance(image, str):
-            uploaded = os.path.isfile(image) and Path(image).resolve().parent == Path(tempfile.gettempdir()).resolve()
-            if not uploaded:
-                with http_errors():
-                    check_id(image)
-                if image not in self.datastore().list_images():
-                    raise HTTPException(404, f"image {image!r} is not in the datastore")
-        with http_errors():
-            return super().infer(request, datastore)
+        image_id = None
+        if not (upload and image == upload):
+            with http_errors():
+                image_id = check_id(image)
+            if image_id not in self.datastore().list_images():
+                raise HTTPException(404, f"image {image_id!r} is not in the datastore")
+        try:
+            with http_errors():
+                return super().infer(request, datastore)
+        except HTTPException as err:
+            if image_id and err.status_code == 422:  # a CT in the studies folder that cannot be contoured
+                self.datastore().mark_unusable(image_id, str(err.detail))
+            raise
+
+    # -- the served models: uploads and withdrawal go the way of a retrained model ------------
+    def consider_uploaded_model(self, model: str, path) -> dict:
+        """Validate, archive, gate and (if not worse) publish a model file a client uploaded."""
+        self._check_model(model, self._infers)
+        cases = self.datastore().final_cases()
+        return consider_model_file(model, path, ModelStore(self.model_dir, model), cases, origin="uploaded (PUT /model)")
+
+    def withdraw_model(self, model: str) -> dict:
+        """Stop serving ``model`` (``DELETE /model``); its file stays in the history, restorable."""
+        self._check_model(model, self._infers)
+        try:
+            return ModelStore(self.model_dir, model).withdraw()
+        except FileNotFoundError as err:
+            raise HTTPException(404, str(err)) from err
 
     def bundle_path(self, model):
         # called by the /train and /batch/infer endpoints before they start their subprocess:
         # the one place to refuse an unknown model with a clear error
         if model is not None:
             self._check_model(model, {**self._infers, **self._trainers})
+            if model in self._trainers:
+                try:  # a trainer of this model still runs (or an orphan of a killed server): refuse now
+                    self._trainers[model].lock().check()
+                except TrainerBusyError as err:
+                    raise HTTPException(409, str(err)) from err
         return None

@@ -2,11 +2,18 @@
 
 On top of MONAI Label's ``LocalDatastore``:
 
-- image ids and label tags must be safe file names (:func:`contourcl.ids.check_id`);
-- an uploaded image must be a readable 3D volume, and may not replace an existing image;
+- image ids and label tags must be safe file names (:func:`contourcl.ids.check_id`), and a
+  file (e.g. a symlink) whose real path leaves the studies folder is never served;
+- an uploaded image must be a CT (:func:`contourcl.volumes.read_ct`: header within
+  :data:`~contourcl.volumes.CT_BOUNDS` before any voxel is read, finite, not constant), and may
+  not replace an existing image;
+- a file put into the studies folder by hand that is not a usable CT is found when first used
+  (:meth:`SafeDatastore.check_image`), recorded with its reason in ``.contourcl/unusable.json``
+  and left out of next-sample and training;
 - a label must be readable, lie on its image's grid (shape and affine), and its segments are
   renumbered by name (Slicer's ``label_info``) into the stored numbering
-  (:func:`contourcl.labels.remap_by_name`);
+  (:func:`contourcl.labels.remap_by_name`), and the stored ``label_info`` describes the stored
+  voxels, not the client's numbering;
 - a ``final`` label that is replaced is first copied to ``.contourcl/label-history/``.
 
 Nothing is written until every check has passed.
@@ -27,11 +34,11 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
-from contourcl.errors import LabelMismatchError
+from contourcl.errors import InvalidImageError, LabelMismatchError, UnsafeIdError
 from contourcl.ids import check_id
-from contourcl.labels import STORED_LABELS, from_model, remap_by_name
+from contourcl.labels import STORED_LABELS, from_model, remap_by_name, stored_label_info
 from contourcl.serving.errors import http_errors
-from contourcl.volumes import check_label_geometry, read_volume
+from contourcl.volumes import check_label_geometry, read_ct, read_volume
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +46,108 @@ logger = logging.getLogger(__name__)
 class SafeDatastore(LocalDatastore):
     """``LocalDatastore`` with input checks; see the module docstring."""
 
+    def __init__(self, *args, **kwargs):
+        self._usable: dict[str, list[int]] = {}  # image id -> the file state found to be a usable CT
+        super().__init__(*args, **kwargs)
+
     def _history_dir(self, tag: str) -> Path:
         return Path(self._datastore_path) / ".contourcl" / "label-history" / tag
+
+    # -- files stay inside the studies folder ---------------------------------------------
+    def _inside(self, path: str | None, what: str) -> str | None:
+        """``path`` if its real path (symlinks followed) lies inside the studies folder."""
+        if path and os.path.lexists(path):
+            root = os.path.realpath(self._datastore_path)
+            if os.path.commonpath([root, os.path.realpath(path)]) != root:
+                raise UnsafeIdError(f"{what} {os.path.basename(path)!r} points outside the studies folder: refused")
+        return path
+
+    # -- usable CTs -------------------------------------------------------------------------
+    def _unusable_file(self) -> Path:
+        return Path(self._datastore_path) / ".contourcl" / "unusable.json"
+
+    def unusable(self) -> dict[str, dict]:
+        """``{image id: {"reason", "stat"}}`` of the images found not to be usable CTs."""
+        path = self._unusable_file()
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _stat(self, image_id: str) -> list[int]:
+        st = os.stat(super().get_image_uri(image_id))
+        return [st.st_mtime_ns, st.st_size]
+
+    def mark_unusable(self, image_id: str, reason: str) -> None:
+        """Record that ``image_id`` (as its file is now) is not a usable CT, and why."""
+        entries = self.unusable()
+        try:
+            stat = self._stat(image_id)
+        except OSError:
+            stat = None
+        if entries.get(image_id, {}).get("reason") == reason and entries[image_id].get("stat") == stat:
+            return
+        entries[image_id] = {"reason": reason, "stat": stat, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        logger.warning("image %s is not usable and is skipped by next-sample and training: %s", image_id, reason)
+        self._write_unusable(entries)
+
+    def _write_unusable(self, entries: dict) -> None:
+        path = self._unusable_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+
+    def check_image(self, image_id: str) -> str | None:
+        """``None`` if ``image_id`` is a usable CT, else the reason (recorded, see :meth:`unusable`).
+
+        A file is read once per state: the verdict is kept until the file changes.
+        """
+        known = self.unusable().get(image_id)
+        try:
+            stat = self._stat(image_id)
+            if known and known.get("stat") == stat:
+                return known["reason"]
+            if self._usable.get(image_id) == stat:
+                return None
+            self._inside(super().get_image_uri(image_id), "image")
+            read_ct(super().get_image_uri(image_id), image_id)
+        except (InvalidImageError, UnsafeIdError, OSError) as err:
+            self.mark_unusable(image_id, str(err))
+            return str(err)
+        self._usable[image_id] = stat
+        if known:  # the file was replaced by a usable one
+            entries = self.unusable()
+            entries.pop(image_id, None)
+            self._write_unusable(entries)
+        return None
+
+    def _usable_ids(self, ids: list[str]) -> list[str]:
+        """``ids`` without the images already known to be unusable (and unchanged since)."""
+        bad = self.unusable()
+        keep = []
+        for i in ids:
+            try:
+                if i in bad and bad[i].get("stat") == self._stat(i):
+                    continue
+                self._inside(super().get_image_uri(i), "image")
+            except (OSError, UnsafeIdError) as err:
+                self.mark_unusable(i, str(err))
+                continue
+            keep.append(i)
+        return keep
+
+    def get_unlabeled_images(self, label_tag=None, labels=None):
+        return self._usable_ids(super().get_unlabeled_images(label_tag, labels))
+
+    def get_labeled_images(self, label_tag=None, labels=None):
+        return self._usable_ids(super().get_labeled_images(label_tag, labels))
+
+    def final_cases(self) -> list[dict]:
+        """``{"id", "image", "label"}`` of every usable CT with a ``final`` label (stored numbering):
+        what retraining trains on and the quality gate validates on."""
+        return [{"id": i, "image": self.get_image_uri(i), "label": self.get_label_uri(i, "final")}
+                for i in self.get_labeled_images("final") if self.check_image(i) is None]
 
     # -- images ---------------------------------------------------------------------------
     def add_image(self, image_id, image_filename, image_info):
@@ -51,7 +158,7 @@ class SafeDatastore(LocalDatastore):
                 image_id = check_id(self._to_id(os.path.basename(image_filename))[0])
             if image_id in self._datastore.objects:
                 raise HTTPException(409, f"image {image_id!r} already exists; nothing was overwritten (remove it first)")
-            read_volume(image_filename, "image", name=image_id)
+            read_ct(image_filename, image_id)
         return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id):
@@ -62,7 +169,7 @@ class SafeDatastore(LocalDatastore):
     def get_image_uri(self, image_id):
         with http_errors():
             check_id(image_id)
-        return super().get_image_uri(image_id)
+            return self._inside(super().get_image_uri(image_id), "image")
 
     def get_image_info(self, image_id):
         with http_errors():
@@ -79,7 +186,7 @@ class SafeDatastore(LocalDatastore):
         with http_errors():
             check_id(label_id, "label id")
             check_id(label_tag, "label tag")
-        return super().get_label_uri(label_id, label_tag)
+            return self._inside(super().get_label_uri(label_id, label_tag), "label")
 
     def get_label_info(self, label_id, label_tag):
         with http_errors():
@@ -106,7 +213,7 @@ class SafeDatastore(LocalDatastore):
             check_id(label_tag, "label tag")
             if image_id not in self._datastore.objects:
                 raise HTTPException(404, f"image {image_id!r} is not in the datastore")
-            image = read_volume(self.get_image_uri(image_id), "image")
+            image = read_volume(self.get_image_uri(image_id), "image", image_id)
             label_arr, label_affine = read_volume(label_filename, "label")
             check_label_geometry(image, (label_arr, label_affine), f"label for {image_id!r}")
             values = np.rint(label_arr).astype(np.int64)
@@ -119,6 +226,7 @@ class SafeDatastore(LocalDatastore):
 
         present = {name: int(v) for name, v in STORED_LABELS.items() if np.any(stored == v)}
         label_info["structures"] = list(present)
+        label_info["label_info"] = stored_label_info(stored)  # what the stored voxels mean
         existing = super().get_label_uri(image_id, label_tag)
         with tempfile.TemporaryDirectory(dir=self._datastore_path) as tmp:
             out = Path(tmp) / f"{image_id}.nii.gz"

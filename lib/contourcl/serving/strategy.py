@@ -1,45 +1,57 @@
-"""Active learning: the unlabeled study the model is least sure of."""
+"""Active learning: the unlabeled study the model is least sure of, from stored scores.
+
+The strategy never computes anything heavy on the request path: it reads the scores that
+:class:`contourcl.serving.scoring.UncertaintyScoring` stored in the background and answers in
+milliseconds.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from contourcl.active_learning import mc_dropout_entropy
-from contourcl.inference import Contourer
+from contourcl.inference import Contourer, model_version
+from contourcl.serving.scoring import current_scores, scores_path
 
 logger = logging.getLogger(__name__)
 
 
-class MCDropoutEntropy(Strategy):
-    """Scores up to ``max_candidates`` unlabeled studies with MC-dropout entropy, returns the highest.
+class UncertaintyStrategy(Strategy):
+    """The unlabeled CT with the highest stored MC-dropout entropy under the served ``model``.
 
-    Scores are cached per (study, model version), so asking again is cheap until the model
-    is retrained.
+    Only scores made with the model file being served now count. When no unlabeled CT has one
+    yet (the model was just retrained, or scoring has not finished), a random unlabeled CT is
+    returned with ``"score": null`` and a ``reason``.
     """
 
-    def __init__(self, contourer: Contourer, model: str, max_candidates: int = 16):
-        super().__init__(f"Uncertainty: the unlabeled CT with the highest MC-dropout entropy under the {model} model")
+    def __init__(self, contourer: Contourer, model: str, studies: str | Path):
+        super().__init__(f"Uncertainty: the unlabeled CT with the highest MC-dropout entropy under the {model} model (scored in the background)")
         self.contourer = contourer
         self.model = model
-        self.max_candidates = max_candidates
-        self._cache: dict[tuple[str, str], float] = {}
+        self.path = scores_path(studies, model)
 
     def __call__(self, request, datastore: Datastore):
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
-        if not images or not self.contourer.is_available():
+        if not images:
             return None
-        version = self.contourer.model()[0]
-        candidates = images if len(images) <= self.max_candidates else random.sample(images, self.max_candidates)
-        scores = {}
-        for image_id in candidates:
-            key = (image_id, version)
-            if key not in self._cache:
-                self._cache[key] = mc_dropout_entropy(self.contourer, datastore.get_image_uri(image_id))
-            scores[image_id] = self._cache[key]
-        best = max(scores, key=scores.get)
-        logger.info("%s uncertainty: %s", self.model, {k: round(v, 4) for k, v in sorted(scores.items(), key=lambda kv: -kv[1])})
-        return {"id": best, "score": scores[best], "scores": scores}
+        try:
+            version = model_version(self.contourer.model_path)
+        except OSError:
+            version = None
+        scores, errors = current_scores(datastore, images, self.path, version) if version else ({}, {})
+        if scores:
+            best = max(sorted(scores), key=scores.get)
+            return {"id": best, "score": scores[best], "model_version": version, "scored": len(scores),
+                    "unscored": len(images) - len(scores) - len(errors), "unscorable": len(errors)}
+        if version is None:
+            reason = f"the {self.model} model has no weights yet ({self.contourer.model_path} is missing)"
+        else:
+            reason = (f"no unlabeled CT has an uncertainty score for the served {self.model} model yet "
+                      f"(scoring runs in the background; {len(errors)} of {len(images)} could not be scored)")
+        choice = random.choice(images)
+        logger.info("%s_uncertainty: %s; random choice %s", self.model, reason, choice)
+        return {"id": choice, "score": None, "model_version": version, "reason": f"{reason}: a random unlabeled CT was chosen"}

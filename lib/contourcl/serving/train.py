@@ -1,4 +1,10 @@
-"""The retraining task behind ``POST /train/oar`` and ``/train/gtv``."""
+"""The retraining task behind ``POST /train/oar`` and ``/train/gtv``.
+
+MONAI Label runs it in a subprocess of the server. That subprocess ends with the server
+(:func:`contourcl.serving.lifecycle.die_with_parent`), and holds the model's training lock
+(:class:`contourcl.serving.lifecycle.TrainLock`) while it trains: a second trainer of the same
+model, started next to a running or orphaned one, fails at once naming the pid that holds it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from contourcl.model_store import ModelStore
 from contourcl.retrain import DEFAULTS, retrain, served_summary
+from contourcl.serving.lifecycle import TrainLock, die_with_parent, in_task_subprocess, note_server_process
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +29,7 @@ class RetrainTask(TrainTask):
         self.model = model
         self.store = ModelStore(model_dir, model)
         self.init = init
+        note_server_process()  # in the server: its pid, for the training subprocess to watch
 
     def config(self):
         return dict(DEFAULTS)
@@ -29,11 +37,18 @@ class RetrainTask(TrainTask):
     def stats(self):
         return served_summary(self.store)
 
+    def lock(self) -> TrainLock:
+        """The lock held while this model trains: ``<model_dir>/history/<model>/train.lock``."""
+        return TrainLock(self.store.root / "train.lock", f"the {self.model} model")
+
     def __call__(self, request, datastore: Datastore):
+        if in_task_subprocess():  # not when the server runs it in-process (run_sync)
+            die_with_parent()
         request = {k: v for k, v in request.items() if k in DEFAULTS}
-        cases = []
-        for image_id in datastore.get_labeled_images("final"):
-            cases.append({"id": image_id, "image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(image_id, "final")})
-        result = retrain(self.model, cases, self.store, request, init=self.init, progress=False)
+        with self.lock():
+            cases = []
+            for image_id in datastore.get_labeled_images("final"):
+                cases.append({"id": image_id, "image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(image_id, "final")})
+            result = retrain(self.model, cases, self.store, request, init=self.init, progress=False)
         logger.info("retrain %s finished: %s", self.model, result["reason"])
         return result

@@ -1,0 +1,233 @@
+"""Load benchmark of the real server: ``POST /infer/oar`` throughput and latency under concurrent clients.
+
+Usage::
+
+    python benchmarks/bench_load.py [--studies sample-data] [--weights synthetic] [--runs 3]
+                                    [--requests 24] [--levels 1,4,8] [--omp-threads N]
+
+Starts the real server (``monailabel start_server --app <copy of apps/radonc> --studies <copy of
+--studies> --conf models oar --conf skip_scoring true``) on 127.0.0.1 and a free port, with its
+own temporary folders (``TMPDIR`` included), and stops it by its pid (its process group) at the
+end. Background uncertainty scoring is off so that it does not take the CPU during the
+measurement. ``--weights`` is ``--conf weights`` (default: the default weights);
+``--omp-threads N`` starts the server with ``OMP_NUM_THREADS=N`` (default: the environment's).
+
+For each level of concurrency ``c`` in ``--levels``: a warm-up of ``c`` requests (one per client,
+not timed), then ``--requests`` requests ``POST /infer/oar?image=<id>`` (as Slicer sends them:
+the answer is the multipart params + label map), the datastore's images in turn, shared by ``c``
+client threads that each send their next request as soon as their previous one is answered.
+Throughput is requests / wall time of the level; latency is per request, p50 and p95 by linear
+interpolation. All of it is repeated ``--runs`` times; the table shows the medians over runs.
+A request that is not answered 200 counts as an error (and in the latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+class Server:
+    """The real server on copies of the app and the studies, in a temporary folder of its own."""
+
+    def __init__(self, studies: Path, weights: str | None, omp_threads: int | None = None):
+        self.root = Path(tempfile.mkdtemp(prefix="contourcl-bench-load-"))
+        self.studies = self.root / "studies"
+        self.app = self.root / "radonc"
+        self.tmp = self.root / "server-tmp"
+        shutil.copytree(studies, self.studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", ".contourcl"))
+        shutil.copytree(REPO / "apps" / "radonc", self.app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp"))
+        self.tmp.mkdir()
+        self.env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", TMPDIR=str(self.tmp))
+        if omp_threads:
+            self.env["OMP_NUM_THREADS"] = str(omp_threads)
+        self.weights = weights
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 300) -> float:
+        port = _free_port()
+        cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(self.app), "--studies", str(self.studies),
+               "--conf", "models", "oar", "--conf", "skip_scoring", "true", "--host", "127.0.0.1", "--port", str(port)]
+        if self.weights:
+            cmd += ["--conf", "weights", self.weights]
+        t0 = time.perf_counter()
+        with open(self.root / "server.log", "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=10).ok:
+                    return time.perf_counter() - t0
+            except requests.RequestException:
+                pass
+            if time.perf_counter() - t0 > timeout:
+                raise RuntimeError(f"server did not start within {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return (self.root / "server.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (its pid), SIGKILL to what is left of it after 20 s."""
+        if self.proc is not None:
+            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def torch_threads(self) -> int:
+        """``torch.get_num_threads()`` in the server's environment (the same interpreter and variables)."""
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=self.env,
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+
+def _infer(url: str, image_id: str) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    try:
+        r = requests.post(f"{url}/infer/oar", params={"image": image_id}, timeout=600)
+        status = r.status_code
+        ok = status == 200 and len(r.content) > 100
+    except requests.RequestException:
+        status, ok = -1, False
+    return time.perf_counter() - t0, (200 if ok else status)
+
+
+def run_level(url: str, images: list[str], clients: int, n_requests: int) -> dict:
+    """Warm-up (``clients`` requests at once), then ``n_requests`` requests shared by ``clients`` threads."""
+    warm = [threading.Thread(target=_infer, args=(url, images[k % len(images)])) for k in range(clients)]
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join()
+
+    lock = threading.Lock()
+    counter = iter(range(n_requests))
+    results: list[tuple[float, int]] = []
+
+    def client():
+        while True:
+            with lock:
+                k = next(counter, None)
+            if k is None:
+                return
+            res = _infer(url, images[k % len(images)])
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    latencies = np.array([r[0] for r in results])
+    return {
+        "clients": clients, "requests": len(results), "wall_s": wall, "throughput": len(results) / wall,
+        "p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95)),
+        "errors": sum(1 for r in results if r[1] != 200),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=Path, default=REPO / "sample-data", help="datastore to copy and serve (default: sample-data)")
+    parser.add_argument("--weights", default=None, help="--conf weights of the server (e.g. synthetic); default: the default weights")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=24, help="timed requests per level and run")
+    parser.add_argument("--levels", default="1,4,8", help="concurrent clients, comma-separated")
+    parser.add_argument("--omp-threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: inherited)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+
+    server = Server(args.studies.resolve(), args.weights, args.omp_threads)
+    try:
+        startup = server.start()
+        images = sorted(p.name.removesuffix(".nii.gz") for p in server.studies.glob("*.nii.gz"))
+        if not images:
+            raise SystemExit(f"no *.nii.gz image in {args.studies}")
+        threads = server.torch_threads()
+        load_before = os.getloadavg()
+        runs: list[list[dict]] = []
+        for run in range(args.runs):
+            rows = []
+            for c in levels:
+                r = run_level(server.url, images, c, args.requests)
+                print(f"run {run + 1}/{args.runs}, {c} client(s): {r['throughput']:.3f} req/s, p50 {r['p50']:.2f} s, "
+                      f"p95 {r['p95']:.2f} s, errors {r['errors']}", flush=True)
+                rows.append(r)
+            runs.append(rows)
+        load_after = os.getloadavg()
+        temp_left = sorted(str(p.relative_to(server.tmp)) for p in server.tmp.rglob("*"))
+    finally:
+        server.stop()
+
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "levels": levels, "requests": args.requests}, indent=1))
+    print()
+    print(f"Machine: {os.cpu_count()} CPUs ({_cpu_model()}), torch threads in the server's environment: {threads}, "
+          f"server OMP_NUM_THREADS={server.env.get('OMP_NUM_THREADS', 'unset')}; load average (1 min) {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after")
+    print(f"Server: oar model, weights {args.weights or 'default'}, {len(images)} images of {args.studies}, "
+          f"started in {startup:.1f} s; its TMPDIR after the benchmark: {temp_left or 'empty'}")
+    print(f"Medians over {args.runs} run(s) of {args.requests} timed requests per level (after a warm-up of one request per client):\n")
+    print("| concurrent clients | throughput (req/s) | latency p50 (s) | latency p95 (s) | errors |")
+    print("| --- | --- | --- | --- | --- |")
+    for i, c in enumerate(levels):
+        per = [rows[i] for rows in runs]
+        print(f"| {c} | {statistics.median(r['throughput'] for r in per):.3f} | {statistics.median(r['p50'] for r in per):.2f} | "
+              f"{statistics.median(r['p95'] for r in per):.2f} | {sum(r['errors'] for r in per)} |")
+
+
+if __name__ == "__main__":
+    main()

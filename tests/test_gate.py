@@ -1,0 +1,134 @@
+"""The quality gate scores what is served, and a model file from outside is data, never code."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CodePayload
+
+from contourcl.checkpoint import FORMAT, ModelMeta, check_model_file, save_model
+from contourcl.errors import InvalidModelError
+from contourcl.labels import model_labels
+from contourcl.model_store import ModelStore
+from contourcl.networks import NetConfig, build_network
+from contourcl.phantom import write_phantom
+from contourcl.retrain import consider_model_file, gate_dice, retrain
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def tiny_oar(path, seed=0):
+    torch.manual_seed(seed)
+    net = build_network(NetConfig(out_channels=len(model_labels("oar")) + 1, encoder="resnet10", width=8))
+    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), roi=(64, 64)))
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Four labeled phantoms, one of them with NaN voxels written into the CT."""
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("studies")
+    for i in range(4):
+        write_phantom(root, f"case{i}", i, shape=(64, 64, 16), spacing=(4.0, 4.0, 8.0))
+    bad = root / "case3.nii.gz"
+    img = nib.load(bad)
+    ct = np.asarray(img.dataobj).astype(np.float32)
+    ct[10:20, 10:20, 3] = np.nan
+    nib.save(nib.Nifti1Image(ct, img.affine), str(bad))
+    return root
+
+
+def cases(root):
+    return [{"id": p.name.removesuffix(".nii.gz"), "image": str(p), "label": str(root / "labels" / "final" / p.name)}
+            for p in sorted(root.glob("*.nii.gz"))]
+
+
+def test_gate_figure_is_what_contourcl_evaluate_reports_and_bad_cases_are_excluded(studies, tmp_path):
+    store = ModelStore(tmp_path / "model", "oar")
+    tiny_oar(store.served)
+    entry = retrain("oar", cases(studies), store, {"max_epochs": 1, "train_batch_size": 8, "samples_per_volume": 8, "val_split": 0.3})
+
+    assert entry["excluded"] and "case3" in entry["excluded"] and "NaN" in entry["excluded"]["case3"]
+    assert "case3" not in entry["train_ids"] + entry["val_ids"]
+    assert entry["gate_cases"] == len(entry["val_ids"]) == 1
+    assert "fewer than 3" in entry["gate_note"]
+    # the served model's figure in the history is the one `contourcl evaluate` gives on those cases
+    served_v0 = store.root / store.entries()[0]["file"]
+    out = tmp_path / "eval.json"
+    exe = Path(sys.executable).parent / "contourcl"
+    run = subprocess.run([str(exe), "evaluate", str(served_v0), "--data", str(studies), "--ids", ",".join(entry["val_ids"]), "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    evaluated = json.loads(out.read_text())["mean"]["dice"]
+    assert abs(entry["served_val_dice"] - evaluated) < 1e-6
+    assert abs(store.entries()[0]["val_dice"] - evaluated) < 1e-6
+    val = [c for c in cases(studies) if c["id"] in entry["val_ids"]]
+    assert abs(gate_dice(store.root / entry["file"], val)[0] - entry["val_dice"]) < 1e-6
+
+
+def test_a_model_file_that_runs_code_is_refused_unrun(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "meta": CodePayload(marker), "state_dict": {}}, evil)
+    with pytest.raises(InvalidModelError, match="not a ContourCL model file"):
+        check_model_file(evil, "oar")
+    evil.write_bytes(pickle.dumps(CodePayload(marker)))
+    with pytest.raises(InvalidModelError):
+        check_model_file(evil, "oar")
+    assert not marker.exists()
+
+
+def test_model_file_checks_name_the_problem(tmp_path):
+    tiny_oar(tmp_path / "oar.pt")
+    assert check_model_file(tmp_path / "oar.pt", "oar").model == "oar"
+    with pytest.raises(InvalidModelError, match="is a 'oar' model, not 'gtv'"):
+        check_model_file(tmp_path / "oar.pt", "gtv")
+    ckpt = torch.load(tmp_path / "oar.pt", weights_only=True)
+    ckpt["state_dict"] = {k: v[..., :1] if v.ndim == 4 else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "cut.pt")
+    with pytest.raises(InvalidModelError, match="do not fit"):
+        check_model_file(tmp_path / "cut.pt", "oar")
+    ckpt = torch.load(tmp_path / "oar.pt", weights_only=True)
+    ckpt["meta"]["labels"] = {"Liver": 1}
+    torch.save(ckpt, tmp_path / "liver.pt")
+    with pytest.raises(InvalidModelError, match="contours"):
+        check_model_file(tmp_path / "liver.pt", "oar")
+
+
+def test_uploaded_model_goes_through_the_gate_and_the_history(studies, tmp_path):
+    store = ModelStore(tmp_path / "model", "oar")
+    tiny_oar(store.served, seed=0)
+    served_bytes = store.served.read_bytes()
+    labeled = cases(studies)
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(InvalidModelError):
+        consider_model_file("oar", junk, store, labeled, origin="upload")
+    assert store.entries() == [] and store.served.read_bytes() == served_bytes  # nothing archived or served
+
+    candidate = tiny_oar(tmp_path / "candidate.pt", seed=1)
+    entry = consider_model_file("oar", candidate, store, labeled, origin="upload")
+    assert entry["origin"] == "upload" and entry["gate_cases"] >= 1
+    assert "case3" in entry["excluded"]
+    if entry["val_dice"] >= entry["served_val_dice"]:
+        assert entry["published"] and store.served.read_bytes() == candidate.read_bytes()
+    else:
+        assert not entry["published"] and store.served.read_bytes() == served_bytes
+    assert [e["version"] for e in store.entries()] == [0, 1]
+
+    # withdrawing keeps the file in the history; restoring serves it again
+    served_now = store.served.read_bytes()
+    kept = store.withdraw()
+    assert not store.served.exists() and (store.root / kept["file"]).read_bytes() == served_now
+    store.restore(kept["version"])
+    assert store.served.read_bytes() == served_now
