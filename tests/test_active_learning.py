@@ -15,11 +15,11 @@ import torch
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
-from contourcl.checkpoint import ModelMeta, save_model
+from contourcl.data.labels import model_labels
+from contourcl.data.phantom import write_phantom
 from contourcl.inference import Contourer, model_version
-from contourcl.labels import model_labels
-from contourcl.networks import NetConfig, build_network
-from contourcl.phantom import write_phantom
+from contourcl.models.checkpoint import ModelMeta, save_model
+from contourcl.models.networks import NetConfig, build_network
 from contourcl.serving import scoring as scoring_module
 from contourcl.serving.lifecycle import SERVER_PID_ENV
 from contourcl.serving.scoring import UncertaintyScoring, read_scores, request_scoring, scores_path, write_scores

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder
-from contourcl.training.base import ConfigError, PretrainConfig
-from contourcl.training.polycl import (
+from contourcl.models.encoder_checkpoint import load_encoder
+from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.training.pretrain.base import ConfigError, PretrainConfig
+from contourcl.training.pretrain.polycl import (
     OrganSampler,
     PolyCLTripletDataset,
     ScanSampler,
@@ -18,8 +19,8 @@ from contourcl.training.polycl import (
     polycl_loss,
     scan_based_pairs,
 )
-from contourcl.training.pretrain import pretrain
-from contourcl.training.volumes import SliceDataset, Volume
+from contourcl.training.pretrain.trainer import pretrain
+from contourcl.training.pretrain.volumes import SliceDataset, Volume
 
 torch.set_num_threads(1)
 

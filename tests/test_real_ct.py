@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from contourcl.datasets import labeled_cases
+from contourcl.data.datasets import labeled_cases
 from contourcl.evaluation import case_mean, evaluate_model_file
 from contourcl.inference import Contourer
 

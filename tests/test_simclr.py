@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder
-from contourcl.training.base import PretrainConfig
-from contourcl.training.pretrain import pretrain
-from contourcl.training.simclr import nt_xent
-from contourcl.training.volumes import write_synthetic_cts
+from contourcl.models.encoder_checkpoint import load_encoder
+from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.training.pretrain.base import PretrainConfig
+from contourcl.training.pretrain.simclr import nt_xent
+from contourcl.training.pretrain.trainer import pretrain
+from contourcl.training.pretrain.volumes import write_synthetic_cts
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from contourcl.training.supcon import SupConLoss, modal_target_labels, supcon_loss
+from contourcl.training.pretrain.supcon import SupConLoss, modal_target_labels, supcon_loss
 
 torch.set_num_threads(1)
 

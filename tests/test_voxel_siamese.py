@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, build_network
-from contourcl.training.voxel_siamese import (
+from contourcl.models.networks import NetConfig, build_network
+from contourcl.training.finetune.voxel_siamese import (
     DEFAULT_LAMBDA,
     VoxelSiameseLoss,
     class_weights,
@@ -198,7 +198,7 @@ def test_all_invalid_gives_zero_and_bad_inputs_raise():
 
 
 def test_wrapper_for_the_fine_tuning_loop():
-    from contourcl.training.voxel_siamese import VoxelSiameseNet, trusted_voxels
+    from contourcl.training.finetune.voxel_siamese import VoxelSiameseNet, trusted_voxels
 
     net = tiny_net()
     model = VoxelSiameseNet(net, hidden=16).train()

@@ -14,18 +14,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 
-from contourcl.checkpoint import ModelMeta, load_model
+from contourcl.data.transforms import ct_preprocessing
+from contourcl.data.volumes import check_header, write_label
 from contourcl.errors import InvalidImageError
-from contourcl.networks import ContourUNet
-from contourcl.transforms import ct_preprocessing
-from contourcl.volumes import check_header
+from contourcl.models.checkpoint import ModelMeta, load_model
+from contourcl.models.networks import ContourUNet
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +98,7 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        img = nib.Nifti1Image(self.label.astype(np.uint8), self.affine)
-        img.set_qform(self.affine, code=1)
-        img.set_sform(self.affine, code=1)
-        nib.save(img, str(path))
-        return Path(path)
+        return write_label(path, self.label, self.affine)
 
 
 def nearest_to_grid(label: np.ndarray, affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray | None:

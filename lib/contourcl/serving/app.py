@@ -9,18 +9,18 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.random import Random
 
+from contourcl.data.labels import MODEL_LABELS
 from contourcl.ids import check_id
-from contourcl.labels import MODEL_LABELS
-from contourcl.model_store import ModelStore
-from contourcl.retrain import consider_model_file
 from contourcl.serving.datastore import SafeDatastore
 from contourcl.serving.endpoints import install as install_endpoints
 from contourcl.serving.errors import http_errors
 from contourcl.serving.infer import ContourInferTask
 from contourcl.serving.lifecycle import TrainerBusyError
+from contourcl.serving.model_store import ModelStore
+from contourcl.serving.retrain import consider_model_file
+from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.security import install as install_security
 from contourcl.serving.security import status as security_status
-from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.strategy import UncertaintyStrategy
 from contourcl.serving.train import RetrainTask
 

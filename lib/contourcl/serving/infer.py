@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from contourcl.data.labels import model_labels
 from contourcl.inference import Contourer
-from contourcl.labels import model_labels
 
 
 class ContourInferTask(InferTask):
