@@ -35,7 +35,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -305,6 +305,8 @@ class Plan:
     tolerance_mm: float
     seed: int = 0
     device: str | None = None
+    #: per model, the largest-component rule its model files record (the app's model config)
+    largest_component: dict[str, bool] = field(default_factory=dict)
     tasks: list[Task] = field(default_factory=list)
     validation: dict[str, list[dict]] = field(default_factory=dict)
 
@@ -334,19 +336,24 @@ def _finetune_config(plan: Plan, model: str, method: Method, init: str | None, d
         "roi": (s.finetune_roi, s.finetune_roi),
         "samples_per_volume": s.samples_per_volume, "lr": s.lr, "seed": plan.seed + draw, "init": init,
         "voxel_siamese": method.voxel_siamese, "voxel_siamese_lambda": s.voxel_siamese_lambda,
+        "largest_component": plan.largest_component.get(model),
     }
 
 
 def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] = MODELS, methods: Sequence[str] = DEFAULT_METHODS,
-         tolerance_mm: float = DEFAULT_TOLERANCE_MM, seed: int = 0, device: str | None = None) -> Plan:
-    """The runs of one benchmark, with their dependencies (nothing is run)."""
+         tolerance_mm: float = DEFAULT_TOLERANCE_MM, seed: int = 0, device: str | None = None,
+         largest_component: Mapping[str, bool] | None = None) -> Plan:
+    """The runs of one benchmark, with their dependencies (nothing is run).
+
+    ``largest_component``: per model, the rule its model files record (the app's model config).
+    """
     for m in models:
         model_labels(m)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     train, val = openkbp_splits(data)
-    p = Plan(Path(out), scale, tuple(models), tuple(methods), float(tolerance_mm), seed, device)
+    p = Plan(Path(out), scale, tuple(models), tuple(methods), float(tolerance_mm), seed, device, dict(largest_component or {}))
     pool = set(pretraining_pool(train, scale.pool, seed))
     pool_images = sorted(c["image"] for c in labeled_cases(train, "oar") if c["id"] in pool)
     # label-free pretraining: once, shared by every draw and model

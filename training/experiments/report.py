@@ -128,8 +128,10 @@ def plot_dice(rows: list[dict], model: str, methods: list[str], out: Path) -> Pa
     return out
 
 
-def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, validation: list[dict], cases: int = 2) -> list[Path]:
-    """Contours of the best method and of random init (largest |X_tr|, draw 0) on a few validation cases."""
+def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, validation: list[dict], cases: int = 2,
+             largest_component: bool = True) -> list[Path]:
+    """Contours of the best method and of random init (largest |X_tr|, draw 0) on a few validation cases
+    (``largest_component``: the rule for model files that do not record one)."""
     from contourcl.inference import Contourer
 
     n = max((r["n_labeled"] for r in runs if r["model"] == model), default=None)
@@ -143,7 +145,7 @@ def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, vali
         run = next((r for r in runs if r["model"] == model and r["method"] == method and r["n_labeled"] == n and r["draw"] == 0), None)
         if run is None or not Path(run["model_path"]).is_file():
             continue
-        contourer = Contourer(run["model_path"], largest_component=(model == "oar"))
+        contourer = Contourer(run["model_path"], largest_component=largest_component)
         for case_id in sorted(run["cases"])[:cases]:
             case = next((item for item in validation if item["id"] == case_id), None)
             if case is None:
@@ -183,5 +185,6 @@ def write_report(plan) -> list[Path]:
         if any(r["model"] == model for r in rows):
             written.append(plot_dice(rows, model, list(plan.methods), out / f"dice-vs-labeled-{model}.png"))
             (out / "overlays").mkdir(exist_ok=True)
-            written += overlays(runs, rows, model, out / "overlays", plan.validation.get(model, []))
+            written += overlays(runs, rows, model, out / "overlays", plan.validation.get(model, []),
+                                largest_component=plan.largest_component.get(model, True))
     return written

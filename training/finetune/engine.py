@@ -88,6 +88,8 @@ class FinetuneConfig:
     ce_weight: float = 0.1
     voxel_siamese: bool = False  # voxel-level Siamese auxiliary loss (contourcl.training.finetune.voxel_siamese)
     voxel_siamese_lambda: float = DEFAULT_LAMBDA  # lambda of "Dice + lambda * feature loss" (see voxel_siamese)
+    #: the largest-component rule recorded in the model file (None: not recorded)
+    largest_component: bool | None = None
 
     def net_config(self) -> NetConfig:
         return NetConfig(out_channels=len(model_labels(self.model)) + 1, **self.net)
@@ -364,6 +366,7 @@ def model_meta(cfg: FinetuneConfig, network: ContourUNet, result: FinetuneResult
         roi=tuple(cfg.roi),
         metrics=metrics,
         provenance={"config": {k: v for k, v in asdict(cfg).items()}, **provenance},
+        largest_component=cfg.largest_component,
     )
 
 

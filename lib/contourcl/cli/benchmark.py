@@ -7,6 +7,7 @@ import argparse
 from dataclasses import replace
 
 from contourcl.evaluation import DEFAULT_TOLERANCE_MM
+from contourcl.serving.config import default_largest_component
 from contourcl.training.experiments.label_efficiency import DEFAULT_METHODS, METHODS, MODELS, SCALES, Scale, plan, run_benchmark
 
 
@@ -48,7 +49,8 @@ def scale_from_args(args: argparse.Namespace) -> Scale:
 
 
 def run(args: argparse.Namespace) -> int:
-    p = plan(args.data, args.out, scale_from_args(args), args.models, args.methods, args.tolerance, args.seed, args.device)
+    rules = {m: default_largest_component(m) for m in args.models}
+    p = plan(args.data, args.out, scale_from_args(args), args.models, args.methods, args.tolerance, args.seed, args.device, rules)
     paths, failed = run_benchmark(p, args.jobs, args.threads, args.report_only)
     print("\n".join(str(x) for x in paths))
     if failed:

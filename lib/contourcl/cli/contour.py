@@ -1,4 +1,4 @@
-"""``contourcl contour``: contour one CT with a model file, without a server."""
+"""``contourcl contour``: contour one CT with a model file, without a server, as the app would."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import json
 from contourcl.data.labels import to_model
 from contourcl.data.volumes import read_ras
 from contourcl.inference import Contourer
+from contourcl.models.checkpoint import read_meta
 from contourcl.plots import contour_overlay
+from contourcl.serving.config import default_largest_component
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,10 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    contourer = Contourer(args.model)
+    meta = read_meta(args.model)
+    contourer = Contourer(args.model, largest_component=default_largest_component(meta.model))
     prediction = contourer(args.image)
     prediction.save(args.out)
-    _, _, meta = contourer.model()
     if args.png:  # RAS-ordered arrays, as contour_overlay expects
         ct = read_ras(args.image)
         label = read_ras(args.out)

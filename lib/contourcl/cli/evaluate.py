@@ -8,6 +8,7 @@ import json
 from contourcl.data.datasets import labeled_cases
 from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, format_figure, summarise
 from contourcl.models.checkpoint import read_meta
+from contourcl.serving.config import default_largest_component
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     cases = cases[: args.max_cases]
     if not cases:
         raise SystemExit(f"no labeled {meta.model} cases in {args.data}")
-    per_case = evaluate_model_file(args.model, cases, args.tolerance)
+    per_case = evaluate_model_file(args.model, cases, args.tolerance, largest_component=default_largest_component(meta.model))
     structures = list(meta.labels)
     print(f"{args.model} ({meta.model}) on {len(cases)} cases of {args.data}; mean ± standard error over patients; "
           f"structures a case does not contour are skipped")

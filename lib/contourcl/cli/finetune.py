@@ -12,6 +12,7 @@ from dataclasses import replace
 from contourcl.data.datasets import labeled_cases
 from contourcl.models.checkpoint import load_model
 from contourcl.plots import training_curves
+from contourcl.serving.config import default_largest_component
 from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, save_finetuned
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, roi=(args.roi, args.roi),
         lr=args.lr, batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, seed=args.seed, init=args.init,
         voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
+        largest_component=default_largest_component(args.model),
     )
     provenance = dict(
         data=str(args.data), train_ids=[c["id"] for c in train], val_ids=[c["id"] for c in val],
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         start, meta = load_model(args.start_from)
         if meta.model != args.model:
             raise SystemExit(f"--start-from {args.start_from} is a {meta.model} model, not {args.model}")
-        cfg = replace(cfg, net={k: v for k, v in meta.net.items() if k != "out_channels"}, spacing=meta.spacing, window=meta.window, roi=meta.roi)
+        cfg = replace(cfg, net={k: v for k, v in meta.net.items() if k != "out_channels"}, spacing=meta.spacing, window=meta.window, roi=meta.roi,
+                      largest_component=cfg.largest_component if meta.largest_component is None else meta.largest_component)
         provenance["started_from"] = str(args.start_from)
     result = finetune(train, val, cfg, start_from=start, on_epoch=keep_best)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process writes

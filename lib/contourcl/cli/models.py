@@ -13,15 +13,8 @@ import json
 from pathlib import Path
 
 from contourcl.ids import check_id
+from contourcl.serving.config import default_app
 from contourcl.serving.model_store import ModelStore
-
-
-def default_app() -> Path | None:
-    """``apps/radonc`` of the repository the ``contourcl`` package is installed from, if any."""
-    import contourcl
-
-    app = Path(contourcl.__file__).resolve().parents[2] / "apps" / "radonc"  # <repo>/lib/contourcl/__init__.py
-    return app if (app / "main.py").is_file() else None
 
 
 def resolve_model_dir(app: str | Path | None, model_dir: str | Path | None, weights: str | None = None) -> Path:

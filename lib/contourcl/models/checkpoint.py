@@ -2,6 +2,7 @@
 
 One ``.pt`` file holds the network configuration, its weights, the structures it contours
 (name -> output channel), the preprocessing it was trained with (spacing, window, slice size),
+its largest-component rule (files written before the rule was recorded leave it to the caller),
 and its provenance and validation figures. Serving, fine-tuning and benchmarks all read it
 through :func:`load_model`, so a model can never be run with the wrong preprocessing.
 
@@ -40,6 +41,9 @@ class ModelMeta:
     metrics: dict = field(default_factory=dict)  # e.g. {"val_dice": ..., "val_ids": [...]}
     provenance: dict = field(default_factory=dict)  # data, command, init checkpoint, epochs
     created: str = ""
+    #: keep only the largest connected component of each structure when contouring; None: the
+    #: file does not say (the contouring caller's default applies, e.g. the app's model config)
+    largest_component: bool | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -125,6 +129,8 @@ def _load(path: str | Path) -> tuple[ModelMeta, dict]:
         m["window"] = tuple(m["window"])
         m["roi"] = tuple(m["roi"])
         meta = ModelMeta(**m)
+        if meta.largest_component not in (None, True, False):
+            raise ValueError(f"largest_component is {meta.largest_component!r}, not true, false or absent")
         state = ckpt["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise TypeError("state_dict is not a mapping of tensors")

@@ -10,8 +10,8 @@
    (:meth:`~contourcl.serving.model_store.ModelStore.consider`).
 
 The gate scores exactly what is served: each model file contours each validation CT as the
-server does (:class:`~contourcl.inference.Contourer`: whole body-cropped slices, the model's
-largest-component rule, mapped back to the CT's grid) and is scored on the CT's own grid with the
+server does (:class:`~contourcl.inference.Contourer`: whole body-cropped slices, the model file's
+largest-component rule or the model config's for a file without one, mapped back to the CT's grid) and is scored on the CT's own grid with the
 Dice of :func:`contourcl.evaluation.contour_metrics`, averaged as ``contourcl evaluate`` averages
 (per patient over the structures it contours, then over patients). A model uploaded with
 ``PUT /model/<name>`` goes the same way (:func:`consider_model_file`).
@@ -69,11 +69,12 @@ def usable_cases(cases: list[dict]) -> tuple[list[dict], dict[str, str]]:
     return keep, excluded
 
 
-def gate_dice(model_file: str | Path, cases: list[dict]) -> tuple[float, dict[str, float]]:
+def gate_dice(model_file: str | Path, cases: list[dict], largest_component: bool = True) -> tuple[float, dict[str, float]]:
     """The quality gate's figure of ``model_file`` on labeled ``cases``: mean Dice over patients
     (each patient's mean over the structures it contours) and per structure, of the served
-    inference path on each CT's own grid. The same number ``contourcl evaluate`` reports."""
-    per_case = evaluate_model_file(model_file, cases)
+    inference path on each CT's own grid (``largest_component``: the rule for a file without
+    one). The same number ``contourcl evaluate`` reports."""
+    per_case = evaluate_model_file(model_file, cases, largest_component=largest_component)
     structures = list(read_meta(model_file).labels)
     summary = summarise([per_case], structures)
     per = {s: summary[(s, "dice")]["mean"] for s in structures if summary[(s, "dice")]["patients"]}
@@ -86,10 +87,12 @@ def _gate_note(n: int) -> str | None:
     return None
 
 
-def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | None = None, init: str | None = None, progress: bool = False) -> dict:
+def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | None = None, init: str | None = None, progress: bool = False,
+            largest_component: bool = True) -> dict:
     """Fine-tune ``model`` on ``cases`` (``id``, ``image``, ``label`` in stored numbering).
 
-    Returns a summary: the history entry (``published``, ``reason``, figures) plus the split.
+    The new model file records the served file's largest-component rule, or ``largest_component``
+    (the model config's) when the served file has none or there is no served file. Returns a summary: the history entry (``published``, ``reason``, figures) plus the split.
     Raises ``ValueError`` when there is nothing to train on.
     """
     req = {**DEFAULTS, **(request or {})}
@@ -108,21 +111,22 @@ def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | No
     if store.served.is_file():
         served_net, meta = load_model(store.served)
         cfg = FinetuneConfig(model=model, net={k: v for k, v in meta.net.items() if k != "out_channels"},
-                             spacing=meta.spacing, window=meta.window, roi=meta.roi)
+                             spacing=meta.spacing, window=meta.window, roi=meta.roi,
+                             largest_component=largest_component if meta.largest_component is None else meta.largest_component)
     else:
-        cfg = FinetuneConfig(model=model, init=init)
+        cfg = FinetuneConfig(model=model, init=init, largest_component=largest_component)
     cfg = replace(
         cfg, max_epochs=int(req["max_epochs"]), lr=float(req["lr"]), batch_size=int(req["train_batch_size"]),
         samples_per_volume=int(req["samples_per_volume"]), seed=int(req["seed"]),
     )
-    served_dice = gate_dice(store.served, val)[0] if served_net is not None else None
+    served_dice = gate_dice(store.served, val, largest_component)[0] if served_net is not None else None
     logger.info("%s: %d training, %d validation cases %s; served model's validation Dice %s",
                 model, len(train), len(val), sorted(val_ids), "-" if served_dice is None else f"{served_dice:.4f}")
 
     result = finetune(train, val, cfg, start_from=served_net, progress=progress)
     with tempfile.TemporaryDirectory(dir=store.served.parent) as tmp:
         candidate = save_finetuned(Path(tmp) / "candidate.pt", cfg, result, trained_on=[c["id"] for c in train], validated_on=sorted(val_ids))
-        candidate_dice, per_structure = gate_dice(candidate, val)
+        candidate_dice, per_structure = gate_dice(candidate, val, largest_component)
         entry = store.consider(
             candidate, candidate_dice, served_dice,
             per_structure=per_structure, best_epoch=result.best_epoch, epochs=cfg.max_epochs,
@@ -133,9 +137,11 @@ def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | No
     return {**entry, "model": model}
 
 
-def consider_model_file(model: str, path: str | Path, store: ModelStore, cases: list[dict], origin: str) -> dict:
+def consider_model_file(model: str, path: str | Path, store: ModelStore, cases: list[dict], origin: str,
+                        largest_component: bool = True) -> dict:
     """Archive a model file from outside retraining (an upload) and publish it only if the quality
-    gate finds it not worse than the served model on the fixed validation cases.
+    gate finds it not worse than the served model on the fixed validation cases
+    (``largest_component``: the rule for a model file without one).
 
     Raises :class:`~contourcl.errors.InvalidModelError` (nothing archived, nothing served changes)
     when the file is not a valid ``model`` file.
@@ -145,8 +151,8 @@ def consider_model_file(model: str, path: str | Path, store: ModelStore, cases: 
     val_ids = set(store.validation_ids([c["id"] for c in cases]))
     val = [c for c in cases if c["id"] in val_ids]
     if val:
-        candidate_dice, per_structure = gate_dice(path, val)
-        served_dice = gate_dice(store.served, val)[0] if store.served.is_file() else None
+        candidate_dice, per_structure = gate_dice(path, val, largest_component)
+        served_dice = gate_dice(store.served, val, largest_component)[0] if store.served.is_file() else None
     else:  # no validation case: consider() refuses to replace a served model without a figure
         candidate_dice, per_structure, served_dice = float("nan"), {}, (None if not store.served.is_file() else float("nan"))
     return store.consider(
