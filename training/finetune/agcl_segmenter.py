@@ -111,8 +111,8 @@ class AGCLSegmenter(nn.Module):
 
     ``forward(image, coarse)``: ``image`` ``(B, 1, H, W)``, ``coarse`` ``(B, H, W)`` the coarse
     segmentation numbered 1..T (the ``oar`` model's numbering); returns per-target logits
-    ``(B, T, 2, H, W)``. :meth:`predict` fuses them (:func:`fuse_labels`); :meth:`loss` is the
-    soft Dice of each binary model (the paper's Eq. 1), averaged over targets.
+    ``(B, T, 2, H, W)``; :meth:`predict` fuses them (:func:`fuse_labels`). Training
+    (:func:`finetune_agcl`) scores each binary output with soft Dice (the paper's Eq. 1).
     """
 
     def __init__(self, encoder: ResNetEncoder, n_targets: int, **head_kwargs):
@@ -123,7 +123,6 @@ class AGCLSegmenter(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.heads = nn.ModuleList(ASPPHead(encoder.out_channels, **head_kwargs) for _ in range(n_targets))
-        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, n_targets: int, **head_kwargs) -> AGCLSegmenter:
@@ -153,15 +152,6 @@ class AGCLSegmenter(nn.Module):
     def predict(self, image: torch.Tensor, coarse: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
         """One multi-structure map ``(B, H, W)`` numbered 1..T (0 background)."""
         return fuse_labels(self.probabilities(image, coarse), threshold)
-
-    def loss(self, image: torch.Tensor, coarse: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Mean over targets of the soft Dice of each binary output against ``label == t``."""
-        logits = self(image, coarse)
-        label = label.reshape(image.shape[0], 1, *image.shape[-2:])
-        return torch.stack(
-            [self.dice(logits[:, t], (label == t + 1).long()) for t in range(logits.shape[1])]
-        ).mean()
-
 
 
 @dataclass

@@ -14,7 +14,8 @@ Paper equations implemented by :class:`VoxelSiameseLoss`:
   ``w_c = (|P| / |P^c|) / sum_c' (|P| / |P^c'|)`` (over the classes among the sampled voxels);
 - Eq. 7, summed over the layers with weights ``w_f`` (1 each in the paper);
 - Eq. 8, the total ``L = L_dice + lambda * L_feature`` (the paper's ``lambda = 10`` for three
-  layers; 0.3 here, :data:`DEFAULT_LAMBDA`), see :func:`total_loss`.
+  layers; 0.3 here, :data:`DEFAULT_LAMBDA`), added by the fine-tuning loop
+  (:mod:`contourcl.training.finetune.engine`).
 
 No public code exists; choices made here, each stated:
 
@@ -67,7 +68,6 @@ __all__ = [
     "sample_voxels",
     "class_weights",
     "voxel_siamese_layer_loss",
-    "total_loss",
 ]
 
 #: ``lambda`` of Eq. 8 for three layers in the paper (100 for a single layer).
@@ -319,11 +319,6 @@ class VoxelSiameseLoss(nn.Module):
                 p, z, lab_l.reshape(-1)[idx], self.weighted, self.pair_reduction
             )
         return total
-
-
-def total_loss(seg_loss: torch.Tensor, feature_loss: torch.Tensor, lam: float = DEFAULT_LAMBDA) -> torch.Tensor:
-    """Eq. 8: ``L = L_dice + lambda * L_feature``."""
-    return seg_loss + lam * feature_loss
 
 
 def trusted_voxels(labels: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor | None:

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from contourcl.data import labels as label_names
-from contourcl.models.encoder_checkpoint import read_encoder, save_encoder
+from contourcl.models.encoder_checkpoint import save_encoder
 from contourcl.models.networks import ResNetEncoder
 from contourcl.training.pretrain.base import ConfigError, PretrainConfig, PretrainMethod, RunContext, Stage
 from contourcl.training.pretrain.supcon import SupConLoss, modal_target_labels
@@ -57,7 +57,6 @@ __all__ = [
     "AGCLPatchDataset",
     "PairedAugment",
     "UNKNOWN_MODALITY",
-    "convert_checkpoint",
     "extract_patch",
     "find_label_file",
     "load_coarse_labels",
@@ -311,18 +310,6 @@ def two_channel_path(out: str | Path) -> Path:
     """Where the 2-channel AGCL checkpoint goes next to the 1-channel ``out``: ``X.pt`` -> ``X.2ch.pt``."""
     out = Path(out)
     return out.with_name(f"{out.stem}.2ch{out.suffix or '.pt'}")
-
-
-def convert_checkpoint(src: str | Path, dst: str | Path) -> dict:
-    """Convert a 2-channel AGCL encoder checkpoint into a 1-channel one (:func:`save_encoder` format).
-
-    The result loads into the app's 1-channel U-Net with :func:`contourcl.models.encoder_checkpoint.load_encoder`.
-    Returns the written ``meta``.
-    """
-    enc, meta = read_encoder(src)
-    meta = {**meta, "converted_from": str(src), "conversion": "first conv: image channel kept"}
-    save_encoder(to_single_channel(enc), dst, **meta)
-    return meta
 
 
 # =============================================================================== the method

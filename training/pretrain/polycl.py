@@ -57,10 +57,8 @@ __all__ = [
     "PolyCLTripletDataset",
     "ScanSampler",
     "middle_slices",
-    "organ_based_pairs",
     "organ_presence",
     "polycl_loss",
-    "scan_based_pairs",
 ]
 
 
@@ -131,22 +129,6 @@ class OrganSampler:
         has = int(self.presence[i, k])
         same, opposite = self.groups[k][has], self.groups[k][1 - has]
         return _pick_excluding(same, i, rng), int(opposite[int(rng.integers(opposite.size))]), k
-
-
-def scan_based_pairs(scans: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """PolyCL-S pairs of every slice: ``(positive, negative)`` index arrays (see :class:`ScanSampler`)."""
-    draw = ScanSampler(scans)
-    pairs = np.array([draw(i, rng) for i in range(len(draw.scans))], dtype=np.int64).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
-
-
-def organ_based_pairs(
-    presence: np.ndarray, rng: np.random.Generator, organ: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """PolyCL-O pairs of every slice: ``(positive, negative, organ)`` arrays (see :class:`OrganSampler`)."""
-    draw = OrganSampler(presence, organ)
-    out = np.array([draw(i, rng) for i in range(draw.presence.shape[0])], dtype=np.int64).reshape(-1, 3)
-    return out[:, 0], out[:, 1], out[:, 2]
 
 
 def middle_slices(index: np.ndarray, num_slices: Sequence[int], fraction: float) -> np.ndarray:

@@ -547,9 +547,6 @@ class SepaRegMethod(PretrainMethod):
             dataset = AugmentedWithTarget(dataset, augment)
         yield Stage("distill", distiller, dataset, self._iters("distill"))
 
-    def output_encoder(self) -> ResNetEncoder:
-        return self.encoder
-
     def output_meta(self) -> dict:
         meta: dict = {"student": "distilled (SepaReg IID)"}
         if self.region_set is not None:

@@ -27,11 +27,6 @@ from contourcl.training.pretrain.base import PretrainMethod
 from contourcl.training.pretrain.volumes import SliceDataset
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """NT-Xent of two ``(N, D)`` batches of projections (SimCLR Eq. 1, mean over 2N anchors)."""
-    return ContrastiveLoss(temperature=temperature)(z1.float(), z2.float())
-
-
 class SimCLRHead(nn.Sequential):
     """SimCLR's projection head g: Linear-ReLU-Linear."""
 
