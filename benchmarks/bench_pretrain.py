@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contourcl.networks import ResNetEncoder
-from contourcl.training.base import PretrainConfig, RunContext, available_methods, get_method, to_device
-from contourcl.training.separeg import build_region_set
-from contourcl.datasets import find_ct_images
-from contourcl.training.volumes import load_volumes, write_synthetic_cts
+from contourcl.data.datasets import find_ct_images
+from contourcl.models.networks import ResNetEncoder
+from contourcl.training.pretrain.base import PretrainConfig, RunContext, to_device
+from contourcl.training.pretrain.separeg import build_region_set
+from contourcl.training.pretrain.trainer import available_methods, get_method
+from contourcl.training.pretrain.volumes import load_volumes, write_synthetic_cts
 
 OPENKBP = Path("/work/shared/data/openkbp/train-pats")
 

@@ -86,7 +86,7 @@ def bench_retrain(runs: int) -> dict:
     import nibabel as nib
     import requests
 
-    from contourcl.phantom import make_dataset
+    from contourcl.data.phantom import make_dataset
 
     turnarounds = []
     for run in range(runs):
@@ -110,7 +110,7 @@ def bench_retrain(runs: int) -> dict:
             unlabeled = sorted(set(p.name[:-7] for p in studies.glob("*.nii.gz")) - set(p.name[:-7] for p in (studies / "labels" / "final").glob("*.nii.gz")))[0]
             before = requests.post(f"{url}/infer/oar", params={"image": unlabeled, "output": "json"}).json()["model_version"]
             # the fifth labeled case: the phantom's truth, submitted as a clinician would
-            from contourcl.phantom import make_phantom
+            from contourcl.data.phantom import make_phantom
 
             seed = int(unlabeled.rsplit("_", 1)[1])
             img = nib.load(studies / f"{unlabeled}.nii.gz")

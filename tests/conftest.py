@@ -99,7 +99,7 @@ def blob_files(tmp_path):
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
     """A studies folder of three small synthetic phantoms (64 x 64 x 24 at 4 x 4 x 8 mm), labeled."""
-    from contourcl.phantom import write_phantom
+    from contourcl.data.phantom import write_phantom
 
     root = tmp_path_factory.mktemp("phantoms")
     for i in range(3):

@@ -15,11 +15,11 @@ import torch
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
-from contourcl.checkpoint import ModelMeta, save_model
+from contourcl.data.labels import model_labels
+from contourcl.data.phantom import write_phantom
 from contourcl.inference import Contourer, model_version
-from contourcl.labels import model_labels
-from contourcl.networks import NetConfig, build_network
-from contourcl.phantom import write_phantom
+from contourcl.models.checkpoint import ModelMeta, save_model
+from contourcl.models.networks import NetConfig, build_network
 from contourcl.serving import scoring as scoring_module
 from contourcl.serving.lifecycle import SERVER_PID_ENV
 from contourcl.serving.scoring import UncertaintyScoring, read_scores, request_scoring, scores_path, write_scores
@@ -208,13 +208,13 @@ def test_unknown_strategy_is_a_404_naming_the_known_ones(setup, tmp_path, monkey
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
     from monailabel.endpoints import activelearning
-
-    from contourcl.serving.app import ContourApp
+    from monailabel.utils.others.class_utils import get_class_of_subclass_from_file
 
     app_dir = tmp_path / "app"
     shutil.copytree(REPO / "apps" / "radonc", app_dir, ignore=shutil.ignore_patterns("*.pt", "history", "__pycache__"))
     tiny_oar_model(app_dir / "model" / "oar.pt")
-    app = ContourApp(str(app_dir), str(setup["studies"]), {"models": "oar", "skip_trainers": "true"})
+    app_class = get_class_of_subclass_from_file("main", str(app_dir / "main.py"), "MONAILabelApp")  # as MONAI Label loads main.py
+    app = app_class(str(app_dir), str(setup["studies"]), {"models": "oar", "skip_trainers": "true"})
     app._auto_update_scoring = False  # no server to start scoring in
     assert set(app._strategies) == {"random", "oar_uncertainty"} and set(app._scoring_methods) == {"oar_uncertainty"}
 

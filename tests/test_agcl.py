@@ -4,23 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl import labels as label_names
-from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder, save_encoder
-from contourcl.training.agcl import (
+from contourcl.data import labels as label_names
+from contourcl.models.encoder_checkpoint import load_encoder, save_encoder
+from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.training.finetune.agcl_segmenter import AGCLSegmenter, fuse_labels
+from contourcl.training.pretrain.agcl import (
     AGCLPatchDataset,
-    AGCLSegmenter,
     PairedAugment,
-    convert_checkpoint,
     extract_patch,
     find_label_file,
-    fuse_labels,
     load_coarse_labels,
     to_single_channel,
     two_channel_path,
 )
-from contourcl.training.base import ConfigError, PretrainConfig
-from contourcl.training.pretrain import pretrain
-from contourcl.training.volumes import Volume
+from contourcl.training.pretrain.base import ConfigError, PretrainConfig
+from contourcl.training.pretrain.trainer import pretrain
+from contourcl.training.pretrain.volumes import Volume
 
 torch.set_num_threads(1)
 
@@ -103,16 +102,16 @@ def test_single_channel_conversion_equals_a_zero_mask():
             assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_convert_checkpoint_loads_into_the_app_network(tmp_path):
+def test_single_channel_checkpoint_loads_into_the_app_network(tmp_path):
     torch.manual_seed(0)
     enc2 = ResNetEncoder("resnet10", 8, 2)
     save_encoder(enc2, tmp_path / "agcl.2ch.pt", method="agcl")
     net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
     with pytest.raises(ValueError):
         load_encoder(net, tmp_path / "agcl.2ch.pt")  # 2 channels: refused as is
-    convert_checkpoint(tmp_path / "agcl.2ch.pt", tmp_path / "agcl.pt")
+    save_encoder(to_single_channel(enc2), tmp_path / "agcl.pt", method="agcl")  # what AGCL's run writes at --out
     meta = load_encoder(net, tmp_path / "agcl.pt")
-    assert meta["method"] == "agcl" and "converted_from" in meta
+    assert meta["method"] == "agcl"
     assert torch.equal(net.encoder.resnet.conv1.weight, enc2.resnet.conv1.weight[:, :1])
     assert torch.equal(net.encoder.resnet.layer4[0].conv2.weight, enc2.resnet.layer4[0].conv2.weight)
     assert two_channel_path("runs/agcl.pt").as_posix() == "runs/agcl.2ch.pt"
@@ -142,7 +141,8 @@ def test_segmenter_keeps_the_encoder_frozen():
     coarse[:, 30:40, 30:50] = 3
     logits = seg(image, coarse)
     assert logits.shape == (2, 3, 2, 64, 64)
-    loss = seg.loss(image, coarse, coarse)
+    targets = (coarse[:, None] == torch.arange(1, 4)[None, :, None, None]).long()  # (B, T, H, W): each binary model's truth
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1))
     loss.backward()
     assert all(p.grad is None for p in seg.encoder.parameters())
     assert all(h.classifier.weight.grad is not None for h in seg.heads)
@@ -176,8 +176,8 @@ def test_labels_are_found_in_the_monai_label_layout(phantoms, tmp_path):
 
 
 def test_coarse_labels_from_an_oar_model(phantoms, tmp_path):
-    from contourcl.checkpoint import ModelMeta, save_model
-    from contourcl.training.volumes import load_volume
+    from contourcl.models.checkpoint import ModelMeta, save_model
+    from contourcl.training.pretrain.volumes import load_volume
 
     torch.manual_seed(0)
     net_cfg = NetConfig(out_channels=8, encoder="resnet10", width=8)
@@ -223,12 +223,13 @@ def test_tiny_agcl_pretraining(tmp_path, phantoms):
 
 def test_agcl_heads_fine_tune_and_fuse_on_phantoms(phantoms, tmp_path):
     """The fine-tuning variant end to end: frozen 2-channel encoder, per-target ASPP heads, fusion."""
-    from contourcl.checkpoint import ModelMeta, save_model
-    from contourcl.datasets import labeled_cases
-    from contourcl.labels import model_labels
-    from contourcl.networks import NetConfig, build_network, save_encoder
-    from contourcl.training.agcl_finetune import dilated_coarse, finetune_agcl
-    from contourcl.training.finetune import FinetuneConfig
+    from contourcl.data.datasets import labeled_cases
+    from contourcl.data.labels import model_labels
+    from contourcl.models.checkpoint import ModelMeta, save_model
+    from contourcl.models.encoder_checkpoint import save_encoder
+    from contourcl.models.networks import NetConfig, build_network
+    from contourcl.training.finetune.agcl_segmenter import dilated_coarse, finetune_agcl
+    from contourcl.training.finetune.engine import FinetuneConfig
 
     enc = ResNetEncoder("resnet10", 8, 2)
     save_encoder(enc, tmp_path / "agcl.2ch.pt")

@@ -1,11 +1,15 @@
-"""The app's ``--conf weights``: which model folder is served."""
+"""The app's configuration: ``--conf weights`` (which model folder is served) and the models of
+``lib/configs/`` (one file per model, found as MONAI Label loads the app)."""
 
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from contourcl.errors import UnsafeIdError
-from contourcl.serving.app import model_dir
+from contourcl.errors import UnknownModelError, UnsafeIdError
+from contourcl.serving.app import _models, model_dir
+from contourcl.serving.config import app_configs
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "radonc"
 
@@ -27,3 +31,57 @@ def test_unknown_or_unsafe_weights_are_refused_by_name():
         model_dir(APP, {"weights": "nope"})
     with pytest.raises(UnsafeIdError, match="weights"):
         model_dir(APP, {"weights": "../../etc"})
+
+
+# ------------------------------------------------------------------------------- lib/configs
+def load_app_class(app_dir):
+    """The app class of ``app_dir/main.py``, found and loaded the way MONAI Label does."""
+    from monailabel.utils.others.class_utils import get_class_of_subclass_from_file
+
+    return get_class_of_subclass_from_file("main", str(Path(app_dir) / "main.py"), "MONAILabelApp")
+
+
+def test_the_app_serves_the_models_of_its_config_files():
+    from contourcl.serving.app import ContourApp
+
+    app_class = load_app_class(APP)
+    assert issubclass(app_class, ContourApp) and app_class is not ContourApp
+    configs = app_class.configs
+    assert list(configs) == ["oar", "gtv"]
+    assert (configs["oar"].largest_component, configs["gtv"].largest_component) == (True, False)
+    assert "Organs at risk" in configs["oar"].description and "Tumour target" in configs["gtv"].description
+    assert app_configs(APP) == configs  # what commands run outside the server read
+
+
+def test_a_config_file_is_a_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # MONAI Label leaves the app folder there when loading fails
+    app_dir = tmp_path / "app"
+    shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("*.pt", "history", "__pycache__"))
+    (app_dir / "lib" / "configs" / "gtv.py").unlink()
+    configs = load_app_class(app_dir).configs
+    assert list(configs) == ["oar"]
+    with pytest.raises(ValueError, match=r"unknown model\(s\) \['gtv'\]; known: \['oar'\]"):
+        _models({"models": "gtv"}, configs)
+    (app_dir / "lib" / "configs" / "gtv.py").write_text((APP / "lib" / "configs" / "gtv.py").read_text())
+    assert list(load_app_class(app_dir).configs) == ["oar", "gtv"]
+    (app_dir / "lib" / "configs" / "liver.py").write_text(
+        "from contourcl.serving.config import ModelConfig\nconfig = ModelConfig(name='liver', description='x', largest_component=True)\n")
+    with pytest.raises(UnknownModelError, match="liver"):
+        load_app_class(app_dir)
+
+
+def test_the_model_file_rule_wins_over_the_config_default(tmp_path):
+    from contourcl.data.labels import model_labels
+    from contourcl.inference import Contourer
+    from contourcl.models.checkpoint import ModelMeta, read_meta, save_model
+    from contourcl.models.networks import NetConfig, build_network
+
+    net = build_network(NetConfig(out_channels=2, encoder="resnet10", width=8))
+    for rule in (None, True, False):
+        path = save_model(tmp_path / f"gtv-{rule}.pt", net, ModelMeta(model="gtv", labels=model_labels("gtv"), net=net.config.to_dict(), largest_component=rule))
+        meta = read_meta(path)
+        assert meta.largest_component is rule
+        for default in (True, False):
+            contourer = Contourer(path, largest_component=default)
+            assert contourer.keeps_largest_component(meta) is (default if rule is None else rule)
+            assert contourer.keeps_largest_component(meta, override=not default) is (not default)

@@ -22,16 +22,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import torch
 from monailabel.client import MONAILabelClient
 
-import torch
+from contourcl.data.labels import STORED_LABELS, to_model
+from contourcl.data.phantom import make_phantom
+from contourcl.inference import model_version
+from contourcl.models.checkpoint import load_model, save_model
 
 from conftest import CodePayload, free_port, wait_until_serving
-
-from contourcl.checkpoint import load_model, save_model
-from contourcl.inference import model_version
-from contourcl.labels import STORED_LABELS, to_model
-from contourcl.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)

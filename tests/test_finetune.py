@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.checkpoint import load_model
-from contourcl.networks import ResNetEncoder, save_encoder
-from contourcl.training.finetune import FinetuneConfig, evaluate, finetune, save_finetuned
-from contourcl.transforms import StructurePresenced
+from contourcl.data.transforms import StructurePresenced
+from contourcl.models.checkpoint import load_model
+from contourcl.models.encoder_checkpoint import save_encoder
+from contourcl.models.networks import ResNetEncoder
+from contourcl.training.finetune.engine import FinetuneConfig, evaluate, finetune, save_finetuned
+
 from conftest import blob_case, write_nifti
 
 
@@ -64,7 +66,7 @@ def test_voxel_siamese_option_trains(tmp_path):
 
 
 def test_finetune_cli_on_a_studies_folder(tmp_path):
-    from contourcl.phantom import make_dataset
+    from contourcl.data.phantom import make_dataset
 
     make_dataset(tmp_path / "studies", 3, first_seed=50, labeled=3, shape=(48, 48, 12))
     out = tmp_path / "gtv.pt"
@@ -77,7 +79,7 @@ def test_finetune_cli_on_a_studies_folder(tmp_path):
 
 def test_finetune_under_torchrun_two_cpu_processes(tmp_path):
     """DDP on gloo: two processes share the training cases, rank 0 validates and writes."""
-    from contourcl.phantom import make_dataset
+    from contourcl.data.phantom import make_dataset
 
     make_dataset(tmp_path / "studies", 3, first_seed=60, labeled=3, shape=(48, 48, 12))
     out = tmp_path / "oar.pt"

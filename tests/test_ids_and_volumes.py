@@ -2,9 +2,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from contourcl.data.volumes import CT_BOUNDS, check_header, check_label_geometry, read_ct, read_volume
 from contourcl.errors import InvalidImageError, LabelMismatchError, UnsafeIdError
 from contourcl.ids import check_id
-from contourcl.volumes import CT_BOUNDS, check_header, check_label_geometry, read_ct, read_volume
+
 from conftest import write_nifti
 
 

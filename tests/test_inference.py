@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.checkpoint import ModelMeta, save_model
+from contourcl.data.labels import model_labels
 from contourcl.errors import InvalidImageError
 from contourcl.inference import Contourer
-from contourcl.labels import model_labels
-from contourcl.networks import NetConfig, build_network
+from contourcl.models.checkpoint import ModelMeta, save_model
+from contourcl.models.networks import NetConfig, build_network
+
 from conftest import blob_case, write_nifti
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from contourcl.evaluation import contour_metrics, mean_se
-from contourcl.training import label_efficiency as le
-from contourcl.training.label_efficiency_report import aggregate
+from contourcl.training.experiments import label_efficiency as le
+from contourcl.training.experiments.report import aggregate
+
 from conftest import write_nifti
 
 
@@ -130,7 +131,7 @@ def test_run_tasks_order_failures_and_resume(tmp_path):
 @pytest.fixture(scope="module")
 def openkbp_like(tmp_path_factory):
     """An OpenKBP-shaped folder (pt_*/ct, oar, target) of small synthetic phantoms."""
-    from contourcl.phantom import make_phantom
+    from contourcl.data.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("openkbp")
     for split, seeds in (("train-pats", range(4)), ("validation-pats", range(10, 12))):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from contourcl.data.labels import OAR_NAMES, STORED_LABELS, from_model, model_labels, remap_by_name, stored_label_info, to_model
 from contourcl.errors import UnknownLabelError, UnknownModelError
-from contourcl.labels import OAR_NAMES, STORED_LABELS, from_model, model_labels, remap_by_name, stored_label_info, to_model
 
 
 def test_oar_names_are_tg263_in_model_order():

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from contourcl.checkpoint import ModelMeta, load_model, read_meta, save_model
-from contourcl.labels import model_labels
-from contourcl.model_store import ModelStore
-from contourcl.networks import NetConfig, build_network
+from contourcl.data.labels import model_labels
+from contourcl.models.checkpoint import ModelMeta, load_model, read_meta, save_model
+from contourcl.models.networks import NetConfig, build_network
+from contourcl.serving.model_store import ModelStore
 
 
 def tiny_model_file(path, fill: float, dice: float = 0.5):
@@ -68,7 +68,7 @@ def test_worse_model_is_never_served_and_earlier_ones_can_be_restored(tmp_path):
 
 
 def test_info_summary_is_valid_json_for_a_model_without_validation_figures(tmp_path):
-    from contourcl.retrain import served_summary
+    from contourcl.serving.retrain import served_summary
 
     store = ModelStore(tmp_path, "gtv")
     tiny_model_file(store.served, 0.0, dice=float("nan"))  # trained without validation cases

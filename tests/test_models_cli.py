@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from contourcl.checkpoint import ModelMeta, load_model, save_model
-from contourcl.labels import model_labels
-from contourcl.model_store import ModelStore
-from contourcl.models_cli import default_app, resolve_model_dir
-from contourcl.networks import NetConfig, build_network
+from contourcl.cli.models import default_app, resolve_model_dir
+from contourcl.data.labels import model_labels
+from contourcl.models.checkpoint import ModelMeta, load_model, save_model
+from contourcl.models.networks import NetConfig, build_network
+from contourcl.serving.model_store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
 CONTOURCL = str(Path(sys.executable).parent / "contourcl")
@@ -88,7 +88,7 @@ def test_where_the_model_folder_comes_from(app, tmp_path):
 
 
 def test_no_app_found_asks_for_app(monkeypatch):
-    import contourcl.models_cli as models_cli
+    import contourcl.cli.models as models_cli
 
     monkeypatch.setattr(models_cli, "default_app", lambda: None)
     with pytest.raises(FileNotFoundError, match="pass --app PATH"):

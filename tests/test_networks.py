@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder, save_encoder
+from contourcl.models.encoder_checkpoint import load_encoder, save_encoder
+from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
 
 
 @pytest.mark.parametrize("encoder,width", [("resnet10", 8), ("resnet18", 8), ("resnet50", 8)])

@@ -1,7 +1,7 @@
 import torch
 from monai.losses import DiceCELoss
 
-from contourcl.training.partial_label_loss import PartialLabelDiceCELoss
+from contourcl.training.finetune.partial_label_loss import PartialLabelDiceCELoss
 
 
 def test_equals_dice_ce_when_every_structure_is_contoured():

@@ -1,4 +1,4 @@
-"""Tests of the synthetic head-and-neck CT phantoms (contourcl.phantom). Fast, CPU only."""
+"""Tests of the synthetic head-and-neck CT phantoms (contourcl.data.phantom). Fast, CPU only."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from contourcl.labels import STORED_LABELS
-from contourcl.phantom import make_dataset, make_phantom, phantom_affine, write_phantom
+from contourcl.data.labels import STORED_LABELS
+from contourcl.data.phantom import make_dataset, make_phantom, phantom_affine, write_phantom
 
 SHAPE = (128, 128, 96)
 SPACING = (4.0, 4.0, 3.0)

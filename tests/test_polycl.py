@@ -6,20 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder
-from contourcl.training.base import ConfigError, PretrainConfig
-from contourcl.training.polycl import (
+from contourcl.models.encoder_checkpoint import load_encoder
+from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.training.pretrain.base import ConfigError, PretrainConfig
+from contourcl.training.pretrain.polycl import (
     OrganSampler,
     PolyCLTripletDataset,
     ScanSampler,
     middle_slices,
-    organ_based_pairs,
     organ_presence,
     polycl_loss,
-    scan_based_pairs,
 )
-from contourcl.training.pretrain import pretrain
-from contourcl.training.volumes import SliceDataset, Volume
+from contourcl.training.pretrain.trainer import pretrain
+from contourcl.training.pretrain.volumes import SliceDataset, Volume
 
 torch.set_num_threads(1)
 
@@ -48,16 +47,21 @@ def test_loss_is_log2_when_positive_and_negative_are_alike():
 
 
 # ------------------------------------------------------------------------------- pair selection
+def draw_all(sampler, n: int, rng) -> tuple[np.ndarray, ...]:
+    """The sampler's draw for each of ``n`` anchors (as :class:`PolyCLTripletDataset` makes them), one array per output."""
+    return tuple(np.array([sampler(i, rng) for i in range(n)], dtype=np.int64).T)
+
+
 def test_scan_based_pairs():
     scans = np.array([0, 0, 0, 1, 1, 2])
     rng = np.random.default_rng(0)
     for _ in range(20):
-        pos, neg = scan_based_pairs(scans, rng)
+        pos, neg = draw_all(ScanSampler(scans), len(scans), rng)
         for i in range(5):
             assert pos[i] != i and scans[pos[i]] == scans[i]
             assert scans[neg[i]] != scans[i]
         assert pos[5] == -1 and neg[5] == -1  # a scan of one slice has no positive
-    assert scan_based_pairs(np.zeros(4, int), rng)[0].tolist() == [-1] * 4  # one scan: no negative
+    assert draw_all(ScanSampler(np.zeros(4, int)), 4, rng)[0].tolist() == [-1] * 4  # one scan: no negative
 
 
 def test_organ_based_pairs():
@@ -65,14 +69,14 @@ def test_organ_based_pairs():
     presence = np.array([[1, 0], [1, 0], [1, 1], [0, 1], [0, 1], [0, 1]], dtype=bool)
     rng = np.random.default_rng(0)
     for organ in (0, 1):
-        pos, neg, used = organ_based_pairs(presence, rng, organ)
+        pos, neg, used = draw_all(OrganSampler(presence, organ), len(presence), rng)
         assert (used == organ).all()
         for i in range(6):
             assert pos[i] != i and presence[pos[i], organ] == presence[i, organ]
             assert presence[neg[i], organ] != presence[i, organ]
     seen = set()
     for _ in range(30):
-        pos, neg, used = organ_based_pairs(presence, rng)
+        pos, neg, used = draw_all(OrganSampler(presence), len(presence), rng)
         for i in range(6):
             k = used[i]
             seen.add(int(k))

@@ -1,4 +1,4 @@
-"""The pretraining framework: config, registry, image discovery, body mask, resume, CLI, DDP."""
+"""The pretraining framework: config, the methods' table, image discovery, body mask, resume, CLI, DDP."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from contourcl.cli import main as cli_main
+from contourcl.data.datasets import find_ct_images
 from contourcl.errors import InvalidImageError
-from contourcl.networks import NetConfig, build_network, load_encoder
-from contourcl.training import base
-from contourcl.training.base import ConfigError, PretrainConfig, PretrainMethod, Stage, get_method, register_method
-from contourcl.training.pretrain import pretrain
-from contourcl.datasets import find_ct_images
-from contourcl.training.volumes import SliceDataset, body_mask, load_volumes, write_synthetic_cts
+from contourcl.models.encoder_checkpoint import load_encoder
+from contourcl.models.networks import NetConfig, build_network
+from contourcl.training.pretrain import trainer
+from contourcl.training.pretrain.base import ConfigError, PretrainConfig, PretrainMethod, Stage
+from contourcl.training.pretrain.trainer import available_methods, get_method, pretrain
+from contourcl.training.pretrain.volumes import SliceDataset, body_mask, load_volumes, write_synthetic_cts
 
 torch.set_num_threads(1)
 
@@ -28,7 +29,7 @@ TINY_SIMSIAM = {"proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}
 
 
 # ---------------------------------------------------------------------------------------------
-# configuration and registry
+# configuration and the methods' table
 
 
 def test_config_file_with_overrides(tmp_path):
@@ -48,28 +49,25 @@ def test_config_file_with_overrides(tmp_path):
         PretrainConfig(optimizer="lbfgs")
 
 
-def test_registry_and_method_options():
-    assert {"simsiam", "simclr", "separeg"} <= set(base.available_methods())
-    assert get_method("separeg").name == "separeg"
+def test_method_table_and_method_options(monkeypatch):
+    assert available_methods() == ["agcl", "polycl-o", "polycl-s", "separeg", "simclr", "simsiam"]
+    for name in available_methods():
+        assert get_method(name).name == name
     with pytest.raises(ConfigError, match="unknown pretraining method"):
         get_method("nope")
 
-    @register_method("test-dummy")
     class Dummy(PretrainMethod):
+        name = "test-dummy"
         default_options = {"alpha": 1}
 
-    try:
-        assert get_method("test-dummy") is Dummy
-        from contourcl.networks import ResNetEncoder
+    monkeypatch.setitem(trainer.METHODS, "test-dummy", Dummy)
+    assert get_method("test-dummy") is Dummy
+    from contourcl.models.networks import ResNetEncoder
 
-        m = Dummy(ResNetEncoder("resnet10", 8), PretrainConfig(options={"alpha": 2}))
-        assert m.options == {"alpha": 2} and m.resolve_lr() == 0.05
-        with pytest.raises(ConfigError, match="beta"):
-            Dummy(ResNetEncoder("resnet10", 8), PretrainConfig(options={"beta": 2}))
-        with pytest.raises(ValueError, match="already registered"):
-            register_method("test-dummy")(type("Other", (PretrainMethod,), {}))
-    finally:
-        base._REGISTRY.pop("test-dummy", None)
+    m = Dummy(ResNetEncoder("resnet10", 8), PretrainConfig(options={"alpha": 2}))
+    assert m.options == {"alpha": 2} and m.resolve_lr() == 0.05
+    with pytest.raises(ConfigError, match="beta"):
+        Dummy(ResNetEncoder("resnet10", 8), PretrainConfig(options={"beta": 2}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +165,7 @@ def test_cli_with_config_file(tmp_path, capsys):
     assert "contourcl pretrain: error: unknown pretraining method 'nope'" in capsys.readouterr().err
 
 
-def test_multi_stage_protocol_and_on_end(tmp_path):
+def test_multi_stage_protocol_and_on_end(tmp_path, monkeypatch):
     """A two-stage method: the second stage sees the first's result, on_end runs, stage names logged."""
 
     class TwoStage(PretrainMethod):
@@ -189,12 +187,9 @@ def test_multi_stage_protocol_and_on_end(tmp_path):
             yield Stage("b", self, ds, 3, batch_size=2)
 
     write_synthetic_cts(tmp_path / "imgs", 1, shape=(40, 40, 4))
-    base._REGISTRY["two-stage"] = TwoStage
-    try:
-        result = pretrain(PretrainConfig(method="two-stage", images=[str(tmp_path / "imgs")], out=str(tmp_path / "o.pt"), iterations=9,
-                                         cache_dir=str(tmp_path / "cache"), **TINY))
-    finally:
-        base._REGISTRY.pop("two-stage")
+    monkeypatch.setitem(trainer.METHODS, "two-stage", TwoStage)
+    result = pretrain(PretrainConfig(method="two-stage", images=[str(tmp_path / "imgs")], out=str(tmp_path / "o.pt"), iterations=9,
+                                     cache_dir=str(tmp_path / "cache"), **TINY))
     assert result["method"].events == ["a done", "after a: 1"]
     assert {k: len(v) for k, v in result["history"].items()} == {"a": 2, "b": 3}
     assert result["meta"]["stages"]["b"]["iterations"] == 3

@@ -377,8 +377,9 @@ def test_unreachable_realm_answers_503_not_a_pass(monkeypatch, realm):
     """In-process: a realm that cannot be reached refuses every token (503 from the gateway)."""
     import asyncio
 
-    from contourcl.serving import security
     from monailabel.config import settings
+
+    from contourcl.serving import security
 
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_REALM_URI", f"http://127.0.0.1:{free_port()}/realms/monailabel")

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder
-from contourcl.training import separeg
-from contourcl.training.base import PretrainConfig, RunContext
-from contourcl.training.pretrain import pretrain
-from contourcl.training.separeg import (
+from contourcl.data.datasets import find_ct_images
+from contourcl.models.encoder_checkpoint import load_encoder
+from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.training.pretrain import separeg
+from contourcl.training.pretrain.base import PretrainConfig, RunContext
+from contourcl.training.pretrain.separeg import (
     INDEX_DTYPE,
     Distiller,
     RegionDataset,
@@ -23,9 +24,9 @@ from contourcl.training.separeg import (
     kl_distillation,
     kmeans_clusters,
 )
-from contourcl.training.simsiam import SimSiamModel, negative_cosine
-from contourcl.datasets import find_ct_images
-from contourcl.training.volumes import Volume, body_mask, load_volumes, synthetic_ct, window_value, write_synthetic_cts
+from contourcl.training.pretrain.simsiam import SimSiamModel, negative_cosine
+from contourcl.training.pretrain.trainer import pretrain
+from contourcl.training.pretrain.volumes import Volume, body_mask, load_volumes, synthetic_ct, window_value, write_synthetic_cts
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""SimCLR: NT-Xent (MONAI's ContrastiveLoss) against hand computations, and a tiny run."""
+"""SimCLR: the loss it trains with (MONAI's ContrastiveLoss, NT-Xent) against hand computations, and a tiny run."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder
-from contourcl.training.base import PretrainConfig
-from contourcl.training.pretrain import pretrain
-from contourcl.training.simclr import nt_xent
-from contourcl.training.volumes import write_synthetic_cts
+from contourcl.models.encoder_checkpoint import load_encoder
+from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.training.pretrain.base import PretrainConfig
+from contourcl.training.pretrain.simclr import SimCLRMethod
+from contourcl.training.pretrain.trainer import pretrain
+from contourcl.training.pretrain.volumes import write_synthetic_cts
 
 torch.set_num_threads(1)
+
+
+def nt_xent(t: float):
+    """The criterion :class:`SimCLRMethod` trains with, at temperature ``t``."""
+    return SimCLRMethod(ResNetEncoder("resnet10", 8), PretrainConfig(method="simclr", options={"temperature": t})).criterion
 
 
 def nt_xent_by_hand(z1, z2, t):
@@ -34,14 +40,14 @@ def test_nt_xent_closed_form():
     # views equal and orthogonal across images: every anchor has l = log(1 + 2 exp(-1/t))
     e = torch.eye(2)
     for t in (0.5, 0.1):
-        assert nt_xent(e, e.clone(), t).item() == pytest.approx(math.log(1 + 2 * math.exp(-1 / t)), rel=1e-4, abs=1e-7)
+        assert nt_xent(t)(e, e.clone()).item() == pytest.approx(math.log(1 + 2 * math.exp(-1 / t)), rel=1e-4, abs=1e-7)
 
 
 def test_nt_xent_matches_hand_computation():
     z1 = torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 1.0], [2.0, 0.5, 0.5]])
     z2 = torch.tensor([[1.0, 1.5, 0.5], [0.5, -1.0, 0.0], [-1.0, 0.0, 1.0]])
     for t in (0.5, 0.2):
-        assert nt_xent(z1, z2, t).item() == pytest.approx(nt_xent_by_hand(z1.numpy(), z2.numpy(), t), rel=1e-5)
+        assert nt_xent(t)(z1, z2).item() == pytest.approx(nt_xent_by_hand(z1.numpy(), z2.numpy(), t), rel=1e-5)
 
 
 def test_tiny_simclr_run_lowers_loss_and_checkpoint_loads(tmp_path):

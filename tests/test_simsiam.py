@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, ResNetEncoder, build_network, load_encoder
-from contourcl.training.base import PretrainConfig
-from contourcl.training.pretrain import pretrain
-from contourcl.training.simsiam import Augment, SimSiamLoss, SimSiamModel, gaussian_blur, negative_cosine, projection_mlp, simsiam_loss
-from contourcl.datasets import find_ct_images
-from contourcl.training.volumes import load_volumes, write_synthetic_cts
+from contourcl.data.datasets import find_ct_images
+from contourcl.models.encoder_checkpoint import load_encoder
+from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.training.pretrain.augment import Augment, gaussian_blur
+from contourcl.training.pretrain.base import PretrainConfig
+from contourcl.training.pretrain.simsiam import SimSiamLoss, SimSiamModel, negative_cosine, projection_mlp, simsiam_loss
+from contourcl.training.pretrain.trainer import pretrain
+from contourcl.training.pretrain.volumes import load_volumes, write_synthetic_cts
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from contourcl.training.supcon import SupConLoss, modal_target_labels, supcon_loss
+from contourcl.training.pretrain.supcon import SupConLoss, modal_target_labels, supcon_loss
 
 torch.set_num_threads(1)
 
@@ -35,11 +35,16 @@ def test_sum_over_anchors_matches_hand_value():
         assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_anchor_zero_at_temperature_half_is_this_number():
-    # -log(e^1.2 / (e^1.2 + e^0 + e^-2)) = log(1 + e^-1.2 + e^-3.2) = 0.2941...
-    single = -math.log(math.exp(1.2) / (math.exp(1.2) + 1.0 + math.exp(-2.0)))
-    assert hand_value(0.5)[0] == pytest.approx(single)
-    assert single == pytest.approx(0.29413, abs=1e-4)
+def test_loss_at_temperature_half_is_these_numbers():
+    # each anchor's term at T = 0.5, simplified by hand from the dot products (positive first):
+    # k0 = log(1 + e^-1.2 + e^-3.2), k1 = log(1 + e^0.4 + e^-2.4), k2 = log(2 + e^1.6),
+    # k3 = log(1 + e^-1.2 + e^-2), evaluated to five decimals
+    terms = [0.29413, 0.94877, 1.93918, 0.36223]
+    assert hand_value(0.5) == pytest.approx(terms, abs=1e-5)
+    assert supcon_loss(Z, LABELS, temperature=0.5).item() == pytest.approx(sum(terms), abs=1e-4)  # 3.54431
+    assert supcon_loss(Z, LABELS, temperature=0.5, reduction="mean").item() == pytest.approx(sum(terms) / 4, abs=1e-4)
+    # a wrong positive set (every other sample a positive) gives another number
+    assert supcon_loss(Z, torch.zeros(4, dtype=torch.long), temperature=0.5).item() != pytest.approx(sum(terms), abs=1e-2)
 
 
 def test_mean_reduction_and_module_form():

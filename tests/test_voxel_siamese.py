@@ -5,15 +5,14 @@ import math
 import pytest
 import torch
 
-from contourcl.networks import NetConfig, build_network
-from contourcl.training.voxel_siamese import (
+from contourcl.models.networks import NetConfig, build_network
+from contourcl.training.finetune.voxel_siamese import (
     DEFAULT_LAMBDA,
     VoxelSiameseLoss,
     class_weights,
     decoder_features,
     forward_with_decoder_features,
     sample_voxels,
-    total_loss,
     voxel_siamese_layer_loss,
 )
 
@@ -154,8 +153,7 @@ def test_auxiliary_loss_trains_the_unet_and_the_heads():
     assert torch.isfinite(feature_loss)
     assert -3.0 - 1e-5 <= feature_loss.item() <= 3.0 + 1e-5  # three layers, each a weighted mean cosine
     seg = logits.float().mean() * 0  # stands in for the Dice loss
-    total = total_loss(seg, feature_loss)
-    assert total.item() == pytest.approx(DEFAULT_LAMBDA * feature_loss.item(), rel=1e-6)
+    total = seg + DEFAULT_LAMBDA * feature_loss  # Eq. 8, as the fine-tuning loop adds it
     total.backward()
     assert net.decoder.blocks[-1].convs.conv_0.conv.weight.grad.abs().sum() > 0
     assert net.decoder.blocks[-3].convs.conv_0.conv.weight.grad.abs().sum() > 0
@@ -198,7 +196,7 @@ def test_all_invalid_gives_zero_and_bad_inputs_raise():
 
 
 def test_wrapper_for_the_fine_tuning_loop():
-    from contourcl.training.voxel_siamese import VoxelSiameseNet, trusted_voxels
+    from contourcl.training.finetune.voxel_siamese import VoxelSiameseNet, trusted_voxels
 
     net = tiny_net()
     model = VoxelSiameseNet(net, hidden=16).train()

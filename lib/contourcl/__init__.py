@@ -1,7 +1,8 @@
 """ContourCL: auto-contouring of head-and-neck CT for radiotherapy.
 
-Data flows one way: CT and labels -> :mod:`contourcl.transforms` (preprocessing) ->
-:mod:`contourcl.training` (pretraining, fine-tuning) -> :mod:`contourcl.serving` (MONAI Label).
+Dependencies go one way: the core (:mod:`contourcl.data`, :mod:`contourcl.models`, inference,
+evaluation, active learning) <- :mod:`contourcl.training` (pretraining, fine-tuning) <-
+:mod:`contourcl.serving` (MONAI Label) and :mod:`contourcl.cli` (the ``contourcl`` command).
 """
 
 __version__ = "0.1.0"

@@ -93,22 +93,21 @@ _PREPROCESSED: dict[tuple, tuple] = {}  # per process: (image, spacing, window) 
 
 
 def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-                        keep_preprocessed: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+                        keep_preprocessed: bool = False, largest_component: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """``{case id: contour_metrics(...)}`` of a model file on labeled ``cases`` (each CT's own grid).
 
-    ``cases`` are :func:`contourcl.datasets.labeled_cases` entries. The model contours as the app
-    does (:class:`~contourcl.inference.Contourer`; largest component for ``oar``); the reference
-    is renumbered to the model's numbering. ``keep_preprocessed`` keeps the preprocessed CTs in
-    this process for the next call (a benchmark evaluates many models on the same cases).
+    ``cases`` are :func:`contourcl.data.datasets.labeled_cases` entries. The model contours as the app
+    does (:class:`~contourcl.inference.Contourer`, with the model file's largest-component rule;
+    ``largest_component`` for a file that does not record one); the reference is renumbered to
+    the model's numbering. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the
+    next call (a benchmark evaluates many models on the same cases).
     """
-    import nibabel as nib
-
+    from contourcl.data.labels import to_model
+    from contourcl.data.volumes import read_nifti
     from contourcl.inference import Contourer
-    from contourcl.labels import to_model
 
-    contourer = Contourer(model_path)
+    contourer = Contourer(model_path, largest_component=largest_component)
     _, _, meta = contourer.model()
-    contourer.largest_component = meta.model == "oar"
     out = {}
     for case in cases:
         key = (str(case["image"]), tuple(meta.spacing), tuple(meta.window))
@@ -116,9 +115,9 @@ def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolera
         if keep_preprocessed:
             _PREPROCESSED[key] = pre
         prediction = contourer.predict(*pre)
-        ref_img = nib.load(str(case["label"]))
-        ref = np.asarray(ref_img.dataobj).astype(np.int64)
-        if ref.shape != prediction.label.shape or not np.allclose(ref_img.affine, prediction.affine, atol=1e-3):
+        ref, ref_affine = read_nifti(case["label"])
+        ref = np.asarray(ref).astype(np.int64)
+        if ref.shape != prediction.label.shape or not np.allclose(ref_affine, prediction.affine, atol=1e-3):
             raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {prediction.label.shape})")
         if case.get("numbering", "stored") == "stored":
             ref = to_model(ref, meta.model)

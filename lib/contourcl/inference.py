@@ -14,18 +14,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 
-from contourcl.checkpoint import ModelMeta, load_model
+from contourcl.data.transforms import ct_preprocessing
+from contourcl.data.volumes import check_header, write_label
 from contourcl.errors import InvalidImageError
-from contourcl.networks import ContourUNet
-from contourcl.transforms import ct_preprocessing
-from contourcl.volumes import check_header
+from contourcl.models.checkpoint import ModelMeta, load_model
+from contourcl.models.networks import ContourUNet
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +98,7 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        img = nib.Nifti1Image(self.label.astype(np.uint8), self.affine)
-        img.set_qform(self.affine, code=1)
-        img.set_sform(self.affine, code=1)
-        nib.save(img, str(path))
-        return Path(path)
+        return write_label(path, self.label, self.affine)
 
 
 def nearest_to_grid(label: np.ndarray, affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray | None:
@@ -139,8 +134,10 @@ class Contourer:
     """Contours CT volumes with the model file at ``model_path``.
 
     The file is (re)loaded on first use and whenever its modification time or size changes.
-    ``largest_component`` keeps the largest connected component of each structure (organs at
-    risk are single objects; a tumour target may not be).
+    Each structure is reduced to its largest connected component (organs at risk are single
+    objects; a tumour target may not be) as the model file says
+    (:attr:`~contourcl.models.checkpoint.ModelMeta.largest_component`); ``largest_component`` is
+    the rule for files that do not say, and a call's ``largest_component`` overrides both.
     """
 
     def __init__(self, model_path: str | Path, device: str = "cpu", largest_component: bool = True, sw_batch_size: int = 32):
@@ -189,13 +186,19 @@ class Contourer:
             )
         return data, pre
 
-    def __call__(self, image_path: str | Path) -> Prediction:
+    def keeps_largest_component(self, meta: ModelMeta, override: bool | None = None) -> bool:
+        """The largest-component rule: ``override``, else the model file's, else :attr:`largest_component`."""
+        if override is not None:
+            return override
+        return self.largest_component if meta.largest_component is None else meta.largest_component
+
+    def __call__(self, image_path: str | Path, largest_component: bool | None = None) -> Prediction:
         t0 = time.perf_counter()
         version, network, meta = self.model()
         data, pre = self.preprocess(image_path, meta)
-        return self.predict(data, pre, t0)
+        return self.predict(data, pre, t0, largest_component)
 
-    def predict(self, data: dict, pre: Compose, t0: float | None = None) -> Prediction:
+    def predict(self, data: dict, pre: Compose, t0: float | None = None, largest_component: bool | None = None) -> Prediction:
         """Contour an image already preprocessed by :meth:`preprocess` (which may be reused)."""
         t1 = time.perf_counter()
         t0 = t1 if t0 is None else t0
@@ -207,7 +210,7 @@ class Contourer:
         pred = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
         pred[:, rows, cols] = torch.argmax(probs[0], dim=0, keepdim=True).to(torch.uint8).cpu()
         del probs
-        if self.largest_component and len(meta.labels):
+        if self.keeps_largest_component(meta, largest_component) and len(meta.labels):
             pred = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(pred)
         t2 = time.perf_counter()
         affine, shape = data["grid"]

@@ -1,4 +1,8 @@
-"""``ContourApp``: the MONAI Label app base class that ``apps/radonc/main.py`` instantiates."""
+"""``ContourApp``: the MONAI Label app base class of ``apps/radonc/main.py``.
+
+The app's ``main.py`` subclasses it with ``configs``, the models of its ``lib/configs/``
+(:mod:`contourcl.serving.config`): their names, descriptions and largest-component rules.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +14,29 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.random import Random
 
 from contourcl.ids import check_id
-from contourcl.labels import MODEL_LABELS
-from contourcl.model_store import ModelStore
-from contourcl.retrain import consider_model_file
+from contourcl.serving.config import ModelConfig
 from contourcl.serving.datastore import SafeDatastore
 from contourcl.serving.endpoints import install as install_endpoints
 from contourcl.serving.errors import http_errors
 from contourcl.serving.infer import ContourInferTask
 from contourcl.serving.lifecycle import TrainerBusyError
+from contourcl.serving.model_store import ModelStore
+from contourcl.serving.retrain import consider_model_file
+from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.security import install as install_security
 from contourcl.serving.security import status as security_status
-from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.strategy import UncertaintyStrategy
 from contourcl.serving.train import RetrainTask
 
 logger = logging.getLogger(__name__)
 
-DESCRIPTIONS = {
-    "oar": "Organs at risk of the head and neck (TG-263 names), 2D U-Net on axial slices",
-    "gtv": "Tumour target (trained on PTV70 where no GTV exists), 2D U-Net on axial slices",
-}
-
-
-def _models(conf: dict) -> list[str]:
-    """The models named by ``--conf models`` (``all``, or a comma-separated list)."""
+def _models(conf: dict, configs: dict[str, ModelConfig]) -> list[str]:
+    """The models named by ``--conf models`` (``all``, or a comma-separated list) among ``configs``."""
     value = conf.get("models", "all")
-    names = list(MODEL_LABELS) if value == "all" else [m.strip() for m in value.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODEL_LABELS]
+    names = list(configs) if value == "all" else [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in names if m not in configs]
     if unknown:
-        raise ValueError(f"--conf models: unknown model(s) {unknown}; known: {list(MODEL_LABELS)} or 'all'")
+        raise ValueError(f"--conf models: unknown model(s) {unknown}; known: {list(configs)} or 'all'")
     return names
 
 
@@ -59,7 +57,7 @@ def model_dir(app_dir: str | Path, conf: dict) -> Path:
 
 
 class ContourApp(MONAILabelApp):
-    """Serves the ``oar``/``gtv`` models of ``<app_dir>/model`` over a :class:`SafeDatastore`.
+    """Serves the models of :attr:`configs` from ``<app_dir>/model`` over a :class:`SafeDatastore`.
 
     ``--conf`` keys: ``models`` (``all`` or ``oar,gtv``), ``weights`` (a subfolder of
     ``<app_dir>/model`` to serve instead, see :func:`model_dir`), ``<model>_init`` (a pretraining
@@ -67,21 +65,26 @@ class ContourApp(MONAILabelApp):
     ``skip_scoring``, ``insecure``, ``max_upload_mb``, ``max_model_mb``.
     """
 
+    #: ``{model: config}``, set by the app's ``main.py`` from its ``lib/configs/``
+    configs: dict[str, ModelConfig] = {}
+
     def __init__(self, app_dir, studies, conf, name="ContourCL radonc", description="Auto-contouring of head-and-neck CT"):
+        if not self.configs:
+            raise ValueError(f"{type(self).__name__} has no model configs: the app's main.py sets configs from its lib/configs/")
         self.model_dir = model_dir(app_dir, conf or {})
-        self.models = _models(conf or {})
+        self.models = _models(conf or {}, self.configs)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name=name, description=description, version="0.1.0")
 
     def init_datastore(self):
         return SafeDatastore(self.studies, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True)
 
     def init_infers(self):
-        return {m: ContourInferTask(m, self.model_dir / f"{m}.pt", DESCRIPTIONS[m], largest_component=(m == "oar")) for m in self.models}
+        return {m: ContourInferTask(m, self.model_dir / f"{m}.pt", self.configs[m].description, self.configs[m].largest_component) for m in self.models}
 
     def init_trainers(self):
         if str(self.conf.get("skip_trainers", "false")).lower() == "true":
             return {}
-        return {m: RetrainTask(m, self.model_dir, init=self.conf.get(f"{m}_init")) for m in self.models}
+        return {m: RetrainTask(m, self.model_dir, init=self.conf.get(f"{m}_init"), largest_component=self.configs[m].largest_component) for m in self.models}
 
     def init_strategies(self):
         strategies = {"random": Random()}
@@ -180,7 +183,8 @@ class ContourApp(MONAILabelApp):
         """Validate, archive, gate and (if not worse) publish a model file a client uploaded."""
         self._check_model(model, self._infers)
         cases = self.datastore().final_cases()
-        return consider_model_file(model, path, ModelStore(self.model_dir, model), cases, origin="uploaded (PUT /model)")
+        return consider_model_file(model, path, ModelStore(self.model_dir, model), cases, origin="uploaded (PUT /model)",
+                                   largest_component=self.configs[model].largest_component)
 
     def withdraw_model(self, model: str) -> dict:
         """Stop serving ``model`` (``DELETE /model``); its file stays in the history, restorable."""

@@ -4,15 +4,15 @@ On top of MONAI Label's ``LocalDatastore``:
 
 - image ids and label tags must be safe file names (:func:`contourcl.ids.check_id`), and a
   file (e.g. a symlink) whose real path leaves the studies folder is never served;
-- an uploaded image must be a CT (:func:`contourcl.volumes.read_ct`: header within
-  :data:`~contourcl.volumes.CT_BOUNDS` before any voxel is read, finite, not constant), and may
+- an uploaded image must be a CT (:func:`contourcl.data.volumes.read_ct`: header within
+  :data:`~contourcl.data.volumes.CT_BOUNDS` before any voxel is read, finite, not constant), and may
   not replace an existing image;
 - a file put into the studies folder by hand that is not a usable CT is found when first used
   (:meth:`SafeDatastore.check_image`), recorded with its reason in ``.contourcl/unusable.json``
   and left out of next-sample and training;
 - a label must be readable, lie on its image's grid (shape and affine), and its segments are
   renumbered by name (Slicer's ``label_info``) into the stored numbering
-  (:func:`contourcl.labels.remap_by_name`), and the stored ``label_info`` describes the stored
+  (:func:`contourcl.data.labels.remap_by_name`), and the stored ``label_info`` describes the stored
   voxels, not the client's numbering;
 - a ``final`` label that is replaced is first copied to ``.contourcl/label-history/``.
 
@@ -29,16 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
+from contourcl.data.labels import STORED_LABELS, from_model, remap_by_name, stored_label_info
+from contourcl.data.volumes import check_label_geometry, read_ct, read_volume, write_label
 from contourcl.errors import InvalidImageError, LabelMismatchError, UnsafeIdError
 from contourcl.ids import check_id
-from contourcl.labels import STORED_LABELS, from_model, remap_by_name, stored_label_info
 from contourcl.serving.errors import http_errors
-from contourcl.volumes import check_label_geometry, read_ct, read_volume
 
 logger = logging.getLogger(__name__)
 
@@ -230,10 +229,7 @@ class SafeDatastore(LocalDatastore):
         existing = super().get_label_uri(image_id, label_tag)
         with tempfile.TemporaryDirectory(dir=self._datastore_path) as tmp:
             out = Path(tmp) / f"{image_id}.nii.gz"
-            nii = nib.Nifti1Image(stored.astype(np.uint8), image[1])
-            nii.set_qform(image[1], code=1)
-            nii.set_sform(image[1], code=1)
-            nib.save(nii, str(out))
+            write_label(out, stored, image[1])
             if existing and os.path.isfile(existing):
                 backup = self._history_dir(label_tag) / f"{image_id}.{time.strftime('%Y%m%d-%H%M%S')}.{time.time_ns() % 10**9:09d}.nii.gz"
                 backup.parent.mkdir(parents=True, exist_ok=True)

@@ -8,15 +8,16 @@ from pathlib import Path
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from contourcl.data.labels import model_labels
 from contourcl.inference import Contourer
-from contourcl.labels import model_labels
 
 
 class ContourInferTask(InferTask):
     """Runs :class:`contourcl.inference.Contourer` on a datastore image (or an uploaded file).
 
     The result's params carry ``model_version`` (the served file's state), so a client can
-    tell which model answered.
+    tell which model answered. ``largest_component`` is the rule for model files that do not
+    record one; a request's ``largest_component`` overrides both.
     """
 
     def __init__(self, model: str, model_path: str | Path, description: str, largest_component: bool = True):
@@ -39,8 +40,9 @@ class ContourInferTask(InferTask):
         return str(self.model_path) if (self.model_path.is_file() or not validate) else None
 
     def __call__(self, request, callbacks=None):
-        self.contourer.largest_component = str(request.get("largest_component", self._config["largest_component"])).lower() in ("1", "true", "yes")
-        prediction = self.contourer(request["image"])
+        asked = request.get("largest_component")
+        override = None if asked is None else str(asked).lower() in ("1", "true", "yes")
+        prediction = self.contourer(request["image"], largest_component=override)
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.model}_", delete=False).name
         prediction.save(out)
         t = prediction.timings

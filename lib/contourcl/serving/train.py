@@ -14,9 +14,9 @@ from pathlib import Path
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from contourcl.model_store import ModelStore
-from contourcl.retrain import DEFAULTS, retrain, served_summary
 from contourcl.serving.lifecycle import TrainLock, die_with_parent, in_task_subprocess, note_server_process
+from contourcl.serving.model_store import ModelStore
+from contourcl.serving.retrain import DEFAULTS, retrain, served_summary
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +24,12 @@ logger = logging.getLogger(__name__)
 class RetrainTask(TrainTask):
     """Fine-tunes the served model on every ``final`` label and publishes it only if not worse."""
 
-    def __init__(self, model: str, model_dir: str | Path, init: str | None = None):
+    def __init__(self, model: str, model_dir: str | Path, init: str | None = None, largest_component: bool = True):
         super().__init__(f"Fine-tune the {model} model on the submitted final labels; the new model is served only if its validation Dice is not lower")
         self.model = model
         self.store = ModelStore(model_dir, model)
         self.init = init
+        self.largest_component = largest_component  # the model config's rule, for files without one
         note_server_process()  # in the server: its pid, for the training subprocess to watch
 
     def config(self):
@@ -49,6 +50,6 @@ class RetrainTask(TrainTask):
             cases = []
             for image_id in datastore.get_labeled_images("final"):
                 cases.append({"id": image_id, "image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(image_id, "final")})
-            result = retrain(self.model, cases, self.store, request, init=self.init, progress=False)
+            result = retrain(self.model, cases, self.store, request, init=self.init, progress=False, largest_component=self.largest_component)
         logger.info("retrain %s finished: %s", self.model, result["reason"])
         return result

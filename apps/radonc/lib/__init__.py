@@ -1,0 +1,1 @@
+"""The app's own code (MONAI Label puts the app folder on ``sys.path``): ``configs``, one file per model."""

@@ -1,0 +1,56 @@
+"""``contourcl evaluate``: how well a model file contours labeled CTs (Dice, HD95, surface Dice)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from contourcl.data.datasets import labeled_cases
+from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, format_figure, summarise
+from contourcl.models.checkpoint import read_meta
+from contourcl.serving.config import default_largest_component
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a model file (e.g. apps/radonc/model/oar.pt)")
+    parser.add_argument("--data", required=True, help="labeled cases: a MONAI Label studies folder or OpenKBP's validation-pats")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance in mm (default %(default)s)")
+    parser.add_argument("--max-cases", type=int, help="only the first N cases")
+    parser.add_argument("--ids", help="only these cases (comma-separated ids), e.g. a model's validation cases")
+    parser.add_argument("--json", help="also write the per-case figures to this file")
+
+
+def table(summary: dict, structures: list[str], tolerance_mm: float) -> str:
+    """A Markdown table, one row per structure and the mean: mean ± SE over patients."""
+    def cell(x: dict, metric: str) -> str:
+        return format_figure(x["mean"], x["se"], metric, x["missed"])
+
+    lines = [f"| structure | Dice | HD95 (mm) | surface Dice ({tolerance_mm:g} mm) | patients |", "|---|---|---|---|---|"]
+    for s in [*structures, "mean"]:
+        lines.append(f"| {s} | " + " | ".join(cell(summary[(s, m)], m) for m in METRICS) + f" | {summary[(s, 'dice')]['patients']} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    meta = read_meta(args.model)
+    cases = labeled_cases(args.data, meta.model)
+    if args.ids:
+        wanted = [i.strip() for i in args.ids.split(",") if i.strip()]
+        missing = sorted(set(wanted) - {c["id"] for c in cases})
+        if missing:
+            raise ValueError(f"--ids: no labeled {meta.model} case {missing} in {args.data}")
+        cases = [c for c in cases if c["id"] in wanted]
+    cases = cases[: args.max_cases]
+    if not cases:
+        raise SystemExit(f"no labeled {meta.model} cases in {args.data}")
+    per_case = evaluate_model_file(args.model, cases, args.tolerance, largest_component=default_largest_component(meta.model))
+    structures = list(meta.labels)
+    print(f"{args.model} ({meta.model}) on {len(cases)} cases of {args.data}; mean ± standard error over patients; "
+          f"structures a case does not contour are skipped")
+    summary = summarise([per_case], structures)
+    print(table(summary, structures, args.tolerance))
+    if args.json:
+        means = {m: summary[("mean", m)]["mean"] for m in METRICS}
+        with open(args.json, "w") as f:
+            json.dump({"model": str(args.model), "data": str(args.data), "tolerance_mm": args.tolerance, "mean": means, "cases": per_case}, f, indent=1)
+    return 0

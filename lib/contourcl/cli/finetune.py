@@ -1,0 +1,106 @@
+"""``contourcl finetune``: train the ``oar`` or ``gtv`` model into a model file the app serves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+from dataclasses import replace
+
+from contourcl.data.datasets import labeled_cases
+from contourcl.models.checkpoint import load_model
+from contourcl.plots import training_curves
+from contourcl.serving.config import default_largest_component
+from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, save_finetuned
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=["oar", "gtv"], required=True)
+    parser.add_argument("--data", required=True, help="a MONAI Label studies folder (labels/final) or OpenKBP's train-pats")
+    parser.add_argument("--val-data", help="validation cases (same layouts); default: a fraction of --data")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="without --val-data: this fraction of --data validates (0: none; the last epoch is kept)")
+    parser.add_argument("--max-cases", type=int, help="use only this many training cases (drawn with --seed)")
+    parser.add_argument("--out", required=True, help="model file to write (e.g. apps/radonc/model/oar.pt)")
+    parser.add_argument("--init", help="pretraining checkpoint for the encoder (contourcl pretrain --out)")
+    parser.add_argument("--start-from", help="continue from this model file (e.g. the shipped apps/radonc/model/oar.pt); its network and preprocessing are kept")
+    parser.add_argument("--encoder", default="resnet18", choices=["resnet10", "resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--steps-per-epoch", type=int, help="fixed optimisation steps per epoch, cases drawn with replacement (default: one pass over the cases)")
+    parser.add_argument("--roi", type=int, default=128, help="side of the training slices, a multiple of 32 (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--samples-per-volume", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--voxel-siamese", action="store_true", help="add the voxel-level Siamese auxiliary loss")
+    parser.add_argument("--voxel-siamese-lambda", type=float, default=0.3, help="weight of the feature loss (default %(default)s; the paper's 10 collapsed fine-tuning here)")
+    parser.add_argument("--agcl-encoder", help="AGCL's fine-tuning variant: the 2-channel AGCL checkpoint (CKPT.2ch.pt of contourcl pretrain agcl); trains one ASPP head per structure on the frozen encoder")
+    parser.add_argument("--coarse-model", help="with --agcl-encoder: the model file whose predictions are the coarse masks at validation (e.g. apps/radonc/model/oar.pt)")
+    parser.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = labeled_cases(args.data, args.model)
+    if args.val_data:
+        train, val = cases, labeled_cases(args.val_data, args.model)
+    else:
+        shuffled = cases[:]
+        random.Random(args.seed).shuffle(shuffled)
+        n_val = max(1, round(args.val_fraction * len(cases))) if len(cases) > 1 and args.val_fraction > 0 else 0
+        val, train = shuffled[:n_val], shuffled[n_val:]
+    if args.max_cases:
+        train = sorted(random.Random(args.seed).sample(train, min(args.max_cases, len(train))), key=lambda c: c["id"])
+    logger.info("%s: %d training cases, %d validation cases", args.model, len(train), len(val))
+    cfg = replace(
+        FinetuneConfig(model=args.model), net={"encoder": args.encoder, "width": args.width}, max_epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch, roi=(args.roi, args.roi),
+        lr=args.lr, batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, seed=args.seed, init=args.init,
+        voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
+        largest_component=default_largest_component(args.model),
+    )
+    provenance = dict(
+        data=str(args.data), train_ids=[c["id"] for c in train], val_ids=[c["id"] for c in val],
+        command="contourcl finetune " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("command", "verbose")),
+    )
+    best = {"dice": -1.0}
+
+    def keep_best(record: dict, network) -> None:
+        """Write the model file whenever validation improves, so an interrupted run leaves its best."""
+        if record.get("val_dice", -1.0) > best["dice"]:
+            best["dice"] = record["val_dice"]
+            partial = FinetuneResult(network, record["val_dice"], record["epoch"], record["per_structure"], [], 0.0)
+            save_finetuned(args.out, cfg, partial, half=args.half, **provenance, interrupted_at_epoch=record["epoch"])
+
+    if args.agcl_encoder:
+        return _run_agcl(args, train, val, cfg)
+    start = None
+    if args.start_from:
+        start, meta = load_model(args.start_from)
+        if meta.model != args.model:
+            raise SystemExit(f"--start-from {args.start_from} is a {meta.model} model, not {args.model}")
+        cfg = replace(cfg, net={k: v for k, v in meta.net.items() if k != "out_channels"}, spacing=meta.spacing, window=meta.window, roi=meta.roi,
+                      largest_component=cfg.largest_component if meta.largest_component is None else meta.largest_component)
+        provenance["started_from"] = str(args.start_from)
+    result = finetune(train, val, cfg, start_from=start, on_epoch=keep_best)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process writes
+        return 0
+    save_finetuned(args.out, cfg, result, half=args.half, **provenance)
+    curve = training_curves(result.history, str(args.out) + ".curves.png", title=f"{args.model}: {len(train)} training cases")
+    print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure, "seconds": round(result.seconds, 1), "curves": str(curve)}, indent=1))
+    return 0
+
+
+def _run_agcl(args: argparse.Namespace, train: list[dict], val: list[dict], cfg: FinetuneConfig) -> int:
+    """``--agcl-encoder``: AGCL's frozen-encoder, per-structure ASPP variant (not served by the app)."""
+    from contourcl.training.finetune.agcl_segmenter import finetune_agcl, save_agcl
+
+    if not args.coarse_model:
+        raise SystemExit("--agcl-encoder needs --coarse-model (the model whose predictions give the coarse masks)")
+    result = finetune_agcl(train, val, args.agcl_encoder, args.coarse_model, cfg)
+    save_agcl(args.out, args.model, result, args.agcl_encoder, args.coarse_model)
+    print(json.dumps({"out": args.out, "per_structure": result.val_dice, "seconds": round(result.seconds, 1)}, indent=1))
+    return 0

@@ -1,0 +1,98 @@
+"""Finding labeled CT cases on disk.
+
+Two layouts are understood:
+
+- a MONAI Label studies folder: ``DIR/<id>.nii.gz`` with ``DIR/labels/final/<id>.nii.gz`` in the
+  stored numbering (:data:`contourcl.data.labels.STORED_LABELS`), as ``sample-data/``;
+- OpenKBP as converted in ``../shared/data/openkbp``: ``DIR/pt_*/ct.nii.gz`` with
+  ``oar.nii.gz`` (OARs, stored numbering) and ``target.nii.gz`` (1 = PTV70, the ``gtv`` target).
+
+Each case is a dict ``{"id", "image", "label", "numbering"}`` that
+:func:`contourcl.training.finetune.engine.finetune` takes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from contourcl.data.labels import model_labels
+from contourcl.errors import InvalidImageError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+#: names that mark a label/structure file, never an image
+LABEL_WORDS = ("label", "mask", "seg", "oar", "target", "gtv", "ptv", "ctv", "struct", "dose", "possible")
+#: file names of the CT inside a per-case folder (OpenKBP: pt_*/ct.nii.gz)
+CASE_IMAGE_NAMES = ("ct", "image", "img", "ct_image")
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+def is_label_name(path: Path) -> bool:
+    stem = _strip_suffix(path.name).lower()
+    return any(word in stem for word in LABEL_WORDS)
+
+
+def find_ct_images(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """CT files named by ``sources``: files, flat folders of images, or folders of case folders.
+
+    A folder contributes its own image files (label-like names such as ``oar``, ``target``,
+    ``*_label`` and subfolders such as ``labels/`` are skipped) and, for each subfolder,
+    its ``ct.nii.gz`` (or ``image.nii.gz``; the OpenKBP layout ``pt_*/ct.nii.gz``).
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    found: list[Path] = []
+    for source in sources:
+        p = Path(source)
+        if p.is_file():
+            found.append(p)
+            continue
+        if not p.is_dir():
+            raise InvalidImageError(f"{p} is neither an image file nor a folder")
+        entries = sorted(p.iterdir())
+        found += [f for f in entries if is_image_file(f) and not is_label_name(f)]
+        for sub in entries:
+            if not sub.is_dir() or sub.name.startswith(".") or "label" in sub.name.lower():
+                continue
+            for name in CASE_IMAGE_NAMES:
+                hits = [sub / (name + s) for s in IMAGE_SUFFIXES if (sub / (name + s)).is_file()]
+                if hits:
+                    found.append(hits[0])
+                    break
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise InvalidImageError(f"no CT images found in {[str(s) for s in sources]}")
+    return unique
+
+
+def case_id(path: Path) -> str:
+    """``pt_1`` for ``.../pt_1/ct.nii.gz``, ``case01`` for ``.../case01.nii.gz``."""
+    stem = _strip_suffix(path.name)
+    return path.parent.name if stem.lower() in CASE_IMAGE_NAMES else stem
+
+
+def labeled_cases(folder: str | Path, model: str) -> list[dict]:
+    """The cases of ``folder`` that have a label file usable by ``model``."""
+    model_labels(model)  # raises for an unknown model
+    cases = []
+    for image in find_ct_images(folder):
+        if image.name == "ct.nii.gz":  # OpenKBP
+            label = image.parent / ("oar.nii.gz" if model == "oar" else "target.nii.gz")
+            numbering = "stored" if model == "oar" else "model"
+        else:
+            label = Path(folder) / "labels" / "final" / image.name
+            numbering = "stored"
+        if label.is_file():
+            cases.append({"id": case_id(image), "image": str(image), "label": str(label), "numbering": numbering})
+    return cases

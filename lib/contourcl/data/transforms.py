@@ -1,0 +1,106 @@
+"""Preprocessing of CT and label volumes, shared by pretraining, fine-tuning and serving.
+
+One pipeline for every stage, so that a model sees at serving time exactly what it saw in
+training: load (NIfTI, NRRD, ... through MONAI's readers), channel first, RAS orientation (so
+that axial slices lie along the last axis), in-plane resampling to the model's spacing (the
+slice spacing is kept: the network is 2D), and a CT window scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from contourcl.data import labels as label_names
+
+#: In-plane voxel size (mm) the networks work at: OpenKBP's 3.9-4.9 mm, a 512^2 CT's FOV in 128^2.
+DEFAULT_SPACING: tuple[float, float] = (4.0, 4.0)
+#: CT window (HU) mapped to [0, 1]: from fat and air-filled larynx to cortical bone.
+DEFAULT_WINDOW: tuple[float, float] = (-500.0, 800.0)
+
+
+def ct_preprocessing(
+    image_key: str = "image",
+    label_key: str | None = None,
+    spacing: Sequence[float] = DEFAULT_SPACING,
+    window: Sequence[float] = DEFAULT_WINDOW,
+) -> list:
+    """MONAI dictionary transforms: load, orient RAS, resample in-plane, window to [0, 1].
+
+    The label (when ``label_key`` is given) follows the image with nearest-neighbour
+    resampling. All transforms are invertible, so a prediction can be put back on the
+    image's own grid with :class:`monai.transforms.Invertd`.
+    """
+    keys = [image_key] + ([label_key] if label_key else [])
+    modes = ["bilinear"] + (["nearest"] if label_key else [])
+    return [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys=keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),
+        ScaleIntensityRanged(
+            keys=image_key, a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True
+        ),
+    ]
+
+
+class StoredToModeld(MapTransform):
+    """Renumber a stored label map (:data:`contourcl.data.labels.STORED_LABELS`) into ``model``'s labels.
+
+    Items whose ``numbering`` entry is ``"model"`` (e.g. OpenKBP's ``target.nii.gz`` for ``gtv``)
+    are already in the model's numbering and pass unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection, model: str):
+        super().__init__(keys)
+        self.model = model
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if d.get("numbering", "stored") == "model":
+            return d
+        for key in self.key_iterator(d):
+            lab = d[key]
+            arr = lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab)
+            mapped = torch.as_tensor(label_names.to_model(np.rint(arr).astype(np.int64), self.model), dtype=torch.float32)
+            d[key] = MetaTensor(mapped, meta=lab.meta, applied_operations=lab.applied_operations) if isinstance(lab, MetaTensor) else mapped
+        return d
+
+
+class StructurePresenced(MapTransform):
+    """Record which structures a case contours: ``present[k] = 1`` if label ``k`` has voxels.
+
+    OpenKBP cases and clinicians' partial contours lack some structures; a missing structure
+    means *not contoured*, not *absent*. The loss (:mod:`contourcl.training.finetune.partial_label_loss`)
+    uses this vector so that an uncontoured organ is never trained as background. Background
+    (index 0) is always "present". Run it on the whole volume, before cropping.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, output_key: str = "present"):
+        super().__init__(keys)
+        self.num_classes = num_classes
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = torch.unique(torch.as_tensor(d[key]).round().long())
+            present = torch.zeros(self.num_classes, dtype=torch.float32)
+            present[0] = 1.0
+            present[values[(values > 0) & (values < self.num_classes)]] = 1.0
+            d[self.output_key] = present
+        return d

@@ -1,0 +1,160 @@
+"""Reading and writing volumes, and checking that a file can be a CT and a label belongs to its image.
+
+:func:`read_volume` / :func:`read_ct` read an image to store, contour or train on (with the checks
+below); :func:`read_nifti` reads a file as stored (a label map to score), :func:`read_ras` in RAS
+order (for pictures). :func:`write_nifti` / :func:`write_label` write every volume ContourCL
+produces (served label maps, stored labels, phantoms), with the affine as both qform and sform.
+
+:func:`check_header` reads only a file's header and refuses a grid no CT has (too many voxels,
+impossible spacing or field of view) *before* any voxel is read or resampled: a 100 KB file may
+claim 100 mm voxels or a billion of them. :func:`check_ct_values` refuses what no CT holds
+(NaN or infinite values, a constant image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from monai.transforms import LoadImage
+
+from contourcl.errors import InvalidImageError, LabelMismatchError
+
+#: Largest difference (mm) tolerated between an image's and its label's affine.
+AFFINE_TOLERANCE_MM = 1e-2
+
+
+@dataclass(frozen=True)
+class CTBounds:
+    """What a CT grid can be. Planning CTs are 512 x 512 in-plane, 0.5-1.5 mm pixels, 1-5 mm
+    slices, up to a few hundred slices; OpenKBP's are 128^3 at up to 5.4 mm."""
+
+    max_voxels: int = 512 * 512 * 1000  # 262 M voxels (1 GB as float32)
+    min_spacing_mm: float = 0.2
+    max_spacing_mm: float = 10.0
+    max_extent_mm: float = 2000.0  # along any axis (a whole-body scan is under 2 m)
+
+
+CT_BOUNDS = CTBounds()
+
+
+def check_header(path: str | Path, what: str = "image", name: str | None = None, bounds: CTBounds = CT_BOUNDS) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """``(size, spacing)`` from ``path``'s header alone; raise :class:`InvalidImageError` when
+    the file cannot be read or its grid is outside ``bounds``."""
+    name = name or Path(path).name
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        raise InvalidImageError(f"cannot read the {what} {name!r}: not a NIfTI/NRRD volume ({first})") from err
+    size = tuple(int(s) for s in reader.GetSize())
+    spacing = tuple(float(s) for s in reader.GetSpacing())
+    voxels = int(np.prod(size, dtype=np.int64))
+    if voxels > bounds.max_voxels:
+        raise InvalidImageError(f"the {what} {name!r} has {voxels:,} voxels {size}: more than a CT has (at most {bounds.max_voxels:,})")
+    bad = [s for s in spacing[:3] if not (bounds.min_spacing_mm <= s <= bounds.max_spacing_mm)]
+    if bad:
+        raise InvalidImageError(
+            f"the {what} {name!r} has voxel spacing {tuple(round(s, 4) for s in spacing)} mm: a CT's spacing lies within "
+            f"{bounds.min_spacing_mm}-{bounds.max_spacing_mm} mm"
+        )
+    extent = [n * s for n, s in zip(size[:3], spacing[:3])]
+    if max(extent) > bounds.max_extent_mm:
+        raise InvalidImageError(f"the {what} {name!r} spans {tuple(round(e) for e in extent)} mm: more than a CT (at most {bounds.max_extent_mm:g} mm)")
+    return size, spacing
+
+
+def check_ct_values(array, name: str) -> None:
+    """Raise :class:`InvalidImageError` for values no CT holds: NaN or infinite, or one constant."""
+    arr = np.asarray(array)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InvalidImageError(f"the image {name!r} holds NaN or infinite values: not a CT")
+    if arr.size and arr.min() == arr.max():
+        raise InvalidImageError(f"the image {name!r} is constant (every voxel {arr.flat[0]}): not a CT")
+
+
+def read_volume(path: str | Path, what: str = "image", name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)`` of a 3D volume (NIfTI, NRRD, ... via MONAI's readers).
+
+    Raises :class:`InvalidImageError` for a file that cannot be read, whose header is outside
+    :data:`CT_BOUNDS` (checked before the voxels are read) or that is not a 3D volume (a
+    trailing singleton dimension is allowed and dropped).
+    """
+    name = name or Path(path).name
+    check_header(path, what, name)
+    try:
+        img = LoadImage(image_only=True)(str(path))
+    except Exception as err:
+        cause = err.__cause__ or err
+        raise InvalidImageError(f"cannot read the {what} {name!r}: {type(cause).__name__}: {cause}") from err
+    arr = np.asarray(img)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3 or min(arr.shape) < 2:
+        raise InvalidImageError(f"the {what} {name!r} is not a 3D volume (shape {tuple(np.asarray(img).shape)})")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise InvalidImageError(f"the {what} {name!r} does not hold numbers ({arr.dtype})")
+    return arr, np.asarray(img.affine, dtype=np.float64)
+
+
+def read_ct(path: str | Path, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_volume` of a CT, with :func:`check_ct_values`: what an image must pass to be
+    stored, contoured or trained on."""
+    name = name or Path(path).name
+    arr, affine = read_volume(path, "image", name)
+    check_ct_values(arr, name)
+    return arr, affine
+
+
+def check_label_geometry(image: tuple[np.ndarray, np.ndarray], label: tuple[np.ndarray, np.ndarray], label_name: str = "label") -> None:
+    """Raise :class:`LabelMismatchError` unless the label lies on the image's grid."""
+    (img, img_affine), (lab, lab_affine) = image, label
+    if img.shape != lab.shape:
+        raise LabelMismatchError(f"the {label_name} has shape {lab.shape} but its image has shape {img.shape}")
+    diff = float(np.abs(img_affine - lab_affine).max())
+    if diff > AFFINE_TOLERANCE_MM:
+        raise LabelMismatchError(
+            f"the {label_name}'s affine differs from its image's by {diff:.3g} mm "
+            f"(label {np.round(lab_affine, 3).tolist()} vs image {np.round(img_affine, 3).tolist()})"
+        )
+    if np.issubdtype(lab.dtype, np.floating) and not np.all(np.equal(np.mod(lab, 1), 0)):
+        raise LabelMismatchError(f"the {label_name} holds non-integer values: it is not a label map")
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)`` of a NIfTI file as stored: no reorientation and no checks."""
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``array`` (on ``affine``) with its axes reordered and flipped to RAS, the closest canonical order."""
+    return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(np.asanyarray(array), affine)).dataobj)
+
+
+def read_ras(path: str | Path) -> np.ndarray:
+    """A NIfTI file's array in RAS order (what :func:`contourcl.plots.contour_overlay` draws)."""
+    return np.asanyarray(nib.as_closest_canonical(nib.load(str(path))).dataobj)
+
+
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write ``array`` (its own dtype) as NIfTI with ``affine`` as qform and sform (code 1, scanner) in mm."""
+    array = np.asanyarray(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.set_data_dtype(array.dtype)
+    nib.save(img, str(path))
+    return Path(path)
+
+
+def write_label(path: str | Path, label: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a label map (uint8) on ``affine``: :func:`write_nifti`."""
+    return write_nifti(path, np.asarray(label).astype(np.uint8), affine)

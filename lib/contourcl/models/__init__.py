@@ -1,0 +1,1 @@
+"""The networks and the files that hold them: the served model file and the pretraining checkpoint."""

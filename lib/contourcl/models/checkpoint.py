@@ -1,0 +1,139 @@
+"""The model file: a network's weights with everything needed to use it.
+
+One ``.pt`` file holds the network configuration, its weights, the structures it contours
+(name -> output channel), the preprocessing it was trained with (spacing, window, slice size),
+its largest-component rule (files written before the rule was recorded leave it to the caller),
+and its provenance and validation figures. Serving, fine-tuning and benchmarks all read it
+through :func:`load_model`, so a model can never be run with the wrong preprocessing.
+
+A model file is data, never code: it is read with ``torch.load(weights_only=True)``, which
+refuses any pickled object but tensors and plain containers, so a file uploaded by a client
+cannot run anything when it is loaded (:func:`check_model_file` validates one fully).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from contourcl.data.labels import model_labels
+from contourcl.data.transforms import DEFAULT_SPACING, DEFAULT_WINDOW
+from contourcl.errors import InvalidModelError
+from contourcl.models.networks import ContourUNet, NetConfig, build_network
+
+FORMAT = "contourcl-model/1"
+
+
+@dataclass
+class ModelMeta:
+    """Everything in a model file but the weights."""
+
+    model: str  # "oar" or "gtv"
+    labels: dict[str, int]  # structure name -> output channel (0 is background)
+    net: dict  # NetConfig as a dict
+    spacing: tuple[float, float] = DEFAULT_SPACING
+    window: tuple[float, float] = DEFAULT_WINDOW
+    roi: tuple[int, int] = (128, 128)
+    metrics: dict = field(default_factory=dict)  # e.g. {"val_dice": ..., "val_ids": [...]}
+    provenance: dict = field(default_factory=dict)  # data, command, init checkpoint, epochs
+    created: str = ""
+    #: keep only the largest connected component of each structure when contouring; None: the
+    #: file does not say (the contouring caller's default applies, e.g. the app's model config)
+    largest_component: bool | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spacing"] = list(self.spacing)
+        d["window"] = list(self.window)
+        d["roi"] = list(self.roi)
+        return d
+
+
+def save_model(path: str | Path, network: ContourUNet, meta: ModelMeta, half: bool = False) -> Path:
+    """Write ``network`` and ``meta`` atomically (a temporary file, then ``os.replace``).
+
+    ``half=True`` stores the weights as float16 (half the file; they are cast back to float32
+    on load): used for the weights shipped in the repository.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%S")
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in network.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "meta": meta.to_dict(), "state_dict": state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: str | Path) -> ModelMeta:
+    """The :class:`ModelMeta` of a model file (loads the file; weights are dropped)."""
+    return _load(path)[0]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ContourUNet, ModelMeta]:
+    """The network (in eval mode, float32, on ``device``) and its meta."""
+    meta, state = _load(path)
+    network = build_network(NetConfig(**meta.net))
+    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return network.to(device).eval(), meta
+
+
+def check_model_file(path: str | Path, model: str) -> ModelMeta:
+    """Validate ``path`` as a servable ``model`` file, or raise :class:`InvalidModelError`.
+
+    Checks everything serving relies on: the format, that the file is ``model``'s and contours
+    its structures under their numbers, that the weights fit the network the file describes,
+    and that the network runs on a slice and gives one output per structure and background.
+    """
+    meta, state = _load(path)
+    expected = model_labels(model)
+    if meta.model != model:
+        raise InvalidModelError(f"{Path(path).name} is a {meta.model!r} model, not {model!r}")
+    if dict(meta.labels) != expected:
+        raise InvalidModelError(f"{Path(path).name} contours {dict(meta.labels)}, but the {model!r} model contours {expected}")
+    try:
+        network = build_network(NetConfig(**meta.net))
+        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        with torch.no_grad():
+            out = network.eval()(torch.zeros(1, network.config.in_channels, 64, 64))
+    except Exception as err:
+        raise InvalidModelError(f"{Path(path).name}: the weights do not fit the network it describes ({type(err).__name__}: {err})") from err
+    if out.shape[1] != len(expected) + 1:
+        raise InvalidModelError(f"{Path(path).name}: the network gives {out.shape[1]} outputs, the {model!r} model needs {len(expected) + 1}")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise InvalidModelError(f"{Path(path).name}: the weights hold NaN or infinite values")
+    return meta
+
+
+def _load(path: str | Path) -> tuple[ModelMeta, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        # data only: anything but tensors and plain containers is refused, nothing is executed
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise InvalidModelError(f"{path.name} is not a ContourCL model file: it cannot be read as weights and plain data ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise InvalidModelError(f"{path.name} is not a ContourCL model file (format {FORMAT})")
+    try:
+        m = dict(ckpt["meta"])
+        m["spacing"] = tuple(m["spacing"])
+        m["window"] = tuple(m["window"])
+        m["roi"] = tuple(m["roi"])
+        meta = ModelMeta(**m)
+        if meta.largest_component not in (None, True, False):
+            raise ValueError(f"largest_component is {meta.largest_component!r}, not true, false or absent")
+        state = ckpt["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TypeError("state_dict is not a mapping of tensors")
+    except (KeyError, TypeError, ValueError) as err:
+        raise InvalidModelError(f"{path.name} is not a ContourCL model file: {type(err).__name__}: {err}") from err
+    return meta, state

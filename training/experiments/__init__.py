@@ -1,0 +1,1 @@
+"""Experiments on real CT: the label-efficiency benchmark and its report."""

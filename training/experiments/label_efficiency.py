@@ -1,0 +1,432 @@
+"""The label-efficiency benchmark: what each pretraining method buys with few labels.
+
+``contourcl benchmark label-efficiency`` runs it: :func:`plan`, then :func:`run_benchmark`.
+
+The seeds' experiment (SepaReg Table 2, AGCL, PolyCL), on OpenKBP head-and-neck CT:
+
+1. **Pretrain** each method on the training cases' CTs, labels unused. The methods that need
+   organ masks (AGCL's attention patches, PolyCL-O's organ presence) take them from a *coarse
+   model*: the random-init model fine-tuned on the same draw of labeled cases, so they see no
+   label beyond the ``|X_tr|`` cases of that draw. Their pretraining is therefore run once per
+   draw; the label-free methods are pretrained once and shared by every draw and both models.
+2. **Fine-tune** the ``oar`` model (seven OARs) and the ``gtv`` model (PTV70) with ``|X_tr|``
+   = 1, 5 and 20 labeled training cases, several random draws each, for a fixed number of
+   steps (no model selection: the last weights are evaluated).
+3. **Evaluate** on the validation cases, never used for training or selection: Dice, HD95
+   and surface Dice (:mod:`contourcl.evaluation`) on the CT's own grid, per structure, skipping
+   the structures a case does not contour.
+4. **Report** (:mod:`contourcl.training.experiments.report`): patient-wise mean ± standard
+   error, a Markdown table, a CSV, Dice-vs-``|X_tr|`` plots and contour overlays.
+
+Every run writes its result file under ``OUT/runs``; a second call skips what exists, so an
+interrupted benchmark continues where it stopped. Independent runs go to ``--jobs`` worker
+processes (``--threads`` each).
+
+Two scales share the protocol (:data:`SCALES`): ``cpu`` (the default; small encoder, few
+iterations, a 40-CT pretraining pool: about 1.5 h on 2 cores) and ``paper`` (the seeds'
+ResNet-50, 128 x 128 inputs, 100k iterations, batch 32; for a GPU).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from contourcl.data.datasets import labeled_cases
+from contourcl.data.labels import model_labels
+from contourcl.evaluation import DEFAULT_TOLERANCE_MM, evaluate_model_file
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("oar", "gtv")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of one benchmark scale (the protocol is the same at every scale)."""
+
+    name: str
+    encoder: str
+    width: int
+    image_size: int  #: pretraining input side (slices / regions)
+    pretrain_iterations: int  #: per stage
+    pretrain_batch: int
+    stage_options: dict = field(default_factory=dict)  #: per-method option overrides (e.g. SepaReg's intra-organ steps)
+    finetune_steps: int = 1000
+    finetune_epochs: int = 10  #: the steps are split into this many epochs (BN recalibration, logs)
+    finetune_batch: int = 8
+    finetune_roi: int = 64  #: side of the training slices (centred on structures); inference uses whole slices
+    samples_per_volume: int = 4
+    lr: float = 5e-3
+    #: weight of the voxel-level Siamese feature loss (see contourcl.training.finetune.voxel_siamese.DEFAULT_LAMBDA)
+    voxel_siamese_lambda: float = 0.3
+    pool: int | None = 40  #: training CTs used for pretraining (and to draw labeled cases from); None: all
+    sizes: tuple[int, ...] = (1, 5, 20)
+    draws: int = 2
+
+
+SCALES = {
+    "cpu": Scale(
+        name="cpu", encoder="resnet18", width=16, image_size=128, pretrain_iterations=300, pretrain_batch=16,
+        stage_options={"separeg": {"intra_iterations": 100}},
+        finetune_steps=1000, finetune_batch=8, samples_per_volume=4, pool=40, draws=2,
+    ),
+    "paper": Scale(
+        name="paper", encoder="resnet50", width=64, image_size=128, pretrain_iterations=100_000, pretrain_batch=32,
+        finetune_steps=5000, finetune_epochs=25, finetune_batch=16, finetune_roi=128, samples_per_volume=8,
+        lr=1e-3, pool=None, draws=3,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: how the encoder is initialised and fine-tuned."""
+
+    name: str
+    pretrain: str | None = None  #: a ``contourcl pretrain`` method, or None (random init)
+    needs_masks: bool = False  #: pretraining needs organ masks (taken from the draw's coarse model)
+    voxel_siamese: bool = False  #: fine-tune with the voxel-level Siamese auxiliary loss
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method("random"),
+        Method("simclr", "simclr"),
+        Method("simsiam", "simsiam"),
+        Method("separeg", "separeg"),
+        Method("agcl", "agcl", needs_masks=True),
+        Method("polycl-o", "polycl-o", needs_masks=True),
+        Method("polycl-s", "polycl-s"),
+        Method("voxel-siamese", voxel_siamese=True),
+    )
+}
+#: the rows run unless --methods says otherwise (simsiam is SepaReg's first stage alone)
+DEFAULT_METHODS = ("random", "simclr", "separeg", "agcl", "polycl-o", "polycl-s", "voxel-siamese")
+
+
+# ----------------------------------------------------------------------------------- the data
+def openkbp_splits(root: str | Path) -> tuple[Path, Path]:
+    """``(train, validation)`` folders of the converted OpenKBP data."""
+    root = Path(root)
+    train, val = root / "train-pats", root / "validation-pats"
+    for p in (train, val):
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p} not found: --data must be the OpenKBP folder with train-pats/ and validation-pats/")
+    return train, val
+
+
+def _manifest(folder: Path) -> dict[str, dict]:
+    f = folder / "manifest.json"
+    if not f.is_file():
+        return {}
+    return {c["case"]: c for c in json.loads(f.read_text()).get("cases", [])}
+
+
+def usable_cases(folder: Path, model: str) -> list[dict]:
+    """Labeled cases for ``model``; for ``gtv``, only cases with a PTV70 (from the manifest)."""
+    cases = labeled_cases(folder, model)
+    manifest = _manifest(folder)
+    if model == "gtv" and manifest:
+        cases = [c for c in cases if manifest.get(c["id"], {}).get("has_target", True)]
+    return cases
+
+
+def pretraining_pool(train: Path, size: int | None, seed: int = 0) -> list[str]:
+    """Case ids of the training CTs used for pretraining: a seeded random subset (or all)."""
+    ids = sorted(c["id"] for c in labeled_cases(train, "oar"))
+    if size is None or size >= len(ids):
+        return ids
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(ids, size=size, replace=False).tolist())
+
+
+def draw_cases(cases: Sequence[dict], n: int, draw: int, seed: int = 0) -> list[dict]:
+    """Draw ``draw`` of ``n`` labeled cases: reproducible, independent of the other sizes' draws."""
+    if n > len(cases):
+        raise ValueError(f"cannot draw {n} labeled cases from {len(cases)}")
+    rng = np.random.default_rng([seed, n, draw])
+    idx = rng.choice(len(cases), size=n, replace=False)
+    return [cases[i] for i in sorted(idx)]
+
+
+# ----------------------------------------------------------------------------------- tasks
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
+
+
+def pretrain_task(spec: dict) -> dict:
+    """Pretrain one encoder (``spec``: a :class:`PretrainConfig` as a dict)."""
+    from contourcl.training.pretrain.base import PretrainConfig
+    from contourcl.training.pretrain.trainer import pretrain
+
+    config = PretrainConfig.from_dict(spec["config"])
+    result = pretrain(config)
+    return {"out": result["out"], "final_loss": result["meta"].get("final_loss")}
+
+
+def finetune_task(spec: dict) -> dict:
+    """Fine-tune one model on one draw, save it, evaluate it on the validation cases."""
+    from contourcl.training.finetune.engine import FinetuneConfig, finetune, save_finetuned
+
+    cfg = FinetuneConfig(**spec["finetune"])
+    if cfg.init and not Path(cfg.init).is_file():
+        raise FileNotFoundError(f"pretrained encoder {cfg.init} is missing")
+    result = finetune(spec["train"], [], cfg, progress=False)
+    model_path = Path(spec["model_path"])
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    save_finetuned(model_path, cfg, result, method=spec["method"], train_cases=[c["id"] for c in spec["train"]])
+    t0 = time.perf_counter()
+    metrics = evaluate_model_file(model_path, spec["validation"], spec["tolerance_mm"], keep_preprocessed=True)
+    record = {
+        "model": cfg.model,
+        "method": spec["method"],
+        "n_labeled": len(spec["train"]),
+        "draw": spec["draw"],
+        "train_cases": [c["id"] for c in spec["train"]],
+        "init": cfg.init,
+        "model_path": str(model_path),
+        "tolerance_mm": spec["tolerance_mm"],
+        "labels": model_labels(cfg.model),
+        "seconds": {"finetune": result.seconds, "evaluate": time.perf_counter() - t0},
+        "history": result.history,
+        "cases": metrics,
+    }
+    _write_json(Path(spec["result"]), record)
+    return {"result": spec["result"]}
+
+
+@dataclass
+class Task:
+    key: str
+    fn: Callable[[dict], dict]
+    spec: dict
+    output: Path  #: the task is done when this file exists
+    deps: tuple[str, ...] = ()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_tasks(tasks: Sequence[Task], jobs: int = 1, threads: int = 1, progress: bool = True) -> list[str]:
+    """Run ``tasks`` in dependency order, ``jobs`` at a time; returns the keys that failed.
+
+    Tasks whose output exists are skipped; a failed task's dependents are not run.
+    """
+    done = {t.key for t in tasks if t.output.exists()}
+    failed: list[str] = []
+    pending = [t for t in tasks if t.key not in done]
+    bar = tqdm(total=len(tasks), initial=len(done), desc="label-efficiency", unit="run", disable=not progress)
+
+    blocked_keys: set[str] = set()
+
+    def blocked(t: Task) -> bool:
+        return any(d in failed or d in blocked_keys for d in t.deps)
+
+    executor = None
+    if jobs > 1:
+        executor = cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+    else:
+        _init_worker(threads)
+    running: dict[cf.Future, Task] = {}
+    try:
+        while pending or running:
+            for t in list(pending):
+                if blocked(t):
+                    pending.remove(t)
+                    blocked_keys.add(t.key)
+                    logger.error("skipped %s: a run it needs failed", t.key)
+                    continue
+                if all(d in done for d in t.deps) and (executor is None or len(running) < jobs):
+                    pending.remove(t)
+                    if executor is None:
+                        _run_inline(t, done, failed)
+                        bar.update(1)
+                    else:
+                        running[executor.submit(t.fn, t.spec)] = t
+            if not running:
+                if pending and not any(all(d in done for d in t.deps) for t in pending):
+                    break  # nothing can start: dependencies missing from the graph
+                continue
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                t = running.pop(fut)
+                try:
+                    fut.result()
+                    done.add(t.key)
+                    logger.info("done %s", t.key)
+                except Exception:  # noqa: BLE001 - one failed run must not stop the others
+                    logger.exception("run %s failed", t.key)
+                    failed.append(t.key)
+                bar.update(1)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+        bar.close()
+    return failed + sorted(blocked_keys)
+
+
+def _run_inline(t: Task, done: set, failed: list) -> None:
+    try:
+        t.fn(t.spec)
+        done.add(t.key)
+    except Exception:  # noqa: BLE001
+        logger.exception("run %s failed", t.key)
+        failed.append(t.key)
+
+
+# ----------------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """Everything one benchmark call does (see :func:`plan`)."""
+
+    out: Path
+    scale: Scale
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    tolerance_mm: float
+    seed: int = 0
+    device: str | None = None
+    #: per model, the largest-component rule its model files record (the app's model config)
+    largest_component: dict[str, bool] = field(default_factory=dict)
+    tasks: list[Task] = field(default_factory=list)
+    validation: dict[str, list[dict]] = field(default_factory=dict)
+
+    def settings(self) -> dict:
+        return {
+            "scale": asdict(self.scale), "models": list(self.models), "methods": list(self.methods),
+            "tolerance_mm": self.tolerance_mm, "seed": self.seed,
+        }
+
+
+def _pretrain_config(plan: Plan, method: str, images: list[str], out: Path, options: dict | None = None) -> dict:
+    s = plan.scale
+    return {
+        "method": method, "images": images, "out": str(out), "encoder": s.encoder, "width": s.width,
+        "image_size": s.image_size, "batch_size": s.pretrain_batch, "iterations": s.pretrain_iterations,
+        "checkpoint_every": 0, "log_every": 100, "num_workers": 0, "seed": plan.seed, "device": plan.device,
+        "cache_dir": str(plan.out / "cache"), "progress": False,
+        "options": {**s.stage_options.get(method, {}), **(options or {})},
+    }
+
+
+def _finetune_config(plan: Plan, model: str, method: Method, init: str | None, draw: int) -> dict:
+    s = plan.scale
+    return {
+        "model": model, "net": {"encoder": s.encoder, "width": s.width}, "max_epochs": s.finetune_epochs,
+        "steps_per_epoch": max(1, s.finetune_steps // s.finetune_epochs), "batch_size": s.finetune_batch,
+        "roi": (s.finetune_roi, s.finetune_roi),
+        "samples_per_volume": s.samples_per_volume, "lr": s.lr, "seed": plan.seed + draw, "init": init,
+        "voxel_siamese": method.voxel_siamese, "voxel_siamese_lambda": s.voxel_siamese_lambda,
+        "largest_component": plan.largest_component.get(model),
+    }
+
+
+def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] = MODELS, methods: Sequence[str] = DEFAULT_METHODS,
+         tolerance_mm: float = DEFAULT_TOLERANCE_MM, seed: int = 0, device: str | None = None,
+         largest_component: Mapping[str, bool] | None = None) -> Plan:
+    """The runs of one benchmark, with their dependencies (nothing is run).
+
+    ``largest_component``: per model, the rule its model files record (the app's model config).
+    """
+    for m in models:
+        model_labels(m)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    train, val = openkbp_splits(data)
+    p = Plan(Path(out), scale, tuple(models), tuple(methods), float(tolerance_mm), seed, device, dict(largest_component or {}))
+    pool = set(pretraining_pool(train, scale.pool, seed))
+    pool_images = sorted(c["image"] for c in labeled_cases(train, "oar") if c["id"] in pool)
+    # label-free pretraining: once, shared by every draw and model
+    for name in p.methods:
+        method = METHODS[name]
+        if method.pretrain and not method.needs_masks:
+            ckpt = p.out / "pretrain" / f"{name}.pt"
+            p.tasks.append(Task(f"pretrain/{name}", pretrain_task, {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt)}, ckpt))
+    for model in p.models:
+        labeled = [c for c in usable_cases(train, model) if c["id"] in pool]
+        p.validation[model] = usable_cases(val, model)
+        for n in scale.sizes:
+            for draw in range(scale.draws):
+                cases = draw_cases(labeled, n, draw, seed)
+                tag = f"{model}/n{n:02d}-d{draw}"
+                coarse = p.out / "models" / f"{model}-random-n{n:02d}-d{draw}.pt"
+                for name in p.methods:
+                    method = METHODS[name]
+                    deps: tuple[str, ...] = ()
+                    init = None
+                    if method.pretrain and method.needs_masks:
+                        if "random" not in p.methods:
+                            raise ValueError(f"{name} takes its organ masks from the random-init model: keep 'random' in --methods")
+                        ckpt = p.out / "pretrain" / f"{name}-{model}-n{n:02d}-d{draw}.pt"
+                        targets = list(model_labels(model)) if model == "oar" else ["GTV"]
+                        options = {"coarse_model": str(coarse), ("targets" if name == "agcl" else "organs"): targets}
+                        p.tasks.append(Task(f"pretrain/{name}/{tag}", pretrain_task,
+                                            {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, options)},
+                                            ckpt, deps=(f"finetune/random/{tag}",)))
+                        deps, init = (f"pretrain/{name}/{tag}",), str(ckpt)
+                    elif method.pretrain:
+                        ckpt = p.out / "pretrain" / f"{name}.pt"
+                        deps, init = (f"pretrain/{name}",), str(ckpt)
+                    result = p.out / "runs" / model / name / f"n{n:02d}-d{draw}.json"
+                    spec = {
+                        "method": name, "draw": draw, "train": cases, "validation": p.validation[model],
+                        "finetune": _finetune_config(p, model, method, init, draw),
+                        "model_path": str(p.out / "models" / f"{model}-{name}-n{n:02d}-d{draw}.pt"),
+                        "result": str(result), "tolerance_mm": p.tolerance_mm,
+                    }
+                    p.tasks.append(Task(f"finetune/{name}/{tag}", finetune_task, spec, result, deps))
+    # the random-init runs first (the mask-needing pretrainings wait for them), then the
+    # pretrainings, then the fine-tunings draw by draw: a benchmark stopped early has whole draws
+    p.tasks.sort(key=lambda t: (not t.key.startswith("finetune/random/"), not t.key.startswith("pretrain/"), t.spec.get("draw", 0)))
+    return p
+
+
+# ----------------------------------------------------------------------------------- running it
+def run_benchmark(p: Plan, jobs: int | None = None, threads: int | None = None, report_only: bool = False) -> tuple[list[Path], list[str]]:
+    """Run the plan's unfinished runs and write the report; returns ``(written files, failed runs)``.
+
+    ``jobs`` runs at a time (default: the CPU cores on CPU, 1 on a GPU) with ``threads`` torch
+    threads each (default: cores / jobs); ``report_only`` runs nothing and rebuilds the report.
+    """
+    import torch
+
+    from contourcl.training.experiments.report import write_report
+
+    p.out.mkdir(parents=True, exist_ok=True)
+    settings = p.settings()
+    settings_file = p.out / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != json.loads(json.dumps(settings)):
+        logger.warning("%s holds runs made with other settings; runs that exist are kept, delete the folder to start over", p.out)
+    _write_json(settings_file, settings)
+    failed: list[str] = []
+    if not report_only:
+        cores = os.cpu_count() or 1
+        gpu = (p.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        jobs = jobs or (1 if gpu else max(1, cores))
+        threads = threads or max(1, cores // jobs)
+        logger.info("%d runs (%d already done), %d at a time with %d thread(s) each, in %s",
+                    len(p.tasks), sum(t.output.exists() for t in p.tasks), jobs, threads, p.out)
+        t0 = time.perf_counter()
+        failed = run_tasks(p.tasks, jobs, threads)
+        logger.info("runs finished in %.1f min", (time.perf_counter() - t0) / 60)
+    return write_report(p), failed

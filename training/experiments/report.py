@@ -1,0 +1,190 @@
+"""Tables, plots and overlays of ``contourcl benchmark label-efficiency`` (from its run files).
+
+Aggregation, per model, method and ``|X_tr|``: a validation patient's score for a structure is
+averaged over the draws of labeled cases; the patient's mean over structures counts only the
+structures that patient's reference contours. The table gives the mean ± standard error over
+patients (as the seeds' tables), and the CSV adds the spread of the draws' means.
+
+HD95 is undefined when the model misses a structure entirely; such cases are left out of the
+HD95 mean and counted in the ``hd95_missed`` column (Dice and surface Dice count them as 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from contourcl.data.labels import model_labels, to_model
+from contourcl.data.volumes import read_ras, to_ras
+from contourcl.evaluation import METRICS, case_mean, format_figure, summarise
+from contourcl.plots import _pyplot, contour_overlay
+
+logger = logging.getLogger(__name__)
+
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "surface_dice": "surface Dice"}
+
+
+def load_runs(out: Path) -> list[dict]:
+    runs = []
+    for f in sorted((out / "runs").glob("*/*/*.json")):
+        try:
+            runs.append(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError):
+            logger.warning("ignoring unreadable run file %s", f)
+    return runs
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (model, method, n_labeled, structure or "mean", metric); see :func:`summarise`."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["model"], r["method"], r["n_labeled"])].append(r)
+    rows = []
+    for (model, method, n), rs in sorted(groups.items()):
+        structures = list(model_labels(model))
+        summary = summarise([r["cases"] for r in rs], structures)
+        for metric in METRICS:
+            for s in ["mean", *structures]:
+                x = summary[(s, metric)]
+                rows.append({
+                    "model": model, "method": method, "n_labeled": n, "structure": s, "metric": metric,
+                    "mean": x["mean"], "se": x["se"], "patients": x["patients"], "draws": len(rs),
+                    "draw_means": ";".join(f"{v:.4f}" for v in x["draw_means"]),
+                    "hd95_missed": x["missed"] if metric == "hd95" else "",
+                    "tolerance_mm": rs[0]["tolerance_mm"] if metric == "surface_dice" else "",
+                })
+    return rows
+
+
+def _fmt(row: dict | None, metric: str) -> str:
+    if row is None:
+        return "-"
+    return format_figure(row["mean"], row["se"], metric, row["hd95_missed"] or 0)
+
+
+def markdown(rows: list[dict], settings: dict) -> str:
+    """The results as Markdown: per model, mean over structures per metric, and per structure Dice."""
+    index = {(r["model"], r["method"], r["n_labeled"], r["structure"], r["metric"]): r for r in rows}
+    models = [m for m in settings["models"] if any(r["model"] == m for r in rows)]
+    sizes = sorted({r["n_labeled"] for r in rows})
+    methods = [m for m in settings["methods"] if any(r["method"] == m for r in rows)]
+    s = settings["scale"]
+    lines = [
+        f"Scale `{s['name']}`: encoder {s['encoder']} width {s['width']}; pretraining {s['pretrain_iterations']} steps per stage, "
+        f"batch {s['pretrain_batch']}, on {s['pool'] or 'all'} training CTs; fine-tuning {s['finetune_steps']} steps, batch "
+        f"{s['finetune_batch']}; {s['draws']} draws of labeled cases per size. Patient-wise mean ± standard error over the "
+        f"validation cases; surface Dice at {settings['tolerance_mm']:g} mm. Structures a case does not contour are skipped.",
+        "",
+    ]
+    for model in models:
+        n_pat = index.get((model, methods[0], sizes[0], "mean", "dice"), {}).get("patients", "?")
+        for metric in METRICS:
+            lines += [f"**{model}: {METRIC_TITLES[metric]}, mean over structures** ({n_pat} validation patients)", ""]
+            lines.append("| pretraining | " + " | ".join(f"\\|X_tr\\| = {n}" for n in sizes) + " |")
+            lines.append("|---|" + "---|" * len(sizes))
+            for m in methods:
+                lines.append(f"| {m} | " + " | ".join(_fmt(index.get((model, m, n, "mean", metric)), metric) for n in sizes) + " |")
+            lines.append("")
+        structures = list(model_labels(model))
+        if len(structures) > 1:
+            n = sizes[-1]
+            lines += [f"**{model}: Dice per structure, \\|X_tr\\| = {n}** (in brackets: validation patients whose reference contours it)", ""]
+            counts = [index.get((model, methods[0], n, st, "dice"), {}).get("patients", 0) for st in structures]
+            lines.append("| pretraining | " + " | ".join(f"{st} ({c})" for st, c in zip(structures, counts)) + " |")
+            lines.append("|---|" + "---|" * len(structures))
+            for m in methods:
+                lines.append(f"| {m} | " + " | ".join(_fmt(index.get((model, m, n, st, "dice")), "dice") for st in structures) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_dice(rows: list[dict], model: str, methods: list[str], out: Path) -> Path:
+    """Mean Dice (± SE) against the number of labeled cases, one line per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = sorted((r["n_labeled"], r["mean"], r["se"]) for r in rows
+                     if r["model"] == model and r["method"] == m and r["structure"] == "mean" and r["metric"] == "dice")
+        if not pts:
+            continue
+        n, mean, se = (np.array(v, dtype=float) for v in zip(*pts))
+        ax.errorbar(n, mean, yerr=np.nan_to_num(se), marker="o", capsize=3, label=m, linestyle="--" if m == "random" else "-")
+    ax.set_xscale("log")
+    sizes = sorted({r["n_labeled"] for r in rows if r["model"] == model})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("labeled training cases |X_tr|")
+    ax.set_ylabel("validation Dice (mean over structures)")
+    ax.set_title(f"{model}: label efficiency on OpenKBP")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, validation: list[dict], cases: int = 2,
+             largest_component: bool = True) -> list[Path]:
+    """Contours of the best method and of random init (largest |X_tr|, draw 0) on a few validation cases
+    (``largest_component``: the rule for model files that do not record one)."""
+    from contourcl.inference import Contourer
+
+    n = max((r["n_labeled"] for r in runs if r["model"] == model), default=None)
+    if n is None:
+        return []
+    means = {r["method"]: r["mean"] for r in rows
+             if r["model"] == model and r["n_labeled"] == n and r["structure"] == "mean" and r["metric"] == "dice"}
+    best = max(means, key=lambda m: -np.inf if np.isnan(means[m]) else means[m])
+    written = []
+    for method in dict.fromkeys([best, "random"]):
+        run = next((r for r in runs if r["model"] == model and r["method"] == method and r["n_labeled"] == n and r["draw"] == 0), None)
+        if run is None or not Path(run["model_path"]).is_file():
+            continue
+        contourer = Contourer(run["model_path"], largest_component=largest_component)
+        for case_id in sorted(run["cases"])[:cases]:
+            case = next((item for item in validation if item["id"] == case_id), None)
+            if case is None:
+                continue
+            pred = contourer(case["image"])
+            ct = read_ras(case["image"])
+            lab = to_ras(pred.label, pred.affine)
+            truth = np.asarray(read_ras(case["label"]))
+            truth = to_model(truth, model) if model == "oar" else truth
+            dice = case_mean(run["cases"][case_id], "dice")
+            path = out_dir / f"{model}-{method}-n{n}-{case_id}.png"
+            contour_overlay(np.asarray(ct), np.asarray(lab), pred.labels, path, truth=truth,
+                            title=f"{model}, {method}, |X_tr|={n}, {case_id}: Dice {dice:.2f}")
+            written.append(path)
+    return written
+
+
+def write_report(plan) -> list[Path]:
+    """Write results.csv, results.md, a Dice plot per model and overlays into ``plan.out``."""
+    out = plan.out
+    runs = load_runs(out)
+    if not runs:
+        logger.warning("no finished runs in %s", out)
+        return []
+    rows = aggregate(runs)
+    written = []
+    csv_path = out / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    written.append(csv_path)
+    md = out / "results.md"
+    md.write_text(markdown(rows, plan.settings()) + "\n")
+    written.append(md)
+    for model in plan.models:
+        if any(r["model"] == model for r in rows):
+            written.append(plot_dice(rows, model, list(plan.methods), out / f"dice-vs-labeled-{model}.png"))
+            (out / "overlays").mkdir(exist_ok=True)
+            written += overlays(runs, rows, model, out / "overlays", plan.validation.get(model, []),
+                                largest_component=plan.largest_component.get(model, True))
+    return written

@@ -1,0 +1,235 @@
+"""AGCL's fine-tuning variant: a frozen 2-channel AGCL encoder, one ASPP head per target, label fusion.
+
+Lee et al. (AGCL), stage 2: each target is segmented by its own binary model
+(:class:`AGCLSegmenter`) that sees the image and that target's coarse mask (the attention channel
+of pretraining, :mod:`contourcl.training.pretrain.agcl`); the encoder stays frozen and only the
+ASPP heads (:class:`ASPPHead`) learn (soft Dice per binary model, the paper's Eq. 1). The
+per-target outputs are fused into one multi-structure map (:func:`fuse_labels`). The paper
+publishes no code for the fusion; the rule here is: per voxel, the target with the highest
+foreground probability, and background where every target's foreground probability is below 0.5.
+The paper's segmentation experiments use DeepLabv3+, whose decoder fuses the ASPP output with
+stride-4 encoder features (``low_level=True``, the default); AGCL's code has ASPP, 1x1 conv and
+bilinear upsampling (``low_level=False``).
+
+Coarse masks: in training, each target's reference contour dilated by ``coarse_dilation`` voxels
+(a stand-in for a first-stage model's imperfect mask); in validation and use, the prediction of a
+first-stage model (the ``oar`` model file given as ``coarse_model``), as the paper does.
+Structures a case does not contour are left out of its loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+from monai.losses import DiceLoss
+from monai.networks.blocks import SimpleASPP
+from monai.transforms import Compose
+from scipy.ndimage import binary_dilation
+from torch import nn
+from tqdm.auto import tqdm
+
+from contourcl.data.labels import model_labels
+from contourcl.inference import slice_probabilities
+from contourcl.models.checkpoint import load_model
+from contourcl.models.encoder_checkpoint import read_encoder
+from contourcl.models.networks import ResNetEncoder
+from contourcl.training.finetune.engine import FinetuneConfig, _item, augmentation, preprocessing
+
+logger = logging.getLogger(__name__)
+
+
+class ASPPHead(nn.Module):
+    """DeepLab-style decoder on a frozen encoder's feature maps; ``(B, n_classes, H, W)`` logits.
+
+    MONAI's :class:`~monai.networks.blocks.SimpleASPP` (1x1 and three dilated 3x3 convolutions,
+    dilations 6/12/18) plus the image-pooling branch of DeepLabv3, a 1x1 projection and, with
+    ``low_level`` (DeepLabv3+), fusion with the stride-4 features before the classifier; the
+    logits are upsampled bilinearly to the input size.
+    """
+
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        channels: int = 64,
+        n_classes: int = 2,
+        dilations: Sequence[int] = (6, 12, 18),
+        low_level: bool = True,
+        low_level_channels: int = 48,
+    ):
+        super().__init__()
+        c_in = encoder_channels[-1]
+        self.aspp = SimpleASPP(2, c_in, channels, kernel_sizes=(1, 3, 3, 3), dilations=(1, *dilations))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, channels, 1, bias=False), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(
+            nn.Conv2d(5 * channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+        )
+        self.low_level = low_level
+        if low_level:
+            self.reduce = nn.Sequential(
+                nn.Conv2d(encoder_channels[1], low_level_channels, 1, bias=False),
+                nn.BatchNorm2d(low_level_channels),
+                nn.ReLU(inplace=True),
+            )
+            self.fuse = nn.Sequential(
+                nn.Conv2d(channels + low_level_channels, channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            )
+        self.classifier = nn.Conv2d(channels, n_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        top = features[-1]
+        pooled = self.pool(top).expand(-1, -1, *top.shape[-2:])
+        x = self.project(torch.cat([self.aspp(top), pooled], dim=1))
+        if self.low_level:
+            low = features[1]
+            x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.fuse(torch.cat([x, self.reduce(low)], dim=1))
+        return F.interpolate(self.classifier(x), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def fuse_labels(fg_probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Label fusion of per-target foreground probabilities ``(B, T, H, W)`` into ``(B, H, W)``.
+
+    Per voxel: ``1 + argmax_t p_t`` (targets numbered from 1, as the ``oar`` model's labels), and
+    0 (background) where every ``p_t < threshold``.
+    """
+    best, idx = fg_probs.max(dim=1)
+    return torch.where(best >= threshold, idx + 1, torch.zeros_like(idx))
+
+
+class AGCLSegmenter(nn.Module):
+    """AGCL's fine-tuning model: a frozen 2-channel encoder, one binary :class:`ASPPHead` per target.
+
+    ``forward(image, coarse)``: ``image`` ``(B, 1, H, W)``, ``coarse`` ``(B, H, W)`` the coarse
+    segmentation numbered 1..T (the ``oar`` model's numbering); returns per-target logits
+    ``(B, T, 2, H, W)``; :meth:`predict` fuses them (:func:`fuse_labels`). Training
+    (:func:`finetune_agcl`) scores each binary output with soft Dice (the paper's Eq. 1).
+    """
+
+    def __init__(self, encoder: ResNetEncoder, n_targets: int, **head_kwargs):
+        super().__init__()
+        if encoder.config.in_channels != 2:
+            raise ValueError("AGCLSegmenter needs the 2-channel (image, mask) AGCL encoder")
+        self.encoder = encoder
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.heads = nn.ModuleList(ASPPHead(encoder.out_channels, **head_kwargs) for _ in range(n_targets))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, n_targets: int, **head_kwargs) -> AGCLSegmenter:
+        """Build on a 2-channel AGCL checkpoint (:func:`contourcl.training.pretrain.agcl.two_channel_path`)."""
+        return cls(read_encoder(path)[0], n_targets, **head_kwargs)
+
+    def train(self, mode: bool = True) -> AGCLSegmenter:
+        super().train(mode)
+        self.encoder.eval()  # frozen: batch-norm statistics stay those of pretraining
+        return self
+
+    def forward(self, image: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        size = image.shape[-2:]
+        coarse = coarse.reshape(image.shape[0], *size)
+        outs = []
+        for t, head in enumerate(self.heads):
+            x = torch.cat([image, (coarse == t + 1).to(image.dtype)[:, None]], dim=1)
+            with torch.no_grad():
+                feats = self.encoder(x)
+            outs.append(head(feats, size))
+        return torch.stack(outs, dim=1)
+
+    def probabilities(self, image: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """Per-target foreground probabilities ``(B, T, H, W)``."""
+        return torch.softmax(self(image, coarse), dim=2)[:, :, 1]
+
+    def predict(self, image: torch.Tensor, coarse: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+        """One multi-structure map ``(B, H, W)`` numbered 1..T (0 background)."""
+        return fuse_labels(self.probabilities(image, coarse), threshold)
+
+
+@dataclass
+class AGCLFinetuneResult:
+    segmenter: AGCLSegmenter
+    val_dice: dict[str, float]  # per structure, with the coarse masks of ``coarse_model``
+    history: list[dict]
+    seconds: float
+
+
+def dilated_coarse(label: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Each structure of ``label`` ``(B, 1, H, W)`` dilated by ``iterations`` voxels, larger
+    structures drawn first so that small ones stay visible: ``(B, H, W)``."""
+    lab = label[:, 0].long().cpu().numpy()
+    out = np.zeros_like(lab)
+    for b in range(lab.shape[0]):
+        values, counts = np.unique(lab[b][lab[b] > 0], return_counts=True)
+        for v in values[np.argsort(-counts)]:
+            out[b][binary_dilation(lab[b] == v, iterations=iterations)] = v
+    return torch.as_tensor(out)
+
+
+def finetune_agcl(
+    train_items: list[dict], val_items: list[dict], encoder_2ch: str | Path, coarse_model: str | Path,
+    cfg: FinetuneConfig, coarse_dilation: int = 2, progress: bool = True,
+) -> AGCLFinetuneResult:
+    """Train the per-target ASPP heads on ``train_items``; score the fused map on ``val_items``."""
+    t0 = time.perf_counter()
+    names = list(model_labels(cfg.model))
+    segmenter = AGCLSegmenter.from_checkpoint(encoder_2ch, n_targets=len(names)).train()
+    coarse_net, coarse_meta = load_model(coarse_model)
+    if coarse_meta.model != cfg.model:
+        raise ValueError(f"coarse model {coarse_model} is a {coarse_meta.model} model, not {cfg.model}")
+    cache = CacheDataset([_item(i) for i in train_items], Compose(preprocessing(cfg)), progress=False)
+    loader = DataLoader(Dataset(cache, Compose(augmentation(cfg))), batch_size=max(1, cfg.batch_size // cfg.samples_per_volume),
+                        shuffle=True, collate_fn=list_data_collate)
+    dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, reduction="none")
+    optimizer = torch.optim.AdamW([p for p in segmenter.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = []
+    for epoch in tqdm(range(1, cfg.max_epochs + 1), desc=f"AGCL heads {cfg.model}", disable=not progress):
+        losses = []
+        for batch in loader:
+            image, label, present = batch["image"], batch["label"], batch["present"]
+            logits = segmenter(image, dilated_coarse(label, coarse_dilation))  # (B, T, 2, H, W)
+            per = torch.stack([dice(logits[:, t], (label == t + 1).long()).reshape(-1) for t in range(len(names))], 1)  # (B, T)
+            weights = present[:, 1:]
+            loss = (per * weights).sum() / weights.sum().clamp_min(1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+        logger.info("AGCL epoch %d/%d  loss %.4f", epoch, cfg.max_epochs, history[-1]["loss"])
+    segmenter.eval()
+    val = agcl_dice(segmenter, coarse_net, [_item(i) for i in val_items], cfg) if val_items else {}
+    return AGCLFinetuneResult(segmenter, val, history, time.perf_counter() - t0)
+
+
+def save_agcl(path: str | Path, model: str, result: AGCLFinetuneResult, encoder_2ch: str | Path, coarse_model: str | Path) -> None:
+    """Write the trained segmenter (format ``contourcl-agcl/1``; the app does not serve it)."""
+    torch.save({"format": "contourcl-agcl/1", "model": model, "state_dict": result.segmenter.state_dict(),
+                "encoder_2ch": str(encoder_2ch), "coarse_model": str(coarse_model), "val_dice": result.val_dice,
+                "history": result.history}, path)
+
+
+def agcl_dice(segmenter: AGCLSegmenter, coarse_net, items: list[dict], cfg: FinetuneConfig) -> dict[str, float]:
+    """Per-structure Dice of the fused map, coarse masks from ``coarse_net``; absent structures skipped."""
+    names = list(model_labels(cfg.model))
+    scores: dict[str, list[float]] = {n: [] for n in names}
+    for vol in CacheDataset(items, Compose(preprocessing(cfg)), progress=False):
+        image = vol["image"][None]  # (1, 1, H, W, D)
+        coarse = torch.argmax(slice_probabilities(coarse_net, image, cfg.roi), dim=1)[0]  # (H, W, D)
+        with torch.no_grad():
+            slices = [segmenter.predict(image[..., z], coarse[None, ..., z])[0] for z in range(image.shape[-1])]
+        pred = torch.stack(slices, dim=-1)
+        truth = vol["label"][0].long()
+        for t, name in enumerate(names, start=1):
+            if vol["present"][t] > 0:
+                p, y = pred == t, truth == t
+                scores[name].append(float(2 * (p & y).sum() / max(int(p.sum() + y.sum()), 1)))
+    return {n: float(np.mean(v)) for n, v in scores.items() if v}

@@ -1,0 +1,362 @@
+"""Voxel-level Siamese representation learning (Lee, Chung & Shin), an auxiliary fine-tuning loss.
+
+Voxel feature layers (a projector and a predictor MLP) read the last three decoder layers of the
+U-Net. At each layer the labels (and the current predictions) are downsampled to the layer's
+grid, up to ``max_samples`` voxels are drawn, favouring false negatives, and every voxel's
+prediction ``p = pred(proj(f))`` is pulled towards the stop-gradient projection
+``z' = stopgrad(proj(f))`` of every sampled voxel of the same class; there are no negatives.
+
+Paper equations implemented by :class:`VoxelSiameseLoss`:
+
+- Eq. 4, voxel-wise similarity of class ``c``: ``sum_{p in P^c} sum_{z in Z^c} p/|p| . z/|z|``;
+- Eq. 5/6, the loss ``-sum_c w_c L_voxel-wise(p, stopgrad(z))`` over the voxels of the whole
+  batch, with class weights inverse to frequency
+  ``w_c = (|P| / |P^c|) / sum_c' (|P| / |P^c'|)`` (over the classes among the sampled voxels);
+- Eq. 7, summed over the layers with weights ``w_f`` (1 each in the paper);
+- Eq. 8, the total ``L = L_dice + lambda * L_feature`` (the paper's ``lambda = 10`` for three
+  layers; 0.3 here, :data:`DEFAULT_LAMBDA`), added by the fine-tuning loop
+  (:mod:`contourcl.training.finetune.engine`).
+
+No public code exists; choices made here, each stated:
+
+- Eq. 4 is written as a double sum over pairs. Its literal value grows as ``|P^c|^2`` (millions
+  for 1700 samples), which ``lambda = 10`` could not balance against a Dice loss in [0, 1]; the
+  default ``pair_reduction="mean"`` averages over the pairs instead, so each class term is a mean
+  cosine in [-1, 1] and the feature loss of one layer lies in [-1, 1]. ``"sum"`` is the literal
+  equation. The mean over all pairs equals ``mean(p/|p|) . mean(z/|z|)``, computed in O(n).
+- Pairs include a voxel with itself, as the equation's double sum does.
+- "False negative": a voxel whose (downsampled) label is a structure (> 0) and whose
+  (downsampled) prediction is another class. Up to ``max_false_negatives`` of them are drawn
+  first; the rest of the ``max_samples`` come uniformly from all other valid voxels (never more
+  false negatives than the cap, so a layer of mostly false negatives gives fewer samples). When a layer
+  holds fewer valid voxels than ``max_samples``, both caps shrink in proportion (the paper's
+  1000 : 1700), so the sampling favours false negatives at every scale: this is how the paper's
+  3D caps are carried to 2D layers, which can be small. The caps are per layer and per batch.
+- Labels and predictions are downsampled to each layer with nearest-neighbour interpolation.
+- Heads: projector ``Linear-BN-ReLU-Linear-BN`` and predictor ``Linear-BN-ReLU-Linear`` (SimSiam's
+  shape), hidden width ``hidden`` everywhere. The paper's implementation section says 64, its
+  ablation (Table V) finds 256 best; 256 is the default.
+
+The heads exist only during training; inference uses the U-Net alone.
+
+Switching it on in a fine-tuning loop (wrap :class:`VoxelSiameseNet`, not the bare U-Net, in
+DDP, so that the heads' gradients are synchronised too; save ``.network`` only)::
+
+    model = VoxelSiameseNet(net)                                   # heads on the last 3 layers
+    opt = torch.optim.AdamW(model.parameters(), ...)               # U-Net + heads
+    logits, feature_loss = model(images, labels, trusted_voxels(labels, present))
+    loss = seg_loss(logits, labels, present) + DEFAULT_LAMBDA * feature_loss   # Eq. 8
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DEFAULT_LAMBDA",
+    "PAPER_LAMBDA",
+    "VoxelFeatureHead",
+    "VoxelSiameseLoss",
+    "VoxelSiameseNet",
+    "trusted_voxels",
+    "decoder_features",
+    "forward_with_decoder_features",
+    "sample_voxels",
+    "class_weights",
+    "voxel_siamese_layer_loss",
+]
+
+#: ``lambda`` of Eq. 8 for three layers in the paper (100 for a single layer).
+PAPER_LAMBDA = 10.0
+#: ``lambda`` used here. With the pair-averaged Eq. 4 (see above) the feature loss of three layers
+#: spans [-3, 3]; at the paper's 10 it outweighed the Dice loss and fine-tuning on OpenKBP collapsed
+#: to background (oar, one labeled case: validation Dice 0.00), while 0.3 gave 0.29 and 0.33 on two
+#: draws against 0.25 and 0.32 without the loss (``contourcl benchmark label-efficiency``).
+DEFAULT_LAMBDA = 0.3
+
+
+# --------------------------------------------------------------------------- decoder features
+def decoder_features(network: nn.Module, features: list[torch.Tensor], n_last: int = 3) -> list[torch.Tensor]:
+    """Run ``network``'s decoder on encoder ``features`` and return its last ``n_last`` block outputs.
+
+    ``network`` is a :class:`contourcl.models.networks.ContourUNet` (its ``decoder`` is MONAI's
+    ``UNetDecoder``, called with 4 skip connections by ``ContourUNet.decode``). This replays
+    ``UNetDecoder.forward`` block by block and keeps the outputs; the last one is exactly what
+    ``ContourUNet.decode`` returns. Coarsest first, finest (full resolution) last.
+    """
+    decoder = network.decoder
+    skip_connect = 4
+    skips = features[:-1][::-1]
+    x = features[1:][::-1][0]
+    outs = []
+    for i, block in enumerate(decoder.blocks):
+        x = block(x, skips[i] if i < skip_connect else None)
+        outs.append(x)
+    if not 1 <= n_last <= len(outs):
+        raise ValueError(f"n_last must lie in 1..{len(outs)}, got {n_last}")
+    return outs[-n_last:]
+
+
+def forward_with_decoder_features(
+    network: nn.Module, x: torch.Tensor, n_last: int = 3
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(logits, last n_last decoder features)`` of a ContourUNet in one pass.
+
+    The logits are those of ``network(x)`` (same modules, same order).
+    """
+    feats = decoder_features(network, network.encoder(x), n_last)
+    return network.head(feats[-1]), feats
+
+
+# --------------------------------------------------------------------------- heads
+class VoxelFeatureHead(nn.Module):
+    """Projector and predictor MLPs applied to voxel feature vectors ``(n, C)``.
+
+    ``forward`` returns ``(p, z)`` with ``z = proj(f)`` and ``p = pred(z)``.
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 256):
+        super().__init__()
+        self.projector = nn.Sequential(
+            nn.Linear(in_channels, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+        )
+        self.predictor = nn.Sequential(
+            nn.Linear(hidden, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+        )
+
+    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.projector(f)
+        return self.predictor(z), z
+
+
+# --------------------------------------------------------------------------- sampling
+def _to_grid(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of an integer map ``(B, H, W)`` to ``size``."""
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    return F.interpolate(t[:, None].float(), size=tuple(size), mode="nearest")[:, 0].round().long()
+
+
+def _as_label_map(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``(B, H, W)`` integer map from ``(B, H, W)``, ``(B, 1, H, W)`` labels or ``(B, C, H, W)`` scores."""
+    if t.ndim == 4:
+        t = t[:, 0] if t.shape[1] == 1 else t.argmax(dim=1)
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be (B, H, W), (B, 1, H, W) or (B, C, H, W), got {tuple(t.shape)}")
+    return t.detach().round().long() if t.is_floating_point() else t.detach().long()
+
+
+def sample_voxels(
+    labels: torch.Tensor,
+    preds: torch.Tensor,
+    max_samples: int = 1700,
+    max_false_negatives: int = 1000,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Flat indices of the voxels to use at one layer, false negatives first.
+
+    ``labels``, ``preds`` and ``valid`` are ``(B, H, W)`` on the layer's grid. False negatives
+    (``label > 0`` and ``pred != label``) are drawn first, up to ``max_false_negatives``; the
+    remaining samples are drawn uniformly from the other valid voxels; false negatives beyond
+    the cap are never drawn. With fewer valid voxels than ``max_samples`` both caps scale down
+    in proportion.
+    """
+    lab = labels.reshape(-1)
+    prd = preds.reshape(-1)
+    ok = torch.ones_like(lab, dtype=torch.bool) if valid is None else valid.reshape(-1).bool()
+    n_valid = int(ok.sum())
+    n_total = min(max_samples, n_valid)
+    if n_total == 0:
+        return torch.zeros(0, dtype=torch.long, device=lab.device)
+    n_fn_cap = max_false_negatives if n_valid >= max_samples else int(round(max_false_negatives * n_valid / max_samples))
+    fn = ok & (lab > 0) & (prd != lab)
+    fn_idx = torch.nonzero(fn).flatten()
+    rest_idx = torch.nonzero(ok & ~fn).flatten()
+
+    def pick(idx: torch.Tensor, k: int) -> torch.Tensor:
+        if k >= idx.numel():
+            return idx
+        perm = torch.randperm(idx.numel(), generator=generator, device="cpu")[:k].to(idx.device)
+        return idx[perm]
+
+    chosen_fn = pick(fn_idx, min(n_fn_cap, n_total))
+    chosen_rest = pick(rest_idx, n_total - chosen_fn.numel())
+    return torch.cat([chosen_fn, chosen_rest])
+
+
+def class_weights(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classes present in ``labels`` (1D) and their weights ``(|P|/|P^c|) / sum_c' (|P|/|P^c'|)``."""
+    classes, counts = torch.unique(labels, return_counts=True)
+    inv = labels.numel() / counts.float()
+    return classes, inv / inv.sum()
+
+
+# --------------------------------------------------------------------------- the loss
+def voxel_siamese_layer_loss(
+    p: torch.Tensor,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    weighted: bool = True,
+    pair_reduction: str = "mean",
+    stop_gradient: bool = True,
+) -> torch.Tensor:
+    """Eq. 6 for one layer: ``-sum_c w_c * sim_c(p, stopgrad(z))`` on sampled voxels.
+
+    ``p``, ``z``: ``(n, D)``; ``labels``: ``(n,)``. ``sim_c`` is Eq. 4 over the pairs of class
+    ``c`` (mean over pairs, or the literal sum with ``pair_reduction="sum"``). Without
+    ``weighted`` every class has weight 1 (the paper's "w/o weight" ablation).
+    """
+    if pair_reduction not in ("mean", "sum"):
+        raise ValueError(f"pair_reduction must be 'mean' or 'sum', got {pair_reduction!r}")
+    if p.shape[0] == 0:
+        return p.sum() * 0.0
+    p = F.normalize(p, dim=1)
+    z = F.normalize(z.detach() if stop_gradient else z, dim=1)
+    classes, weights = class_weights(labels)
+    if not weighted:
+        weights = torch.ones_like(weights)
+    loss = p.new_zeros(())
+    for c, w in zip(classes, weights):
+        sel = labels == c
+        pc, zc = p[sel], z[sel]
+        # sum_i sum_j p_i . z_j = (sum_i p_i) . (sum_j z_j)
+        sim = pc.sum(0) @ zc.sum(0)
+        if pair_reduction == "mean":
+            sim = sim / (pc.shape[0] * zc.shape[0])
+        loss = loss - w * sim
+    return loss
+
+
+class VoxelSiameseLoss(nn.Module):
+    """The voxel-level feature loss of Eq. 7 over several decoder layers, with its heads.
+
+    Args:
+        in_channels: channels of each decoder layer used (coarsest first), e.g.
+            ``net.config.decoder_channels[-3:]``; one :class:`VoxelFeatureHead` each.
+        hidden: the heads' width (256, the paper's best; 64 in its implementation section).
+        max_samples / max_false_negatives: sampling caps per layer (1700 / 1000, the paper's).
+        layer_weights: ``w_f`` per layer (1 each, the paper's).
+        weighted: inverse-frequency class weights ``w_c`` (on, the paper's).
+        pair_reduction: ``"mean"`` (default) or ``"sum"`` over the pairs of Eq. 4; see the module doc.
+        ignore_index: label value to leave out (e.g. unlabeled voxels), or ``None``.
+
+    ``forward(features, labels, preds, valid=None)``: ``features`` the decoder layers
+    (:func:`decoder_features`), ``labels`` ``(B, H, W)`` / ``(B, 1, H, W)`` class indices at the
+    input's resolution, ``preds`` the current logits ``(B, C, H, W)`` or a label map (only used to
+    find false negatives; never differentiated), ``valid`` an optional ``(B, H, W)`` /
+    ``(B, 1, H, W)`` mask of voxels whose label can be trusted (e.g. leave out background of
+    cases in which a structure was not contoured). Returns the scalar feature loss.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        hidden: int = 256,
+        max_samples: int = 1700,
+        max_false_negatives: int = 1000,
+        layer_weights: Sequence[float] | None = None,
+        weighted: bool = True,
+        pair_reduction: str = "mean",
+        ignore_index: int | None = None,
+    ):
+        super().__init__()
+        if max_false_negatives > max_samples:
+            raise ValueError("max_false_negatives cannot exceed max_samples")
+        self.heads = nn.ModuleList(VoxelFeatureHead(int(c), hidden) for c in in_channels)
+        self.layer_weights = [1.0] * len(self.heads) if layer_weights is None else [float(w) for w in layer_weights]
+        if len(self.layer_weights) != len(self.heads):
+            raise ValueError(f"{len(self.layer_weights)} layer weights for {len(self.heads)} layers")
+        self.max_samples = int(max_samples)
+        self.max_false_negatives = int(max_false_negatives)
+        self.weighted = weighted
+        self.pair_reduction = pair_reduction
+        self.ignore_index = ignore_index
+        self.generator: torch.Generator | None = None
+
+    @classmethod
+    def for_network(cls, network: nn.Module, n_layers: int = 3, **kwargs) -> VoxelSiameseLoss:
+        """Heads for the last ``n_layers`` decoder layers of a :class:`ContourUNet`."""
+        return cls(tuple(network.config.decoder_channels[-n_layers:]), **kwargs)
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        preds: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if len(features) != len(self.heads):
+            raise ValueError(f"{len(features)} feature maps for {len(self.heads)} heads")
+        lab = _as_label_map(labels, "labels")
+        prd = _as_label_map(preds, "preds")
+        ok = None if valid is None else _as_label_map(valid, "valid").bool()
+        if self.ignore_index is not None:
+            ignore = lab == self.ignore_index
+            ok = ~ignore if ok is None else ok & ~ignore
+        total = features[0].new_zeros(())
+        for feat, head, w_f in zip(features, self.heads, self.layer_weights):
+            size = feat.shape[-2:]
+            lab_l, prd_l = _to_grid(lab, size), _to_grid(prd, size)
+            ok_l = None if ok is None else _to_grid(ok.long(), size).bool()
+            idx = sample_voxels(lab_l, prd_l, self.max_samples, self.max_false_negatives, ok_l, self.generator)
+            if idx.numel() < 2:  # BatchNorm needs two samples; nothing to pull together anyway
+                continue
+            f = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])[idx]
+            p, z = head(f)
+            total = total + w_f * voxel_siamese_layer_loss(
+                p, z, lab_l.reshape(-1)[idx], self.weighted, self.pair_reduction
+            )
+        return total
+
+
+def trusted_voxels(labels: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor | None:
+    """Voxels whose class is known in partially contoured cases: ``(B, H, W)`` bool, or ``None``.
+
+    ``present`` ``(B, C)`` marks the structures each case contours (as
+    :class:`~contourcl.data.transforms.StructurePresenced` writes it). A structure voxel is always
+    trusted; a background voxel only in a case that contours every structure (elsewhere it may
+    be an uncontoured organ). ``present=None``: every voxel is trusted (returns ``None``).
+    """
+    if present is None:
+        return None
+    lab = _as_label_map(labels, "labels")
+    complete = (present[:, 1:] > 0.5).all(dim=1)  # (B,)
+    return (lab > 0) | complete[:, None, None]
+
+
+class VoxelSiameseNet(nn.Module):
+    """A :class:`~contourcl.models.networks.ContourUNet` plus the voxel feature heads, for training only.
+
+    ``forward(image, labels=None, valid=None) -> (logits, feature_loss)``: the U-Net's logits
+    (identical to ``network(image)``) and the Eq. 7 loss of its last ``n_layers`` decoder layers
+    (0 without ``labels``). The heads run in float32 outside autocast. Keep :attr:`network` for
+    inference and saving; the heads are discarded.
+    """
+
+    def __init__(self, network: nn.Module, n_layers: int = 3, **loss_kwargs):
+        super().__init__()
+        self.network = network
+        self.n_layers = n_layers
+        self.feature_loss = VoxelSiameseLoss.for_network(network, n_layers, **loss_kwargs)
+
+    def forward(
+        self, image: torch.Tensor, labels: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, feats = forward_with_decoder_features(self.network, image, self.n_layers)
+        if labels is None:
+            return logits, logits.new_zeros((), dtype=torch.float32)
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            loss = self.feature_loss([f.float() for f in feats], labels, logits.detach().float(), valid)
+        return logits, loss

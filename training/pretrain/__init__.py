@@ -1,0 +1,1 @@
+"""Contrastive pretraining of the encoder: the framework, the trainer and one module per method."""

@@ -1,0 +1,557 @@
+"""SepaReg (Wang et al., AAAI 2022): separated region-level contrastive learning, both stages.
+
+1. **SIS**, structure-aware image separation (:func:`build_region_set`): each axial slice is cut
+   into SLIC superpixels (32 by default) inside the body mask; each region is the image times
+   the region's mask, cropped to its bounding box, zero-padded to a square (the paper;
+   ``region_mode="resize"``: resized directly, as the authors' code) and resized to
+   ``image_size`` (:class:`RegionDataset`). The regions of all images form one shuffled set.
+   The superpixel label maps and the region index (case, slice, region id, bounding box, area)
+   are built once by worker processes and cached on disk; the region images are cut on the fly
+   by the DataLoader workers (cheap: a crop and a resize).
+2. **Inter-organ model** (stage ``inter``): SimSiam on regions (Eq. 1-2,
+   :mod:`contourcl.training.pretrain.simsiam`): encoder, projector (Linear-BN-ReLU-Linear, 4096, 256),
+   predictor of the same shape, stop-gradient.
+3. **IID**, intra- and inter-organ distillation: k-means (K = 5) on the inter-organ projections
+   ``F_g^inter(F_e^inter(r))`` splits the region set into K subsets; K intra-organ SimSiam models
+   are trained from scratch, one per subset (stages ``intra0`` ... ``intra{K-1}``); then a student
+   encoder is distilled (stage ``distill``, :class:`Distiller`) with Eq. 3-5::
+
+       L_intra = KL(softmax(f_hat / T) || softmax(f / T))        (Eq. 3)
+       L_inter = D(F_g^inter(f), z_hat)                          (Eq. 4)
+       L       = L_intra + L_inter                               (Eq. 5)
+
+   where ``f`` is the student's pooled feature of region ``r``, ``f_hat`` the feature of the
+   intra-organ encoder of ``r``'s cluster, ``z_hat = F_g^inter(F_e^inter(r))`` and ``D`` the
+   negative cosine of Eq. 2. Both teachers are frozen (eval mode, no gradients).
+
+   Choices where the paper is terse, with the code's variant as an option:
+
+   - Eq. 4's head is the inter-organ *projector* ``F_g`` ("we use the inter-organ projector to
+     project f into latent space"); the authors' code applies predictor(projector(f)):
+     ``inter_head="predictor"``.
+   - Eq. 3 writes ``KL(f || f_hat)`` on features; like the code, we compare softmax
+     distributions at temperature ``T`` (0.1) over the feature channels, teacher first (the
+     usual distillation direction, as the code's ``kl_div``); ``kl_direction="student-teacher"``
+     gives the literal order.
+   - ``D`` is Eq. 2's ``-cos``; ``distance="2-2cos"`` is the code's.
+   - The student starts from random weights (``student_init="inter"``: from the inter-organ
+     encoder) and sees the un-augmented regions (``distill_augment=True``: one augmented view,
+     the same for student and teachers).
+
+The checkpoint written at the end is the student's encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from contourcl.models.networks import ResNetEncoder
+from contourcl.training.pretrain.augment import TwoViews, augment_from_options
+from contourcl.training.pretrain.base import (
+    ConfigError,
+    PretrainMethod,
+    RunContext,
+    Stage,
+    all_gather_objects,
+    broadcast_object,
+    main_process_first,
+)
+from contourcl.training.pretrain.simsiam import SIMSIAM_OPTIONS, SimSiamModel, negative_cosine
+from contourcl.training.pretrain.volumes import Volume, to_square
+
+logger = logging.getLogger(__name__)
+
+SIS_VERSION = 1
+#: one row per region: volume number, slice, superpixel label, bounding box [r0, r1) x [c0, c1), area (pixels)
+INDEX_DTYPE = np.dtype(
+    [("case", np.int32), ("slice", np.int32), ("label", np.int32), ("r0", np.int32), ("c0", np.int32), ("r1", np.int32), ("c1", np.int32), ("area", np.int32)]
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# SIS: the region set
+
+
+def slic_slice(image: np.ndarray, body: np.ndarray, n_segments: int = 32, compactness: float = 0.15, sigma: float = 0.8) -> np.ndarray:
+    """SLIC superpixels of one ``[0, 1]`` slice inside ``body``: labels 1..n, 0 outside the body.
+
+    ``compactness`` 0.15 on a [0, 1] single-channel image is about the authors' 15 on a grey
+    image replicated to RGB (Lab, range 0-100).
+    """
+    from skimage.segmentation import slic
+
+    return slic(
+        np.asarray(image, dtype=np.float64),
+        n_segments=n_segments,
+        compactness=compactness,
+        sigma=sigma,
+        channel_axis=None,
+        mask=np.asarray(body, bool),
+        start_label=1,
+    )
+
+
+def regions_of_slice(labels: np.ndarray) -> list[tuple[int, int, int, int, int, int]]:
+    """``(label, r0, c0, r1, c1, area)`` of every label > 0 of a 2D label map."""
+    from scipy import ndimage
+
+    areas = np.bincount(labels.ravel())
+    out = []
+    for lab, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        out.append((lab, box[0].start, box[1].start, box[0].stop, box[1].stop, int(areas[lab])))
+    return out
+
+
+def _sis_job(args) -> tuple[int, int, np.ndarray, list]:
+    """Worker: superpixels of slices ``z0..z1`` of one volume."""
+    case, z0, image, body, n_segments, compactness, sigma, min_body_pixels = args
+    labels = np.zeros(image.shape, dtype=np.uint16)
+    rows = []
+    for k in range(image.shape[-1]):
+        if int(body[..., k].sum()) < min_body_pixels:
+            continue
+        lab = slic_slice(image[..., k], body[..., k], n_segments, compactness, sigma)
+        labels[..., k] = lab
+        rows += [(case, z0 + k, *r) for r in regions_of_slice(lab)]
+    return case, z0, labels, rows
+
+
+class RegionSet:
+    """The SIS region set: per-volume superpixel label maps and the region index.
+
+    ``index`` is a structured array (:data:`INDEX_DTYPE`), already shuffled; ``labels[i]``
+    is volume ``i``'s ``(H, W, D)`` label map (0: outside the body or skipped slice);
+    ``cases[i]`` its case id. ``images`` are the volumes' windowed images.
+    """
+
+    def __init__(self, cases: list[str], images: list[np.ndarray], labels: list[np.ndarray], index: np.ndarray, key: str = ""):
+        self.cases, self.images, self.labels, self.index, self.key = cases, images, labels, index, key
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def region_mask(self, i: int) -> tuple[np.ndarray, tuple[int, int, int, int], int, int]:
+        """``(mask in the bbox, (r0, c0, r1, c1), case, slice)`` of region ``i``."""
+        row = self.index[i]
+        r0, c0, r1, c1 = int(row["r0"]), int(row["c0"]), int(row["r1"]), int(row["c1"])
+        lab = self.labels[row["case"]][r0:r1, c0:c1, row["slice"]]
+        return lab == row["label"], (r0, c0, r1, c1), int(row["case"]), int(row["slice"])
+
+    def region_crop(self, i: int) -> np.ndarray:
+        """Region ``i``: image x region mask, cropped to the bounding box (float32)."""
+        mask, (r0, c0, r1, c1), case, z = self.region_mask(i)
+        return np.asarray(self.images[case][r0:r1, c0:c1, z], dtype=np.float32) * mask
+
+
+def sis_key(volumes: Sequence[Volume], n_segments, compactness, sigma, min_body_pixels, seed) -> str:
+    """Cache key of a region set: the settings and a fingerprint of each volume's content."""
+    h = hashlib.sha1(f"sis-v{SIS_VERSION}|{n_segments}|{compactness}|{sigma}|{min_body_pixels}|{seed}".encode())
+    for v in volumes:
+        flat = np.asarray(v.image, dtype=np.float16).ravel()
+        h.update(f"|{v.case}|{v.image.shape}|{int(v.body.sum())}".encode())
+        h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 65536)]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_region_set(
+    volumes: Sequence[Volume],
+    n_segments: int = 32,
+    compactness: float = 0.15,
+    sigma: float = 0.8,
+    min_body_pixels: int = 64,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    chunk_slices: int = 16,
+) -> RegionSet:
+    """SIS over all slices of ``volumes``; cached in ``cache_dir/sis-KEY`` when given.
+
+    Slices whose body has fewer than ``min_body_pixels`` pixels are skipped. ``num_workers``
+    processes share the work in chunks of ``chunk_slices`` slices.
+    """
+    key = sis_key(volumes, n_segments, compactness, sigma, min_body_pixels, seed)
+    folder = Path(cache_dir) / f"sis-{key}" if cache_dir is not None else None
+    images = [v.image for v in volumes]
+    cases = [v.case for v in volumes]
+    if folder is not None and (folder / "index.npy").is_file():
+        try:
+            index = np.load(folder / "index.npy")
+            labels = [np.load(folder / f"labels-{i}.npy", mmap_mode="r") for i in range(len(volumes))]
+            logger.info("SIS: %d regions from the cache %s", len(index), folder)
+            return RegionSet(cases, images, labels, index, key)
+        except (OSError, ValueError):
+            logger.warning("SIS: unreadable cache %s, rebuilding", folder)
+
+    jobs = []
+    for i, v in enumerate(volumes):
+        for z0 in range(0, v.num_slices, chunk_slices):
+            z1 = min(v.num_slices, z0 + chunk_slices)
+            jobs.append((i, z0, np.asarray(v.image[..., z0:z1], np.float32), v.body[..., z0:z1], n_segments, compactness, sigma, min_body_pixels))
+    if num_workers > 1 and len(jobs) > 1:
+        ctx = get_context("spawn" if torch.cuda.is_initialized() else "fork")
+        with ctx.Pool(num_workers) as pool:
+            results = pool.map(_sis_job, jobs, chunksize=1)
+    else:
+        results = [_sis_job(j) for j in jobs]
+    labels = [np.zeros(v.image.shape, np.uint16) for v in volumes]
+    rows: list = []
+    for case, z0, lab, r in results:
+        labels[case][..., z0 : z0 + lab.shape[-1]] = lab
+        rows += r
+    if not rows:
+        raise ConfigError("SIS found no region: no slice has enough body")
+    index = np.array(rows, dtype=INDEX_DTYPE)
+    index = index[np.random.default_rng(seed).permutation(len(index))]  # pooled and shuffled
+    if max(int(lab.max()) for lab in labels) < 256:
+        labels = [lab.astype(np.uint8) for lab in labels]
+    if folder is not None:
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for i, lab in enumerate(labels):
+            np.save(tmp / f"labels-{i}.npy", lab)
+        np.save(tmp / "index.npy", index)
+        (tmp / "meta.json").write_text(json.dumps({
+            "cases": cases, "n_segments": n_segments, "compactness": compactness, "sigma": sigma,
+            "min_body_pixels": min_body_pixels, "regions": len(index), "version": SIS_VERSION,
+        }, indent=1))
+        try:
+            tmp.rename(folder)
+        except OSError:  # built meanwhile by another process
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("SIS: %d regions from %d slices of %d volumes", len(index), len({(r[0], r[1]) for r in rows}), len(volumes))
+    return RegionSet(cases, images, labels, index, key)
+
+
+def keep_regions(region_set: RegionSet, min_area: int = 1, filter_shape: bool = False) -> np.ndarray:
+    """Indices of the regions kept: ``area >= min_area`` and, with ``filter_shape`` (the code's
+    optional filter), fill ratio > 0.2 and aspect ratio < 15."""
+    idx = region_set.index
+    keep = idx["area"] >= min_area
+    if filter_shape:
+        h, w = (idx["r1"] - idx["r0"]).astype(float), (idx["c1"] - idx["c0"]).astype(float)
+        keep &= (idx["area"] / (h * w) > 0.2) & (np.maximum(h, w) / np.minimum(h, w) < 15)
+    return np.flatnonzero(keep)
+
+
+class RegionDataset(Dataset):
+    """Region images ``(1, size, size)`` of a :class:`RegionSet` (optionally a subset).
+
+    With ``targets`` (one int per region of the *whole* set, e.g. cluster ids), items are
+    ``(image, target)``.
+    """
+
+    def __init__(self, region_set: RegionSet, image_size: int = 128, mode: str = "pad", indices: Sequence[int] | None = None, targets: np.ndarray | None = None):
+        if mode not in ("pad", "resize"):
+            raise ConfigError(f"region_mode must be 'pad' or 'resize', not {mode!r}")
+        self.region_set, self.image_size, self.mode = region_set, image_size, mode
+        self.indices = np.arange(len(region_set)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        x = to_square(torch.from_numpy(self.region_set.region_crop(j))[None], self.image_size, self.mode)
+        if self.targets is None:
+            return x
+        return x, int(self.targets[j])
+
+
+class AugmentedWithTarget(Dataset):
+    """``(augment(image), target)`` of a dataset of ``(image, target)``."""
+
+    def __init__(self, base: Dataset, augment):
+        self.base, self.augment = base, augment
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, t = self.base[i]
+        return self.augment(x), t
+
+
+# ----------------------------------------------------------------------------------------------
+# IID: k-means and distillation
+
+
+def kl_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1, direction: str = "teacher-student") -> torch.Tensor:
+    """SepaReg's Eq. 3 on ``(B, C)`` features: ``KL(softmax(teacher/T) || softmax(student/T))``
+    summed over channels, averaged over the batch (float32). ``direction="student-teacher"``
+    swaps the arguments of KL."""
+    s = F.log_softmax(student.float() / temperature, dim=1)
+    t = F.log_softmax(teacher.float() / temperature, dim=1)
+    if direction == "teacher-student":
+        return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    if direction == "student-teacher":
+        return F.kl_div(t, s, log_target=True, reduction="batchmean")
+    raise ValueError(f"direction must be 'teacher-student' or 'student-teacher', not {direction!r}")
+
+
+def kmeans_clusters(features: np.ndarray, k: int, seed: int = 0, normalize: bool = False) -> np.ndarray:
+    """k-means cluster id of each row of ``features`` (scikit-learn; mini-batch above 200k rows)."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    x = np.asarray(features, dtype=np.float32)
+    if normalize:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+    if len(x) < k:
+        raise ConfigError(f"k-means: {len(x)} regions for {k} clusters")
+    if len(x) > 200_000:
+        km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3)
+    else:
+        km = KMeans(n_clusters=k, random_state=seed, n_init=10)
+    return km.fit_predict(x).astype(np.int64)
+
+
+class Distiller(nn.Module):
+    """The distillation step (Eq. 3-5): trainable ``student``; frozen teachers.
+
+    ``forward((regions, clusters))`` returns ``(L_intra + L_inter, logs)``. Each region's
+    intra-organ teacher is ``intra_encoders[cluster]``; the teachers are held outside the
+    module's parameters (not optimised, not wrapped by DDP) and always in eval mode.
+    """
+
+    def __init__(self, student: ResNetEncoder, inter: SimSiamModel, intra_encoders: Sequence[nn.Module], temperature: float = 0.1,
+                 inter_head: str = "projector", distance: str = "neg-cos", kl_direction: str = "teacher-student",
+                 lambda_intra: float = 1.0, lambda_inter: float = 1.0):
+        super().__init__()
+        if inter_head not in ("projector", "predictor"):
+            raise ConfigError(f"inter_head must be 'projector' or 'predictor', not {inter_head!r}")
+        self.student = student
+        self._teachers = (inter, list(intra_encoders))  # not registered: frozen, not optimised
+        self.temperature, self.inter_head, self.distance, self.kl_direction = temperature, inter_head, distance, kl_direction
+        self.lambda_intra, self.lambda_inter = lambda_intra, lambda_inter
+        self.freeze_teachers()
+
+    @property
+    def inter(self) -> SimSiamModel:
+        return self._teachers[0]
+
+    @property
+    def intra(self) -> list[nn.Module]:
+        return self._teachers[1]
+
+    def freeze_teachers(self) -> None:
+        for m in [self.inter, *self.intra]:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in [self.inter, *self.intra]:
+            m.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_features(self, x: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+        """``f_hat``: each region through the intra-organ encoder of its cluster."""
+        out = None
+        for k in torch.unique(clusters).tolist():
+            sel = (clusters == k).nonzero(as_tuple=True)[0]
+            f = self.intra[int(k)].pooled(x[sel])
+            if out is None:
+                out = x.new_zeros((x.shape[0], f.shape[1]), dtype=f.dtype)
+            out[sel] = f
+        return out
+
+    def inter_project(self, f: torch.Tensor) -> torch.Tensor:
+        """``F_g^inter(f)`` (Eq. 4); with ``inter_head="predictor"``: ``F_q^inter(F_g^inter(f))``."""
+        z = self.inter.projector(f)
+        return self.inter.predictor(z) if self.inter_head == "predictor" else z
+
+    def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x, clusters = batch
+        f_hat = self.teacher_features(x, clusters)
+        with torch.no_grad():
+            z_hat = self.inter.project(x)
+        f = self.student.pooled(x)
+        l_intra = kl_distillation(f, f_hat, self.temperature, self.kl_direction)
+        l_inter = negative_cosine(self.inter_project(f), z_hat, stop_gradient=True, distance=self.distance)
+        loss = self.lambda_intra * l_intra + self.lambda_inter * l_inter
+        return loss, {"loss": loss.item(), "intra": l_intra.item(), "inter": l_inter.item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the method
+
+
+class SepaRegMethod(PretrainMethod):
+    """SepaReg: SIS region set -> inter-organ SimSiam -> k-means -> K intra-organ SimSiam -> distilled student.
+
+    Options (``--set KEY=VALUE``): ``n_segments`` (32), ``compactness`` (0.15), ``sigma`` (0.8),
+    ``region_mode`` (pad | resize), ``min_region_area`` (1), ``filter_regions`` (False),
+    ``num_clusters`` (K = 5), ``temperature`` (T = 0.1), ``inter_head`` (projector | predictor),
+    ``kl_direction``, ``distance`` (neg-cos | 2-2cos), ``student_init`` (scratch | inter),
+    ``distill_augment`` (False), ``inter_iterations`` / ``intra_iterations`` /
+    ``distill_iterations`` (default: ``iterations``), the SimSiam heads and augmentations
+    (the authors' code: jitter p 0.3, blur p 0.2).
+    """
+
+    name = "separeg"
+    default_options = {
+        **SIMSIAM_OPTIONS,
+        "jitter_p": 0.3,
+        "blur_p": 0.2,
+        "n_segments": 32,
+        "compactness": 0.15,
+        "sigma": 0.8,
+        "min_body_pixels": 64,
+        "region_mode": "pad",
+        "min_region_area": 1,
+        "filter_regions": False,
+        "num_clusters": 5,
+        "kmeans_normalize": False,
+        "temperature": 0.1,
+        "inter_head": "projector",
+        "kl_direction": "teacher-student",
+        "student_init": "scratch",
+        "distill_augment": False,
+        "lambda_intra": 1.0,
+        "lambda_inter": 1.0,
+        "inter_iterations": None,
+        "intra_iterations": None,
+        "distill_iterations": None,
+    }
+    default_lr = 0.05
+    default_optimizer = "sgd"
+    lr_reference_batch = 256
+
+    def __init__(self, encoder: ResNetEncoder, config):
+        super().__init__(encoder, config)
+        o = self.options
+        if o["region_mode"] not in ("pad", "resize"):
+            raise ConfigError(f"region_mode must be 'pad' or 'resize', not {o['region_mode']!r}")
+        if o["student_init"] not in ("scratch", "inter"):
+            raise ConfigError(f"student_init must be 'scratch' or 'inter', not {o['student_init']!r}")
+        heads = (o["proj_hidden"], o["proj_dim"], o["pred_hidden"], o["distance"])
+        self.inter = SimSiamModel(self.make_encoder(), *heads)
+        self.intra = nn.ModuleList(SimSiamModel(self.make_encoder(), *heads) for _ in range(int(o["num_clusters"])))
+        self.clusters: np.ndarray | None = None  #: cluster id of each region of the region set
+        self.region_key: str = ""
+        self.region_set: RegionSet | None = None
+        self.student_initialised = False
+
+    # state that is not a tensor: the k-means result
+    def get_extra_state(self):
+        return {"clusters": self.clusters, "region_key": self.region_key, "student_initialised": self.student_initialised}
+
+    def set_extra_state(self, state) -> None:
+        self.clusters = state.get("clusters")
+        self.region_key = state.get("region_key", "")
+        self.student_initialised = bool(state.get("student_initialised", False))
+
+    # data ----------------------------------------------------------------------------------
+    def build_region_set(self, volumes) -> RegionSet:
+        if self.region_set is None:
+            o, cfg = self.options, self.config
+            cache = cfg.resolved_cache_dir
+            with main_process_first():
+                self.region_set = build_region_set(
+                    volumes, o["n_segments"], o["compactness"], o["sigma"], o["min_body_pixels"],
+                    cache_dir=cache, num_workers=cfg.num_workers, seed=cfg.seed,
+                )
+        return self.region_set
+
+    def region_dataset(self, indices=None, targets=None) -> RegionDataset:
+        return RegionDataset(self.region_set, self.config.image_size, self.options["region_mode"], indices, targets)
+
+    def kept_indices(self) -> np.ndarray:
+        return keep_regions(self.region_set, int(self.options["min_region_area"]), bool(self.options["filter_regions"]))
+
+    def build_dataset(self, volumes) -> Dataset:
+        """The inter-organ stage's dataset: two augmented views of each region."""
+        self.build_region_set(volumes)
+        return TwoViews(self.region_dataset(self.kept_indices()), augment_from_options(self.config.image_size, self.options))
+
+    # k-means -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def inter_projections(self, ctx: RunContext, indices: np.ndarray) -> np.ndarray:
+        """``F_g^inter(F_e^inter(r))`` of the regions ``indices`` (each rank a share, gathered)."""
+        self.inter.eval()
+        mine = indices[ctx.rank :: ctx.world_size]
+        loader = DataLoader(self.region_dataset(mine), batch_size=max(2, self.config.batch_size * 4), shuffle=False, num_workers=self.config.num_workers)
+        out = []
+        for x in loader:
+            with ctx.autocast():
+                out.append(self.inter.project(x.to(ctx.device)).float().cpu().numpy())
+        parts = all_gather_objects(np.concatenate(out) if out else np.zeros((0, self.options["proj_dim"]), np.float32))
+        z = np.zeros((len(indices), parts[0].shape[1]), np.float32)
+        for r, p in enumerate(parts):
+            z[r :: ctx.world_size] = p
+        return z
+
+    def cluster(self, ctx: RunContext) -> np.ndarray:
+        """k-means on the inter-organ projections: a cluster id per region (-1: filtered out)."""
+        kept = self.kept_indices()
+        z = self.inter_projections(ctx, kept)
+        clusters = np.full(len(self.region_set), -1, np.int64)
+        if ctx.is_main:
+            clusters[kept] = kmeans_clusters(z, int(self.options["num_clusters"]), self.config.seed, bool(self.options["kmeans_normalize"]))
+        clusters = broadcast_object(clusters)
+        sizes = np.bincount(clusters[kept], minlength=int(self.options["num_clusters"]))
+        logger.info("k-means: cluster sizes %s", sizes.tolist())
+        return clusters
+
+    def subset(self, k: int) -> np.ndarray:
+        """Indices of the regions of cluster ``k`` (the training set of intra-organ model ``k``)."""
+        return np.flatnonzero(self.clusters == k)
+
+    # stages --------------------------------------------------------------------------------
+    def _iters(self, name: str) -> int:
+        n = self.options[f"{name}_iterations"]
+        return int(n) if n else int(self.config.iterations)
+
+    def stages(self, volumes, ctx: RunContext) -> Iterator[Stage]:
+        o = self.options
+        yield Stage("inter", self.inter, self.build_dataset(volumes), self._iters("inter"))
+
+        if self.clusters is None or self.region_key != self.region_set.key:
+            self.clusters = self.cluster(ctx)
+            self.region_key = self.region_set.key
+        augment = augment_from_options(self.config.image_size, o)
+        for k, model in enumerate(self.intra):
+            indices = self.subset(k)
+            if len(indices) < 2 * max(1, ctx.world_size):
+                logger.warning("cluster %d has %d region(s): its intra-organ model stays untrained", k, len(indices))
+                continue
+            yield Stage(f"intra{k}", model, TwoViews(self.region_dataset(indices), augment), self._iters("intra"))
+
+        if o["student_init"] == "inter" and not self.student_initialised:
+            self.encoder.load_state_dict(self.inter.encoder.state_dict())
+        self.student_initialised = True
+        distiller = Distiller(
+            self.encoder, self.inter, [m.encoder for m in self.intra], float(o["temperature"]),
+            o["inter_head"], o["distance"], o["kl_direction"], float(o["lambda_intra"]), float(o["lambda_inter"]),
+        )
+        dataset: Dataset = self.region_dataset(self.kept_indices(), targets=self.clusters)
+        if o["distill_augment"]:
+            dataset = AugmentedWithTarget(dataset, augment)
+        yield Stage("distill", distiller, dataset, self._iters("distill"))
+
+    def output_meta(self) -> dict:
+        meta: dict = {"student": "distilled (SepaReg IID)"}
+        if self.region_set is not None:
+            meta["regions"] = len(self.region_set)
+        if self.clusters is not None:
+            c = self.clusters[self.clusters >= 0]
+            meta["cluster_sizes"] = np.bincount(c, minlength=int(self.options["num_clusters"])).tolist()
+        return meta
