@@ -1,0 +1,1 @@
+"""Data: structure names and numbering, reading and writing volumes, cases, preprocessing, phantoms."""
