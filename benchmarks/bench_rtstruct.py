@@ -36,14 +36,22 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from contourcl.data.dicom_series import (
+    read_series,
+    read_series_geometry,
+    write_ct_series,
+)
+from contourcl.data.labels import STORED_LABELS
+from contourcl.data.rtstruct import (
+    contour_volumes,
+    load_rois,
+    read_rtstruct,
+    write_rtstruct,
+)
 from skimage.measure import find_contours
 
-from contourcl.data.dicom_series import read_series, read_series_geometry, write_ct_series
-from contourcl.data.rtstruct import contour_volumes, load_rois, read_rtstruct, write_rtstruct
-
-#: ContourCL's stored numbering (contourcl.labels.STORED_LABELS); OpenKBP's oar.nii.gz uses 1-7.
-STRUCTURES = {"Brainstem": 1, "SpinalCord": 2, "Parotid_R": 3, "Parotid_L": 4, "Mandible": 5, "Larynx": 6,
-              "Esophagus": 7, "GTV": 8}
+#: ContourCL's stored numbering
+STRUCTURES = dict(STORED_LABELS)
 DEFAULT_CASE = Path(__file__).resolve().parents[2] / "shared/data/openkbp/validation-pats/pt_201"
 
 

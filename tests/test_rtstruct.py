@@ -9,10 +9,12 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
-
-from contourcl.data.dicom_series import read_series, read_series_geometry, write_ct_series
+from contourcl.data.dicom_series import (
+    read_series,
+    read_series_geometry,
+    write_ct_series,
+)
+from contourcl.data.labels import STORED_LABELS
 from contourcl.data.rtstruct import (
     RT_STRUCTURE_SET_STORAGE,
     contour_volumes,
@@ -24,10 +26,11 @@ from contourcl.data.rtstruct import (
     write_rtstruct,
 )
 from contourcl.errors import LabelMismatchError, UnknownLabelError
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
-#: The stored numbering of ContourCL (contourcl.labels.STORED_LABELS), passed in as the modules take it.
-STRUCTURES = {"Brainstem": 1, "SpinalCord": 2, "Parotid_R": 3, "Parotid_L": 4, "Mandible": 5, "Larynx": 6,
-              "Esophagus": 7, "GTV": 8}
+#: ContourCL's stored numbering
+STRUCTURES = dict(STORED_LABELS)
 #: 40 columns x 56 rows x 9 slices, origin off zero, x centred on 0.
 #: Feet first: ImageOrientationPatient [-1,0,0, 0,1,0], columns to the patient's right, slices down.
 FEET_FIRST = np.array([[0.8, 0, 0, -15.6], [0, -1.2, 0, 31.7], [0, 0, -2.5, -397.5], [0, 0, 0, 1]])

@@ -59,7 +59,8 @@ def _wait_gone(pids, timeout: float) -> float:
         if all(_gone(p) for p in pids):
             return time.time() - t0
         time.sleep(0.1)
-    raise AssertionError(f"still running after {timeout} s: {[p for p in pids if not _gone(p)]}")
+    left = [p for p in pids if not _gone(p)]
+    raise AssertionError(f"still running after {timeout} s: {left}\n" + subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:20,cmd", "-p", ",".join(map(str, left))], capture_output=True, text=True).stdout)
 
 
 def _kill_quietly(pids) -> None:

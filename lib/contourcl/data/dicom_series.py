@@ -42,6 +42,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from contourcl.data.volumes import CT_BOUNDS
 from contourcl.errors import InvalidImageError
 
 #: SOP Class UID of CT Image Storage (one slice per file).
@@ -60,18 +61,8 @@ ORIENTATION_TOLERANCE = 1e-4
 TILT_TOLERANCE_DEG = 0.01
 
 
-@dataclass(frozen=True)
-class SeriesBounds:
-    """What a CT grid can be: the values of ``contourcl.volumes.CT_BOUNDS`` (any object with these
-    four attributes can be passed instead)."""
-
-    max_voxels: int = 512 * 512 * 1000
-    min_spacing_mm: float = 0.2
-    max_spacing_mm: float = 10.0
-    max_extent_mm: float = 2000.0
-
-
-SERIES_BOUNDS = SeriesBounds()
+#: What a CT grid can be: the same bounds as any other CT file (checked from the headers).
+SERIES_BOUNDS = CT_BOUNDS
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -7,8 +7,9 @@ and a restarted server happily starts a second trainer of the same model next to
 
 - :func:`die_with_parent` ties a task subprocess to the server: Linux's parent-death signal
   (``prctl(PR_SET_PDEATHSIG)``; it fires when the parent *thread* exits) and a daemon watchdog
-  thread that notices when ``os.getppid()`` is no longer the server's pid. Either way the process
-  stops its own children and exits.
+  thread that notices when ``os.getppid()`` is no longer the server's pid. The task leads a process
+  group of its own, so either way one ``killpg(SIGKILL)`` ends it and every child it started
+  (DataLoader workers) at once: nothing to wait for, nothing for the two paths to race over.
 - :class:`TrainLock` is an exclusive ``flock`` on ``<model_dir>/history/<model>/train.lock`` that
   holds the trainer's pid. The kernel releases it when the holder dies, however it dies; a second
   trainer of the same model fails at once with an error that names the pid holding it.
@@ -111,13 +112,21 @@ def stop_children(timeout: float = 3.0) -> int:
     return len(children)
 
 
-def _exit_now(why: str, code: int = 1) -> None:
+def _say(why: str) -> None:
     try:
         sys.stderr.write(f"contourcl: {why}: stopping this task process (pid {os.getpid()}) and its children\n")
         sys.stderr.flush()
     except Exception:  # the server's end of the pipe is gone: nothing to tell
         pass
+
+
+def _exit_now(why: str, code: int = 1) -> None:
+    """End this task and its children now: SIGKILL to the process group it leads (see
+    :func:`die_with_parent`); a process that leads no group stops its children one by one."""
+    _say(why)
     try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)  # this process and every child in its group, at once
         stop_children()
     finally:
         os._exit(code)
@@ -147,12 +156,15 @@ def die_with_parent(parent_pid: int | None = None, interval: float = 0.5, use_pr
     """
     global _watchdog
     parent_pid = expected_parent() if parent_pid is None else int(parent_pid)
+    if os.getpgid(0) != os.getpid():
+        os.setpgid(0, 0)  # a process group of its own: its children join it, one killpg ends them all
     if use_prctl and set_parent_death_signal(signal.SIGTERM) and threading.current_thread() is threading.main_thread():
         # SIGTERM from the kernel (or from anyone): stop the children too, then exit
         signal.signal(signal.SIGTERM, lambda signum, frame: _exit_now("terminated (SIGTERM)", 128 + signal.SIGTERM))
     # checked after prctl: a parent that died before prctl would never send the signal
-    if os.getppid() != parent_pid:
-        _exit_now(f"the server (pid {parent_pid}) is gone before this task started")
+    if os.getppid() != parent_pid:  # no child started yet: just leave
+        _say(f"the server (pid {parent_pid}) is gone before this task started")
+        os._exit(1)
     if _watchdog is None or not _watchdog.is_alive() or _watchdog.parent_pid != parent_pid:
         _watchdog = ParentWatchdog(parent_pid, interval)
         _watchdog.start()

@@ -1,0 +1,56 @@
+"""DICOM in, RT Structure Set out and back, through the ``contourcl`` commands a user runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+
+from contourcl.cli import main as cli_main
+from contourcl.data.dicom_series import read_series_geometry, write_ct_series
+from contourcl.data.labels import from_model
+from contourcl.data.phantom import make_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "apps" / "radonc" / "model" / "synthetic" / "oar.pt"
+
+
+def test_contour_a_dicom_series_to_rtstruct_and_import_it_back(tmp_path, capsys):
+    ct, _, affine = make_phantom(3, shape=(96, 80, 12), spacing=(4.0, 4.0, 6.0))
+    series = tmp_path / "series"
+    write_ct_series(ct, affine, series, patient_id="PHANTOM3")
+
+    rc = cli_main(["contour", str(series), "--model", str(MODEL), "--out", str(tmp_path / "pred.nii.gz"), "--rtstruct", str(tmp_path / "rs.dcm")])
+    assert rc == 0, capsys.readouterr().err
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert said["rtstruct"] == str(tmp_path / "rs.dcm")
+    pred = nib.load(tmp_path / "pred.nii.gz")
+    # on the series' own grid (slices ordered along the series' normal), the same voxels as the CT
+    grid = read_series_geometry(series).affine
+    assert pred.shape == ct.shape and np.allclose(pred.affine, grid, atol=1e-3)
+    assert np.allclose(np.abs(grid[:3, :3]), np.abs(affine[:3, :3])) and np.allclose(grid @ [0, 0, ct.shape[2] - 1, 1], affine @ [0, 0, 0, 1])
+
+    rs = pydicom.dcmread(tmp_path / "rs.dcm")
+    assert rs.Modality == "RTSTRUCT" and rs.PatientID == "PHANTOM3" and rs.ApprovalStatus == "UNAPPROVED"
+    names = {roi.ROIName for roi in rs.StructureSetROISequence}
+    predicted = {name for name, v in said["labels"].items() if (np.asanyarray(pred.dataobj) == v).any()}
+    assert names == predicted and names, "every predicted structure, and only those, is in the RTSTRUCT"
+    assert {o.RTROIInterpretedType for o in rs.RTROIObservationsSequence} == {"ORGAN"}
+
+    rc = cli_main(["import-rtstruct", str(tmp_path / "rs.dcm"), str(series), "--out", str(tmp_path / "back.nii.gz")])
+    assert rc == 0
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert said["unmapped"] == [] and set(said["mapped"].values()) == names
+    back = nib.load(tmp_path / "back.nii.gz")
+    assert np.allclose(back.affine, pred.affine, atol=1e-3)
+    assert np.array_equal(np.asanyarray(back.dataobj), from_model(np.asanyarray(pred.dataobj), "oar")), "label -> RTSTRUCT -> label is exact"
+
+
+def test_rtstruct_needs_a_series_and_something_to_write(tmp_path, capsys):
+    assert cli_main(["contour", str(REPO / "sample-data" / "synthetic_hn_000.nii.gz"), "--model", str(MODEL), "--rtstruct", str(tmp_path / "x.dcm")]) == 2
+    assert "needs a DICOM series folder" in capsys.readouterr().err
+    assert cli_main(["contour", str(REPO / "sample-data" / "synthetic_hn_000.nii.gz"), "--model", str(MODEL)]) == 2
+    assert "nothing to write" in capsys.readouterr().err
