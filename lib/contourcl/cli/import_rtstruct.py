@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from contourcl.data.dicom_series import read_series_geometry, write_nifti_from_series
 from contourcl.data.labels import STORED_LABELS
