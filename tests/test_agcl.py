@@ -246,3 +246,77 @@ def test_agcl_heads_fine_tune_and_fuse_on_phantoms(phantoms, tmp_path):
     lab = torch.zeros(1, 1, 9, 9)
     lab[0, 0, 4, 4] = 2
     assert int((dilated_coarse(lab, 1) == 2).sum()) == 5  # a cross: dilation by one voxel
+
+
+# ------------------------------------------------------------------------------- single structure (issue 9)
+def test_supcon_on_an_all_positive_batch_is_minimised_by_collapse():
+    """The degenerate optimum the code must not allow, by hand: all labels equal, all z equal.
+
+    Each anchor's M - 1 logits are all 1/T, each positive's probability 1/(M - 1): the loss is
+    M * log(M - 1) (265.16 for M = 64), below that of random embeddings.
+    """
+    from contourcl.training.pretrain.supcon import supcon_loss
+
+    m = 64
+    labels = torch.zeros(m, dtype=torch.long)
+    collapsed = supcon_loss(torch.ones(m, 16), labels, temperature=0.1)
+    assert collapsed.item() == pytest.approx(m * np.log(m - 1), rel=1e-5)
+    assert m * np.log(m - 1) == pytest.approx(265.16, abs=0.01)
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(m, 16), dim=1)
+    # the same loss written out independently: -1/(M-1) sum_l log(exp(s_kl/T) / sum_{j!=k} exp(s_kj/T))
+    s = (z @ z.t() / 0.1).double()
+    total = 0.0
+    for k in range(m):
+        others = [j for j in range(m) if j != k]
+        denom = torch.logsumexp(s[k, others], 0)
+        total += float(-(s[k, others] - denom).mean())
+    assert supcon_loss(z, labels, temperature=0.1).item() == pytest.approx(total, rel=1e-4)
+    assert total > m * np.log(m - 1)  # random embeddings lose more: collapse is the optimum
+
+
+def _single_target_data():
+    rng = np.random.default_rng(0)
+    vols, labs = [], []
+    for i in range(2):
+        vols.append(Volume(f"case{i}", rng.random((40, 40, 3)).astype(np.float32), np.ones((40, 40, 3), bool)))
+        lab = np.zeros((40, 40, 3), np.uint8)
+        lab[5:12, 5:12, :] = label_names.STORED_LABELS["GTV"]
+        labs.append(lab)
+    return vols, labs
+
+
+def test_a_single_class_dataset_is_refused():
+    vols, labs = _single_target_data()
+    with pytest.raises(ConfigError, match="one class"):
+        AGCLPatchDataset(vols, labs, ["GTV"], None, size=32)
+    # with the OARs as negatives but no OAR in the coarse masks: still one class, still refused
+    with pytest.raises(ConfigError, match="negative"):
+        AGCLPatchDataset(vols, labs, ["GTV", "Brainstem", "Parotid_L"], None, size=32)
+    # an OAR in the coarse masks gives the GTV its negatives
+    labs[0][20:30, 20:30, 1] = label_names.STORED_LABELS["Parotid_L"]
+    ds = AGCLPatchDataset(vols, labs, ["GTV", "Brainstem", "Parotid_L"], None, size=32)
+    assert sorted({ds[i]["label"].item() for i in range(len(ds))}) == [0, 2]  # GTV (0) and Parotid_L (2)
+
+
+def test_single_target_agcl_contrasts_against_the_oars_and_skips_one_class_batches(tmp_path):
+    from contourcl.training.pretrain.agcl import AGCL
+
+    cfg = PretrainConfig(method="agcl", encoder="resnet10", width=8, out=str(tmp_path / "a.pt"), device="cpu",
+                         options={"targets": ["GTV"]})
+    method = AGCL(ResNetEncoder("resnet10", 8, 1), cfg)
+    assert method.class_names() == ["GTV", *label_names.OAR_NAMES]  # by default, the OARs are the negatives
+    explicit = AGCL(ResNetEncoder("resnet10", 8, 1), PretrainConfig(
+        method="agcl", encoder="resnet10", width=8, device="cpu", options={"targets": ["GTV"], "negatives": ["Mandible"]}))
+    assert explicit.class_names() == ["GTV", "Mandible"]
+    # a batch of one class: no gradient (no pull to collapse)
+    batch = {"views": torch.rand(4, 2, 2, 32, 32), "label": torch.zeros(4, dtype=torch.long)}
+    loss, logs = method.loss(batch)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in method.parameters())
+    # two classes: a real loss
+    method.zero_grad()
+    batch["label"] = torch.tensor([0, 1, 0, 1])
+    loss, _ = method.loss(batch)
+    assert loss.item() > 0

@@ -165,6 +165,18 @@ def test_plan_masks_come_from_the_same_draw(openkbp_like, tmp_path):
     assert not val & {c["id"] for t in p.tasks if t.key.startswith("finetune/") for c in t.spec["train"]}
     with pytest.raises(ValueError, match="keep 'random'"):
         le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["agcl"])
+    # AGCL on the single-structure gtv model: the GTV is contrasted against the OARs of the
+    # oar model of the same draw (one class alone has no negative, issue 9)
+    both = le.plan(openkbp_like, tmp_path, scale, models=["oar", "gtv"], methods=["random", "agcl"])
+    bk = {t.key: t for t in both.tasks}
+    g = bk["pretrain/agcl/gtv/n02-d1"]
+    assert g.deps == ("finetune/random/oar/n02-d1", "finetune/random/gtv/n02-d1")
+    opts = g.spec["config"]["options"]
+    assert opts["coarse_model"] == [bk["finetune/random/oar/n02-d1"].spec["model_path"],
+                                    bk["finetune/random/gtv/n02-d1"].spec["model_path"]]
+    assert opts["targets"] == ["GTV"] and len(opts["negatives"]) == 7 and "GTV" not in opts["negatives"]
+    with pytest.raises(ValueError, match="keep 'oar'"):
+        le.plan(openkbp_like, tmp_path, scale, models=["gtv"], methods=["random", "agcl"])
     with pytest.raises(ValueError, match="unknown method"):
         le.plan(openkbp_like, tmp_path, scale, methods=["nope"])
 

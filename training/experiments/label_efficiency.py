@@ -9,6 +9,10 @@ The seeds' experiment (SepaReg Table 2, AGCL, PolyCL), on OpenKBP head-and-neck 
    model*: the random-init model fine-tuned on the same draw of labeled cases, so they see no
    label beyond the ``|X_tr|`` cases of that draw. Their pretraining is therefore run once per
    draw; the label-free methods are pretrained once and shared by every draw and both models.
+   AGCL for the single-structure ``gtv`` model contrasts the GTV against the OARs (issue 9: one
+   class alone has no negative and SupCon collapses), so its coarse masks come from the ``oar``
+   random-init model of the same ``|X_tr|`` and draw, then the ``gtv`` one: it sees the OAR
+   labels of that draw's ``oar`` cases as well.
 2. **Fine-tune** the ``oar`` model (seven OARs) and the ``gtv`` model (PTV70) with ``|X_tr|``
    = 1, 5 and 20 labeled training cases, several random draws each, for a fixed number of
    steps (no model selection: the last weights are evaluated).
@@ -380,9 +384,19 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
                         ckpt = p.out / "pretrain" / f"{name}-{model}-n{n:02d}-d{draw}.pt"
                         targets = list(model_labels(model)) if model == "oar" else ["GTV"]
                         options = {"coarse_model": str(coarse), ("targets" if name == "agcl" else "organs"): targets}
+                        pre_deps: tuple[str, ...] = (f"finetune/random/{tag}",)
+                        if name == "agcl" and model != "oar":
+                            # AGCL on a single structure needs negatives (issue 9): the OARs,
+                            # from the oar model of the same draw, then the target's own model
+                            if "oar" not in p.models:
+                                raise ValueError(f"agcl on the {model} model contrasts it against the OARs: keep 'oar' in --models")
+                            oar_coarse = p.out / "models" / f"oar-random-n{n:02d}-d{draw}.pt"
+                            options["coarse_model"] = [str(oar_coarse), str(coarse)]
+                            options["negatives"] = list(model_labels("oar"))
+                            pre_deps = (f"finetune/random/oar/n{n:02d}-d{draw}", *pre_deps)
                         p.tasks.append(Task(f"pretrain/{name}/{tag}", pretrain_task,
                                             {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, options)},
-                                            ckpt, deps=(f"finetune/random/{tag}",)))
+                                            ckpt, deps=pre_deps))
                         deps, init = (f"pretrain/{name}/{tag}",), str(ckpt)
                     elif method.pretrain:
                         ckpt = p.out / "pretrain" / f"{name}.pt"

@@ -23,6 +23,25 @@ stage 3, is written next to it (:func:`two_channel_path`: ``X.pt`` -> ``X.2ch.pt
 
 Stage 3, the fine-tuning variant, is :mod:`contourcl.training.finetune.agcl_segmenter`.
 
+Single-structure models (issue 9): AGCL's contrast needs negatives, "the other 2(k-1)
+representation vectors ... dissimilar patches from other targets and modalities" (Lee et al.,
+Sec. 3.2, the denominator of Eq. 2/3). With one target and one modality every pair of a batch
+is a positive and there is no negative: SupCon is then minimised by collapsing every embedding
+to one point (all ``z`` equal: each anchor's ``M - 1`` logits are all ``1/T``, its loss
+``log(M - 1)``, the batch's ``M log(M - 1)``; M = 64: 265.16, below the 277.36 of random
+embeddings), which teaches the encoder nothing. So:
+
+* a single target (e.g. ``["GTV"]`` for the GTV model) is contrasted against the *other*
+  structures, the OARs being the natural negatives of a GTV/PTV: option ``negatives`` (default
+  for a single target: the seven OARs not among the targets) adds their patches as extra
+  classes (labels ``modality * n_classes + class``, the targets first). Their masks come from
+  the coarse segmentation, which ``coarse_model`` may build from several models (a list: e.g.
+  the ``oar`` model for the OARs, then the ``gtv`` model for the target; later models win where
+  they predict a structure);
+* a dataset whose patches fall in fewer than two classes is refused (:class:`ConfigError`
+  naming the problem), and a batch that happens to hold one class only (possible when one
+  class dominates) is skipped (zero loss, no gradient) rather than pulled to collapse.
+
 Paper versus code (MASILab/DCC_CL): the paper lists random cropping, rotation (+-30 deg) and
 scaling (0.3 to 0.7); the code also flips (``flip`` option, off by default: a left-right flip
 turns a right parotid into a left one).
@@ -135,10 +154,15 @@ def load_coarse_labels(
     ``label_numbering`` (``"stored"``, the datastore's, or a model's name such as ``"oar"``).
     """
     model_path = options.get("coarse_model")
+    model_paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path or [])
     out: list[np.ndarray | None] = []
     for vol in volumes:
-        if model_path:
-            out.append(_predict_coarse(vol.image, str(model_path), config, device or torch.device("cpu")))
+        if model_paths:
+            merged = None
+            for mp in model_paths:  # several models (e.g. oar, then gtv): later ones win where they predict
+                pred = _predict_coarse(vol.image, str(mp), config, device or torch.device("cpu"))
+                merged = pred if merged is None else np.where(pred > 0, pred, merged).astype(pred.dtype)
+            out.append(merged)
             continue
         path = find_label_file(vol.path, options.get("labels")) if vol.path else None
         if path is None:
@@ -265,6 +289,17 @@ class AGCLPatchDataset(Dataset):
                 "or a coarse model (option 'coarse_model')"
             )
         self.index = np.asarray(rows, dtype=np.int64)
+        classes = {(self.case_modality[vi], ti) for vi, _, ti in rows}
+        if len(classes) < 2:
+            (mod, ti), = classes
+            raise ConfigError(
+                f"AGCL: every patch is of one class ({self.targets[ti]!r}, modality "
+                f"{self.modality_names[mod]!r}): every pair is a positive and there is no negative, so "
+                "the supervised contrastive loss is minimised by collapsing all embeddings to one point. "
+                "Contrast the target against other structures (option 'negatives', e.g. the OARs, with "
+                "a coarse segmentation that holds them) or give several modalities"
+            )
+        self.n_classes_present = len(classes)
 
     @property
     def n_targets(self) -> int:
@@ -329,6 +364,9 @@ class AGCL(PretrainMethod):
         temperature: 0.1 (the paper). reduction: ``"sum"`` over anchors (Eq. 3) or ``"mean"``.
         crop_scale / rotation / flip: the paired augmentation (:class:`PairedAugment`).
         proj_dim: the projection's output (256, the paper's).
+        negatives: structures whose patches are extra classes, contrasted against the targets
+            (``None``: the OARs not among the targets when there is a single target, else none;
+            ``[]``: none). A single class in the data is refused (see the module docstring).
     """
 
     name = "agcl"
@@ -346,6 +384,7 @@ class AGCL(PretrainMethod):
         "rotation": 30.0,
         "flip": False,
         "proj_dim": 256,
+        "negatives": None,
     }
     default_lr = 1e-3
     default_optimizer = "adam"
@@ -360,6 +399,14 @@ class AGCL(PretrainMethod):
         self.criterion = SupConLoss(float(self.options["temperature"]), str(self.options["reduction"]))
         self.modality_names: list[str] = []
 
+    def class_names(self) -> list[str]:
+        """The contrasted classes: the targets, then the negatives (other structures)."""
+        targets = list(self.options["targets"])
+        negatives = self.options["negatives"]
+        if negatives is None:
+            negatives = [n for n in label_names.OAR_NAMES if n not in targets] if len(targets) == 1 else []
+        return targets + [n for n in negatives if n not in targets]
+
     def build_dataset(self, volumes: Sequence, device: torch.device | None = None) -> AGCLPatchDataset:
         o = self.options
         labels = load_coarse_labels(volumes, self.config, o, device)
@@ -369,7 +416,7 @@ class AGCL(PretrainMethod):
         ds = AGCLPatchDataset(
             volumes,
             labels,
-            o["targets"],
+            self.class_names(),
             read_modalities(o["modalities"]),
             size=int(o["patch_size"]),
             min_pixels=int(o["min_pixels"]),
@@ -392,6 +439,11 @@ class AGCL(PretrainMethod):
         views = batch["views"]  # (B, 2 views, 2 channels, P, P)
         z = self.embed(views.flatten(0, 1))  # rows 2k, 2k+1: the two views of patch k
         labels = batch["label"].repeat_interleave(2)
+        if bool((labels == labels[0]).all()):
+            # one class: no negative, the loss would only pull everything together (collapse)
+            logger.debug("AGCL: a batch of a single class skipped (no negative to contrast)")
+            loss = z.sum() * 0.0
+            return loss, {"loss": 0.0, "single_class_batch": 1.0}
         loss = self.criterion(z.float(), labels)
         return loss, {"loss": float(loss.detach())}
 
@@ -406,6 +458,7 @@ class AGCL(PretrainMethod):
             "method": "agcl",
             "input_channels": ["image", "target mask"][:channels],
             "targets": list(self.options["targets"]),
+            "contrasted_classes": self.class_names(),
             "modalities": list(self.modality_names),
             "two_channel_checkpoint": str(two_channel_path(self.config.out)),
         }
