@@ -12,6 +12,7 @@ from contourcl.training.finetune.voxel_siamese import (
     class_weights,
     decoder_features,
     forward_with_decoder_features,
+    forward_with_features,
     sample_voxels,
     voxel_siamese_layer_loss,
 )
@@ -128,7 +129,35 @@ def tiny_net():
     return build_network(NetConfig(out_channels=4, encoder="resnet10", width=8))
 
 
-def test_decoder_features_are_the_last_three_layers():
+def test_feature_maps_are_the_papers_layers():
+    """Lee, Chung & Shin: F_1 = the last encoder layer, F_2, F_3 = the two deepest skips (the default).
+
+    Expected shapes from the encoder config alone: resnet10 (basic blocks, expansion 1), width 8:
+    layer4 has 8 * width channels at stride 32, layer3 4 * width at 16, layer2 2 * width at 8.
+    """
+    from contourcl.training.finetune.voxel_siamese import VoxelSiameseNet, forward_with_features
+
+    net = tiny_net().eval()
+    width, side = 8, 64
+    expected = [(2, 8 * width, side // 32, side // 32), (2, 4 * width, side // 16, side // 16), (2, 2 * width, side // 8, side // 8)]
+    x = torch.randn(2, 1, side, side)
+    with torch.no_grad():
+        logits, feats = forward_with_features(net, x)
+        assert [tuple(f.shape) for f in feats] == expected
+        enc = net.encoder(x)  # [f1..f5]; the decoder's input is f5, its deepest skips f4, f3
+        assert torch.equal(feats[0], enc[4]) and torch.equal(feats[1], enc[3]) and torch.equal(feats[2], enc[2])
+        assert torch.allclose(logits, net(x))
+    aux = VoxelSiameseLoss.for_network(net, hidden=16)
+    assert [h.projector[0].in_features for h in aux.heads] == [8 * width, 4 * width, 2 * width]
+    assert VoxelSiameseNet(net, hidden=16).placement == "encoder"
+    with pytest.raises(ValueError):
+        forward_with_features(net, x, placement="middle")
+
+
+def test_decoder_placement_is_an_explicit_option():
+    """The deviation kept as an option: the finest three decoder outputs."""
+    from contourcl.training.finetune.voxel_siamese import forward_with_features
+
     net = tiny_net().eval()
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
@@ -138,6 +167,10 @@ def test_decoder_features_are_the_last_three_layers():
         assert torch.allclose(feats[-1], net.decode(net.encoder(x)))
         assert torch.allclose(logits, net(x))
         assert all(torch.equal(a, b) for a, b in zip(feats, feats2))
+        _, feats3 = forward_with_features(net, x, placement="decoder")
+        assert all(torch.equal(a, b) for a, b in zip(feats, feats3))
+    aux = VoxelSiameseLoss.for_network(net, hidden=16, placement="decoder")
+    assert [h.projector[0].in_features for h in aux.heads] == list(net.config.decoder_channels[-3:])
 
 
 def test_auxiliary_loss_trains_the_unet_and_the_heads():
@@ -148,16 +181,21 @@ def test_auxiliary_loss_trains_the_unet_and_the_heads():
     labels = torch.zeros(2, 1, 64, 64, dtype=torch.long)
     labels[:, :, 10:30, 10:30] = 1
     labels[:, :, 40:50, 35:60] = 3
-    logits, feats = forward_with_decoder_features(net, x)
+    from contourcl.training.finetune.voxel_siamese import forward_with_features
+
+    logits, feats = forward_with_features(net, x)
     feature_loss = aux(feats, labels, logits)
     assert torch.isfinite(feature_loss)
     assert -3.0 - 1e-5 <= feature_loss.item() <= 3.0 + 1e-5  # three layers, each a weighted mean cosine
     seg = logits.float().mean() * 0  # stands in for the Dice loss
     total = seg + DEFAULT_LAMBDA * feature_loss  # Eq. 8, as the fine-tuning loop adds it
     total.backward()
-    assert net.decoder.blocks[-1].convs.conv_0.conv.weight.grad.abs().sum() > 0
-    assert net.decoder.blocks[-3].convs.conv_0.conv.weight.grad.abs().sum() > 0
+    # the paper's placement: the feature loss trains the encoder (layer4, layer3, layer2 and below),
+    # not the decoder
+    assert net.encoder.resnet.layer4[0].conv1.weight.grad.abs().sum() > 0
+    assert net.encoder.resnet.layer2[0].conv1.weight.grad.abs().sum() > 0
     assert net.encoder.resnet.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.decoder.parameters())
     assert all(h.predictor[0].weight.grad is not None for h in aux.heads)
     assert net.head[0].weight.grad is None or net.head[0].weight.grad.abs().sum() == 0  # not on the logits path
 
@@ -174,7 +212,7 @@ def test_feature_loss_decreases_when_optimised():
     x = x + labels.float()
     values = []
     for _ in range(15):
-        logits, feats = forward_with_decoder_features(net, x)
+        logits, feats = forward_with_features(net, x)
         loss = aux(feats, labels, logits)
         opt.zero_grad()
         loss.backward()

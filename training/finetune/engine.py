@@ -88,6 +88,8 @@ class FinetuneConfig:
     ce_weight: float = 0.1
     voxel_siamese: bool = False  # voxel-level Siamese auxiliary loss (contourcl.training.finetune.voxel_siamese)
     voxel_siamese_lambda: float = DEFAULT_LAMBDA  # lambda of "Dice + lambda * feature loss" (see voxel_siamese)
+    #: where its heads go: "encoder" (the paper's F_1..F_3) or "decoder" (a deviation, see voxel_siamese)
+    voxel_siamese_placement: str = "encoder"
     #: the largest-component rule recorded in the model file (None: not recorded)
     largest_component: bool | None = None
 
@@ -262,7 +264,7 @@ def finetune(
             logger.info("encoder initialised from %s (%s)", cfg.init, info.get("method", "?"))
     network = network.to(dev).train()
     # with the voxel-Siamese loss, the heads train beside the U-Net; only the U-Net is kept
-    trainable: torch.nn.Module = VoxelSiameseNet(network).to(dev).train() if cfg.voxel_siamese else network
+    trainable: torch.nn.Module = VoxelSiameseNet(network, placement=cfg.voxel_siamese_placement).to(dev).train() if cfg.voxel_siamese else network
     model_for_step: torch.nn.Module = trainable
     if world > 1:
         model_for_step = torch.nn.parallel.DistributedDataParallel(trainable, device_ids=[local_rank] if dev.type == "cuda" else None)
