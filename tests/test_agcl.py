@@ -193,32 +193,66 @@ def test_coarse_labels_from_an_oar_model(phantoms, tmp_path):
 
 
 def test_tiny_agcl_pretraining(tmp_path, phantoms):
+    # 100 steps: with the small stem (the default) 40 steps of batch 8 are within the noise
     cfg = tiny_config(tmp_path, phantoms, options={"modalities": {"case0": "GE"}})
+    cfg.iterations = 100
     result = pretrain(cfg)
     losses = [v for _, v in result["history"]["main"]]
-    assert len(losses) == 40
-    assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8])
+    assert len(losses) == 100
+    assert np.mean(losses[-16:]) < 0.9 * np.mean(losses[:16])
 
-    # --out is the 1-channel encoder that the app's U-Net loads
+    # --out is the 1-channel encoder that the app's U-Net loads; AGCL's small stem (3x3 stride 1,
+    # no max-pool) is not the U-Net's (7x7 stride 2 + max-pool): all but the stem is transferred
     net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
-    before = net.encoder.resnet.conv1.weight.detach().clone()
+    before = {k: v.detach().clone() for k, v in net.encoder.state_dict().items()}
     meta = load_encoder(net, cfg.out)
-    assert meta["method"] == "agcl" and meta["modalities"] == ["GE", "unknown"]
+    assert meta["method"] == "agcl" and meta["modalities"] == ["GE", "unknown"] and meta["stem"] == "small"
+    assert sorted(meta["not_transferred"]) == sorted(k for k in before if k.startswith(("resnet.conv1.", "resnet.bn1.")))
     after = net.encoder.state_dict()
-    assert not torch.equal(after["resnet.conv1.weight"], before)
-    # changed from the random initialisation: the run's fresh 1-channel encoder, then AGCL's 2-channel one
+    for k in before:
+        if k.startswith(("resnet.conv1.", "resnet.bn1.")):
+            assert torch.equal(after[k], before[k])  # the U-Net's stem keeps its initialisation
+    saved = torch.load(cfg.out, weights_only=True)
+    assert saved["encoder_config"]["stem"] == "small" and saved["encoder"]["resnet.conv1.weight"].shape[-2:] == (3, 3)
+    # changed from the random initialisation of AGCL's 2-channel small-stem encoder
     torch.manual_seed(cfg.seed)
     ResNetEncoder("resnet10", 8, 1)
-    init = to_single_channel(ResNetEncoder("resnet10", 8, 2)).state_dict()
-    for key in ("resnet.conv1.weight", "resnet.layer4.0.conv2.weight"):
+    init = to_single_channel(ResNetEncoder("resnet10", 8, 2, "small")).state_dict()
+    for key in ("resnet.layer1.0.conv1.weight", "resnet.layer4.0.conv2.weight"):
+        assert torch.equal(after[key], saved["encoder"][key])
         assert (after[key] - init[key]).abs().max() > 1e-3
-    assert after["resnet.bn1.num_batches_tracked"] > 0
+    assert after["resnet.layer1.0.bn1.num_batches_tracked"] > 0
 
-    # the 2-channel encoder is kept for the ASPP variant
+    # the 2-channel encoder (small stem) is kept for the ASPP variant
     two = two_channel_path(cfg.out)
     seg = AGCLSegmenter.from_checkpoint(two, n_targets=7, channels=8)
-    assert torch.equal(seg.encoder.resnet.conv1.weight[:, :1], after["resnet.conv1.weight"])
+    assert seg.encoder.config.stem == "small"
+    assert torch.equal(seg.encoder.resnet.conv1.weight[:, :1], saved["encoder"]["resnet.conv1.weight"])
     assert seg(torch.rand(1, 1, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long)).shape == (1, 7, 2, 64, 64)
+
+
+def test_small_stem_layer4_map_and_transfer(tmp_path):
+    """Issue 9: on 32 px patches the ImageNet stem (7x7 stride 2 + max-pool) leaves 32 / 32 = 1 px
+    at layer 4; the small stem (3x3 stride 1, no max-pool) 32 / 8 = 4 px. A small-stem checkpoint
+    loads into the U-Net with all but the stem; another width is still refused."""
+    x = torch.zeros(1, 2, 32, 32)
+    with torch.no_grad():
+        assert ResNetEncoder("resnet10", 8, 2).eval()(x)[-1].shape[-2:] == (1, 1)
+        small = ResNetEncoder("resnet10", 8, 2, "small").eval()
+        assert [tuple(f.shape[-2:]) for f in small(x)] == [(32, 32), (32, 32), (16, 16), (8, 8), (4, 4)]
+    assert small.resnet.conv1.kernel_size == (3, 3) and small.resnet.conv1.stride == (1, 1)
+    torch.manual_seed(0)
+    enc = to_single_channel(small)
+    save_encoder(enc, tmp_path / "small.pt", method="agcl")
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    stem_before = net.encoder.resnet.conv1.weight.detach().clone()
+    meta = load_encoder(net, tmp_path / "small.pt")
+    assert "resnet.conv1.weight" in meta["not_transferred"]
+    assert torch.equal(net.encoder.resnet.conv1.weight, stem_before) and net.encoder.resnet.conv1.kernel_size == (7, 7)
+    assert torch.equal(net.encoder.resnet.layer3[0].conv1.weight, enc.resnet.layer3[0].conv1.weight)
+    save_encoder(to_single_channel(ResNetEncoder("resnet10", 16, 2, "small")), tmp_path / "wide.pt")
+    with pytest.raises(ValueError):
+        load_encoder(net, tmp_path / "wide.pt")
 
 
 def test_agcl_heads_fine_tune_and_fuse_on_phantoms(phantoms, tmp_path):

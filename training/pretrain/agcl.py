@@ -21,6 +21,18 @@ channel's weights of the first convolution (:func:`to_single_channel`); a 2-chan
 an all-zero mask computes exactly this, so nothing else changes. The 2-channel checkpoint, for
 stage 3, is written next to it (:func:`two_channel_path`: ``X.pt`` -> ``X.2ch.pt``).
 
+Encoder stem (issue 9): option ``stem``, default ``"small"``, a 3x3 stride-1 first convolution
+without max-pool, as the authors' code (MASILab/DCC_CL, a ResNet-50 with that stem on 128 px
+patches); the paper's appendix lists the ImageNet stem (7x7 stride 2 + max-pool, ``"imagenet"``).
+On the 32 px patches used here the ImageNet stem leaves a 1 x 1 map at layer 4 (strides 2 to
+32: 16, 8, 4, 2, 1 px per side, measured on resnet10 and resnet50), so the pooled representation
+is a single position; the small stem gives 32, 32, 16, 8, 4: a 4 x 4 map at layer 4. The
+app's U-Net keeps the ImageNet stem (its decoder needs strides 2 to 32), so the checkpoint at
+``--out`` loads into it with everything but the stem (``conv1``, ``bn1``) transferred, logged
+and recorded by :func:`contourcl.models.encoder_checkpoint.load_encoder` (``contourcl finetune
+--init``); layers 1-4 then see their inputs at 4 times the stride they were pretrained at. The
+2-channel checkpoint keeps the small stem, and the fine-tuning variant runs it as pretrained.
+
 Stage 3, the fine-tuning variant, is :mod:`contourcl.training.finetune.agcl_segmenter`.
 
 Single-structure models (issue 9): AGCL's contrast needs negatives, "the other 2(k-1)
@@ -334,7 +346,7 @@ def to_single_channel(encoder: ResNetEncoder) -> ResNetEncoder:
     cfg = encoder.config
     if cfg.in_channels == 1:
         return encoder
-    out = ResNetEncoder(cfg.encoder, cfg.width, 1)
+    out = ResNetEncoder(cfg.encoder, cfg.width, 1, cfg.stem)
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     state["resnet.conv1.weight"] = state["resnet.conv1.weight"][:, :1].contiguous()
     out.load_state_dict(state)
@@ -367,6 +379,8 @@ class AGCL(PretrainMethod):
         negatives: structures whose patches are extra classes, contrasted against the targets
             (``None``: the OARs not among the targets when there is a single target, else none;
             ``[]``: none). A single class in the data is refused (see the module docstring).
+        stem: ``"small"`` (3x3 stride 1, no max-pool: the authors' code, the default) or
+            ``"imagenet"`` (7x7 stride 2 + max-pool, the U-Net's; see the module docstring).
     """
 
     name = "agcl"
@@ -385,14 +399,16 @@ class AGCL(PretrainMethod):
         "flip": False,
         "proj_dim": 256,
         "negatives": None,
+        "stem": "small",
     }
     default_lr = 1e-3
     default_optimizer = "adam"
 
     def __init__(self, encoder: ResNetEncoder, config: PretrainConfig):
         super().__init__(encoder, config)
-        if encoder.config.in_channels != 2:  # AGCL always pretrains an (image, mask) encoder
-            encoder = ResNetEncoder(config.encoder, config.width, 2).to(next(encoder.parameters()).device)
+        stem = str(self.options["stem"])
+        if encoder.config.in_channels != 2 or encoder.config.stem != stem:  # an (image, mask) encoder, AGCL's stem
+            encoder = ResNetEncoder(config.encoder, config.width, 2, stem).to(next(encoder.parameters()).device)
             self.encoder = encoder
         d = encoder.feature_dim
         self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, int(self.options["proj_dim"])))
@@ -460,6 +476,7 @@ class AGCL(PretrainMethod):
             "targets": list(self.options["targets"]),
             "contrasted_classes": self.class_names(),
             "modalities": list(self.modality_names),
+            "stem": self.encoder.config.stem,
             "two_channel_checkpoint": str(two_channel_path(self.config.out)),
         }
 

@@ -8,11 +8,14 @@ as code.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
-from contourcl.models.networks import ContourUNet, EncoderConfig, ResNetEncoder
+from contourcl.models.networks import STEM_KEYS, ContourUNet, EncoderConfig, ResNetEncoder
+
+logger = logging.getLogger(__name__)
 
 
 def save_encoder(encoder: ResNetEncoder, path: str | Path, **meta) -> None:
@@ -35,7 +38,7 @@ def read_encoder(path: str | Path) -> tuple[ResNetEncoder, dict]:
     """The encoder of a pretraining checkpoint, rebuilt with the architecture it records, and its ``meta``."""
     ckpt = _read(path)
     cfg = EncoderConfig(**ckpt.get("encoder_config", {}))
-    encoder = ResNetEncoder(cfg.encoder, cfg.width, cfg.in_channels)
+    encoder = ResNetEncoder(cfg.encoder, cfg.width, cfg.in_channels, cfg.stem)
     encoder.load_state_dict(ckpt["encoder"])
     return encoder, ckpt.get("meta", {})
 
@@ -44,12 +47,30 @@ def load_encoder(network: ContourUNet, path: str | Path) -> dict:
     """Initialise ``network``'s encoder from a pretraining checkpoint; returns its ``meta``.
 
     Raises ``ValueError`` when the checkpoint's encoder is not the network's (another depth,
-    width or number of input channels), naming both.
+    width or number of input channels), naming both. A checkpoint whose encoder differs from the
+    network's in its stem only (AGCL's small-patch stem, 3x3 stride 1 without max-pool, against
+    the U-Net's 7x7 stride 2 with max-pool) transfers everything but the stem (``conv1``,
+    ``bn1``), which keeps the network's initialisation; this is logged and recorded in the
+    returned meta (``"not_transferred"``). Checkpoints written before the stem was recorded
+    have the U-Net's stem.
     """
     ckpt = _read(path)
     want = EncoderConfig(network.config.encoder, network.config.width, network.config.in_channels).to_dict()
-    have = ckpt.get("encoder_config", {})
-    if have != want:
+    have = {"stem": "imagenet", **ckpt.get("encoder_config", {})}
+    meta = dict(ckpt.get("meta", {}))
+    if {k: v for k, v in have.items() if k != "stem"} != {k: v for k, v in want.items() if k != "stem"}:
         raise ValueError(f"{path} holds encoder {have}, but the network's encoder is {want}")
-    network.encoder.load_state_dict(ckpt["encoder"])
-    return ckpt.get("meta", {})
+    if have["stem"] == want["stem"]:
+        network.encoder.load_state_dict(ckpt["encoder"])
+        return meta
+    state = {k: v for k, v in ckpt["encoder"].items() if not k.startswith(STEM_KEYS)}
+    skipped = sorted(k for k in ckpt["encoder"] if k.startswith(STEM_KEYS))
+    missing, unexpected = network.encoder.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(STEM_KEYS) for k in missing):
+        raise ValueError(f"{path}: encoder weights do not fit beyond the stem (missing {missing}, unexpected {unexpected})")
+    logger.warning(
+        "%s: pretrained with the %r stem, the network has the %r stem: all but the stem transferred "
+        "(%s keep the network's initialisation)", path, have["stem"], want["stem"], ", ".join(skipped),
+    )
+    meta["not_transferred"] = skipped
+    return meta

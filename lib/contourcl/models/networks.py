@@ -58,22 +58,37 @@ class EncoderConfig:
     encoder: str = "resnet18"
     width: int = 32
     in_channels: int = 1
+    #: ``"imagenet"``: 7x7 stride-2 conv + max-pool (the U-Net's); ``"small"``: 3x3 stride-1
+    #: conv, no max-pool (AGCL's pretraining on small patches, :data:`STEMS`)
+    stem: str = "imagenet"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+#: encoder stems: (first conv kernel, its stride, max-pool)
+STEMS = {"imagenet": (7, 2, True), "small": (3, 1, False)}
+#: the stem's parameters in a ResNetEncoder's state dict
+STEM_KEYS = ("resnet.conv1.", "resnet.bn1.")
+
+
 class ResNetEncoder(nn.Module):
     """A 2D ResNet that returns its feature maps at strides 2, 4, 8, 16 and 32.
+
+    (With ``stem="small"``, 3x3 stride-1 first conv and no max-pool, strides 1, 1, 2, 4, 8:
+    for AGCL's pretraining on small patches only; the U-Net needs the ``"imagenet"`` stem.)
 
     ``forward`` returns the five maps (for the U-Net decoder); :meth:`pooled` returns the
     global-average-pooled last map, the representation that image- and region-level
     contrastive methods train.
     """
 
-    def __init__(self, encoder: str = "resnet18", width: int = 32, in_channels: int = 1):
+    def __init__(self, encoder: str = "resnet18", width: int = 32, in_channels: int = 1, stem: str = "imagenet"):
         super().__init__()
-        self.config = EncoderConfig(encoder, width, in_channels)
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose from {sorted(STEMS)}")
+        kernel, stride, max_pool = STEMS[stem]
+        self.config = EncoderConfig(encoder, width, in_channels, stem)
         block, layers = RESNET_SPECS[encoder]
         self.resnet = ResNet(
             block=block,
@@ -81,8 +96,9 @@ class ResNetEncoder(nn.Module):
             block_inplanes=[width, 2 * width, 4 * width, 8 * width],
             spatial_dims=2,
             n_input_channels=in_channels,
-            conv1_t_size=7,
-            conv1_t_stride=2,
+            conv1_t_size=kernel,
+            conv1_t_stride=stride,
+            no_max_pool=not max_pool,
             feed_forward=False,
         )
         expansion = 4 if block == "bottleneck" else 1
@@ -95,7 +111,7 @@ class ResNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         r = self.resnet
         f1 = r.act(r.bn1(r.conv1(x)))
-        f2 = r.layer1(r.maxpool(f1))
+        f2 = r.layer1(f1 if r.no_max_pool else r.maxpool(f1))
         f3 = r.layer2(f2)
         f4 = r.layer3(f3)
         f5 = r.layer4(f4)
