@@ -166,3 +166,14 @@ def test_polycl_o_needs_labels_and_polycl_s_two_scans(tmp_path, phantoms):
         pretrain(tiny_config(tmp_path, phantoms, "polycl-o", options={"labels": str(empty)}))
     with pytest.raises(ConfigError):
         pretrain(tiny_config(tmp_path, phantoms, "polycl-s", max_cases=1))
+
+
+def test_middle_slices_are_those_of_the_whole_scan_not_of_the_body_slices():
+    """Docstring and code agree (issue 9): the middle 30 % of ALL slices, then body slices only.
+
+    A 20-slice scan whose body slices are 5..14: the middle 30 % of all 20 is 20 * 0.35 = 7 <= z + 0.5
+    < 13, i.e. z = 7..12 (6 slices); the middle 30 % of the 10 body slices would be z = 8..10.
+    """
+    body_rows = np.array([(0, z) for z in range(5, 15)])
+    keep = middle_slices(body_rows, [20], 0.3)
+    assert body_rows[keep][:, 1].tolist() == [7, 8, 9, 10, 11, 12]

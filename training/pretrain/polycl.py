@@ -26,8 +26,12 @@ Differences from the paper, stated: the paper's encoder has 16-32-64-128-256 cha
 instance normalisation and LeakyReLU(0.2); in ContourCL every method pretrains the same
 :class:`~contourcl.models.networks.ResNetEncoder` that the app's U-Net uses, so that the checkpoint
 loads into it. The projection ``g`` is the paper's: one Linear(feature_dim, 256) after global
-average pooling. Slices: the middle ``slice_fraction`` (0.3, the paper's) of each scan's slices
-that contain body; inputs are the app's windowed slices at ``image_size``. No augmentation.
+average pooling. Slices: the middle ``slice_fraction`` (0.3, the paper's) of ALL of each scan's
+slices, by position in the whole scan (the authors' code, tbwa233/PolyCL: the middle 30 % of the
+slices; :func:`middle_slices` counts ``num_slices`` of the whole volume), and of those only the
+slices with body (at least 2 % of the slice, :class:`~contourcl.training.pretrain.volumes.SliceDataset`);
+it is not the middle 30 % of the body slices. Inputs are the app's windowed slices at
+``image_size``. No augmentation.
 Adam, lr 1e-4 (the paper's).
 """
 
@@ -132,7 +136,11 @@ class OrganSampler:
 
 
 def middle_slices(index: np.ndarray, num_slices: Sequence[int], fraction: float) -> np.ndarray:
-    """Mask of the rows ``(volume, slice)`` of ``index`` in the middle ``fraction`` of their volume."""
+    """Mask of the rows ``(volume, slice)`` of ``index`` in the middle ``fraction`` of their volume.
+
+    The middle is that of all ``num_slices[v]`` slices of the volume (as PolyCL's code), whatever
+    rows ``index`` holds (e.g. body slices only).
+    """
     if not 0 < fraction <= 1:
         raise ConfigError(f"slice_fraction must lie in (0, 1], got {fraction}")
     keep = np.zeros(len(index), dtype=bool)

@@ -38,6 +38,17 @@
      encoder) and sees the un-augmented regions (``distill_augment=True``: one augmented view,
      the same for student and teachers).
 
+Augmentation, a deviation (issue 9): the paper and the authors' code use colour/brightness
+jitter (p 0.3), blur (p 0.2) and a random resized crop; here the SimSiam augmentation also flips
+horizontally (``flip_p`` 0.5, inherited from :mod:`~contourcl.training.pretrain.simsiam`;
+``--set flip_p=0`` leaves it out). A left-right flip of a whole slice would swap Parotid_R and
+Parotid_L, but SepaReg never flips slices: it flips *regions*, superpixels cut to their
+bounding box, and no region carries a side or a structure name. The positive pair is two views
+of the same region, the inter-organ stage and k-means group regions by appearance only, so the
+flip only asks for mirror-invariant region features (a flipped right-parotid region looks like
+a left-parotid one, the same organ), and no label is contradicted. (AGCL, whose classes are
+named structures, keeps flips off for that reason.)
+
 The checkpoint written at the end is the student's encoder.
 """
 
