@@ -24,7 +24,7 @@ from contourcl.training.pretrain.separeg import (
     kl_distillation,
     kmeans_clusters,
 )
-from contourcl.training.pretrain.simsiam import SimSiamModel, negative_cosine
+from contourcl.training.pretrain.simsiam import SimSiamModel
 from contourcl.training.pretrain.trainer import pretrain
 from contourcl.training.pretrain.volumes import Volume, body_mask, load_volumes, synthetic_ct, window_value, write_synthetic_cts
 
@@ -158,8 +158,13 @@ def test_distiller_loss_is_eq_3_to_5_and_teachers_stay_frozen():
         f_hat = torch.cat([intra[int(c)].pooled(x[i : i + 1]) for i, c in enumerate(clusters)])
         z_hat = inter.projector(inter.encoder.pooled(x))
         g = inter.projector(f) if head == "projector" else inter.predictor(inter.projector(f))
-        l_intra = kl_distillation(f, f_hat, 0.1)
-        l_inter = negative_cosine(g, z_hat)
+        # expected values by hand, not with the module's kl_distillation / negative_cosine:
+        # KL(P_teacher || P_student) with P = softmax(feature / T), summed over channels, batch mean
+        log_pt = f_hat.double() / 0.1 - torch.logsumexp(f_hat.double() / 0.1, dim=1, keepdim=True)
+        log_ps = f.double() / 0.1 - torch.logsumexp(f.double() / 0.1, dim=1, keepdim=True)
+        l_intra = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean()
+        cos = (g.double() * z_hat.double()).sum(1) / (g.double().norm(dim=1) * z_hat.double().norm(dim=1))
+        l_inter = (-cos).mean()  # Eq. 2's D = -cos (the default distance)
         assert logs["intra"] == pytest.approx(l_intra.item(), rel=1e-4)
         assert logs["inter"] == pytest.approx(l_inter.item(), rel=1e-4, abs=1e-6)
         assert loss.item() == pytest.approx(l_intra.item() + l_inter.item(), rel=1e-4)
@@ -167,6 +172,51 @@ def test_distiller_loss_is_eq_3_to_5_and_teachers_stay_frozen():
         loss.backward()
         assert student.resnet.conv1.weight.grad.abs().sum() > 0
         assert all(p.grad is None for m in [inter, *intra] for p in m.parameters())
+    # the authors' code's distance, D = 2 - 2 cos, by hand
+    d = Distiller(student, inter, intra, temperature=0.1, distance="2-2cos").train()
+    _, logs = d((x, clusters))
+    with torch.no_grad():
+        f = student.pooled(x)
+        g, z_hat = inter.projector(f).double(), inter.projector(inter.encoder.pooled(x)).double()
+        cos = (g * z_hat).sum(1) / (g.norm(dim=1) * z_hat.norm(dim=1))
+    assert logs["inter"] == pytest.approx(float((2 - 2 * cos).mean()), rel=1e-4, abs=1e-6)
+
+
+def test_kmeans_clusters_the_projector_outputs(tmp_path, monkeypatch):
+    """SepaReg's IID: k-means on the inter-organ projections F_g(F_e(r)) (256-d in the paper;
+    ``proj_dim`` here), not on the encoder's pooled features. A spy on scikit-learn's KMeans sees
+    what is clustered."""
+    import sklearn.cluster
+
+    seen = []
+
+    class SpyKMeans(sklearn.cluster.KMeans):
+        def fit(self, X, *args, **kwargs):
+            seen.append(np.array(X, copy=True))
+            return super().fit(X, *args, **kwargs)
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", SpyKMeans)
+    vols = [synthetic_volume("a", seed=0), synthetic_volume("b", seed=1)]
+    cfg = PretrainConfig(method="separeg", encoder="resnet10", width=8, image_size=32, cache_dir=str(tmp_path), num_workers=0,
+                         batch_size=4, options={**TINY_HEADS, "num_clusters": 2, "n_segments": 16})
+    method = SepaRegMethod(ResNetEncoder("resnet10", 8), cfg)
+    method.build_region_set(vols)
+    clusters = method.cluster(RunContext(cfg, torch.device("cpu")))
+    assert len(seen) == 1
+    x = seen[0]
+    kept = method.kept_indices()
+    proj_out = method.inter.projector[-1].out_features if hasattr(method.inter.projector[-1], "out_features") else None
+    assert x.shape == (len(kept), TINY_HEADS["proj_dim"])  # the projector's width (16), not the encoder's (64)
+    assert method.inter.encoder.feature_dim == 64 and x.shape[1] != method.inter.encoder.feature_dim
+    if proj_out is not None:
+        assert x.shape[1] == proj_out
+    # and the rows are the projections themselves: region -> inter encoder -> projector
+    method.inter.eval()
+    regions = torch.stack([method.region_dataset(kept[:3])[i] for i in range(3)])
+    with torch.no_grad():
+        z = method.inter.projector(method.inter.encoder.pooled(regions)).numpy()
+    assert np.allclose(x[:3], z, atol=1e-4)
+    assert set(clusters[kept].tolist()) <= {0, 1}
 
 
 def test_kmeans_subsets_feed_the_matching_intra_model(tmp_path):
