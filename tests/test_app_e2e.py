@@ -318,6 +318,18 @@ def test_uploads_models_and_paths_are_safe(server):
         assert r.status_code == 400 and "outside the studies folder" in r.json()["detail"], r.text[:300]
     (studies / "escape.nii.gz").unlink()
 
+    # a file put into the studies folder by hand that is no CT: found when first used, then skipped
+    nib.save(nib.Nifti1Image(nan, image.affine), str(studies / "by_hand.nii.gz"))
+    deadline = time.time() + 30
+    while "by_hand" not in requests.get(f"{url}/datastore/", params={"output": "all"}).json().get("objects", {}) and time.time() < deadline:
+        time.sleep(1)
+    r = requests.post(f"{url}/infer/oar", params={"image": "by_hand"})
+    assert r.status_code == 422 and "NaN" in r.json()["detail"], r.text[:300]
+    assert "NaN" in requests.get(f"{url}/info/").json()["unusable_images"]["by_hand"]
+    for _ in range(5):
+        assert requests.post(f"{url}/activelearning/random").json().get("id") != "by_hand"
+    (studies / "by_hand.nii.gz").unlink()
+
     # the dataset download leaves no zip behind
     r = requests.get(f"{url}/datastore/dataset")
     assert r.ok and r.content[:2] == b"PK"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.tasks.activelearning.random import Random
 
+from contourcl.errors import InvalidImageError
 from contourcl.ids import check_id
 from contourcl.serving.config import ModelConfig
 from contourcl.serving.datastore import SafeDatastore
@@ -25,7 +25,7 @@ from contourcl.serving.retrain import consider_model_file
 from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.security import install as install_security
 from contourcl.serving.security import status as security_status
-from contourcl.serving.strategy import UncertaintyStrategy
+from contourcl.serving.strategy import RandomStrategy, UncertaintyStrategy
 from contourcl.serving.train import RetrainTask
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ContourApp(MONAILabelApp):
         return {m: RetrainTask(m, self.model_dir, init=self.conf.get(f"{m}_init"), largest_component=self.configs[m].largest_component) for m in self.models}
 
     def init_strategies(self):
-        strategies = {"random": Random()}
+        strategies = {"random": RandomStrategy()}
         if str(self.conf.get("skip_strategies", "false")).lower() != "true":
             for m in self.models:
                 strategies[f"{m}_uncertainty"] = UncertaintyStrategy(self._infers[m].contourer, m, self.studies)
@@ -170,13 +170,13 @@ class ContourApp(MONAILabelApp):
                 image_id = check_id(image)
             if image_id not in self.datastore().list_images():
                 raise HTTPException(404, f"image {image_id!r} is not in the datastore")
-        try:
-            with http_errors():
+        with http_errors():
+            try:
                 return super().infer(request, datastore)
-        except HTTPException as err:
-            if image_id and err.status_code == 422:  # a CT in the studies folder that cannot be contoured
-                self.datastore().mark_unusable(image_id, str(err.detail))
-            raise
+            except InvalidImageError as err:  # a CT in the studies folder that cannot be contoured
+                if image_id:
+                    self.datastore().mark_unusable(image_id, str(err))
+                raise
 
     # -- the served models: uploads and withdrawal go the way of a retrained model ------------
     def consider_uploaded_model(self, model: str, path) -> dict:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.random import Random
 
 from contourcl.inference import Contourer, model_version
 from contourcl.serving.scoring import current_scores, scores_path
@@ -55,3 +57,24 @@ class UncertaintyStrategy(Strategy):
         choice = random.choice(images)
         logger.info("%s_uncertainty: %s; random choice %s", self.model, reason, choice)
         return {"id": choice, "score": None, "model_version": version, "reason": f"{reason}: a random unlabeled CT was chosen"}
+
+
+class RandomStrategy(Random):
+    """MONAI Label's ``random``: an unlabeled CT, the longer since it was last offered the likelier.
+
+    MONAI Label weights each CT by the seconds since it was offered, so when every candidate was
+    offered within the current second all weights are 0 and ``random.choices`` raises ("Total of
+    weights must be greater than zero"): two quick *Next Sample* clicks answered 500. Here each
+    weight is at least 1 second.
+    """
+
+    def __call__(self, request, datastore: Datastore):
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        strategy = request.get("strategy", "random")
+        now = int(time.time())
+        weights = [max(1, now - datastore.get_image_info(i).get("strategy", {}).get(strategy, {}).get("ts", 0)) for i in images]
+        image = random.choices(images, weights=weights)[0]
+        logger.info("random: %s (weight %d of %d)", image, weights[images.index(image)], sum(weights))
+        return {"id": image, "weight": weights[images.index(image)]}
