@@ -143,10 +143,11 @@ class SafeDatastore(LocalDatastore):
         return self._usable_ids(super().get_labeled_images(label_tag, labels))
 
     def final_cases(self) -> list[dict]:
-        """``{"id", "image", "label"}`` of every usable CT with a ``final`` label (stored numbering):
-        what retraining trains on and the quality gate validates on."""
+        """``{"id", "image", "label"}`` of every CT with a ``final`` label (stored numbering), but
+        those already known to be unusable: what retraining trains on and the quality gate
+        validates on (:func:`contourcl.serving.retrain.usable_cases` reads and checks each)."""
         return [{"id": i, "image": self.get_image_uri(i), "label": self.get_label_uri(i, "final")}
-                for i in self.get_labeled_images("final") if self.check_image(i) is None]
+                for i in self.get_labeled_images("final")]
 
     # -- images ---------------------------------------------------------------------------
     def add_image(self, image_id, image_filename, image_info):

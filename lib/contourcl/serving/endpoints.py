@@ -104,7 +104,8 @@ def _result_response(result: dict, output: str | None) -> Response:
 def build_router(instance, prefix: str = "") -> APIRouter:
     """The routes, bound to the running ``ContourApp`` ``instance``."""
     router = APIRouter(prefix=prefix)
-    upload_mb, model_mb = limits(instance.conf or {}).values()
+    limit = limits(instance.conf or {})
+    upload_mb, model_mb = limit["max_upload_mb"], limit["max_model_mb"]
 
     # -- datastore --------------------------------------------------------------------------
     def add_image(image: Optional[str] = None, params: str = Form("{}"), file: UploadFile = File(...)):

@@ -47,9 +47,6 @@ class RetrainTask(TrainTask):
             die_with_parent()
         request = {k: v for k, v in request.items() if k in DEFAULTS}
         with self.lock():
-            cases = []
-            for image_id in datastore.get_labeled_images("final"):
-                cases.append({"id": image_id, "image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(image_id, "final")})
-            result = retrain(self.model, cases, self.store, request, init=self.init, progress=False, largest_component=self.largest_component)
+            result = retrain(self.model, datastore.final_cases(), self.store, request, init=self.init, progress=False, largest_component=self.largest_component)
         logger.info("retrain %s finished: %s", self.model, result["reason"])
         return result
