@@ -90,3 +90,50 @@ def test_finetune_under_torchrun_two_cpu_processes(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     net, meta = load_model(out)
     assert meta.model == "oar" and len(meta.provenance["train_ids"]) == 2 and "val_dice" in meta.metrics
+
+
+def test_validation_scores_what_the_gate_scores(tmp_path):
+    """The engine's model selection, the retraining gate and ``contourcl evaluate`` give one figure."""
+    from contourcl.serving.retrain import gate_dice
+
+    data = cases(tmp_path, 3)
+    cfg = tiny_config(max_epochs=3, samples_per_volume=16, largest_component=True)
+    result = finetune(data[:2], data[2:], cfg, progress=False)
+    path = save_finetuned(tmp_path / "oar.pt", cfg, result)
+    assert gate_dice(path, data[2:])[0] == pytest.approx(result.best_dice, abs=1e-6)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    data = cases(tmp_path, 2)
+    cfg = tiny_config(max_epochs=2, ema=0.9)
+    whole = finetune(data[:1], data[1:], cfg, progress=False, state_path=tmp_path / "whole.pt")
+
+    class Stopped(Exception):
+        pass
+
+    def stop(record, network):  # the run is stopped after its first epoch
+        raise Stopped
+
+    with pytest.raises(Stopped):
+        finetune(data[:1], data[1:], cfg, progress=False, state_path=tmp_path / "cut.pt", on_epoch=stop)
+    state = torch.load(tmp_path / "cut.pt", weights_only=True)
+    assert state["epoch"] == 1
+    resumed = finetune(data[:1], data[1:], cfg, progress=False, state_path=tmp_path / "cut.pt")
+    assert len(resumed.history) == 2 and resumed.history[0] == whole.history[0]
+    for (name, a), b in zip(whole.network.state_dict().items(), resumed.network.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_refit_chooses_on_the_inner_split_then_trains_on_every_case(tmp_path):
+    from contourcl.errors import ConfigError
+    from contourcl.training.finetune.refit import select_and_refit
+
+    data = cases(tmp_path, 3)
+    cfg = tiny_config(max_epochs=2, ema=0.9, tta_flip=None)
+    summary = select_and_refit(data[:2], data[2:], cfg, tmp_path / "oar.pt", tmp_path / "state")
+    net, meta = load_model(tmp_path / "oar.pt")
+    assert set(summary["choices"]["tta_flip"]) == {"off", "on"} and meta.tta_flip == summary["tta_flip"]
+    assert summary["choices"]["kept"] in ("ema", "raw") and 1 <= summary["epochs"] <= 2
+    assert meta.provenance["inner_val_ids"] == ["c2"] and meta.metrics["choices"]["inner_val_dice"] == summary["inner_val_dice"]
+    with pytest.raises(ConfigError, match="another configuration"):
+        select_and_refit(data[:2], data[2:], tiny_config(max_epochs=3), tmp_path / "oar.pt", tmp_path / "state")

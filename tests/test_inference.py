@@ -134,3 +134,25 @@ def test_body_box_and_whole_slice_roi():
     assert whole_slice_roi((36, 37)) == (64, 64)
     assert whole_slice_roi((20, 173)) == (32, 192)
     assert whole_slice_roi((600, 64)) == (512, 64)
+
+
+def test_flip_test_time_augmentation_is_left_right_symmetric():
+    """With ``tta_flip`` the contour of a mirrored CT is the mirrored contour, Parotid_R and
+    Parotid_L swapped; without it an untrained network is not (so the test can fail)."""
+    from contourcl.data.labels import mirror_channels, model_labels
+    from contourcl.inference import model_probabilities
+    from contourcl.models.checkpoint import ModelMeta
+    from contourcl.models.networks import NetConfig, build_network
+
+    labels = model_labels("oar")
+    assert mirror_channels(labels) == [0, 1, 2, 4, 3, 5, 6, 7]
+    torch.manual_seed(0)
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8)).eval()
+    image = torch.rand(1, 40, 36, 3)
+    image[:, :4] = 0  # air on one side: the body box is not symmetric either
+    swap = mirror_channels(labels)
+    for tta, symmetric in ((True, True), (False, False)):
+        meta = ModelMeta(model="oar", labels=labels, net={}, tta_flip=tta)
+        p = model_probabilities(net, image, meta)
+        q = model_probabilities(net, torch.flip(image, dims=[1]), meta)
+        assert torch.allclose(torch.flip(q, dims=[1])[swap], p, atol=1e-5) == symmetric

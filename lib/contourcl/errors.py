@@ -31,3 +31,7 @@ class UnknownModelError(ContourCLError):
 
 class InvalidModelError(ContourCLError):
     """A file that is not a servable ContourCL model (wrong format, model, labels or weights)."""
+
+
+class ConfigError(ContourCLError):
+    """A training setting that is unknown or has a wrong value."""

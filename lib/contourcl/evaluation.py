@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
 from monai.networks.utils import one_hot
+from monai.transforms import Compose
+
+from contourcl.models.checkpoint import ModelMeta
 
 METRICS = ("dice", "hd95", "surface_dice")
 #: surface Dice tolerance used unless one is given: about one in-plane voxel of OpenKBP (3.9-4.7 mm)
@@ -46,11 +50,13 @@ def contour_metrics(
     labels: Mapping[str, int],
     spacing: Sequence[float],
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    metrics: Sequence[str] = METRICS,
 ) -> dict[str, dict[str, float]]:
     """``{structure: {"dice", "hd95", "surface_dice"}}`` of label map ``pred`` against ``ref``.
 
     ``pred`` and ``ref`` are integer label maps on the same grid, numbered as ``labels``
-    (``{name: value}``, background 0); ``spacing`` is the grid's voxel size in mm.
+    (``{name: value}``, background 0); ``spacing`` is the grid's voxel size in mm. Metrics left
+    out of ``metrics`` are ``nan`` (HD95 and surface Dice cost far more than Dice).
     """
     pred = np.asarray(pred)
     ref = np.asarray(ref)
@@ -72,8 +78,9 @@ def contour_metrics(
     with warnings.catch_warnings():  # MONAI warns about empty masks; they are handled below
         warnings.simplefilter("ignore")
         dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(yp, yr)[0]
-        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(yp, yr, spacing=spacing)[0]
-        nsd = SurfaceDiceMetric([float(tolerance_mm)] * (n - 1), include_background=False, reduction="none")(yp, yr, spacing=spacing)[0]
+        nan = torch.full((n - 1,), float("nan"))
+        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(yp, yr, spacing=spacing)[0] if "hd95" in metrics else nan
+        nsd = SurfaceDiceMetric([float(tolerance_mm)] * (n - 1), include_background=False, reduction="none")(yp, yr, spacing=spacing)[0] if "surface_dice" in metrics else nan
     out = {}
     for k, name in enumerate(names):
         in_ref = bool((r == k + 1).any())
@@ -84,12 +91,66 @@ def contour_metrics(
         out[name] = {
             "dice": float(dice[k]),
             "hd95": float(hd95[k]) if in_pred else float("nan"),
-            "surface_dice": float(nsd[k]) if in_pred else 0.0,
+            "surface_dice": (float(nsd[k]) if in_pred else 0.0) if "surface_dice" in metrics else float("nan"),
         }
     return out
 
 
 _PREPROCESSED: dict[tuple, tuple] = {}  # per process: (image, spacing, window) -> Contourer.preprocess(...)
+
+
+@dataclass
+class EvaluationCase:
+    """A labeled CT ready to be contoured and scored: preprocessed once, scored many times."""
+
+    id: str
+    data: dict  # Contourer.preprocess's image dict (with the CT's own grid)
+    pre: Compose  # the invertible transforms that made it
+    reference: np.ndarray  # the label on the CT's own grid, in the model's numbering
+
+
+def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: bool = False) -> list[EvaluationCase]:
+    """:class:`EvaluationCase` s of :func:`contourcl.data.datasets.labeled_cases` entries for models like ``meta``.
+
+    The CT is preprocessed exactly as :class:`~contourcl.inference.Contourer` does; the reference
+    is read on the CT's grid (an error names a label whose grid differs) and renumbered to the
+    model's numbering. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the
+    next call (a benchmark evaluates many models on the same cases).
+    """
+    from contourcl.data.labels import to_model
+    from contourcl.data.volumes import read_nifti
+    from contourcl.inference import preprocess_ct
+
+    out = []
+    for case in cases:
+        key = (str(case["image"]), tuple(meta.spacing), tuple(meta.window))
+        data, pre = _PREPROCESSED.get(key) or preprocess_ct(case["image"], meta)
+        if keep_preprocessed:
+            _PREPROCESSED[key] = (data, pre)
+        ref, ref_affine = read_nifti(case["label"])
+        ref = np.asarray(ref).astype(np.int64)
+        affine, shape = data["grid"]
+        if ref.shape != tuple(shape) or not np.allclose(ref_affine, affine, atol=1e-3):
+            raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {tuple(shape)})")
+        if case.get("numbering", "stored") == "stored":
+            ref = to_model(ref, meta.model)
+        out.append(EvaluationCase(str(case["id"]), data, pre, ref))
+    return out
+
+
+def evaluate_network(network: torch.nn.Module, meta: ModelMeta, cases: Sequence[EvaluationCase], largest_component: bool,
+                     tolerance_mm: float = DEFAULT_TOLERANCE_MM, metrics: Sequence[str] = METRICS,
+                     device: str | torch.device = "cpu") -> dict[str, dict[str, dict[str, float]]]:
+    """``{case id: contour_metrics(...)}`` of a network contouring ``cases`` through the served path
+    (:func:`contourcl.inference.contour`) with ``meta``'s preprocessing and test-time rules."""
+    from contourcl.inference import contour
+
+    out = {}
+    for case in cases:
+        label, _ = contour(network, meta, case.data, case.pre, largest_component, device)
+        spacing = np.linalg.norm(case.data["grid"][0][:3, :3], axis=0)
+        out[case.id] = contour_metrics(label, case.reference, meta.labels, spacing, tolerance_mm, metrics)
+    return out
 
 
 def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolerance_mm: float = DEFAULT_TOLERANCE_MM,
@@ -98,32 +159,20 @@ def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolera
 
     ``cases`` are :func:`contourcl.data.datasets.labeled_cases` entries. The model contours as the app
     does (:class:`~contourcl.inference.Contourer`, with the model file's largest-component rule;
-    ``largest_component`` for a file that does not record one); the reference is renumbered to
-    the model's numbering. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the
-    next call (a benchmark evaluates many models on the same cases).
+    ``largest_component`` for a file that does not record one).
     """
-    from contourcl.data.labels import to_model
-    from contourcl.data.volumes import read_nifti
     from contourcl.inference import Contourer
 
     contourer = Contourer(model_path, largest_component=largest_component)
-    _, _, meta = contourer.model()
-    out = {}
-    for case in cases:
-        key = (str(case["image"]), tuple(meta.spacing), tuple(meta.window))
-        pre = _PREPROCESSED.get(key) or contourer.preprocess(case["image"], meta)
-        if keep_preprocessed:
-            _PREPROCESSED[key] = pre
-        prediction = contourer.predict(*pre)
-        ref, ref_affine = read_nifti(case["label"])
-        ref = np.asarray(ref).astype(np.int64)
-        if ref.shape != prediction.label.shape or not np.allclose(ref_affine, prediction.affine, atol=1e-3):
-            raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {prediction.label.shape})")
-        if case.get("numbering", "stored") == "stored":
-            ref = to_model(ref, meta.model)
-        spacing = np.linalg.norm(prediction.affine[:3, :3], axis=0)
-        out[case["id"]] = contour_metrics(prediction.label, ref, meta.labels, spacing, tolerance_mm)
-    return out
+    _, network, meta = contourer.model()
+    prepared = prepare_cases(cases, meta, keep_preprocessed)
+    return evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device)
+
+
+def mean_dice(scores: Mapping[str, Mapping[str, Mapping[str, float]]], structures: Sequence[str]) -> float:
+    """The one summary figure: patient-wise mean of each case's mean Dice over its contoured
+    structures (what the gate compares and ``contourcl evaluate --json`` prints as ``mean``)."""
+    return summarise([scores], structures)[("mean", "dice")]["mean"]
 
 
 def case_mean(per_structure: Mapping[str, Mapping[str, float]], metric: str) -> float:

@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 
+from contourcl.data.labels import mirror_channels
 from contourcl.data.transforms import ct_preprocessing
 from contourcl.data.volumes import check_header, write_label
 from contourcl.errors import InvalidImageError
@@ -124,6 +125,77 @@ def nearest_to_grid(label: np.ndarray, affine: np.ndarray, out_affine: np.ndarra
     return padded.transpose(tuple(src_axis))[np.ix_(*index)]
 
 
+def preprocess_ct(image_path: str | Path, meta: ModelMeta) -> tuple[dict, Compose]:
+    """The preprocessed image dict and the invertible transforms applied after loading.
+
+    ``data["grid"]`` is the loaded image's ``(affine, shape)``: the grid of the output.
+    """
+    steps = ct_preprocessing("image", None, meta.spacing, meta.window)
+    load, pre = Compose(steps[:3]), Compose(steps[3:])  # load + channel + type; orientation, spacing, window
+    check_header(image_path)  # before a voxel is read or resampled
+    try:
+        data = load({"image": str(image_path)})
+        grid = (np.asarray(data["image"].affine, dtype=np.float64), tuple(data["image"].shape[1:]))
+        data = pre(data)
+    except Exception as err:  # MONAI wraps reader errors; name the file and the cause
+        cause = err.__cause__ or err
+        raise InvalidImageError(f"cannot read {Path(image_path).name} as a CT volume: {cause}") from err
+    data["grid"] = grid
+    image = data["image"]
+    if not bool(torch.isfinite(image).all()):
+        raise InvalidImageError(f"{Path(image_path).name} holds NaN or infinite values: not a CT")
+    if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
+        raise InvalidImageError(
+            f"{Path(image_path).name} is not a 3D volume (shape {tuple(image.shape[1:])} after loading)"
+        )
+    return data, pre
+
+
+def model_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta, device: str | torch.device = "cpu",
+                        sw_batch_size: int = 32) -> torch.Tensor:
+    """Softmax probabilities ``(C, H, W, D)`` of a preprocessed ``(1, H, W, D)`` CT, as served.
+
+    Whole axial slices of the body's box (:func:`body_box`; zero outside it, where the
+    probabilities are background), and, when the model file says ``tta_flip``, the mean with the
+    prediction of the left-right mirrored CT, its ``*_R``/``*_L`` channels swapped back.
+    """
+    rows, cols = body_box(image[0])
+    crop = image[None, :, rows, cols]
+    roi = whole_slice_roi(crop.shape[2:4])
+    probs = slice_probabilities(network, crop, roi, sw_batch_size, device)[0].cpu()
+    if meta.tta_flip:  # RAS: the first in-plane axis runs right to left
+        mirrored = slice_probabilities(network, torch.flip(crop, dims=[2]), roi, sw_batch_size, device)[0].cpu()
+        probs = (probs + torch.flip(mirrored, dims=[1])[mirror_channels(meta.labels)]) / 2
+    out = torch.zeros((probs.shape[0], *image.shape[1:]), dtype=probs.dtype)
+    out[0] = 1.0
+    out[:, rows, cols] = probs
+    return out
+
+
+def contour(network: ContourUNet, meta: ModelMeta, data: dict, pre: Compose, largest_component: bool,
+            device: str | torch.device = "cpu", sw_batch_size: int = 32) -> tuple[np.ndarray, dict[str, float]]:
+    """The label map of a CT preprocessed by :meth:`Contourer.preprocess`, on the CT's own grid.
+
+    This is the one inference path: the app serves it, and the fine-tuning engine's model
+    selection, the retraining gate, ``contourcl evaluate`` and the benchmarks score it.
+    Returns the label map (model numbering) and timings (``infer``, ``invert``) in seconds.
+    """
+    t1 = time.perf_counter()
+    image = data["image"]
+    pred = torch.argmax(model_probabilities(network, image, meta, device, sw_batch_size), dim=0, keepdim=True).to(torch.uint8)
+    if largest_component and len(meta.labels):
+        pred = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(pred)
+    t2 = time.perf_counter()
+    affine, shape = data["grid"]
+    label = nearest_to_grid(np.asarray(pred[0]), np.asarray(image.affine, dtype=np.float64), affine, shape)
+    if label is None:  # an oblique grid: MONAI's general inverse of the preprocessing
+        data = dict(data)
+        data["pred"] = MetaTensor(pred.float(), affine=image.affine, meta=dict(image.meta))
+        inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
+        label = np.rint(inverted[0].cpu().numpy()).astype(np.uint8)
+    return label, {"infer": t2 - t1, "invert": time.perf_counter() - t2}
+
+
 def model_version(path: str | Path) -> str:
     """A short id of a model file's content state (its modification time and size)."""
     st = os.stat(path)
@@ -162,29 +234,8 @@ class Contourer:
             return self._loaded
 
     def preprocess(self, image_path: str | Path, meta: ModelMeta) -> tuple[dict, Compose]:
-        """The preprocessed image dict and the invertible transforms applied after loading.
-
-        ``data["grid"]`` is the loaded image's ``(affine, shape)``: the grid of the output.
-        """
-        steps = ct_preprocessing("image", None, meta.spacing, meta.window)
-        load, pre = Compose(steps[:3]), Compose(steps[3:])  # load + channel + type; orientation, spacing, window
-        check_header(image_path)  # before a voxel is read or resampled
-        try:
-            data = load({"image": str(image_path)})
-            grid = (np.asarray(data["image"].affine, dtype=np.float64), tuple(data["image"].shape[1:]))
-            data = pre(data)
-        except Exception as err:  # MONAI wraps reader errors; name the file and the cause
-            cause = err.__cause__ or err
-            raise InvalidImageError(f"cannot read {Path(image_path).name} as a CT volume: {cause}") from err
-        data["grid"] = grid
-        image = data["image"]
-        if not bool(torch.isfinite(image).all()):
-            raise InvalidImageError(f"{Path(image_path).name} holds NaN or infinite values: not a CT")
-        if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
-            raise InvalidImageError(
-                f"{Path(image_path).name} is not a 3D volume (shape {tuple(image.shape[1:])} after loading)"
-            )
-        return data, pre
+        """:func:`preprocess_ct` (kept as a method: callers reuse its result with :meth:`predict`)."""
+        return preprocess_ct(image_path, meta)
 
     def keeps_largest_component(self, meta: ModelMeta, override: bool | None = None) -> bool:
         """The largest-component rule: ``override``, else the model file's, else :attr:`largest_component`."""
@@ -203,28 +254,12 @@ class Contourer:
         t1 = time.perf_counter()
         t0 = t1 if t0 is None else t0
         version, network, meta = self.model()
-        image = data["image"]
-        rows, cols = body_box(image[0])
-        crop = image[:, rows, cols]
-        probs = slice_probabilities(network, crop[None], whole_slice_roi(crop.shape[1:3]), self.sw_batch_size, self.device)
-        pred = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
-        pred[:, rows, cols] = torch.argmax(probs[0], dim=0, keepdim=True).to(torch.uint8).cpu()
-        del probs
-        if self.keeps_largest_component(meta, largest_component) and len(meta.labels):
-            pred = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(pred)
-        t2 = time.perf_counter()
-        affine, shape = data["grid"]
-        label = nearest_to_grid(np.asarray(pred[0]), np.asarray(image.affine, dtype=np.float64), affine, shape)
-        if label is None:  # an oblique grid: MONAI's general inverse of the preprocessing
-            data = dict(data)
-            data["pred"] = MetaTensor(pred.float(), affine=image.affine, meta=dict(image.meta))
-            inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
-            label = np.rint(inverted[0].cpu().numpy()).astype(np.uint8)
-        t3 = time.perf_counter()
+        label, timings = contour(network, meta, data, pre, self.keeps_largest_component(meta, largest_component), self.device, self.sw_batch_size)
+        affine, _ = data["grid"]
         return Prediction(
             label=label,
             affine=affine,
             labels=dict(meta.labels),
             model_version=version,
-            timings={"pre": t1 - t0, "infer": t2 - t1, "invert": t3 - t2, "total": t3 - t0},
+            timings={"pre": t1 - t0, **timings, "total": time.perf_counter() - t0},
         )

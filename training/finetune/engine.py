@@ -4,9 +4,12 @@ Volumes are preprocessed once (:func:`contourcl.data.transforms.ct_preprocessing
 memory; each epoch draws ``samples_per_volume`` axial slices per training case, centred on each
 contoured structure and on background in equal shares. The loss is the marginal Dice + CE of
 :mod:`contourcl.training.finetune.partial_label_loss`, so structures a case does not contour are not
-trained as background. Validation contours every validation case whole, slice by slice, and
-reports per-structure Dice (MONAI's ``compute_dice``), skipping the structures a case lacks; the
-epoch with the best mean Dice is kept.
+trained as background. Validation scores what the app would serve: each validation CT is
+contoured through :func:`contourcl.inference.contour` and scored on its own grid with the
+retraining gate's Dice (:func:`contourcl.evaluation.mean_dice`); the epoch with the best Dice is
+kept. Optional: an exponential moving average of the weights (``ema``), left-right flip
+test-time augmentation chosen on the validation cases (``tta_flip=None``), warm-up before the
+cosine schedule (MONAI's ``WarmupCosineSchedule``), and a resumable training state.
 
 With ``voxel_siamese=True`` the loss is Dice + CE + lambda * the voxel-level Siamese feature
 loss of :mod:`contourcl.training.finetune.voxel_siamese` (off by default).
@@ -30,8 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
-from monai.metrics import compute_dice
-from monai.networks.utils import one_hot
+from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import (
     ClassesToIndicesd,
     Compose,
@@ -45,12 +47,13 @@ from monai.transforms import (
     SqueezeDimd,
 )
 from monai.utils import set_determinism
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
 from contourcl.data.labels import model_labels
 from contourcl.data.transforms import DEFAULT_SPACING, DEFAULT_WINDOW, StoredToModeld, StructurePresenced, ct_preprocessing
-from contourcl.inference import slice_probabilities
+from contourcl.evaluation import EvaluationCase, evaluate_network, prepare_cases, summarise
 from contourcl.models.checkpoint import ModelMeta, save_model
 from contourcl.models.encoder_checkpoint import load_encoder
 from contourcl.models.networks import ContourUNet, NetConfig, build_network
@@ -90,8 +93,17 @@ class FinetuneConfig:
     voxel_siamese_lambda: float = DEFAULT_LAMBDA  # lambda of "Dice + lambda * feature loss" (see voxel_siamese)
     #: where its heads go: "encoder" (the paper's F_1..F_3) or "decoder" (a deviation, see voxel_siamese)
     voxel_siamese_placement: str = "encoder"
-    #: the largest-component rule recorded in the model file (None: not recorded)
+    #: the largest-component rule recorded in the model file (None: not recorded; validation then
+    #: keeps the largest component, as the app's default does)
     largest_component: bool | None = None
+    #: left-right flip test-time augmentation (:attr:`ModelMeta.tta_flip`): True/False, or None to
+    #: choose it on the validation cases at the end (kept only if it scores higher)
+    tta_flip: bool | None = False
+    #: decay of an exponential moving average of the weights (e.g. 0.999); None: no average. When
+    #: set, validation scores the averaged weights, and the last raw weights are scored at the end
+    ema: float | None = None
+    #: linear learning-rate warm-up steps before the cosine decay (MONAI's WarmupCosineSchedule)
+    warmup_steps: int = 0
 
     def net_config(self) -> NetConfig:
         return NetConfig(out_channels=len(model_labels(self.model)) + 1, **self.net)
@@ -106,6 +118,8 @@ class FinetuneResult:
     history: list[dict]
     seconds: float
     skipped: dict[str, int] = field(default_factory=dict)  # case id -> steps skipped (non-finite loss)
+    tta_flip: bool = False  # whether the kept weights are served with flip test-time augmentation
+    choices: dict = field(default_factory=dict)  # what validation compared at the end (EMA, flip TTA)
 
 
 def _item(item: dict) -> dict:
@@ -164,36 +178,26 @@ def augmentation(cfg: FinetuneConfig) -> list:
     ]
 
 
-def dice_per_structure(
-    network: ContourUNet, volumes: Sequence[dict], cfg: FinetuneConfig, device: torch.device
-) -> tuple[float, dict[str, float]]:
-    """Mean Dice over structures and per structure, on whole preprocessed volumes.
+def validation_dice(network: ContourUNet, cases: Sequence[EvaluationCase], cfg: FinetuneConfig,
+                    device: torch.device, tta_flip: bool | None = None) -> tuple[float, dict[str, float]]:
+    """The gate's figure of ``network`` on ``cases``, through the served path.
 
-    A structure a case does not contour is skipped for that case (``ignore_empty``); the mean
-    over structures counts only structures that at least one case contours.
+    Each case is contoured as the app serves it (:func:`contourcl.evaluation.evaluate_network`:
+    whole body-cropped slices, the largest-component rule, back on the CT's own grid) and scored
+    with Dice on that grid; the mean is patient-wise over each case's contoured structures
+    (:func:`contourcl.evaluation.mean_dice`), per structure over the cases that contour it.
     """
-    names = list(model_labels(cfg.model))
-    n = len(names) + 1
+    meta = model_meta(cfg, network)
+    if tta_flip is not None:
+        meta.tta_flip = tta_flip
     was_training = network.training
     network.eval()
-    rows = []
-    for vol in volumes:
-        probs = slice_probabilities(network, vol["image"][None], cfg.roi, device=device)
-        pred = torch.argmax(probs, dim=1, keepdim=True).cpu()
-        # MONAI's functional Dice: the DiceMetric class all-gathers across DDP ranks in
-        # aggregate(), which deadlocks when (as here) only rank 0 validates
-        dice = compute_dice(one_hot(pred, n), one_hot(vol["label"][None].long().cpu(), n), include_background=False, ignore_empty=True)
-        rows.append(dice[0].numpy())
+    scores = evaluate_network(network, meta, cases, cfg.largest_component is not False, metrics=("dice",), device=device)
     network.train(was_training)
-    scores = np.stack(rows)  # (cases, structures), nan where skipped
-    per = {}
-    for i, name in enumerate(names):
-        col = scores[:, i]
-        col = col[~np.isnan(col)]
-        if col.size:
-            per[name] = float(col.mean())
-    mean = float(np.mean(list(per.values()))) if per else float("nan")
-    return mean, per
+    names = list(model_labels(cfg.model))
+    summary = summarise([scores], names)
+    per = {n: summary[(n, "dice")]["mean"] for n in names if summary[(n, "dice")]["patients"]}
+    return summary[("mean", "dice")]["mean"], per
 
 
 def recalibrate_batchnorm(network: ContourUNet, batches: Sequence[torch.Tensor], device: torch.device) -> None:
@@ -238,13 +242,20 @@ def finetune(
     device: str | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict, ContourUNet], None] | None = None,
+    state_path: str | Path | None = None,
 ) -> FinetuneResult:
-    """Fine-tune on ``train_items``; keep the epoch with the best mean Dice on ``val_items``.
+    """Fine-tune on ``train_items``; keep the epoch with the best validation Dice on ``val_items``.
 
     ``start_from`` continues from an existing network (the served model, for retraining);
     otherwise a new network is built and its encoder initialised from ``cfg.init`` if given.
-    ``on_epoch(record, network)`` is called after every epoch (e.g. to save the best so far).
-    Without validation cases, the last epoch is kept and ``best_dice`` is nan.
+    Validation scores what the app would serve (:func:`validation_dice`). ``on_epoch(record,
+    network)`` is called after every epoch with the weights validation scored (e.g. to save the
+    best so far). Without validation cases, the last epoch is kept and ``best_dice`` is nan.
+
+    ``state_path``: the training state (weights, average, optimiser, schedule, best so far) is
+    written there after every epoch, and a run finds it and resumes after its last finished
+    epoch. Each epoch's random draws are seeded from ``cfg.seed`` and the epoch number, so a
+    resumed run trains as the uninterrupted one would (with ``num_workers=0``).
     """
     t_start = time.perf_counter()
     if not train_items:
@@ -268,11 +279,14 @@ def finetune(
     model_for_step: torch.nn.Module = trainable
     if world > 1:
         model_for_step = torch.nn.parallel.DistributedDataParallel(trainable, device_ids=[local_rank] if dev.type == "cuda" else None)
+    # exponential moving average of the U-Net's weights and batch-norm statistics
+    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    scored = ema.module if ema is not None else network  # the weights validation scores and keeps
 
     pre = preprocessing(cfg)
     train_items = [_item(i) for i in train_items][rank::world]
     val_items = [_item(i) for i in val_items]
-    train_cache = CacheDataset(train_items, Compose(pre), num_workers=min(2, len(train_items)), progress=False)
+    train_cache = CacheDataset(train_items, Compose(pre), num_workers=min(2, len(train_items)), progress=progress and rank == 0)
     train_ds = Dataset(train_cache, Compose(augmentation(cfg)))
     volumes_per_batch = max(1, cfg.batch_size // cfg.samples_per_volume)
     sampler = None
@@ -282,21 +296,39 @@ def finetune(
         train_ds, batch_size=volumes_per_batch, shuffle=sampler is None, sampler=sampler,
         num_workers=cfg.num_workers, collate_fn=list_data_collate,
     )
-    val_volumes = list(CacheDataset(val_items, Compose(pre), num_workers=min(2, max(1, len(val_items))), progress=False)) if val_items and rank == 0 else []
+    val_cases = prepare_cases(val_items, model_meta(cfg, network)) if val_items and rank == 0 else []
 
     loss_fn = PartialLabelDiceCELoss(lambda_ce=cfg.ce_weight)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.max_epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.warmup_steps, t_total=steps)
     use_amp = cfg.amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    best = (-math.inf, -1, {}, copy.deepcopy(network.state_dict()))
+    best = (-math.inf, -1, {}, copy.deepcopy(scored.state_dict()))
     history: list[dict] = []
-    bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"fine-tune {cfg.model}", disable=not progress or rank != 0, unit="epoch")
-    recent: list[torch.Tensor] = []  # the last training batches, for recalibrate_batchnorm
     skipped: dict[str, int] = {}  # case id -> training steps skipped for a non-finite loss
+    first_epoch = 1
+    state_path = Path(state_path) if state_path else None
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        trainable.load_state_dict(state["trainable"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        best = (state["best"]["dice"], state["best"]["epoch"], state["best"]["per_structure"], state["best"]["weights"])
+        history, skipped, first_epoch = state["history"], state["skipped"], state["epoch"] + 1
+        logger.info("resumed from %s after epoch %d", state_path, state["epoch"])
+
+    bar = tqdm(range(first_epoch, cfg.max_epochs + 1), desc=f"fine-tune {cfg.model}", disable=not progress or rank != 0, unit="epoch",
+               initial=first_epoch - 1, total=cfg.max_epochs)
     for epoch in bar:
+        recent: list[torch.Tensor] = []  # the epoch's last training batches, for recalibrate_batchnorm
+        epoch_seed = cfg.seed + rank + 7919 * epoch
+        set_determinism(epoch_seed)
+        train_ds.transform.set_random_state(seed=epoch_seed % 2**32)
         losses = []
         for batch in loader:
             image = batch["image"].to(dev)
@@ -324,32 +356,68 @@ def finetune(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(network)
             losses.append(float(loss.detach()))
-        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan")}
+        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": float(scheduler.get_last_lr()[0])}
         recalibrate_batchnorm(network, recent, dev)
-        if val_volumes and (epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs):
-            mean, per = dice_per_structure(network, val_volumes, cfg, dev)
+        if ema is not None:
+            recalibrate_batchnorm(scored, recent, dev)
+        if val_cases and (epoch % cfg.val_interval == 0 or epoch == cfg.max_epochs):
+            mean, per = validation_dice(scored, val_cases, cfg, dev, tta_flip=bool(cfg.tta_flip))
             record.update(val_dice=mean, per_structure=per)
             if mean > best[0]:
-                best = (mean, epoch, per, copy.deepcopy(network.state_dict()))
+                best = (mean, epoch, per, copy.deepcopy(scored.state_dict()))
         history.append(record)
         if rank == 0:
             bar.set_postfix(loss=f"{record['loss']:.3f}", dice=f"{record.get('val_dice', float('nan')):.3f}")
             logger.info("epoch %d/%d  loss %.4f  val Dice %s", epoch, cfg.max_epochs, record["loss"], f"{record['val_dice']:.4f}" if "val_dice" in record else "-")
+            if state_path is not None:
+                _save_state(state_path, epoch=epoch, trainable=trainable.state_dict(), ema=ema.state_dict() if ema is not None else {},
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                            best={"dice": best[0], "epoch": best[1], "per_structure": best[2], "weights": best[3]},
+                            history=history, skipped=skipped)
         if on_epoch and rank == 0:
-            on_epoch(record, network)
-    if not val_volumes:
-        best = (float("nan"), cfg.max_epochs, {}, copy.deepcopy(network.state_dict()))
+            on_epoch(record, scored)
+    choices: dict = {}
+    if not val_cases:
+        best = (float("nan"), cfg.max_epochs, {}, copy.deepcopy(scored.state_dict()))
+    elif ema is not None:
+        # measured, not assumed: the last raw weights against the kept average
+        raw = validation_dice(network, val_cases, cfg, dev, tta_flip=bool(cfg.tta_flip))
+        choices["raw_last_epoch"] = raw[0]
+        choices["ema_best_epoch"] = best[0]
+        if raw[0] > best[0]:
+            best = (raw[0], cfg.max_epochs, raw[1], copy.deepcopy(network.state_dict()))
+            choices["kept"] = "raw"
+        else:
+            choices["kept"] = "ema"
     network.load_state_dict(best[3])
     network.eval()
-    return FinetuneResult(network.cpu(), best[0], best[1], best[2], history, time.perf_counter() - t_start, skipped)
+    tta = bool(cfg.tta_flip)
+    if val_cases and cfg.tta_flip is None:
+        flipped = validation_dice(network, val_cases, cfg, dev, tta_flip=True)
+        choices["tta_flip"] = {"off": best[0], "on": flipped[0]}
+        tta = flipped[0] > best[0]
+        if tta:
+            best = (flipped[0], best[1], flipped[1], best[3])
+    if choices:
+        logger.info("validation choices: %s", choices)
+    return FinetuneResult(network.cpu(), best[0], best[1], best[2], history, time.perf_counter() - t_start, skipped, tta, choices)
+
+
+def _save_state(path: Path, **state) -> None:
+    """Write the resumable training state atomically (tensors and plain containers only)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def evaluate(network: ContourUNet, items: Sequence[dict], cfg: FinetuneConfig, device: str | None = None) -> tuple[float, dict[str, float]]:
-    """Mean and per-structure Dice of ``network`` on ``items`` (same protocol as validation)."""
+    """Mean and per-structure Dice of ``network`` on ``items`` (the validation protocol)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    volumes = list(CacheDataset([_item(i) for i in items], Compose(preprocessing(cfg)), num_workers=0, progress=False))
-    return dice_per_structure(network.to(dev), volumes, cfg, dev)
+    cases = prepare_cases([_item(i) for i in items], model_meta(cfg, network))
+    return validation_dice(network.to(dev), cases, cfg, dev)
 
 
 def model_meta(cfg: FinetuneConfig, network: ContourUNet, result: FinetuneResult | None = None, **provenance) -> ModelMeta:
@@ -358,7 +426,7 @@ def model_meta(cfg: FinetuneConfig, network: ContourUNet, result: FinetuneResult
     if result is not None:
         # no validation cases: no figure (NaN is not valid JSON, and /info/ reports these)
         val = result.best_dice if math.isfinite(result.best_dice) else None
-        metrics = {"val_dice": val, "per_structure": result.per_structure, "best_epoch": result.best_epoch}
+        metrics = {"val_dice": val, "per_structure": result.per_structure, "best_epoch": result.best_epoch, "choices": result.choices}
     return ModelMeta(
         model=cfg.model,
         labels=model_labels(cfg.model),
@@ -369,6 +437,7 @@ def model_meta(cfg: FinetuneConfig, network: ContourUNet, result: FinetuneResult
         metrics=metrics,
         provenance={"config": {k: v for k, v in asdict(cfg).items()}, **provenance},
         largest_component=cfg.largest_component,
+        tta_flip=bool(result.tta_flip if result is not None else cfg.tta_flip),
     )
 
 

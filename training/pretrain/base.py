@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from contourcl.data.transforms import DEFAULT_SPACING, DEFAULT_WINDOW
-from contourcl.errors import ContourCLError
+from contourcl.errors import ConfigError
 from contourcl.models.networks import ResNetEncoder
 
 __all__ = [
@@ -57,10 +57,6 @@ __all__ = [
     "RunContext",
     "Stage",
 ]
-
-
-class ConfigError(ContourCLError):
-    """A pretraining setting that is unknown or has a wrong value."""
 
 
 def default_cache_dir() -> str:

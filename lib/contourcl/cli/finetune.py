@@ -10,10 +10,12 @@ import random
 from dataclasses import replace
 
 from contourcl.data.datasets import labeled_cases
+from contourcl.errors import ConfigError
 from contourcl.models.checkpoint import load_model
 from contourcl.plots import training_curves
 from contourcl.serving.config import default_largest_component
 from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, save_finetuned
+from contourcl.training.finetune.refit import select_and_refit
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agcl-encoder", help="AGCL's fine-tuning variant: the 2-channel AGCL checkpoint (CKPT.2ch.pt of contourcl pretrain agcl); trains one ASPP head per structure on the frozen encoder")
     parser.add_argument("--coarse-model", help="with --agcl-encoder: the model file whose predictions are the coarse masks at validation (e.g. apps/radonc/model/oar.pt)")
     parser.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
+    parser.add_argument("--val-interval", type=int, default=1, help="validate every this many epochs (default %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up before the cosine decay (default %(default)s)")
+    parser.add_argument("--ema", type=float, help="keep an exponential moving average of the weights with this decay (e.g. 0.999)")
+    parser.add_argument("--tta-flip", choices=["off", "on", "auto"], default="off",
+                        help="left-right flip test-time augmentation; auto: chosen on the validation cases (default %(default)s)")
+    parser.add_argument("--refit", action="store_true",
+                        help="choose epochs, average and flip on the validation split, then train again on every case with those choices "
+                             "(resumable: the state is kept in OUT.state/; run the same command again to resume)")
+    parser.add_argument("--state", help="resumable training state file (default with --refit: OUT.state/)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, roi=(args.roi, args.roi),
         lr=args.lr, batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, seed=args.seed, init=args.init,
         voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
-        largest_component=default_largest_component(args.model),
+        largest_component=default_largest_component(args.model), val_interval=args.val_interval, warmup_steps=args.warmup_steps,
+        ema=args.ema, tta_flip={"off": False, "on": True, "auto": None}[args.tta_flip],
     )
     provenance = dict(
         data=str(args.data), train_ids=[c["id"] for c in train], val_ids=[c["id"] for c in val],
@@ -77,6 +89,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.agcl_encoder:
         return _run_agcl(args, train, val, cfg)
+    if args.refit:
+        if args.start_from:
+            raise ConfigError("--refit trains a new network; it cannot --start-from a model file")
+        summary = select_and_refit(train, val, cfg, args.out, args.state or str(args.out) + ".state", half=args.half, **provenance)
+        curve = training_curves(summary.pop("history"), str(args.out) + ".curves.png", title=f"{args.model}: selection on {len(train)} cases, {len(val)} held out")
+        print(json.dumps({**summary, "curves": str(curve)}, indent=1))
+        return 0
     start = None
     if args.start_from:
         start, meta = load_model(args.start_from)
@@ -85,12 +104,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, net={k: v for k, v in meta.net.items() if k != "out_channels"}, spacing=meta.spacing, window=meta.window, roi=meta.roi,
                       largest_component=cfg.largest_component if meta.largest_component is None else meta.largest_component)
         provenance["started_from"] = str(args.start_from)
-    result = finetune(train, val, cfg, start_from=start, on_epoch=keep_best)
+    result = finetune(train, val, cfg, start_from=start, on_epoch=keep_best, state_path=args.state)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process writes
         return 0
     save_finetuned(args.out, cfg, result, half=args.half, **provenance)
     curve = training_curves(result.history, str(args.out) + ".curves.png", title=f"{args.model}: {len(train)} training cases")
-    print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure, "seconds": round(result.seconds, 1), "curves": str(curve)}, indent=1))
+    print(json.dumps({"out": args.out, "val_dice": result.best_dice, "best_epoch": result.best_epoch, "per_structure": result.per_structure,
+                      "tta_flip": result.tta_flip, "choices": result.choices, "seconds": round(result.seconds, 1), "curves": str(curve)}, indent=1))
     return 0
 
 

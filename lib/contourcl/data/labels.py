@@ -48,6 +48,20 @@ def model_labels(model: str) -> dict[str, int]:
         raise UnknownModelError(f"unknown model {model!r}; known models: {sorted(MODEL_LABELS)}") from None
 
 
+def mirror_channels(labels: Mapping[str, int]) -> list[int]:
+    """Output channel order of a model seen in a left-right mirror: ``*_R`` and ``*_L`` swap.
+
+    ``labels`` is a model's ``{name: value}``; entry ``c`` of the result is the channel whose
+    structure is channel ``c``'s mirror image (background and midline structures map to themselves).
+    """
+    order = list(range(max(labels.values(), default=0) + 1))
+    for name, value in labels.items():
+        for side, other in (("_R", "_L"), ("_L", "_R")):
+            if name.endswith(side) and name[: -len(side)] + other in labels:
+                order[value] = labels[name[: -len(side)] + other]
+    return order
+
+
 def canonical_name(name: str) -> str | None:
     """The stored structure that ``name`` means, ``None`` for background; raises if unknown."""
     key = str(name).strip().lower()

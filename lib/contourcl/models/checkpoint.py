@@ -44,6 +44,9 @@ class ModelMeta:
     #: keep only the largest connected component of each structure when contouring; None: the
     #: file does not say (the contouring caller's default applies, e.g. the app's model config)
     largest_component: bool | None = None
+    #: average the prediction with that of the left-right mirrored CT (``*_R``/``*_L`` swapped):
+    #: test-time augmentation, chosen on validation cases when the model was trained
+    tta_flip: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -131,6 +134,8 @@ def _load(path: str | Path) -> tuple[ModelMeta, dict]:
         meta = ModelMeta(**m)
         if meta.largest_component not in (None, True, False):
             raise ValueError(f"largest_component is {meta.largest_component!r}, not true, false or absent")
+        if meta.tta_flip not in (True, False):
+            raise ValueError(f"tta_flip is {meta.tta_flip!r}, not true or false")
         state = ckpt["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise TypeError("state_dict is not a mapping of tensors")

@@ -112,7 +112,8 @@ def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | No
         served_net, meta = load_model(store.served)
         cfg = FinetuneConfig(model=model, net={k: v for k, v in meta.net.items() if k != "out_channels"},
                              spacing=meta.spacing, window=meta.window, roi=meta.roi,
-                             largest_component=largest_component if meta.largest_component is None else meta.largest_component)
+                             largest_component=largest_component if meta.largest_component is None else meta.largest_component,
+                             tta_flip=meta.tta_flip)
     else:
         cfg = FinetuneConfig(model=model, init=init, largest_component=largest_component)
     cfg = replace(
