@@ -117,8 +117,8 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
     model's numbering. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the
     next call (a benchmark evaluates many models on the same cases).
     """
+    from contourcl.data.datasets import read_label
     from contourcl.data.labels import to_model
-    from contourcl.data.volumes import read_nifti
     from contourcl.inference import preprocess_ct
 
     out = []
@@ -127,14 +127,11 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
         data, pre = _PREPROCESSED.get(key) or preprocess_ct(case["image"], meta)
         if keep_preprocessed:
             _PREPROCESSED[key] = (data, pre)
-        ref, ref_affine = read_nifti(case["label"])
-        ref = np.asarray(ref).astype(np.int64)
+        ref, ref_affine = read_label(case)
         affine, shape = data["grid"]
         if ref.shape != tuple(shape) or not np.allclose(ref_affine, affine, atol=1e-3):
             raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {tuple(shape)})")
-        if case.get("numbering", "stored") == "stored":
-            ref = to_model(ref, meta.model)
-        out.append(EvaluationCase(str(case["id"]), data, pre, ref))
+        out.append(EvaluationCase(str(case["id"]), data, pre, to_model(ref, meta.model)))
     return out
 
 

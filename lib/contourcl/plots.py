@@ -71,3 +71,40 @@ def training_curves(history: list[dict], out: str | Path, title: str = "") -> Pa
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return Path(out)
+
+
+def structure_overlays(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], name: str, value: int, out: str | Path,
+                       slices: int = 3, margin: int = 12, window: tuple[float, float] = (-200.0, 300.0)) -> Path:
+    """One structure on several patients: a row per ``(title, ct, prediction, reference)``.
+
+    Each row shows ``slices`` axial slices spread over the reference's extent of the structure
+    (label ``value``), cropped around it with ``margin`` voxels; reference dashed, model solid,
+    in the radiological view of :func:`contour_overlay`.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), slices, figsize=(3 * slices, 3.1 * len(rows)), squeeze=False)
+    for r, (title, ct, pred, ref) in enumerate(rows):
+        fg = np.argwhere((ref == value) | (pred == value))
+        if not len(fg):
+            fg = np.argwhere(np.ones(ct.shape[:3], dtype=bool)[::8, ::8, ::8]) * 8
+        inside = np.argwhere(ref == value) if (ref == value).any() else fg
+        zs = np.unique(np.linspace(inside[:, 2].min(), inside[:, 2].max(), slices + 2).round().astype(int)[1:-1])
+        (x0, y0), (x1, y1) = np.maximum(fg[:, :2].min(0) - margin, 0), np.minimum(fg[:, :2].max(0) + margin + 1, ct.shape[:2])
+        for c in range(slices):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c >= len(zs):
+                continue
+            z = zs[c]
+            view = lambda a: np.flip(a[x0:x1, y0:y1, z].T, axis=(0, 1))  # noqa: E731
+            ax.imshow(np.clip(view(ct), *window), cmap="gray", interpolation="nearest")
+            if (view(ref) == value).any():
+                ax.contour(view(ref) == value, [0.5], colors=["tab:orange"], linewidths=1.2, linestyles="dashed")
+            if (view(pred) == value).any():
+                ax.contour(view(pred) == value, [0.5], colors=["tab:cyan"], linewidths=1.6)
+            ax.set_title(f"{title}, slice {z}" if c == 0 else f"slice {z}", fontsize=8)
+    fig.suptitle(f"{name}: model (solid) and reference (dashed)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return Path(out)

@@ -52,7 +52,7 @@ from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
 from contourcl.data.labels import model_labels
-from contourcl.data.transforms import DEFAULT_SPACING, DEFAULT_WINDOW, StoredToModeld, StructurePresenced, ct_preprocessing
+from contourcl.data.transforms import DEFAULT_SPACING, DEFAULT_WINDOW, LabelToModeld, StructurePresenced, ct_preprocessing
 from contourcl.evaluation import EvaluationCase, evaluate_network, prepare_cases, summarise
 from contourcl.models.checkpoint import ModelMeta, save_model
 from contourcl.models.encoder_checkpoint import load_encoder
@@ -123,8 +123,12 @@ class FinetuneResult:
 
 
 def _item(item: dict) -> dict:
-    """A datalist entry: ``image``, ``label`` paths and the label's numbering (``stored``/``model``)."""
-    return {"image": str(item["image"]), "label": str(item["label"]), "numbering": item.get("numbering", "stored"), "id": item.get("id", Path(item["image"]).name)}
+    """A datalist entry: ``image``, ``label`` paths, ``id`` and, for a label file numbered otherwise
+    than the stored numbering, its ``label_values`` (see :mod:`contourcl.data.datasets`)."""
+    entry = {"image": str(item["image"]), "label": str(item["label"]), "id": item.get("id", Path(item["image"]).name)}
+    if item.get("label_values"):
+        entry["label_values"] = dict(item["label_values"])
+    return entry
 
 
 def preprocessing(cfg: FinetuneConfig) -> list:
@@ -132,7 +136,7 @@ def preprocessing(cfg: FinetuneConfig) -> list:
     n_classes = len(model_labels(cfg.model)) + 1
     return [
         *ct_preprocessing("image", "label", cfg.spacing, cfg.window),
-        StoredToModeld("label", cfg.model),
+        LabelToModeld("label", cfg.model),
         StructurePresenced("label", n_classes),
         SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, -1)),
         # the voxels of each class, found once and cached (searching the volume for every sampled

@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cases", type=int, help="only the first N cases")
     parser.add_argument("--ids", help="only these cases (comma-separated ids), e.g. a model's validation cases")
     parser.add_argument("--json", help="also write the per-case figures to this file")
+    parser.add_argument("--overlays", help="write one picture per structure to this folder: its best, median and worst case by Dice")
 
 
 def table(summary: dict, structures: list[str], tolerance_mm: float) -> str:
@@ -29,6 +30,42 @@ def table(summary: dict, structures: list[str], tolerance_mm: float) -> str:
     for s in [*structures, "mean"]:
         lines.append(f"| {s} | " + " | ".join(cell(summary[(s, m)], m) for m in METRICS) + f" | {summary[(s, 'dice')]['patients']} |")
     return "\n".join(lines)
+
+
+def overlays(model: str, cases: list[dict], per_case: dict, structures: list[str], folder: str) -> list:
+    """Per structure, a picture of its best, median and worst case by Dice, contoured as served."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from contourcl.data.datasets import read_label
+    from contourcl.data.labels import to_model
+    from contourcl.data.volumes import read_nifti, to_ras
+    from contourcl.inference import Contourer
+    from contourcl.plots import structure_overlays
+
+    meta = read_meta(model)
+    contourer = Contourer(model, largest_component=default_largest_component(meta.model))
+    by_id = {c["id"]: c for c in cases}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    predictions: dict[str, tuple] = {}
+    written = []
+    for name in structures:
+        scored = sorted((v[name]["dice"], cid) for cid, v in per_case.items() if not np.isnan(v[name]["dice"]))
+        if not scored:
+            continue
+        picks = [("best", scored[-1]), ("median", scored[len(scored) // 2]), ("worst", scored[0])]
+        rows = []
+        for kind, (dice, cid) in picks:
+            if cid not in predictions:
+                prediction = contourer(by_id[cid]["image"])
+                # the CT's own grid, shown in RAS order (the radiological view of contourcl.plots)
+                ct, affine = read_nifti(by_id[cid]["image"])
+                ref = to_model(read_label(by_id[cid])[0], meta.model)
+                predictions[cid] = tuple(to_ras(np.asarray(a), affine) for a in (ct, prediction.label, ref))
+            rows.append((f"{kind}: {cid}, Dice {dice:.2f}", *predictions[cid]))
+        written.append(structure_overlays(rows, name, meta.labels[name], Path(folder) / f"{Path(model).stem}-{name}.png"))
+    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
           f"structures a case does not contour are skipped")
     summary = summarise([per_case], structures)
     print(table(summary, structures, args.tolerance))
+    if args.overlays:
+        for path in overlays(args.model, cases, per_case, structures, args.overlays):
+            print(f"overlay: {path}")
     if args.json:
         means = {m: summary[("mean", m)]["mean"] for m in METRICS}
         with open(args.json, "w") as f:

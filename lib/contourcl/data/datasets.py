@@ -7,17 +7,22 @@ Two layouts are understood:
 - OpenKBP as converted in ``../shared/data/openkbp``: ``DIR/pt_*/ct.nii.gz`` with
   ``oar.nii.gz`` (OARs, stored numbering) and ``target.nii.gz`` (1 = PTV70, the ``gtv`` target).
 
-Each case is a dict ``{"id", "image", "label", "numbering"}`` that
-:func:`contourcl.training.finetune.engine.finetune` takes.
+Each case is a dict ``{"id", "image", "label"}`` that
+:func:`contourcl.training.finetune.engine.finetune` takes. A label file not in the stored
+numbering (OpenKBP's target) says how its values map into it (``"label_values"``); it is
+renumbered once, when read (:func:`read_label`, :class:`contourcl.data.transforms.LabelToModeld`),
+so everything after reading sees the stored numbering.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from contourcl.data.labels import model_labels
+import numpy as np
+
+from contourcl.data.labels import GTV_NAME, STORED_LABELS, model_labels, to_stored
 from contourcl.errors import InvalidImageError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -87,12 +92,21 @@ def labeled_cases(folder: str | Path, model: str) -> list[dict]:
     model_labels(model)  # raises for an unknown model
     cases = []
     for image in find_ct_images(folder):
+        extra = {}
         if image.name == "ct.nii.gz":  # OpenKBP
             label = image.parent / ("oar.nii.gz" if model == "oar" else "target.nii.gz")
-            numbering = "stored" if model == "oar" else "model"
+            if model != "oar":  # target.nii.gz: 1 = PTV70, the stored GTV
+                extra = {"label_values": {1: STORED_LABELS[GTV_NAME]}}
         else:
             label = Path(folder) / "labels" / "final" / image.name
-            numbering = "stored"
         if label.is_file():
-            cases.append({"id": case_id(image), "image": str(image), "label": str(label), "numbering": numbering})
+            cases.append({"id": case_id(image), "image": str(image), "label": str(label), **extra})
     return cases
+
+
+def read_label(case: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """A case's label map in the stored numbering, and its affine (as nibabel reads it)."""
+    from contourcl.data.volumes import read_nifti
+
+    label, affine = read_nifti(case["label"])
+    return to_stored(np.asarray(label), case.get("label_values")), affine

@@ -139,6 +139,18 @@ def stored_label_info(stored: np.ndarray) -> list[dict]:
     return [{"name": name, "idx": value} for name, value in STORED_LABELS.items() if value in present]
 
 
+def to_stored(label: np.ndarray, label_values: Mapping[int, int] | None = None) -> np.ndarray:
+    """A label file's values in the stored numbering: ``label_values`` maps the file's values
+    (``{file value: stored value}``, e.g. OpenKBP's target ``{1: 8}``); ``None``: already stored."""
+    label = np.rint(np.asarray(label)).astype(np.int64)
+    if not label_values:
+        return label
+    lut = np.zeros(max(int(label.max(initial=0)), *map(int, label_values)) + 1, dtype=np.int64)
+    for value, stored in label_values.items():
+        lut[int(value)] = int(stored)
+    return lut[np.clip(label, 0, None)]
+
+
 def to_model(stored: np.ndarray, model: str) -> np.ndarray:
     """Extract ``model``'s structures from a stored label map, numbered as the model numbers them."""
     labels = model_labels(model)

@@ -58,11 +58,12 @@ def ct_preprocessing(
     ]
 
 
-class StoredToModeld(MapTransform):
-    """Renumber a stored label map (:data:`contourcl.data.labels.STORED_LABELS`) into ``model``'s labels.
+class LabelToModeld(MapTransform):
+    """Renumber a case's label map into ``model``'s labels.
 
-    Items whose ``numbering`` entry is ``"model"`` (e.g. OpenKBP's ``target.nii.gz`` for ``gtv``)
-    are already in the model's numbering and pass unchanged.
+    The label is first put in the stored numbering (:func:`contourcl.data.labels.to_stored`, with
+    the case's ``label_values`` when its file is numbered otherwise, as OpenKBP's target), then
+    reduced to the model's structures (:func:`contourcl.data.labels.to_model`).
     """
 
     def __init__(self, keys: KeysCollection, model: str):
@@ -71,12 +72,11 @@ class StoredToModeld(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        if d.get("numbering", "stored") == "model":
-            return d
         for key in self.key_iterator(d):
             lab = d[key]
             arr = lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab)
-            mapped = torch.as_tensor(label_names.to_model(np.rint(arr).astype(np.int64), self.model), dtype=torch.float32)
+            stored = label_names.to_stored(arr, d.get("label_values"))
+            mapped = torch.as_tensor(label_names.to_model(stored, self.model), dtype=torch.float32)
             d[key] = MetaTensor(mapped, meta=lab.meta, applied_operations=lab.applied_operations) if isinstance(lab, MetaTensor) else mapped
         return d
 
