@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -127,6 +128,39 @@ def simsiam_config(tmp_path, **kw) -> PretrainConfig:
     settings = dict(method="simsiam", images=[str(tmp_path / "imgs")], out=str(tmp_path / "out.pt"), iterations=6, lr=0.05,
                     checkpoint_every=2, cache_dir=str(tmp_path / "cache"), options=TINY_SIMSIAM, **TINY)
     return PretrainConfig(**{**settings, **kw})
+
+
+def test_schedule_is_monai_warmup_cosine_and_resumes_at_the_saved_step():
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    def lrs(scheduler, n):
+        out = []
+        for _ in range(n):
+            out.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return out
+
+    # no warm-up: the cosine of the hand-written schedule it replaces, 0.5 (1 + cos(pi t / T))
+    assert lrs(trainer.build_scheduler(opt(), 10, 0, "cosine"), 10) == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 10)) for t in range(10)])
+    assert lrs(trainer.build_scheduler(opt(), 10, 0, "constant"), 10) == pytest.approx([0.1] * 10)
+    warm = lrs(trainer.build_scheduler(opt(), 10, 4, "cosine"), 6)
+    assert warm == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.05 * (1 + math.cos(math.pi / 6))])
+    # resumed after 4 of 10 steps with 20 iterations now: the saved step, this run's length
+    first = trainer.build_scheduler(opt(), 10, 0, "cosine")
+    lrs(first, 4)
+    second = trainer.build_scheduler(opt(), 20, 0, "cosine")
+    trainer.resume_scheduler(second, first.state_dict())
+    second.step()
+    assert second.last_epoch == 5 and second.get_last_lr()[0] == pytest.approx(0.05 * (1 + math.cos(math.pi * 5 / 20)))
+    # a state of the LambdaLR used before resumes too
+    old = torch.optim.lr_scheduler.LambdaLR(opt(), lambda t: 0.5 * (1 + math.cos(math.pi * t / 10)))
+    lrs(old, 3)
+    third = trainer.build_scheduler(opt(), 10, 0, "cosine")
+    trainer.resume_scheduler(third, old.state_dict())
+    third.step()
+    assert third.last_epoch == 4 and third.get_last_lr()[0] == pytest.approx(0.05 * (1 + math.cos(math.pi * 4 / 10)))
 
 
 def test_resume_continues_where_it_stopped(tmp_path):

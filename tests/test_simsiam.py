@@ -11,9 +11,9 @@ import torch
 from contourcl.data.datasets import find_ct_images
 from contourcl.models.encoder_checkpoint import load_encoder
 from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
-from contourcl.training.pretrain.augment import Augment, gaussian_blur
+from contourcl.training.pretrain.augment import Augment, RandResizedCrop, TwoViews
 from contourcl.training.pretrain.base import PretrainConfig
-from contourcl.training.pretrain.simsiam import SimSiamLoss, SimSiamModel, negative_cosine, projection_mlp, simsiam_loss
+from contourcl.training.pretrain.simsiam import SimSiamLoss, SimSiamModel, negative_cosine, simsiam_loss
 from contourcl.training.pretrain.trainer import pretrain
 from contourcl.training.pretrain.volumes import load_volumes, write_synthetic_cts
 
@@ -69,7 +69,7 @@ def test_stop_gradient_blocks_the_target_branch():
 
 
 def test_heads_have_the_papers_shape():
-    proj = projection_mlp(64)
+    proj = SimSiamModel(ResNetEncoder("resnet10", 8)).projector  # SepaReg's defaults: 4096, 256
     layers = [type(m).__name__ for m in proj]
     assert layers == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert proj[0].out_features == 4096 and proj[3].out_features == 256
@@ -84,14 +84,53 @@ def test_augment_shapes_and_range():
     x = torch.rand(1, 40, 30)
     aug = Augment(32, jitter_p=1.0, blur_p=1.0)
     views = [aug(x) for _ in range(5)]
-    assert all(v.shape == (1, 32, 32) for v in views)
+    assert all(type(v) is torch.Tensor and v.dtype == torch.float32 and v.shape == (1, 32, 32) for v in views)
     assert all(0.0 <= v.min() and v.max() <= 1.0 for v in views)
     assert not torch.allclose(views[0], views[1])
-    # blur keeps a constant image constant and smooths an impulse
-    assert torch.allclose(gaussian_blur(torch.full((1, 9, 9), 0.5), 1.0), torch.full((1, 9, 9), 0.5), atol=1e-6)
-    impulse = torch.zeros(1, 9, 9)
-    impulse[0, 4, 4] = 1
-    assert gaussian_blur(impulse, 1.0)[0, 4, 4] < 0.5
+    # the whole image (area fraction 1), no flip or jitter: identity; with flip_p = 1: mirrored
+    y = torch.rand(1, 16, 16)
+    assert torch.allclose(Augment(16, (1.0, 1.0), flip_p=0.0, jitter_p=0.0, blur_p=0.0)(y), y)
+    assert torch.allclose(Augment(16, (1.0, 1.0), flip_p=1.0, jitter_p=0.0, blur_p=0.0)(y), y.flip(-1))
+    # blur keeps a constant image constant, also at the borders, and smooths an impulse
+    blur = Augment(16, (1.0, 1.0), flip_p=0.0, jitter_p=0.0, blur_p=1.0, blur_sigma=(1.0, 1.0))
+    assert torch.allclose(blur(torch.full((1, 16, 16), 0.5)), torch.full((1, 16, 16), 0.5), atol=1e-4)
+    impulse = torch.zeros(1, 16, 16)
+    impulse[0, 8, 8] = 1
+    assert blur(impulse)[0, 8, 8] < 0.5 and blur(impulse).sum().item() == pytest.approx(1.0, abs=1e-3)
+    # the crop box: area fraction in crop_scale, aspect ratio 3/4 to 4/3 (up to rounding), inside the image
+    crop = RandResizedCrop(32, (0.2, 1.0))
+    crop.set_random_state(0)
+    for _ in range(200):
+        crop.randomize((100, 80))
+        top, left, h, w = crop.box
+        assert 0 <= top and top + h <= 100 and 0 <= left and left + w <= 80
+        if (h, w) != (100, 80):  # else the fallback: the whole image
+            assert 0.19 <= h * w / 8000 <= 1.0 and 0.74 <= w / h <= 1.36
+
+
+def test_augment_is_seeded_by_torch_and_differs_between_workers():
+    aug = Augment(16)
+    x = torch.rand(1, 20, 20)
+    torch.manual_seed(3)
+    a = [aug(x) for _ in range(3)]
+    torch.manual_seed(3)
+    b = [aug(x) for _ in range(3)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+    class Same(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return x
+
+    def views(seed):
+        loader = torch.utils.data.DataLoader(TwoViews(Same(), aug), batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(seed))
+        return [torch.cat(pair) for pair in loader]
+
+    first, again = views(0), views(0)
+    assert all(torch.equal(u, v) for u, v in zip(first, again)), "same seed, same views"
+    assert not torch.allclose(first[0], first[1]), "each worker draws its own views"
 
 
 def test_tiny_simsiam_run_lowers_loss_and_checkpoint_loads(tmp_path):

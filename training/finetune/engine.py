@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import (
@@ -57,6 +56,7 @@ from contourcl.evaluation import EvaluationCase, evaluate_network, prepare_cases
 from contourcl.models.checkpoint import ModelMeta, save_model
 from contourcl.models.encoder_checkpoint import load_encoder
 from contourcl.models.networks import ContourUNet, NetConfig, build_network
+from contourcl.training.distributed import init_distributed
 from contourcl.training.finetune.partial_label_loss import PartialLabelDiceCELoss
 from contourcl.training.finetune.voxel_siamese import DEFAULT_LAMBDA, VoxelSiameseNet, trusted_voxels
 
@@ -231,11 +231,7 @@ def recalibrate_batchnorm(network: ContourUNet, batches: Sequence[torch.Tensor],
 
 def _distributed() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) when launched by torchrun, else (0, 0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+    return init_distributed()
 
 
 def finetune(

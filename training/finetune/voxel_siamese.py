@@ -43,8 +43,9 @@ No public code exists; choices made here, each stated:
   3D caps are carried to 2D layers, which can be small. The caps are per layer and per batch.
 - Labels and predictions are downsampled to each layer with nearest-neighbour interpolation.
 - Heads: projector ``Linear-BN-ReLU-Linear-BN`` and predictor ``Linear-BN-ReLU-Linear`` (SimSiam's
-  shape), hidden width ``hidden`` everywhere. The paper's implementation section says 64, its
-  ablation (Table V) finds 256 best; 256 is the default.
+  shape: BN on every projector layer "including its output fc", none on the predictor's output;
+  :func:`~contourcl.training.pretrain.heads.mlp_head`), hidden width ``hidden`` everywhere. The
+  paper's implementation section says 64, its ablation (Table V) finds 256 best; 256 is the default.
 
 The heads exist only during training; inference uses the U-Net alone.
 
@@ -72,6 +73,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from contourcl.training.pretrain.heads import mlp_head
 
 __all__ = [
     "DEFAULT_LAMBDA",
@@ -179,19 +182,8 @@ class VoxelFeatureHead(nn.Module):
 
     def __init__(self, in_channels: int, hidden: int = 256):
         super().__init__()
-        self.projector = nn.Sequential(
-            nn.Linear(in_channels, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-        )
-        self.predictor = nn.Sequential(
-            nn.Linear(hidden, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden),
-        )
+        self.projector = mlp_head([in_channels, hidden, hidden], last_bn=True)
+        self.predictor = mlp_head([hidden, hidden, hidden])
 
     def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.projector(f)

@@ -10,7 +10,8 @@ every target the slice contains, a 2D patch centred on the target (:func:`extrac
 the target's binary mask as a second input channel. Two views of each patch are drawn with one
 random augmentation applied to image and mask alike (:class:`PairedAugment`: random resized crop,
 rotation within +-30 deg). The encoder (a 2-channel :class:`~contourcl.models.networks.ResNetEncoder`)
-and a projection MLP are trained with the modal-target supervised contrastive loss (Eq. 3,
+and a projection MLP (Linear(d, d)-ReLU-Linear(d, 256), the one-hidden-layer MLP of SupCon and
+SimCLR, as the authors' code) are trained with the modal-target supervised contrastive loss (Eq. 3,
 :mod:`contourcl.training.pretrain.supcon`) with labels ``modality * n_targets + target`` and ``T = 0.1``.
 The modality is the scanner or contrast phase, given per case by the ``modalities`` option; a
 single modality when that is unknown.
@@ -72,13 +73,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import Compose, RandFlipd, RandRotated, RandScaleCropd, Resized
-from torch import nn
 from torch.utils.data import Dataset
 
 from contourcl.data import labels as label_names
 from contourcl.models.encoder_checkpoint import save_encoder
 from contourcl.models.networks import ResNetEncoder
 from contourcl.training.pretrain.base import ConfigError, PretrainConfig, PretrainMethod, RunContext, Stage
+from contourcl.training.pretrain.heads import mlp_head
 from contourcl.training.pretrain.supcon import SupConLoss, modal_target_labels
 
 logger = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ class AGCL(PretrainMethod):
             encoder = ResNetEncoder(config.encoder, config.width, 2, stem).to(next(encoder.parameters()).device)
             self.encoder = encoder
         d = encoder.feature_dim
-        self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, int(self.options["proj_dim"])))
+        self.projection = mlp_head([d, d, int(self.options["proj_dim"])], batch_norm=False)
         self.criterion = SupConLoss(float(self.options["temperature"]), str(self.options["reduction"]))
         self.modality_names: list[str] = []
 

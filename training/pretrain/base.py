@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -181,57 +180,6 @@ def merge_settings(base: dict, overrides: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed helpers (no-ops in a single process)
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` of rank ``src`` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather_objects(obj: Any) -> list:
-    """The list of every rank's ``obj`` (rank order)."""
-    if not is_distributed():
-        return [obj]
-    out: list = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-@contextlib.contextmanager
-def main_process_first():
-    """Rank 0 runs the block first (e.g. builds a cache), the other ranks after it (and reuse it)."""
-    if get_rank() != 0:
-        barrier()
-    try:
-        yield
-    finally:
-        if get_rank() == 0:
-            barrier()
 
 
 # ----------------------------------------------------------------------------------------------

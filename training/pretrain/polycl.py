@@ -44,12 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
 from contourcl.data import labels as label_names
 from contourcl.models.networks import ResNetEncoder
 from contourcl.training.pretrain.base import ConfigError, PretrainConfig, PretrainMethod, RunContext, Stage
+from contourcl.training.pretrain.heads import mlp_head
 from contourcl.training.pretrain.volumes import SliceDataset
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,14 @@ class PolyCLTripletDataset(Dataset):
 
 
 # =============================================================================== methods
+def _bare_linear_projection_keys(module, state_dict, prefix, *args) -> None:
+    """Reads training states written when the projection was a bare Linear (``projection.weight``)."""
+    for name in ("weight", "bias"):
+        key = f"{prefix}projection.{name}"
+        if key in state_dict:
+            state_dict[f"{prefix}projection.0.{name}"] = state_dict.pop(key)
+
+
 class _PolyCL(PretrainMethod):
     """The shared part of PolyCL-O and PolyCL-S: projection, Eq. 1 loss, slice selection."""
 
@@ -208,7 +216,8 @@ class _PolyCL(PretrainMethod):
 
     def __init__(self, encoder: ResNetEncoder, config: PretrainConfig):
         super().__init__(encoder, config)
-        self.projection = nn.Linear(encoder.feature_dim, int(self.options["proj_dim"]))
+        self.projection = mlp_head([encoder.feature_dim, int(self.options["proj_dim"])])
+        self.register_load_state_dict_pre_hook(_bare_linear_projection_keys)
 
     def slice_dataset(self, volumes: Sequence) -> SliceDataset:
         slices = SliceDataset(volumes, self.config.image_size)

@@ -69,16 +69,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from contourcl.models.networks import ResNetEncoder
+from contourcl.training.distributed import all_gather_objects, broadcast_object, main_process_first
 from contourcl.training.pretrain.augment import TwoViews, augment_from_options
-from contourcl.training.pretrain.base import (
-    ConfigError,
-    PretrainMethod,
-    RunContext,
-    Stage,
-    all_gather_objects,
-    broadcast_object,
-    main_process_first,
-)
+from contourcl.training.pretrain.base import ConfigError, PretrainMethod, RunContext, Stage
 from contourcl.training.pretrain.simsiam import SIMSIAM_OPTIONS, SimSiamModel, negative_cosine
 from contourcl.training.pretrain.volumes import Volume, to_square
 

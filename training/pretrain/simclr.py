@@ -10,28 +10,22 @@ with ``sim`` the cosine similarity, and the loss is the mean of ``l`` over all `
 (``forward(z_view1, z_view2)``; the test checks it against a hand computation); it is called
 in float32. Negatives are the other images of the local batch (no gathering across GPUs).
 
-Projection head (SimCLR): Linear-ReLU-Linear on the encoder's pooled features. Augmentations:
-:class:`contourcl.training.pretrain.augment.Augment`.
+Projection head: SimCLR's "MLP with one hidden layer", ``g(h) = W2 relu(W1 h)`` (Sec. 2.1), i.e.
+Linear-ReLU-Linear on the encoder's pooled features (:func:`~contourcl.training.pretrain.heads.mlp_head`
+without batch norm). Augmentations: :class:`contourcl.training.pretrain.augment.Augment`.
 """
 
 from __future__ import annotations
 
 import torch
 from monai.losses import ContrastiveLoss
-from torch import nn
 from torch.utils.data import Dataset
 
 from contourcl.models.networks import ResNetEncoder
 from contourcl.training.pretrain.augment import TwoViews, augment_from_options
 from contourcl.training.pretrain.base import PretrainMethod
+from contourcl.training.pretrain.heads import mlp_head
 from contourcl.training.pretrain.volumes import SliceDataset
-
-
-class SimCLRHead(nn.Sequential):
-    """SimCLR's projection head g: Linear-ReLU-Linear."""
-
-    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 128):
-        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 class SimCLRMethod(PretrainMethod):
@@ -53,7 +47,7 @@ class SimCLRMethod(PretrainMethod):
 
     def __init__(self, encoder: ResNetEncoder, config):
         super().__init__(encoder, config)
-        self.head = SimCLRHead(encoder.feature_dim, self.options["proj_hidden"], self.options["proj_dim"])
+        self.head = mlp_head([encoder.feature_dim, self.options["proj_hidden"], self.options["proj_dim"]], batch_norm=False)
         self.criterion = ContrastiveLoss(temperature=float(self.options["temperature"]))
 
     def build_dataset(self, volumes) -> Dataset:

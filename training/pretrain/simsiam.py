@@ -2,8 +2,10 @@
 
 The heads follow SepaReg (Wang et al., AAAI 2022), which reuses SimSiam on regions: the
 projector is two layers, Linear-BN-ReLU-Linear (hidden 4096, out 256), and the predictor "has
-the same architecture as the projector" (hidden 4096). The loss is SepaReg's Eq. 1-2 (SimSiam's
-Eq. 1-2 and 4)::
+the same architecture as the projector" (hidden 4096): ``mlp_head([d, 4096, 256])``
+(:mod:`contourcl.training.pretrain.heads`). SimSiam's own projector has three layers with BN on
+each, "including its output fc", and its predictor is Linear-BN-ReLU-Linear (Sec. 3, baseline
+settings). The loss is SepaReg's Eq. 1-2 (SimSiam's Eq. 1-2 and 4)::
 
     D(p, z) = - p / ||p||_2 . z / ||z||_2                    (Eq. 2)
     L = 1/2 D(p1, stopgrad(z2)) + 1/2 D(p2, stopgrad(z1))    (Eq. 1)
@@ -26,23 +28,10 @@ from torch.utils.data import Dataset
 from contourcl.models.networks import ResNetEncoder
 from contourcl.training.pretrain.augment import TwoViews, augment_from_options
 from contourcl.training.pretrain.base import PretrainMethod
+from contourcl.training.pretrain.heads import mlp_head
 from contourcl.training.pretrain.volumes import SliceDataset
 
 DISTANCES = ("neg-cos", "2-2cos")
-
-
-# ----------------------------------------------------------------------------------------------
-# heads
-
-
-def projection_mlp(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> nn.Sequential:
-    """Linear-BN-ReLU-Linear: SepaReg's projector (and, with ``in_dim = out_dim``, its predictor)."""
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False),
-        nn.BatchNorm1d(hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,7 +75,7 @@ class SimSiamLoss(nn.Module):
 
 
 class SimSiamModel(nn.Module):
-    """Encoder + projector + predictor; ``forward((v1, v2))`` returns ``(loss, logs)``.
+    """Encoder + projector + predictor (SepaReg's: Linear-BN-ReLU-Linear); ``forward((v1, v2))`` -> ``(loss, logs)``.
 
     ``logs["z_std"]`` is the per-dimension std of the l2-normalised projections, SimSiam's
     collapse monitor: about ``1/sqrt(out_dim)`` when healthy, 0 when collapsed.
@@ -95,8 +84,8 @@ class SimSiamModel(nn.Module):
     def __init__(self, encoder: ResNetEncoder, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096, distance: str = "neg-cos"):
         super().__init__()
         self.encoder = encoder
-        self.projector = projection_mlp(encoder.feature_dim, proj_hidden, proj_dim)
-        self.predictor = projection_mlp(proj_dim, pred_hidden, proj_dim)
+        self.projector = mlp_head([encoder.feature_dim, proj_hidden, proj_dim])
+        self.predictor = mlp_head([proj_dim, pred_hidden, proj_dim])
         self.criterion = SimSiamLoss(distance)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,14 @@ It finds the CT images, loads them (cached, worker processes), builds the method
 trains each of its stages:
 
 - progress bars (tqdm, rank 0) and a log line every ``log_every`` steps;
+- one optimizer and learning-rate schedule per stage: linear warm-up then cosine decay to 0 at
+  the stage's last step, or constant (MONAI's ``WarmupCosineSchedule``);
 - periodic checkpoints of the whole training state (model, optimizer, schedule, AMP scaler,
   stage, step, RNG) in ``OUT.state.pt``; ``--resume`` continues where it stopped, with the same
   data order (the sampler's permutation of the epoch is replayed and the consumed part skipped);
 - mixed precision (``torch.autocast`` float16 + ``GradScaler``) on CUDA, plain float32 on CPU;
-- DDP when launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment): NCCL on
-  CUDA, gloo on CPU; each process reads its share of every epoch (``DistributedSampler``),
+- DDP when launched by ``torchrun`` (:func:`contourcl.training.distributed.init_distributed`):
+  NCCL on CUDA, gloo on CPU; each process reads its share of every epoch (``DistributedSampler``),
   ``batch_size`` is per process;
 - at the end, the method's output encoder is written with
   :func:`contourcl.models.encoder_checkpoint.save_encoder`; the app's U-Net loads it with
@@ -27,35 +29,23 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-import os
 import random
 import time
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from monai.optimizers import WarmupCosineSchedule
+from monai.utils import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from contourcl.data.datasets import find_ct_images
 from contourcl.models.encoder_checkpoint import save_encoder
 from contourcl.models.networks import RESNET_SPECS, ResNetEncoder
+from contourcl.training.distributed import barrier, init_distributed, main_process_first
 from contourcl.training.pretrain.agcl import AGCL
-from contourcl.training.pretrain.base import (
-    ConfigError,
-    PretrainConfig,
-    PretrainMethod,
-    RunContext,
-    Stage,
-    barrier,
-    get_rank,
-    get_world_size,
-    is_distributed,
-    main_process_first,
-    to_device,
-)
+from contourcl.training.pretrain.base import ConfigError, PretrainConfig, PretrainMethod, RunContext, Stage, to_device
 from contourcl.training.pretrain.polycl import PolyCLOrgan, PolyCLScan
 from contourcl.training.pretrain.separeg import SepaRegMethod
 from contourcl.training.pretrain.simclr import SimCLRMethod
@@ -91,19 +81,7 @@ class Interrupted(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# distributed setup
-
-
-def setup_distributed(device: str | None = None) -> tuple[int, int, int]:
-    """Initialise the process group when launched by torchrun; returns (rank, world, local rank)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not is_distributed():
-        use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return get_rank(), get_world_size(), local
+# device
 
 
 def resolve_device(config: PretrainConfig, local_rank: int = 0) -> torch.device:
@@ -129,16 +107,22 @@ def build_optimizer(name: str, params, lr: float, config: PretrainConfig) -> tor
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
-def lr_lambda(iterations: int, warmup: int, schedule: str):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        t = (step - warmup) / max(1, iterations - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+#: the attributes that give a WarmupCosineSchedule its shape (the rest of its state is the step)
+SCHEDULE_SHAPE = ("warmup_steps", "t_total", "cycles", "end_lr", "warmup_multiplier")
 
-    return f
+
+def build_scheduler(optimizer: torch.optim.Optimizer, iterations: int, warmup: int, schedule: str) -> WarmupCosineSchedule:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``iterations`` or, for
+    ``schedule="constant"``, the base rate (a cosine of 0 cycles)."""
+    return WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=iterations, cycles=0.5 if schedule == "cosine" else 0.0)
+
+
+def resume_scheduler(scheduler: WarmupCosineSchedule, state: dict) -> None:
+    """Continue ``scheduler`` at the saved step; its shape stays this run's (``iterations``,
+    ``warmup`` and ``schedule`` may change on resumption)."""
+    shape = {k: getattr(scheduler, k) for k in SCHEDULE_SHAPE}
+    scheduler.load_state_dict(state)
+    scheduler.__dict__.update(shape)
 
 
 class SkipSampler(Sampler):
@@ -172,12 +156,6 @@ def set_rng_state(state: dict) -> None:
             pass
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
@@ -193,7 +171,7 @@ class Trainer:
         self.config = config
         self.resume = resume
         self.stop_after = stop_after  #: stop (state saved) after this many steps in this call
-        self.rank, self.world_size, self.local_rank = setup_distributed(config.device)
+        self.rank, self.local_rank, self.world_size = init_distributed(config.device)
         self.device = resolve_device(config, self.local_rank)
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.ctx = RunContext(config, self.device, self.rank, self.world_size, self.amp)
@@ -308,11 +286,11 @@ class Trainer:
         lr = stage.lr if stage.lr is not None else method.resolve_lr(batch_size, self.world_size)
         opt_name = stage.optimizer or cfg.optimizer or method.default_optimizer
         optimizer = build_optimizer(opt_name, params, lr, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.iterations, cfg.warmup, cfg.schedule))
+        scheduler = build_scheduler(optimizer, stage.iterations, cfg.warmup, cfg.schedule)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if resume_state is not None and resume_state.get("optimizer") is not None:
             optimizer.load_state_dict(resume_state["optimizer"])
-            scheduler.load_state_dict(resume_state["scheduler"])
+            resume_scheduler(scheduler, resume_state["scheduler"])
             if resume_state.get("scaler"):
                 scaler.load_state_dict(resume_state["scaler"])
         if resume_state is not None and resume_state.get("rng") is not None:
@@ -386,7 +364,7 @@ class Trainer:
     # -- the whole run -----------------------------------------------------------------------
     def fit(self, volumes=None) -> dict[str, Any]:
         cfg = self.config
-        seed_all(cfg.seed)
+        set_determinism(cfg.seed)
         if cfg.encoder not in RESNET_SPECS:
             raise ConfigError(f"unknown encoder {cfg.encoder!r}; choose from {sorted(RESNET_SPECS)}")
         if volumes is None:
@@ -397,7 +375,7 @@ class Trainer:
         start_stage, start_step = self.load_state(method) if self.resume else (0, 0)
         if self.state is not None:
             method.to(self.device)
-        seed_all(cfg.seed + 7919 * self.rank + start_stage * 31 + start_step)
+        set_determinism(cfg.seed + 7919 * self.rank + start_stage * 31 + start_step)
 
         stage_names: list[str] = []
         try:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch.distributed as dist
-
 from contourcl.models.networks import RESNET_SPECS
-from contourcl.training.pretrain.base import ConfigError, PretrainConfig, get_rank, is_distributed, merge_settings, read_config_file
+from contourcl.training.distributed import close_distributed, is_main_process
+from contourcl.training.pretrain.base import ConfigError, PretrainConfig, merge_settings, read_config_file
 from contourcl.training.pretrain.trainer import available_methods, get_method, pretrain
 
 
@@ -93,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         result = pretrain(config, resume=args.resume, stop_after=args.stop_after)
+        main = is_main_process()  # asked before leaving the group: every process is rank 0 after
     finally:
-        if is_distributed():
-            dist.destroy_process_group()
+        close_distributed()
     if result.get("interrupted"):
         return 0
-    if get_rank() == 0 and result.get("meta"):
+    if main and result.get("meta"):
         print(f"{config.method}: wrote {result['out']} ({result['meta']['iterations']} steps, final loss {result['meta']['final_loss']:.4f})")
     return 0
