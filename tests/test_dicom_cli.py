@@ -23,7 +23,8 @@ def test_contour_a_dicom_series_to_rtstruct_and_import_it_back(tmp_path, capsys)
     series = tmp_path / "series"
     write_ct_series(ct, affine, series, patient_id="PHANTOM3")
 
-    rc = cli_main(["contour", str(series), "--model", str(MODEL), "--out", str(tmp_path / "pred.nii.gz"), "--rtstruct", str(tmp_path / "rs.dcm")])
+    rc = cli_main(["contour", str(series), "--model", str(MODEL), "--out", str(tmp_path / "pred.nii.gz"), "--rtstruct", str(tmp_path / "rs.dcm"),
+                  "--seg", str(tmp_path / "seg.dcm")])
     assert rc == 0, capsys.readouterr().err
     said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert said["rtstruct"] == str(tmp_path / "rs.dcm")
@@ -39,6 +40,8 @@ def test_contour_a_dicom_series_to_rtstruct_and_import_it_back(tmp_path, capsys)
     predicted = {name for name, v in said["labels"].items() if (np.asanyarray(pred.dataobj) == v).any()}
     assert names == predicted and names, "every predicted structure, and only those, is in the RTSTRUCT"
     assert {o.RTROIInterpretedType for o in rs.RTROIObservationsSequence} == {"ORGAN"}
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert seg.Modality == "SEG" and {item.SegmentLabel for item in seg.SegmentSequence} == names, "the SEG holds the same structures, by name"
 
     rc = cli_main(["import-rtstruct", str(tmp_path / "rs.dcm"), str(series), "--out", str(tmp_path / "back.nii.gz")])
     assert rc == 0

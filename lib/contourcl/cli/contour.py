@@ -2,7 +2,7 @@
 
 The CT is a volume file (NIfTI, NRRD) or a folder holding one DICOM CT series; for a series the
 contours can be written as a DICOM RT Structure Set (``--rtstruct``) that a treatment planning
-system imports, referencing every slice of the series.
+system imports and as a DICOM Segmentation (``--seg``), each referencing every slice of the series.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from contourcl.data.dicom_series import write_nifti_from_series
 from contourcl.data.labels import to_model
 from contourcl.data.rtstruct import write_rtstruct
+from contourcl.data.seg import write_seg
 from contourcl.data.volumes import read_ras
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import read_meta
@@ -27,17 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="apps/radonc/model/oar.pt", help="model file")
     parser.add_argument("--out", help="label map to write (.nii.gz), on the image's grid")
     parser.add_argument("--rtstruct", help="for a DICOM series: also write the contours as an RT Structure Set (.dcm)")
+    parser.add_argument("--seg", help="for a DICOM series: also write the contours as a DICOM Segmentation (.dcm)")
     parser.add_argument("--series-uid", help="for a folder with several series: the SeriesInstanceUID to contour")
     parser.add_argument("--png", help="also write a contour overlay picture")
     parser.add_argument("--reference", help="a stored-numbering label to draw (dashed) on the picture")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.out and not args.rtstruct:
-        raise ValueError("nothing to write: give --out LABEL.nii.gz and/or --rtstruct OUT.dcm")
+    if not args.out and not args.rtstruct and not args.seg:
+        raise ValueError("nothing to write: give --out LABEL.nii.gz, --rtstruct OUT.dcm and/or --seg OUT.dcm")
     series = Path(args.image).is_dir()
-    if args.rtstruct and not series:
-        raise ValueError(f"--rtstruct needs a DICOM series folder as the image; {args.image} is a file")
+    for option, value in (("--rtstruct", args.rtstruct), ("--seg", args.seg)):
+        if value and not series:
+            raise ValueError(f"{option} needs a DICOM series folder as the image; {args.image} is a file")
     meta = read_meta(args.model)
     contourer = Contourer(args.model, largest_component=default_largest_component(meta.model))
     with tempfile.TemporaryDirectory(prefix="contourcl-contour-") as tmp:
@@ -52,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
                            series_uid=args.series_uid, algorithm_name=f"ContourCL {meta.model}",
                            algorithm_version=prediction.model_version)
             out["rtstruct"] = args.rtstruct
+        if args.seg:
+            written = write_seg(prediction.label, prediction.affine, prediction.labels, args.image, args.seg, series_uid=args.series_uid,
+                                algorithm_name=f"ContourCL {meta.model}", algorithm_version=prediction.model_version)
+            out["seg"] = str(written) if written else None  # None: no structure was found, no SEG written
         if args.png:  # RAS-ordered arrays, as contour_overlay expects
             label_file = args.out or prediction.save(Path(tmp) / "label.nii.gz")
             truth = to_model(read_ras(args.reference), meta.model) if args.reference else None

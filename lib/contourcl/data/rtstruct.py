@@ -216,7 +216,7 @@ def polygon_area(points: np.ndarray) -> float:
 # writing
 
 
-def _check_structures(structures: Mapping[str, int]) -> dict[str, int]:
+def check_structures(structures: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(structures, Mapping) or not structures:
         raise UnknownLabelError(f"structures must be a non-empty {{name: value}} mapping, not {structures!r}")
     out: dict[str, int] = {}
@@ -232,7 +232,7 @@ def _check_structures(structures: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
-def _to_series_grid(label, affine, geo: SeriesGeometry) -> np.ndarray:
+def to_series_grid(label, affine, geo: SeriesGeometry) -> np.ndarray:
     """``label`` on the series' (column, row, slice) grid. A label on the same voxels with its
     axes permuted or reversed (e.g. reoriented to RAS) is reordered exactly; any other grid is
     refused."""
@@ -274,7 +274,7 @@ def _to_series_grid(label, affine, geo: SeriesGeometry) -> np.ndarray:
     )
 
 
-def _label_values(lab: np.ndarray, structures: dict[str, int]) -> set[int]:
+def label_values(lab: np.ndarray, structures: dict[str, int]) -> set[int]:
     """The structure values present in ``lab``; raises for a value no structure has."""
     if lab.dtype != bool and not np.issubdtype(lab.dtype, np.number):
         raise UnknownLabelError(f"the label holds {lab.dtype} values: a label map holds integers")
@@ -324,10 +324,10 @@ def build_rtstruct(label, affine, structures: Mapping[str, int], series_folder: 
                    series_number: int = 901, manufacturer: str = "ContourCL") -> Dataset:
     """The RTSTRUCT dataset of ``label`` on the series under ``series_folder`` (or ``geometry``
     from :func:`~contourcl.data.dicom_series.read_series_geometry`), see :func:`write_rtstruct`."""
-    structures = _check_structures(structures)
+    structures = check_structures(structures)
     geo = geometry if geometry is not None else read_series_geometry(series_folder, series_uid)
-    lab = _to_series_grid(label, affine, geo)
-    present = _label_values(lab, structures)
+    lab = to_series_grid(label, affine, geo)
+    present = label_values(lab, structures)
     types = {name: default_interpreted_type(name) for name in structures}
     for name, kind in (interpreted_types or {}).items():
         if name not in structures:
@@ -662,7 +662,7 @@ def read_rtstruct(rtstruct_path, series_folder: str | Path | None, structures: M
     A structure set in another frame of reference than the series, or whose mapped contours lie
     off the series' slices, is refused with :class:`LabelMismatchError`.
     """
-    structures = _check_structures(structures)
+    structures = check_structures(structures)
     geo = geometry if geometry is not None else read_series_geometry(series_folder, series_uid)
     ds = _open(rtstruct_path)
     rois = load_rois(ds)
