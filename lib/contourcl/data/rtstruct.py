@@ -321,7 +321,7 @@ def build_rtstruct(label, affine, structures: Mapping[str, int], series_folder: 
                    colors: Mapping[str, tuple[int, int, int]] | None = None,
                    algorithm_name: str = "ContourCL", algorithm_version: str = "",
                    structure_set_label: str = "ContourCL", series_description: str = "ContourCL auto-contours",
-                   series_number: int = 901, manufacturer: str = "ContourCL") -> Dataset:
+                   series_number: int = 901, manufacturer: str = "ContourCL", generation_algorithm: str = "AUTOMATIC") -> Dataset:
     """The RTSTRUCT dataset of ``label`` on the series under ``series_folder`` (or ``geometry``
     from :func:`~contourcl.data.dicom_series.read_series_geometry`), see :func:`write_rtstruct`."""
     structures = check_structures(structures)
@@ -430,7 +430,7 @@ def build_rtstruct(label, affine, structures: Mapping[str, int], series_folder: 
         roi.ROINumber = value
         roi.ReferencedFrameOfReferenceUID = geo.frame_of_reference_uid
         roi.ROIName = name
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationAlgorithm = generation_algorithm  # AUTOMATIC; SEMIAUTOMATIC once a clinician corrected it
         roi.ROIGenerationDescription = f"{algorithm_name} {algorithm_version}".strip()[:64]
         algo = Dataset()
         family = Dataset()

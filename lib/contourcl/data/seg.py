@@ -47,7 +47,7 @@ def _segment_datasets(geo: SeriesGeometry) -> list[pydicom.Dataset]:
 def build_seg(label, affine, structures: Mapping[str, int], series_folder: str | Path | None = None, *,
               geometry: SeriesGeometry | None = None, series_uid: str | None = None,
               algorithm_name: str = "ContourCL", algorithm_version: str = "", series_description: str = "ContourCL auto-contours",
-              series_number: int = 902, manufacturer: str = "ContourCL"):
+              series_number: int = 902, manufacturer: str = "ContourCL", generation_algorithm: str = "AUTOMATIC"):
     """The SEG dataset of ``label`` on the series (arguments as :func:`contourcl.data.rtstruct.write_rtstruct`).
 
     Returns ``None`` when no structure has a voxel (a SEG needs at least one segment).
@@ -77,7 +77,7 @@ def build_seg(label, affine, structures: Mapping[str, int], series_folder: str |
         region = [hd.sr.CodedConcept(kind.value, kind.scheme_designator, kind.meaning)] if side else None
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=name, segmented_property_category=category, segmented_property_type=kind,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues[generation_algorithm], algorithm_identification=algorithm,
             anatomic_regions=region, primary_anatomic_structures=None,
         ))
         if side is not None:  # laterality: a modifier of the anatomic region (Parotid_R / Parotid_L)

@@ -24,6 +24,7 @@ from contourcl.serving.model_store import ModelStore
 from contourcl.serving.retrain import consider_model_file
 from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.security import install as install_security
+from contourcl.serving.series import ingest_series, refused_series
 from contourcl.serving.security import status as security_status
 from contourcl.serving.strategy import RandomStrategy, UncertaintyStrategy
 from contourcl.serving.train import RetrainTask
@@ -76,7 +77,14 @@ class ContourApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name=name, description=description, version="0.1.0")
 
     def init_datastore(self):
-        return SafeDatastore(self.studies, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True)
+        if "://" in str(self.studies):
+            # MONAI Label's own DICOMweb datastore skips every check of SafeDatastore (issue 11):
+            # refuse rather than create a local folder named after the URL
+            raise ValueError(f"--studies {self.studies}: a DICOMweb server is not supported yet; give a local folder "
+                             "(NIfTI/NRRD files, or DICOM CT series in subfolders)")
+        ingest_series(self.studies)  # DICOM CT series in subfolders become images (contourcl.serving.series)
+        export = str(self.conf.get("dicom_export", "true")).lower() != "false"
+        return SafeDatastore(self.studies, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True, dicom_export=export)
 
     def init_infers(self):
         return {m: ContourInferTask(m, self.model_dir / f"{m}.pt", self.configs[m].description, self.configs[m].largest_component) for m in self.models}
@@ -129,11 +137,14 @@ class ContourApp(MONAILabelApp):
     def info(self):
         """MONAI Label's app info, plus ``"security"``: auth on/off, host, the insecure override
         and its warning, the upload limits (:func:`contourcl.serving.security.status`); and
-        ``"unusable_images"``: the studies-folder files found not to be usable CTs, with why."""
+        ``"unusable_images"``: the studies-folder files found not to be usable CTs, with why; and
+        ``"refused_series"``: the DICOM series there that could not become images, with why."""
         meta = super().info()
         meta["security"] = security_status(self)
         # images in the studies folder that are not usable CTs: skipped by next-sample and training
         meta["unusable_images"] = {i: e["reason"] for i, e in self.datastore().unusable().items()}
+        # DICOM series in the studies folder that could not become images, with why
+        meta["refused_series"] = refused_series(self.studies)
         return meta
 
     def on_init_complete(self):

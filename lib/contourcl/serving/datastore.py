@@ -14,7 +14,9 @@ On top of MONAI Label's ``LocalDatastore``:
   renumbered by name (Slicer's ``label_info``) into the stored numbering
   (:func:`contourcl.data.labels.remap_by_name`), and the stored ``label_info`` describes the stored
   voxels, not the client's numbering;
-- a ``final`` label that is replaced is first copied to ``.contourcl/label-history/``.
+- a ``final`` label that is replaced is first copied to ``.contourcl/label-history/``;
+- a ``final`` label of an image that came from a DICOM series is also written as an RTSTRUCT and a
+  SEG on the series' grid (:func:`contourcl.serving.series.export_label`).
 
 Nothing is written until every check has passed.
 """
@@ -38,6 +40,7 @@ from contourcl.data.volumes import check_label_geometry, read_ct, read_volume, w
 from contourcl.errors import InvalidImageError, LabelMismatchError, UnsafeIdError
 from contourcl.ids import check_id
 from contourcl.serving.errors import http_errors
+from contourcl.serving.series import export_label
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,9 @@ logger = logging.getLogger(__name__)
 class SafeDatastore(LocalDatastore):
     """``LocalDatastore`` with input checks; see the module docstring."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, dicom_export: bool = True, **kwargs):
         self._usable: dict[str, list[int]] = {}  # image id -> the file state found to be a usable CT
+        self.dicom_export = dicom_export  # final labels of DICOM-series images also as RTSTRUCT + SEG
         super().__init__(*args, **kwargs)
 
     def _history_dir(self, tag: str) -> Path:
@@ -237,4 +241,15 @@ class SafeDatastore(LocalDatastore):
                 shutil.copyfile(existing, backup)
                 logger.info("previous %s label of %s kept as %s", label_tag, image_id, backup)
             logger.info("label for %s (%s): %s", image_id, label_tag, json.dumps(present))
-            return super().save_label(image_id, str(out), label_tag, label_info)
+            saved = super().save_label(image_id, str(out), label_tag, label_info)
+        if label_tag == "final" and self.dicom_export and present:
+            # a DICOM-series image: the clinician's contours also as RTSTRUCT and SEG on the series
+            try:
+                written = export_label(self._datastore_path, image_id, stored, image[1], label_tag, "clinician-reviewed")
+            except Exception as err:  # the label is stored; a failed export must not lose it
+                logger.warning("label of %s stored, but its DICOM export failed: %s", image_id, err)
+            else:
+                if written:
+                    logger.info("label of %s exported as DICOM: %s", image_id, written)
+                    super().update_label_info(image_id, label_tag, {**label_info, "dicom": written})
+        return saved

@@ -1,0 +1,152 @@
+"""DICOM CT series in a local studies folder: read in as images, contours written back as DICOM.
+
+A clinic exports CTs as folders of DICOM files. :func:`ingest_series` finds every CT series in
+the studies folder's subfolders and writes each once as ``<studies>/<id>.nii.gz`` (MONAI Label's
+datastore serves files), remembering in ``.contourcl/series.json`` which series each image came
+from; it is written again only when the series' files change. A series that cannot be a CT
+(tilted gantry, gaps, mixed geometry, another modality) is left out with its reason, logged and
+listed (:func:`refused_series`), never guessed at.
+
+:func:`export_label` writes a ``final`` label of such an image as a DICOM RT Structure Set and a
+DICOM Segmentation on the series' own grid, into ``.contourcl/dicom/<id>/`` (not into the series
+folder: a SEG there would read as a second image series): what a treatment planning system
+imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from contourcl.data.dicom_series import list_series, read_series_geometry, write_nifti_from_series
+from contourcl.data.labels import STORED_LABELS
+from contourcl.data.rtstruct import write_rtstruct
+from contourcl.data.seg import write_seg
+from contourcl.errors import ContourCLError
+
+logger = logging.getLogger(__name__)
+
+#: folders of the studies folder that hold no series of the clinic's (MONAI Label's and ours)
+SKIP = {"labels", ".contourcl", "model", "logs"}
+
+
+def _registry(studies: Path) -> Path:
+    return studies / ".contourcl" / "series.json"
+
+
+def _read(studies: Path) -> dict:
+    try:
+        return json.loads(_registry(studies).read_text())
+    except (OSError, ValueError):
+        return {"images": {}, "refused": {}}
+
+
+def _write(studies: Path, registry: dict) -> None:
+    path = _registry(studies)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(registry, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _fingerprint(files) -> str:
+    """The series' state: its files' names, sizes and modification times."""
+    h = hashlib.sha256()
+    for f in sorted(map(str, files)):
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _image_id(folder: Path, index: int, count: int) -> str:
+    """A safe image id from the folder name (and the series' rank when a folder holds several)."""
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in folder.name).strip("._") or "series"
+    return base if count == 1 else f"{base}_{index + 1}"
+
+
+def ingest_series(studies: str | Path) -> dict[str, str]:
+    """Make every CT series under ``studies``' subfolders a datastore image; ``{image id: series folder}``."""
+    studies = Path(studies)
+    registry = _read(studies)
+    images, refused = registry.setdefault("images", {}), {}
+    found: dict[str, str] = {}
+    for folder in sorted(p for p in studies.iterdir() if p.is_dir() and p.name not in SKIP and not p.name.startswith(".")):
+        try:
+            series = [s for s in list_series(folder)]
+        except (ContourCLError, OSError) as err:
+            refused[folder.name] = str(err)
+            continue
+        cts = [s for s in series if s.modality == "CT"]
+        for s in series:
+            if s.modality not in ("CT", "SEG", "RTSTRUCT"):
+                refused[f"{folder.name}:{s.series_uid}"] = f"a {s.modality or 'non-CT'} series, not a CT"
+        for index, s in enumerate(cts):
+            image_id = _image_id(folder, index, len(cts))
+            out = studies / f"{image_id}.nii.gz"
+            state = _fingerprint(s.files)
+            entry = images.get(image_id, {})
+            if out.is_file() and entry.get("series_uid") == s.series_uid and entry.get("state") == state:
+                found[image_id] = entry["folder"]
+                continue
+            if out.is_file() and image_id not in images:
+                refused[f"{folder.name}:{s.series_uid}"] = f"{out.name} already exists and is not from this series: not overwritten"
+                continue
+            try:
+                tmp = studies / ".contourcl" / f".{image_id}.{os.getpid()}.nii.gz"
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                write_nifti_from_series(folder, tmp, s.series_uid)
+                os.replace(tmp, out)
+            except (ContourCLError, OSError, ValueError) as err:
+                refused[f"{folder.name}:{s.series_uid}"] = str(err)
+                continue
+            images[image_id] = {"folder": str(folder.relative_to(studies)), "series_uid": s.series_uid, "state": state,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            found[image_id] = images[image_id]["folder"]
+            logger.info("DICOM series %s (%d files) -> image %s", folder.name, len(s.files), image_id)
+    for what, reason in refused.items():
+        logger.warning("DICOM series %s left out: %s", what, reason)
+    registry["refused"] = refused
+    _write(studies, registry)
+    return found
+
+
+def refused_series(studies: str | Path) -> dict[str, str]:
+    """``{folder[:series uid]: reason}`` of the series the last :func:`ingest_series` left out."""
+    return dict(_read(Path(studies)).get("refused", {}))
+
+
+def series_of(studies: str | Path, image_id: str) -> tuple[Path, str] | None:
+    """The series folder and SeriesInstanceUID an image came from, ``None`` for other images."""
+    entry = _read(Path(studies)).get("images", {}).get(image_id)
+    if not entry:
+        return None
+    return Path(studies) / entry["folder"], entry["series_uid"]
+
+
+def export_label(studies: str | Path, image_id: str, label, affine, tag: str, description: str) -> dict[str, str]:
+    """Write a stored-numbering label of a series image as RTSTRUCT and SEG; ``{kind: path}``.
+
+    Nothing is written for an image that did not come from a series. Files are named by the
+    label's tag and time, so an earlier export is never overwritten.
+    """
+    source = series_of(studies, image_id)
+    if source is None:
+        return {}
+    folder, series_uid = source
+    geometry = read_series_geometry(folder, series_uid)
+    out_dir = Path(studies) / ".contourcl" / "dicom" / image_id
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    written = {}
+    # a clinician's final label started from the model and was corrected by hand
+    common = dict(geometry=geometry, algorithm_name="ContourCL", algorithm_version=description,
+                  generation_algorithm="SEMIAUTOMATIC" if tag == "final" else "AUTOMATIC")
+    written["rtstruct"] = str(write_rtstruct(label, affine, STORED_LABELS, None, out_dir / f"RTSTRUCT_{tag}_{stamp}.dcm",
+                                             structure_set_label=f"ContourCL {tag}"[:16], **common))
+    seg = write_seg(label, affine, STORED_LABELS, None, out_dir / f"SEG_{tag}_{stamp}.dcm", **common)
+    if seg is not None:
+        written["seg"] = str(seg)
+    return written
