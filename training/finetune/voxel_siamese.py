@@ -1,19 +1,12 @@
 """Voxel-level Siamese representation learning (Lee, Chung & Shin), an auxiliary fine-tuning loss.
 
-Voxel feature layers (a projector and a predictor MLP) read three feature maps of the U-Net,
-by default the paper's: "the encoder produces each features F_i ... from the i-th layer (from
-the last)", the features F_i "except for the 1th layer" being the skip connections (Sec. III-A),
-and the voxel-level feature layers sit on F_1 and, for multi-resolution context aggregation, on
-"the intermediate layers for features F_2 and F_3" (Sec. III-C). So F_1 = the LAST ENCODER
-layer (ResNet layer4, stride 32) and F_2, F_3 = the TWO DEEPEST SKIP connections (layer3,
-stride 16; layer2, stride 8): ``placement="encoder"``, the default. ``placement="decoder"``
-(the finest three decoder outputs, strides 4, 2, 1) is kept as an explicit option only; it is a
-deviation from the paper (the "last three decoder layers" of the notes on reference code
-misread F_i), kept because the earlier label-efficiency runs used it, not because it measured
-better: nothing here measured it better. At each layer the labels (and the current predictions) are downsampled to the layer's
-grid, up to ``max_samples`` voxels are drawn, favouring false negatives, and every voxel's
-prediction ``p = pred(proj(f))`` is pulled towards the stop-gradient projection
-``z' = stopgrad(proj(f))`` of every sampled voxel of the same class; there are no negatives.
+A projector and a predictor MLP per layer read three U-Net feature maps, by default the paper's
+(Sec. III-A, III-C; ``placement="encoder"``): F_1 = the last encoder layer (layer4, stride 32),
+F_2, F_3 = the two deepest skip connections (layer3, layer2). At each layer up to
+``max_samples`` voxels are drawn, false negatives first (:func:`sample_voxels`), and every
+prediction ``p = pred(proj(f))`` is pulled towards the stop-gradient projections
+``z' = stopgrad(proj(f))`` of the sampled voxels of its class; there are no negatives. The heads
+exist only during training (:class:`VoxelSiameseNet`); inference uses the U-Net alone.
 
 Paper equations implemented by :class:`VoxelSiameseLoss`:
 
@@ -26,44 +19,22 @@ Paper equations implemented by :class:`VoxelSiameseLoss`:
   layers; 0.3 here, :data:`DEFAULT_LAMBDA`), added by the fine-tuning loop
   (:mod:`contourcl.training.finetune.engine`).
 
-No public code exists; choices made here, each stated:
+Deviations from the paper and choices it leaves open (no public code exists), each with its reason:
 
-- Eq. 4 is written as a double sum over pairs. Its literal value grows as ``|P^c|^2`` (millions
-  for 1700 samples), which ``lambda = 10`` could not balance against a Dice loss in [0, 1]; the
-  default ``pair_reduction="mean"`` averages over the pairs instead, so each class term is a mean
-  cosine in [-1, 1] and the feature loss of one layer lies in [-1, 1]. ``"sum"`` is the literal
-  equation. The mean over all pairs equals ``mean(p/|p|) . mean(z/|z|)``, computed in O(n).
-- Pairs include a voxel with itself, as the equation's double sum does.
-- "False negative": a voxel whose (downsampled) label is a structure (> 0) and whose
-  (downsampled) prediction is another class. Up to ``max_false_negatives`` of them are drawn
-  first; the rest of the ``max_samples`` come uniformly from all other valid voxels (never more
-  false negatives than the cap, so a layer of mostly false negatives gives fewer samples). When a layer
-  holds fewer valid voxels than ``max_samples``, both caps shrink in proportion (the paper's
-  1000 : 1700), so the sampling favours false negatives at every scale: this is how the paper's
-  3D caps are carried to 2D layers, which can be small. The caps are per layer and per batch.
-- Labels and predictions are downsampled to each layer with nearest-neighbour interpolation.
-- Heads: projector ``Linear-BN-ReLU-Linear-BN`` and predictor ``Linear-BN-ReLU-Linear`` (SimSiam's
-  shape: BN on every projector layer "including its output fc", none on the predictor's output;
-  :func:`~contourcl.training.pretrain.heads.mlp_head`), hidden width ``hidden`` everywhere. The
-  paper's implementation section says 64, its ablation (Table V) finds 256 best; 256 is the default.
-
-The heads exist only during training; inference uses the U-Net alone.
-
-Optimiser, a deviation (documented, issue 9): the paper trains with Adam, learning rate 1e-3,
-weight decay 1e-5 and a polynomial schedule ``(1 - epoch / total) ** 0.9`` for 500 epochs
-(Sec. IV-A). Here the auxiliary loss is switched on inside the app's common fine-tuning loop
-(:mod:`contourcl.training.finetune.engine`: AdamW, its own learning rate and weight decay,
-cosine decay), so that the voxel-Siamese runs of the label-efficiency benchmark differ from the
-other methods' in the loss alone; changing the optimiser for this method only would confound
-the comparison.
-
-Switching it on in a fine-tuning loop (wrap :class:`VoxelSiameseNet`, not the bare U-Net, in
-DDP, so that the heads' gradients are synchronised too; save ``.network`` only)::
-
-    model = VoxelSiameseNet(net)                                   # heads on F_1..F_3 (encoder)
-    opt = torch.optim.AdamW(model.parameters(), ...)               # U-Net + heads
-    logits, feature_loss = model(images, labels, trusted_voxels(labels, present))
-    loss = seg_loss(logits, labels, present) + DEFAULT_LAMBDA * feature_loss   # Eq. 8
+- Eq. 4 averaged over the pairs (``pair_reduction="mean"``; ``"sum"`` is literal): the sum grows
+  as ``|P^c|^2``, which no ``lambda`` balances against a Dice loss in [0, 1].
+- ``lambda = 0.3``, not 10 (:data:`DEFAULT_LAMBDA`): with the averaged Eq. 4, 10 lets the feature
+  loss outweigh the Dice loss.
+- ``placement="decoder"`` (the finest three decoder outputs), an option only: the earlier
+  label-efficiency runs used it.
+- Sampling caps (the paper's 1000 false negatives of 1700) shrink in proportion on small layers:
+  this carries the paper's 3D caps to 2D layers.
+- Heads Linear-BN-ReLU-Linear-BN / Linear-BN-ReLU-Linear (SimSiam's shape), width 256: the paper's
+  Table V finds 256 best (64 in its implementation section).
+- Optimiser (issue 9): the app's fine-tuning loop (AdamW, cosine), not Adam 1e-3 with polynomial
+  decay over 500 epochs: the benchmark's methods then differ in the loss alone.
+- Pairs include a voxel with itself, as the double sum does; labels and predictions reach each
+  layer by nearest-neighbour interpolation.
 """
 
 from __future__ import annotations
@@ -97,10 +68,10 @@ __all__ = [
 #: ``lambda`` of Eq. 8 for three layers in the paper (100 for a single layer).
 PAPER_LAMBDA = 10.0
 #: ``lambda`` used here. With the pair-averaged Eq. 4 (see above) the feature loss of three layers
-#: spans [-3, 3]; at the paper's 10 it outweighed the Dice loss and fine-tuning on OpenKBP collapsed
-#: to background (oar, one labeled case: validation Dice 0.00), while 0.3 gave 0.29 and 0.33 on two
-#: draws against 0.25 and 0.32 without the loss (``contourcl benchmark label-efficiency``).
-DEFAULT_LAMBDA = 0.3  # measured with placement="decoder"; not re-measured for the paper's placement
+#: spans [-3, 3]; at the paper's 10 it outweighed the Dice loss and fine-tuning collapsed to
+#: background. Chosen with placement="decoder", not re-checked for the paper's placement
+#: (measurements: docs/design-notes.md).
+DEFAULT_LAMBDA = 0.3
 
 #: where the voxel feature heads go: the paper's (``"encoder"``: F_1 = last encoder layer, F_2,
 #: F_3 = the two deepest skips) or, a deviation kept as an option, the finest decoder outputs
@@ -394,6 +365,14 @@ class VoxelSiameseNet(nn.Module):
     (identical to ``network(image)``) and the Eq. 7 loss of its ``n_layers`` feature maps of
     ``placement`` (the paper's F_1..F_3 by default; 0 without ``labels``). The heads run in float32 outside autocast. Keep :attr:`network` for
     inference and saving; the heads are discarded.
+
+    In a fine-tuning loop, wrap this module, not the bare U-Net, in DDP, so that the heads'
+    gradients are synchronised too; save ``.network`` only::
+
+        model = VoxelSiameseNet(net)                                   # heads on F_1..F_3 (encoder)
+        opt = torch.optim.AdamW(model.parameters(), ...)               # U-Net + heads
+        logits, feature_loss = model(images, labels, trusted_voxels(labels, present))
+        loss = seg_loss(logits, labels, present) + DEFAULT_LAMBDA * feature_loss   # Eq. 8
     """
 
     def __init__(self, network: nn.Module, n_layers: int = 3, placement: str = "encoder", **loss_kwargs):

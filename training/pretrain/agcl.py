@@ -1,63 +1,42 @@
 """AGCL: attention-guided supervised contrastive pretraining (Lee et al.).
 
-Stage 1, coarse segmentation: each CT needs a coarse segmentation of its targets, read from a
-label file (MONAI Label's ``labels/final`` or ``labels/original``, the latter being the ``oar``
-model's own predictions) or predicted by the current ``oar`` model (option ``coarse_model``):
-:func:`load_coarse_labels`, also used by PolyCL-O for organ presence.
+- Stage 1, a coarse segmentation of each CT's targets, read from a label file (MONAI Label's
+  ``labels/final`` or ``labels/original``) or predicted by a model (option ``coarse_model``):
+  :func:`load_coarse_labels`, also used by PolyCL-O for organ presence.
+- Stage 2, contrastive pretraining (``contourcl pretrain agcl``): for every slice and target, a
+  2D patch centred on the target (:func:`extract_patch`) with the target's mask as a second input
+  channel; two views with one augmentation applied to image and mask alike (:class:`PairedAugment`);
+  a 2-channel :class:`~contourcl.models.networks.ResNetEncoder` and a projection MLP
+  Linear(d, d)-ReLU-Linear(d, 256) (SupCon's and SimCLR's, as the authors' code) trained with the
+  modal-target supervised contrastive loss (Eq. 3, :mod:`contourcl.training.pretrain.supcon`),
+  labels ``modality * n_targets + target`` (option ``modalities``; one modality when unknown),
+  ``T = 0.1``.
+- Stage 3, the fine-tuning variant: :mod:`contourcl.training.finetune.agcl_segmenter`.
 
-Stage 2, contrastive pretraining (``contourcl pretrain agcl``): for every slice and
-every target the slice contains, a 2D patch centred on the target (:func:`extract_patch`) carries
-the target's binary mask as a second input channel. Two views of each patch are drawn with one
-random augmentation applied to image and mask alike (:class:`PairedAugment`: random resized crop,
-rotation within +-30 deg). The encoder (a 2-channel :class:`~contourcl.models.networks.ResNetEncoder`)
-and a projection MLP (Linear(d, d)-ReLU-Linear(d, 256), the one-hidden-layer MLP of SupCon and
-SimCLR, as the authors' code) are trained with the modal-target supervised contrastive loss (Eq. 3,
-:mod:`contourcl.training.pretrain.supcon`) with labels ``modality * n_targets + target`` and ``T = 0.1``.
-The modality is the scanner or contrast phase, given per case by the ``modalities`` option; a
-single modality when that is unknown.
+The checkpoint at ``--out`` has 1 input channel, for the app's U-Net: the first convolution keeps
+the image channel's weights (:func:`to_single_channel`; what an all-zero mask computes). The
+2-channel one, for stage 3, is written next to it (:func:`two_channel_path`: ``X.pt`` -> ``X.2ch.pt``).
 
-Input channels: the AGCL encoder takes 2 channels (image, mask) while the app's U-Net takes 1.
-The checkpoint the run writes at ``--out`` is converted to 1 channel by keeping the image
-channel's weights of the first convolution (:func:`to_single_channel`); a 2-channel network fed
-an all-zero mask computes exactly this, so nothing else changes. The 2-channel checkpoint, for
-stage 3, is written next to it (:func:`two_channel_path`: ``X.pt`` -> ``X.2ch.pt``).
+Deviations from the paper and choices, each with its reason:
 
-Encoder stem (issue 9): option ``stem``, default ``"small"``, a 3x3 stride-1 first convolution
-without max-pool, as the authors' code (MASILab/DCC_CL, a ResNet-50 with that stem on 128 px
-patches); the paper's appendix lists the ImageNet stem (7x7 stride 2 + max-pool, ``"imagenet"``).
-On the 32 px patches used here the ImageNet stem leaves a 1 x 1 map at layer 4 (strides 2 to
-32: 16, 8, 4, 2, 1 px per side, measured on resnet10 and resnet50), so the pooled representation
-is a single position; the small stem gives 32, 32, 16, 8, 4: a 4 x 4 map at layer 4. The
-app's U-Net keeps the ImageNet stem (its decoder needs strides 2 to 32), so the checkpoint at
-``--out`` loads into it with everything but the stem (``conv1``, ``bn1``) transferred, logged
-and recorded by :func:`contourcl.models.encoder_checkpoint.load_encoder` (``contourcl finetune
---init``); layers 1-4 then see their inputs at 4 times the stride they were pretrained at. The
-2-channel checkpoint keeps the small stem, and the fine-tuning variant runs it as pretrained.
+- Encoder stem (issue 9), option ``stem``: default ``"small"`` (3x3 stride 1, no max-pool, as the
+  authors' code MASILab/DCC_CL), not the appendix's ImageNet stem (``"imagenet"``): on 32 px
+  patches the ImageNet stem leaves a 1 x 1 map at layer 4, the small one 4 x 4.
+  The app's U-Net keeps the ImageNet stem (its decoder needs strides 2 to 32), so ``conv1`` and
+  ``bn1`` are not transferred (logged by :func:`contourcl.models.encoder_checkpoint.load_encoder`)
+  and layers 1-4 see inputs at 4 times their pretraining stride; the 2-channel checkpoint keeps the
+  small stem.
+- A single target (e.g. ``["GTV"]``) is contrasted against other structures as extra classes
+  (option ``negatives``, default: the seven OARs not among the targets, masks from
+  ``coarse_model``, which may list several models, later ones winning): with one class there is
+  no negative (Sec. 3.2, the denominator of Eq. 2/3), and SupCon is minimised by collapsing every
+  embedding to one point.
+- Data whose patches fall in fewer than two classes is refused (:class:`ConfigError`) and a batch
+  of one class skipped (zero loss, no gradient): the same collapse.
+- ``flip`` (off by default): the authors' code flips, the paper (crop, rotation +-30 deg, scaling
+  0.3 to 0.7) does not, and a left-right flip turns a right parotid into a left one.
 
-Stage 3, the fine-tuning variant, is :mod:`contourcl.training.finetune.agcl_segmenter`.
-
-Single-structure models (issue 9): AGCL's contrast needs negatives, "the other 2(k-1)
-representation vectors ... dissimilar patches from other targets and modalities" (Lee et al.,
-Sec. 3.2, the denominator of Eq. 2/3). With one target and one modality every pair of a batch
-is a positive and there is no negative: SupCon is then minimised by collapsing every embedding
-to one point (all ``z`` equal: each anchor's ``M - 1`` logits are all ``1/T``, its loss
-``log(M - 1)``, the batch's ``M log(M - 1)``; M = 64: 265.16, below the 277.36 of random
-embeddings), which teaches the encoder nothing. So:
-
-* a single target (e.g. ``["GTV"]`` for the GTV model) is contrasted against the *other*
-  structures, the OARs being the natural negatives of a GTV/PTV: option ``negatives`` (default
-  for a single target: the seven OARs not among the targets) adds their patches as extra
-  classes (labels ``modality * n_classes + class``, the targets first). Their masks come from
-  the coarse segmentation, which ``coarse_model`` may build from several models (a list: e.g.
-  the ``oar`` model for the OARs, then the ``gtv`` model for the target; later models win where
-  they predict a structure);
-* a dataset whose patches fall in fewer than two classes is refused (:class:`ConfigError`
-  naming the problem), and a batch that happens to hold one class only (possible when one
-  class dominates) is skipped (zero loss, no gradient) rather than pulled to collapse.
-
-Paper versus code (MASILab/DCC_CL): the paper lists random cropping, rotation (+-30 deg) and
-scaling (0.3 to 0.7); the code also flips (``flip`` option, off by default: a left-right flip
-turns a right parotid into a left one).
+(measured feature-map sizes and collapse losses: docs/design-notes.md)
 """
 
 from __future__ import annotations

@@ -5,29 +5,9 @@ A pretraining method is a :class:`PretrainMethod` (an ``nn.Module``) with a ``na
 :mod:`contourcl.training.pretrain.trainer` builds it around a fresh
 :class:`~contourcl.models.networks.ResNetEncoder`, asks it for its training :class:`Stage` s and
 trains each one; at the end it saves :meth:`PretrainMethod.output_encoder` as the checkpoint that
-the app's U-Net loads (:func:`contourcl.models.encoder_checkpoint.load_encoder`).
-
-A one-stage method (SimSiam, SimCLR, ...) only writes two methods::
-
-    class MyMethod(PretrainMethod):
-        name = "mymethod"                        # and MyMethod added to trainer.METHODS
-        default_options = {"temperature": 0.1}
-
-        def build_dataset(self, volumes):       # -> torch Dataset; items are collated by default_collate
-            ...
-
-        def loss(self, batch):                   # batch already on the device
-            ...
-            return loss, {"loss": loss.item()}
-
-A multi-stage method (SepaReg: inter-organ SimSiam -> k-means -> K intra-organ models ->
-distillation) overrides :meth:`PretrainMethod.stages`, a generator: code after a ``yield`` runs
-once that stage has been trained, so a stage can use the results of the previous ones. Each
-stage has its own module (whose ``forward(batch)`` returns ``(loss, logs)`` and whose trainable
-parameters get a fresh optimizer), dataset and number of iterations. When a run is resumed, the
-stages already finished are yielded again but not retrained; state that a stage computed (e.g.
-cluster assignments) must therefore live in the method's ``state_dict`` (buffers or
-``get_extra_state``) and the generator must skip recomputing it when it is already there.
+the app's U-Net loads (:func:`contourcl.models.encoder_checkpoint.load_encoder`). A one-stage
+method writes two methods (see :class:`PretrainMethod`); a multi-stage one overrides
+:meth:`PretrainMethod.stages`.
 """
 
 from __future__ import annotations
@@ -256,6 +236,19 @@ class PretrainMethod(nn.Module):
     ``encoder`` is the network being pretrained (a :class:`~contourcl.models.networks.ResNetEncoder`
     built from the config); the trainer saves :meth:`output_encoder` at the end. ``forward``
     is :meth:`loss`, so that DDP sees the computation.
+
+    A one-stage method (SimSiam, SimCLR, ...) only writes two methods::
+
+        class MyMethod(PretrainMethod):
+            name = "mymethod"                        # and MyMethod added to trainer.METHODS
+            default_options = {"temperature": 0.1}
+
+            def build_dataset(self, volumes):       # -> torch Dataset; items are collated by default_collate
+                ...
+
+            def loss(self, batch):                   # batch already on the device
+                ...
+                return loss, {"loss": loss.item()}
     """
 
     #: the method's name: ``contourcl pretrain NAME`` (the trainer's :data:`~contourcl.training.pretrain.trainer.METHODS`)
@@ -305,7 +298,17 @@ class PretrainMethod(nn.Module):
 
     # multi-stage methods override this ----------------------------------------------------
     def stages(self, volumes: Sequence, ctx: RunContext) -> Iterator[Stage]:
-        """The stages to train, in order (a generator; see the module docstring)."""
+        """The stages to train, in order (a generator).
+
+        A multi-stage method (SepaReg: inter-organ SimSiam -> k-means -> K intra-organ models ->
+        distillation) overrides this: code after a ``yield`` runs once that stage has been trained,
+        so a stage can use the results of the previous ones. Each stage has its own module (whose
+        ``forward(batch)`` returns ``(loss, logs)`` and whose trainable parameters get a fresh
+        optimizer), dataset and number of iterations. When a run is resumed, the stages already
+        finished are yielded again but not retrained; state that a stage computed (e.g. cluster
+        assignments) must therefore live in the method's ``state_dict`` (buffers or
+        ``get_extra_state``) and the generator must skip recomputing it when it is already there.
+        """
         yield Stage("main", self, self.build_dataset(volumes), self.config.iterations)
 
     # output -------------------------------------------------------------------------------

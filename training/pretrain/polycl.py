@@ -1,38 +1,32 @@
 """PolyCL (Moseley & Imran): contrastive pretraining with positives chosen by organ or by scan.
 
 Each anchor slice ``s`` gets one positive ``s+`` and one negative ``s-``, chosen once for the
-whole dataset (as the paper and its code do; ``resample=True`` draws new ones every time an
-item is read):
+whole dataset as the paper and its code do (``resample=True`` draws new ones at every read):
 
-- PolyCL-O (``contourcl pretrain polycl-o``), organ-based: ``s+`` has the same presence of the
-  organ as ``s`` (contains it if ``s`` does, lacks it if ``s`` does), ``s-`` the opposite; both
-  from any scan (:class:`OrganSampler`). Organ presence per slice needs labels: the paper
-  uses them as a weak, slice-level signal. They come from label maps when given (label files,
-  or a coarse model's predictions: :func:`contourcl.training.pretrain.agcl.load_coarse_labels`); scans
-  without any are left out. The paper has one organ (the liver); with several organs (the seven
-  OARs here) each anchor draws one of the organs at random, among those for which it has both a
-  positive and a negative (option ``organ`` fixes one, as the paper).
-- PolyCL-S (``contourcl pretrain polycl-s``), scan-based: ``s+`` another slice of the same scan,
-  ``s-`` a slice of another scan (:class:`ScanSampler`); no labels needed.
+- PolyCL-O (``contourcl pretrain polycl-o``, :class:`OrganSampler`): ``s+`` has the same presence
+  of an organ as ``s``, ``s-`` the opposite, both from any scan. Presence needs labels (the
+  paper's weak, slice-level signal): label files or a coarse model's predictions
+  (:func:`contourcl.training.pretrain.agcl.load_coarse_labels`); scans without any are left out.
+- PolyCL-S (``contourcl pretrain polycl-s``, :class:`ScanSampler`): ``s+`` another slice of the
+  same scan, ``s-`` a slice of another scan; no labels needed.
 
-Loss (the paper's Eq. 1), with ``z = g(f(s))`` and cosine similarity ``sim``::
+Loss (the paper's Eq. 1, :func:`polycl_loss`), with ``z = g(f(s))`` and cosine similarity ``sim``::
 
     L_C = -log( exp(sim(z, z+)/tau) / (exp(sim(z, z+)/tau) + exp(sim(z, z-)/tau)) )
 
-averaged over the minibatch (:func:`polycl_loss`); ``tau = 1/M`` with ``M`` the minibatch
-size, as in the paper (``temperature`` sets a fixed value instead).
+averaged over the minibatch, ``tau = 1/M`` with ``M`` the minibatch size (``temperature`` fixes
+it). As the paper: ``g`` one Linear(feature_dim, 256) after global average pooling; the middle
+``slice_fraction`` (0.3) of ALL of a scan's slices by position (:func:`middle_slices`, as
+tbwa233/PolyCL), of those only the slices with body (:class:`~contourcl.training.pretrain.volumes.SliceDataset`);
+no augmentation; Adam, lr 1e-4.
 
-Differences from the paper, stated: the paper's encoder has 16-32-64-128-256 channels with
-instance normalisation and LeakyReLU(0.2); in ContourCL every method pretrains the same
-:class:`~contourcl.models.networks.ResNetEncoder` that the app's U-Net uses, so that the checkpoint
-loads into it. The projection ``g`` is the paper's: one Linear(feature_dim, 256) after global
-average pooling. Slices: the middle ``slice_fraction`` (0.3, the paper's) of ALL of each scan's
-slices, by position in the whole scan (the authors' code, tbwa233/PolyCL: the middle 30 % of the
-slices; :func:`middle_slices` counts ``num_slices`` of the whole volume), and of those only the
-slices with body (at least 2 % of the slice, :class:`~contourcl.training.pretrain.volumes.SliceDataset`);
-it is not the middle 30 % of the body slices. Inputs are the app's windowed slices at
-``image_size``. No augmentation.
-Adam, lr 1e-4 (the paper's).
+Deviations from the paper, each with its reason:
+
+- Encoder: the app's :class:`~contourcl.models.networks.ResNetEncoder`, not the paper's
+  16-32-64-128-256 channels with instance norm and LeakyReLU(0.2): the checkpoint must load into the U-Net.
+- Several organs (the seven OARs), not one (the liver): each anchor draws one for which it has a
+  positive and a negative (option ``organ`` fixes one, as the paper).
+- Inputs are the app's windowed slices at ``image_size``: what fine-tuning and serving see.
 """
 
 from __future__ import annotations

@@ -1,22 +1,16 @@
 """The generic pretraining loop behind ``contourcl pretrain METHOD``, and the table of methods.
 
-It finds the CT images, loads them (cached, worker processes), builds the method
-(:mod:`contourcl.training.pretrain.base`, one of :data:`METHODS`) around a fresh encoder and
-trains each of its stages:
+It finds the CT images, loads them (cached, worker processes), builds the method (one of
+:data:`METHODS`, :mod:`contourcl.training.pretrain.base`) around a fresh encoder and trains each
+of its stages:
 
-- progress bars (tqdm, rank 0) and a log line every ``log_every`` steps;
-- one optimizer and learning-rate schedule per stage: linear warm-up then cosine decay to 0 at
-  the stage's last step, or constant (MONAI's ``WarmupCosineSchedule``);
-- periodic checkpoints of the whole training state (model, optimizer, schedule, AMP scaler,
-  stage, step, RNG) in ``OUT.state.pt``; ``--resume`` continues where it stopped, with the same
-  data order (the sampler's permutation of the epoch is replayed and the consumed part skipped);
-- mixed precision (``torch.autocast`` float16 + ``GradScaler``) on CUDA, plain float32 on CPU;
-- DDP when launched by ``torchrun`` (:func:`contourcl.training.distributed.init_distributed`):
-  NCCL on CUDA, gloo on CPU; each process reads its share of every epoch (``DistributedSampler``),
-  ``batch_size`` is per process;
-- at the end, the method's output encoder is written with
-  :func:`contourcl.models.encoder_checkpoint.save_encoder`; the app's U-Net loads it with
-  ``load_encoder``.
+- one optimizer and schedule per stage: MONAI's ``WarmupCosineSchedule`` (linear warm-up, cosine
+  decay to 0 at the stage's last step) or constant; mixed precision on CUDA, float32 on CPU;
+- checkpoints of the whole training state (model, optimizer, schedule, AMP scaler, stage, step,
+  RNG) in ``OUT.state.pt``; ``--resume`` continues with the same data order (:class:`SkipSampler`);
+- DDP under ``torchrun`` (:func:`contourcl.training.distributed.init_distributed`), each process
+  reading its share of every epoch, ``batch_size`` per process; progress bars and logs on rank 0;
+- at the end, the output encoder written by :func:`contourcl.models.encoder_checkpoint.save_encoder`.
 
 Example::
 

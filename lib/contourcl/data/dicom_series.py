@@ -1,18 +1,9 @@
 """A DICOM CT series as a volume, with the conventions ContourCL uses for NIfTI.
 
 :func:`read_series` gives what MONAI's ITK/nibabel readers give for a NIfTI: a 3D array indexed
-``(i, j, k)`` = (column, row, slice) and a 4 x 4 RAS affine in mm, with the voxels in Hounsfield
-units (each slice's RescaleSlope/RescaleIntercept applied). The geometry comes from the headers
-alone:
-
-- slices are sorted by their position along the slice normal, ``ImagePositionPatient . n`` with
-  ``n = row cosine x column cosine`` (from ImageOrientationPatient), never by InstanceNumber or
-  file name;
-- column ``i`` of the affine is the row cosine times the column spacing (``PixelSpacing[1]``),
-  column ``j`` the column cosine times the row spacing (``PixelSpacing[0]``), column ``k`` the
-  normal times the slice spacing, and the origin is the first sorted slice's
-  ImagePositionPatient; all in DICOM's LPS, then turned to RAS (x and y negated). That is what
-  SimpleITK's ``ImageSeriesReader`` gives (LPS), checked in ``tests/test_dicom_series.py``.
+``(i, j, k)`` = (column, row, slice) in Hounsfield units and a 4 x 4 RAS affine in mm, from the
+headers alone (slices sorted along the slice normal, never by InstanceNumber or file name; the
+geometry SimpleITK's ``ImageSeriesReader`` gives, checked in ``tests/test_dicom_series.py``).
 
 What a grid cannot hold is refused with :class:`~contourcl.errors.InvalidImageError` naming the
 problem: several series in the folder (unless ``series_uid`` picks one), a modality other than CT
@@ -22,10 +13,9 @@ orientations, image sizes or pixel spacings, multi-frame or colour images, missi
 pixel data, pixel data no installed decoder reads, and a grid outside :data:`SERIES_BOUNDS`
 (checked from the headers, before any pixel is decoded).
 
-Compressed transfer syntaxes are decoded by pydicom 2.4 with pylibjpeg's plugins (JPEG 2000 by
-pylibjpeg-openjpeg; JPEG-LS and the JPEG lossless processes by pylibjpeg-libjpeg) and by pydicom
-itself (RLE lossless, deflated explicit VR little endian). This module imports no other part of
-ContourCL than :mod:`contourcl.errors`.
+Compressed transfer syntaxes are decoded by pydicom 2.4 with pylibjpeg's plugins (JPEG 2000,
+JPEG-LS, JPEG lossless) and by pydicom itself (RLE lossless, deflated explicit VR little endian).
+This module imports no other part of ContourCL than :mod:`contourcl.errors`.
 """
 
 from __future__ import annotations
@@ -451,6 +441,21 @@ def read_series(folder: str | Path, series_uid: str | None = None, *, allow_non_
     The array is int16 when every slice's rescale is integral and the values fit, float32
     otherwise. ``series_uid`` picks one series when the folder holds several. Raises
     :class:`InvalidImageError` naming the problem (see the module docstring).
+
+    Voxels are in Hounsfield units (each slice's RescaleSlope/RescaleIntercept applied). The
+    geometry comes from the headers alone:
+
+    - slices are sorted by their position along the slice normal, ``ImagePositionPatient . n``
+      with ``n = row cosine x column cosine`` (from ImageOrientationPatient), never by
+      InstanceNumber or file name;
+    - column ``i`` of the affine is the row cosine times the column spacing (``PixelSpacing[1]``),
+      column ``j`` the column cosine times the row spacing (``PixelSpacing[0]``), column ``k`` the
+      normal times the slice spacing, and the origin is the first sorted slice's
+      ImagePositionPatient; all in DICOM's LPS, then turned to RAS (x and y negated). That is what
+      SimpleITK's ``ImageSeriesReader`` gives (LPS), checked in ``tests/test_dicom_series.py``.
+
+    Decoders: JPEG 2000 by pylibjpeg-openjpeg; JPEG-LS and the JPEG lossless processes by
+    pylibjpeg-libjpeg; RLE lossless and deflated explicit VR little endian by pydicom itself.
     """
     geo = read_series_geometry(folder, series_uid, allow_non_ct=allow_non_ct, bounds=bounds)
     root = Path(folder)

@@ -3,41 +3,14 @@
 Everything made here is SYNTHETIC: drawn from geometric primitives and a seeded random number
 generator, never from patient data. A phantom is a crude, cartoon-like model of a head-and-neck
 radiotherapy planning CT (coarse 4 x 4 x 3 mm voxels, like the OpenKBP grid) with a label map of
-the structures this app contours, in the stored numbering of :mod:`contourcl.data.labels`.
+the structures this app contours (the seven OARs and a GTV), in the stored numbering of
+:mod:`contourcl.data.labels`. Each seed is a different synthetic patient, and the same seed always
+gives bit-identical arrays; what is modelled is listed in :func:`make_phantom`.
 
-What is modelled, built level by level along the last (inferior to superior) axis with smoothly
-varying per-level profiles:
-
-* a body outline (shoulders widening at the bottom, a narrow neck, a larger head) with a thin
-  subcutaneous fat layer (about -100 HU) over soft tissue (about 40-60 HU), some fat planes in the
-  neck, contrast-filled carotids and jugular veins, a thyroid gland;
-* the cervical spine along the whole neck: vertebral bodies (cancellous bone with a cortical rim,
-  discs in between), posterior arches, lateral masses and spinous processes, and the spinal canal
-  with CSF around the **SpinalCord**; above the foramen magnum the **Brainstem** in its CSF
-  cisterns inside the skull base, brain, the skull vault with its base plate;
-* the face: orbits (fat and globes), nasal cavity, maxillary sinuses, hard palate and upper dental
-  arch; the **Mandible** (a horseshoe body with two rami up to the condyles);
-* **Parotid_R** and **Parotid_L**, fatty glands behind the rami (Parotid_R on the patient's right,
-  which is world +x in RAS+);
-* the airway (nasopharynx, oropharynx, hypopharynx, trachea with cartilage rings); the **Larynx**
-  (cartilage and soft-tissue wall around an air lumen, labelled as the whole organ including the
-  lumen, as clinical contours are); the **Esophagus** (a collapsed tube, sometimes with a little
-  air) between the trachea and the spine;
-* a tumour **GTV**: a lobulated, slightly enhancing soft-tissue mass of 15-40 mm near the
-  oropharynx or in a level II-III neck node, on a random side, painted only where no OAR is.
-
-Each seed gives a different synthetic patient: sizes, neck length, positions, left-right
-asymmetry, a slight head rotation, tissue values, tumour site and shape, and image noise all vary.
-The same seed always gives bit-identical arrays (``numpy.random.default_rng(seed)`` is the only
-source of randomness). The labels are exactly the voxels where each structure's intensity was
-painted; the CT is the painted anatomy after a light Gaussian blur (partial volume at edges) plus
-Gaussian noise (sigma 15-25 HU), with -1024 HU outside the body (as in OpenKBP), clipped to
-[-1024, 3071].
-
-Orientation follows the OpenKBP NIfTI convention of this project: array axis 0 runs anterior to
-posterior, axis 1 from the patient's right to left, axis 2 inferior to superior; the affine maps
-voxels to RAS+ world millimetres and is centred on the volume. These phantoms are for exercising
-the software; they are far simpler than real anatomy and must not be used to judge clinical
+Orientation follows the OpenKBP NIfTI convention of this project (:func:`phantom_affine`): array
+axis 0 runs anterior to posterior, axis 1 from the patient's right to left, axis 2 inferior to
+superior, in RAS+ world millimetres centred on the volume. These phantoms are for exercising the
+software; they are far simpler than real anatomy and must not be used to judge clinical
 contouring accuracy.
 """
 
@@ -232,6 +205,34 @@ def make_phantom(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING):
     numbering (:data:`contourcl.data.labels.STORED_LABELS`, 0 = background), ``affine`` the 4 x 4
     RAS+ voxel-to-world matrix (see :func:`phantom_affine`). Deterministic in ``seed``; the
     synthetic patient of a seed does not depend on the grid (only its sampling and noise do).
+
+    What is modelled, built level by level along the last (inferior to superior) axis with
+    smoothly varying per-level profiles:
+
+    * a body outline (shoulders widening at the bottom, a narrow neck, a larger head) with a thin
+      subcutaneous fat layer (about -100 HU) over soft tissue (about 40-60 HU), some fat planes in
+      the neck, contrast-filled carotids and jugular veins, a thyroid gland;
+    * the cervical spine along the whole neck: vertebral bodies (cancellous bone with a cortical
+      rim, discs in between), posterior arches, lateral masses and spinous processes, and the
+      spinal canal with CSF around the **SpinalCord**; above the foramen magnum the **Brainstem**
+      in its CSF cisterns inside the skull base, brain, the skull vault with its base plate;
+    * the face: orbits (fat and globes), nasal cavity, maxillary sinuses, hard palate and upper
+      dental arch; the **Mandible** (a horseshoe body with two rami up to the condyles);
+    * **Parotid_R** and **Parotid_L**, fatty glands behind the rami (Parotid_R on the patient's
+      right, which is world +x in RAS+);
+    * the airway (nasopharynx, oropharynx, hypopharynx, trachea with cartilage rings); the
+      **Larynx** (cartilage and soft-tissue wall around an air lumen, labelled as the whole organ
+      including the lumen, as clinical contours are); the **Esophagus** (a collapsed tube,
+      sometimes with a little air) between the trachea and the spine;
+    * a tumour **GTV**: a lobulated, slightly enhancing soft-tissue mass of 15-40 mm near the
+      oropharynx or in a level II-III neck node, on a random side, painted only where no OAR is.
+
+    Per seed, sizes, neck length, positions, left-right asymmetry, a slight head rotation, tissue
+    values, tumour site and shape, and image noise all vary; ``numpy.random.default_rng(seed)`` is
+    the only source of randomness. The labels are exactly the voxels where each structure's
+    intensity was painted; the CT is the painted anatomy after a light Gaussian blur (partial
+    volume at edges) plus Gaussian noise (sigma 15-25 HU), with -1024 HU outside the body (as in
+    OpenKBP), clipped to [-1024, 3071].
     """
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)

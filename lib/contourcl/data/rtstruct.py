@@ -1,43 +1,19 @@
 """DICOM RT Structure Sets (RTSTRUCT) out of and into label maps on a CT series' grid.
 
-Writing (:func:`write_rtstruct`, :func:`build_rtstruct`)
-    Each structure of a label map becomes one ROI. Its outline on each slice follows the voxel
-    *edges*: the boundary between the structure's pixels and the others is traced along pixel
-    sides (:func:`outline_polygons`), so each polygon's vertices are pixel corners and the
-    polygons enclose exactly the structure's pixels (area = number of pixels x pixel area; a
-    planning system's volume, area x slice thickness summed over slices, equals the voxel volume).
-    Tracing through the boundary voxels' centres (as rt-utils does) loses half a voxel all round:
-    on OpenKBP pt_201 (5.4 mm pixels) such outlines hold 21-80 % of the voxel volume
-    (``benchmarks/bench_rtstruct.py``).
+- Writing (:func:`write_rtstruct`, :func:`build_rtstruct`): one ROI per structure; on each slice
+  the outline follows the voxel *edges* (:func:`outline_polygons`), so the polygons enclose
+  exactly the structure's pixels and a planning system's volume equals the voxel volume (tracing
+  through the boundary voxels' centres, as rt-utils does, loses half a voxel all round). A hole is
+  a separate contour with XOR semantics, as most planning systems read several contours on one
+  slice; no keyholes are written.
+- Reading (:func:`read_rtstruct`, :func:`load_rois`): each ROI's closed planar contours are
+  rasterised on the series grid (pixel centres inside the polygon, XOR within a slice), and ROI
+  names are mapped to the caller's structures through :data:`ROI_NAME_ALIASES`, whole names only.
 
-    Holes: a structure with a hole (a ring) gets *separate contours with XOR semantics*: an outer
-    contour and, on the same slice, one contour around each hole (and one around each island
-    inside a hole, and so on). A point belongs to the structure when an odd number of the
-    slice's contours enclose it. That is how most planning systems read several contours on one
-    slice (Eclipse and RayStation take a contour inside another as a hole; plastimatch and
-    SlicerRT rasterise with XOR); no keyholes are written, so a system that only understands
-    keyholes would see the hole as a second solid: check once on the target system. Outer
-    contours run clockwise and holes counter-clockwise as seen in the image (rows down), so a
-    reader that adds signed areas gets the same answer. Pixels touching only at a corner get
-    separate contours that share that corner.
-
-    Contour points are placed in patient coordinates (LPS mm) from each slice's own
-    ImagePositionPatient, ImageOrientationPatient and PixelSpacing, never by flipping axes.
-    Each contour references its slice's SOPInstanceUID (ContourImageSequence), and
-    ReferencedFrameOfReferenceSequence lists the study, the series and every SOP instance of it.
-    Structures without a voxel are left out; contours of fewer than 3 points are dropped.
-
-Reading (:func:`read_rtstruct`, :func:`load_rois`)
-    Each ROI's closed planar contours are rasterised on the series grid: a pixel belongs to a
-    contour when its centre lies inside the polygon (``skimage.draw.polygon``), and the contours
-    of one slice are combined with XOR (the same semantics as above). ROI names are mapped to the
-    caller's structure names through :data:`ROI_NAME_ALIASES` (and the caller's own aliases):
-    names are compared with case, spaces, underscores, hyphens and dots ignored, and only whole
-    names match ("Cord PRV" is *not* the spinal cord). Voxels claimed by two mapped ROIs go to the
-    structure with the larger label value.
-
-This module imports no other part of ContourCL than :mod:`contourcl.errors` and
+Contour points are in patient coordinates (LPS mm) from each slice's own geometry, never by
+flipping axes. This module imports no other part of ContourCL than :mod:`contourcl.errors` and
 :mod:`contourcl.data.dicom_series`; structure names and their label values are passed in.
+(measured outline volumes: docs/design-notes.md)
 """
 
 from __future__ import annotations
@@ -479,6 +455,28 @@ def write_rtstruct(label, affine, structures: Mapping[str, int], series_folder: 
     study attributes copied from the series, ROIGenerationAlgorithm AUTOMATIC (with the
     algorithm identified), ApprovalStatus UNAPPROVED, explicit VR little endian with valid file
     meta. Returns ``out_path``.
+
+    Outlines follow the voxel edges (:func:`outline_polygons`): each polygon's vertices are pixel
+    corners and the polygons enclose exactly the structure's pixels (area = number of pixels x
+    pixel area; a planning system's volume, area x slice thickness summed over slices, equals the
+    voxel volume).
+
+    Holes: a structure with a hole (a ring) gets *separate contours with XOR semantics*: an outer
+    contour and, on the same slice, one contour around each hole (and one around each island
+    inside a hole, and so on). A point belongs to the structure when an odd number of the
+    slice's contours enclose it. That is how most planning systems read several contours on one
+    slice (Eclipse and RayStation take a contour inside another as a hole; plastimatch and
+    SlicerRT rasterise with XOR); no keyholes are written, so a system that only understands
+    keyholes would see the hole as a second solid: check once on the target system. Outer
+    contours run clockwise and holes counter-clockwise as seen in the image (rows down), so a
+    reader that adds signed areas gets the same answer. Pixels touching only at a corner get
+    separate contours that share that corner.
+
+    Contour points are placed in patient coordinates (LPS mm) from each slice's own
+    ImagePositionPatient, ImageOrientationPatient and PixelSpacing, never by flipping axes.
+    Each contour references its slice's SOPInstanceUID (ContourImageSequence), and
+    ReferencedFrameOfReferenceSequence lists the study, the series and every SOP instance of it.
+    Structures without a voxel are left out; contours of fewer than 3 points are dropped.
     """
     ds = build_rtstruct(label, affine, structures, series_folder, **kwargs)
     out_path = Path(out_path)
@@ -661,6 +659,13 @@ def read_rtstruct(rtstruct_path, series_folder: str | Path | None, structures: M
     other ROI names in the file's order (including a second ROI for an already mapped structure).
     A structure set in another frame of reference than the series, or whose mapped contours lie
     off the series' slices, is refused with :class:`LabelMismatchError`.
+
+    Each ROI's closed planar contours are rasterised on the series grid: a pixel belongs to a
+    contour when its centre lies inside the polygon (``skimage.draw.polygon``), and the contours
+    of one slice are combined with XOR (the semantics of :func:`write_rtstruct`). ROI names are
+    compared with case, spaces, underscores, hyphens and dots ignored, and only whole names match
+    ("Cord PRV" is *not* the spinal cord). Voxels claimed by two mapped ROIs go to the structure
+    with the larger label value.
     """
     structures = check_structures(structures)
     geo = geometry if geometry is not None else read_series_geometry(series_folder, series_uid)

@@ -2,7 +2,7 @@
 
 MONAI Label 0.8.5's handlers write each upload to a named temporary file and remove it in a
 background task that only runs when the request succeeds: every refused upload left its file
-behind (1.6 GB for one junk upload), each dataset download left a zip of every CT, and
+behind (measurement: docs/design-notes.md), each dataset download left a zip of every CT, and
 ``PUT /model/<name>`` copied any file over the served model. These handlers answer the same
 requests (Slicer and ``MONAILabelClient`` see no difference) and differ where it matters:
 
