@@ -106,6 +106,9 @@ def test_server_on_dicom_series_exports_the_final_label(tmp_path):
         for name, number in numbers.items():
             np.testing.assert_array_equal(seg_back == number, expected == STORED_LABELS[name], err_msg=name)
         assert set(numbers) == {n for n, v in STORED_LABELS.items() if (accepted == v).any()}
+        # contourcl evaluate --data <studies> finds the series image with its final label
+        from contourcl.data.datasets import labeled_cases
+        assert [c["id"] for c in labeled_cases(studies, "oar")] == [image_id]
     finally:
         proc.terminate()
         try:
