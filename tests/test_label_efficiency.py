@@ -236,3 +236,29 @@ def test_paper_scale_is_the_seeds_configuration(openkbp_like, tmp_path):
     assert len(config["images"]) == 4  # every training CT (no pool subset)
     ft = next(t for t in p.tasks if t.key.startswith("finetune/separeg/")).spec["finetune"]
     assert ft["net"] == {"encoder": "resnet50", "width": 64}
+
+
+@pytest.mark.parametrize("scale_name, budget", [("cpu", 300), ("paper", 100_000)])
+def test_every_method_gets_the_same_pretraining_budget(openkbp_like, tmp_path, scale_name, budget):
+    """Issue 9: SepaReg's "100k iterations in total". Each pretraining run of the plan, whatever
+    its stages, plans the scale's budget in total (SepaReg at the old per-stage budget: 1100 steps
+    at the CPU scale against 300)."""
+    from dataclasses import replace
+
+    from contourcl.training.pretrain.base import PretrainConfig
+    from contourcl.training.pretrain.trainer import get_method
+
+    scale = replace(le.SCALES[scale_name], sizes=(1, 2))  # the fixture has 4 training cases
+    methods = ["random", "simclr", "simsiam", "separeg", "agcl", "polycl-o", "polycl-s"]
+    p = le.plan(openkbp_like, tmp_path, scale, models=["oar", "gtv"], methods=methods)
+    configs = {t.key: PretrainConfig.from_dict(t.spec["config"]) for t in p.tasks if t.key.startswith("pretrain/")}
+    assert {c.method for c in configs.values()} == {"simclr", "simsiam", "separeg", "agcl", "polycl-o", "polycl-s"}
+    totals = {}
+    for key, config in configs.items():
+        stages = get_method(config.method).planned_iterations(config)
+        assert all(n >= 1 for n in stages.values()), (key, stages)
+        totals[key] = sum(stages.values())
+    assert set(totals.values()) == {budget}, totals
+    separeg = get_method("separeg").planned_iterations(configs["pretrain/separeg"])
+    assert set(separeg) == {"inter", "intra", "distill"}  # split over its stages, not run per stage
+    assert p.settings()["pretrain_steps"]["separeg"] == separeg  # recorded in settings.json

@@ -239,7 +239,7 @@ def test_ddp_two_cpu_processes(tmp_path):
            "--encoder", "resnet10", "--width", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu",
            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--lr", "0.05",
            "--set", "proj_hidden=16", "--set", "pred_hidden=16", "--set", "proj_dim=8", "--set", "num_clusters=2",
-           "--set", "intra_iterations=2"]
+           "--set", "budget=per-stage", "--set", "intra_iterations=2", "--set", "region_area_mm2=null"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sums = dict(re.findall(r"rank (\d) encoder checksum (\S+)", proc.stderr))

@@ -198,7 +198,7 @@ def test_kmeans_clusters_the_projector_outputs(tmp_path, monkeypatch):
     monkeypatch.setattr(sklearn.cluster, "KMeans", SpyKMeans)
     vols = [synthetic_volume("a", seed=0), synthetic_volume("b", seed=1)]
     cfg = PretrainConfig(method="separeg", encoder="resnet10", width=8, image_size=32, cache_dir=str(tmp_path), num_workers=0,
-                         batch_size=4, options={**TINY_HEADS, "num_clusters": 2, "n_segments": 16})
+                         batch_size=4, options={**TINY_HEADS, "num_clusters": 2, "n_segments": 16, "region_area_mm2": None})
     method = SepaRegMethod(ResNetEncoder("resnet10", 8), cfg)
     method.build_region_set(vols)
     clusters = method.cluster(RunContext(cfg, torch.device("cpu")))
@@ -228,7 +228,7 @@ def test_kmeans_subsets_feed_the_matching_intra_model(tmp_path):
 
     vols = [synthetic_volume("a", seed=0), synthetic_volume("b", seed=1)]
     cfg = PretrainConfig(method="separeg", encoder="resnet10", width=8, image_size=32, cache_dir=str(tmp_path),
-                         options={**TINY_HEADS, "num_clusters": 3, "n_segments": 16})
+                         options={**TINY_HEADS, "num_clusters": 3, "n_segments": 16, "region_area_mm2": None})
     method = SepaRegMethod(ResNetEncoder("resnet10", 8), cfg)
     method.build_region_set(vols)
     n = len(method.region_set)
@@ -247,10 +247,10 @@ def test_kmeans_subsets_feed_the_matching_intra_model(tmp_path):
 
 
 def separeg_config(tmp_path, **kw) -> PretrainConfig:
-    opts = {**TINY_HEADS, "num_clusters": 2, "n_segments": 16, "inter_iterations": 8, "intra_iterations": 3, "distill_iterations": 8}
+    opts = {**TINY_HEADS, "num_clusters": 2, "n_segments": 16, "region_area_mm2": None}
     return PretrainConfig(
         method="separeg", images=[str(tmp_path / "imgs")], out=str(tmp_path / "out" / "separeg.pt"), encoder="resnet10", width=8,
-        image_size=32, batch_size=8, lr=0.05, schedule="constant", num_workers=0, checkpoint_every=4,
+        image_size=32, batch_size=8, lr=0.05, schedule="constant", num_workers=0, checkpoint_every=4, iterations=24,
         cache_dir=str(tmp_path / "cache"), progress=False, options={**opts, **kw},
     )
 
@@ -265,7 +265,10 @@ def test_tiny_separeg_run_lowers_loss_and_yields_the_student(tmp_path):
     assert np.mean(h["inter"][-3:]) < np.mean(h["inter"][:3])
     assert np.mean(h["distill"][-3:]) < np.mean(h["distill"][:3])
     meta = result["meta"]
-    assert meta["iterations"] == 8 + 3 + 3 + 8 and sum(meta["cluster_sizes"]) == meta["regions"]
+    # 24 steps in total (budget=total): a third each to inter, the 2 intra models together, distill
+    assert {k: v["iterations"] for k, v in meta["stages"].items()} == {"inter": 8, "intra0": 4, "intra1": 4, "distill": 8}
+    assert meta["iterations"] == 24 and sum(meta["cluster_sizes"]) == meta["regions"]
+    assert meta["planned_iterations"] == {"inter": 8, "intra": 8, "distill": 8}  # the plan is what ran
 
     net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
     assert load_encoder(net, cfg.out)["method"] == "separeg"
@@ -289,8 +292,86 @@ def test_separeg_resumes_inside_a_later_stage(tmp_path):
     state = torch.load(cfg.state_path, weights_only=False)
     assert (state["stage_name"], state["step"]) == ("intra0", 2)
     second = pretrain(cfg, resume=True)
-    assert [s for s, _ in second["history"]["intra0"]] == [1, 2, 3]  # steps 1-2 from the first call, 3 now
+    assert [s for s, _ in second["history"]["intra0"]] == [1, 2, 3, 4]  # steps 1-2 from the first call, 3-4 now
     assert second["meta"]["iterations"] == full["meta"]["iterations"]
     resumed = torch.load(cfg.out, weights_only=False)["encoder"]
     for name, value in reference.items():
         assert torch.allclose(value.float(), resumed[name].float(), atol=1e-5), name
+
+
+# ------------------------------------------------------------------------------ the step budget
+def test_total_budget_is_split_over_the_stages_and_adds_up():
+    cfg = lambda n, **o: PretrainConfig(method="separeg", iterations=n, options=o)  # noqa: E731
+    assert SepaRegMethod.planned_iterations(cfg(100_000)) == {"inter": 33_334, "intra": 33_333, "distill": 33_333}
+    assert SepaRegMethod.planned_iterations(cfg(300)) == {"inter": 100, "intra": 100, "distill": 100}
+    assert SepaRegMethod.planned_iterations(cfg(10, stage_shares=[2, 1, 1], num_clusters=2)) == {"inter": 5, "intra": 3, "distill": 2}
+    # the old behaviour: every stage `iterations` (or its own option)
+    assert SepaRegMethod.planned_iterations(cfg(300, budget="per-stage", intra_iterations=100)) == {"inter": 300, "intra": 500, "distill": 300}
+    with pytest.raises(separeg.ConfigError, match="per-stage"):
+        SepaRegMethod.planned_iterations(cfg(300, intra_iterations=100))
+    with pytest.raises(separeg.ConfigError, match="at least"):
+        SepaRegMethod.planned_iterations(cfg(6))  # 2 + 2 + 2: fewer intra steps than the K = 5 models
+    with pytest.raises(separeg.ConfigError, match="budget must be"):
+        SepaRegMethod.planned_iterations(cfg(300, budget="per-epoch"))
+
+
+def test_a_skipped_cluster_gives_its_steps_to_the_others(tmp_path):
+    vols = [synthetic_volume("a", seed=0), synthetic_volume("b", seed=1)]
+    cfg = PretrainConfig(method="separeg", encoder="resnet10", width=8, image_size=32, cache_dir=str(tmp_path), iterations=31,
+                         options={**TINY_HEADS, "num_clusters": 3, "n_segments": 16, "region_area_mm2": None})
+    method = SepaRegMethod(ResNetEncoder("resnet10", 8), cfg)
+    method.build_region_set(vols)
+    method.clusters = np.arange(len(method.region_set)) % 2  # cluster 2 is empty: its model is not trained
+    method.region_key = method.region_set.key
+    stages = list(method.stages(vols, RunContext(cfg, torch.device("cpu"))))
+    assert [(s.name, s.iterations) for s in stages] == [("inter", 11), ("intra0", 5), ("intra1", 5), ("distill", 10)]
+    assert sum(s.iterations for s in stages) == 31
+
+
+def test_resuming_a_state_planned_otherwise_is_refused():
+    cfg = PretrainConfig(method="separeg", encoder="resnet10", width=8, iterations=30, options={**TINY_HEADS, "num_clusters": 2})
+    state = SepaRegMethod(ResNetEncoder("resnet10", 8), cfg).state_dict()
+    other = SepaRegMethod(ResNetEncoder("resnet10", 8), cfg.replace(iterations=60))
+    with pytest.raises(separeg.ConfigError, match="planned as"):
+        other.load_state_dict(state)
+    old = {k: ({**v, "budget": None} if k.endswith("_extra_state") else v) for k, v in state.items()}  # a state from before budgets
+    with pytest.raises(separeg.ConfigError, match="before step budgets"):
+        SepaRegMethod(ResNetEncoder("resnet10", 8), cfg).load_state_dict(old)
+
+
+# ------------------------------------------------------------------------------ region size
+def phantom_slices(spacing_mm: float):
+    """Axial slices (image, body) of the synthetic patient of seed 0 on a ``spacing_mm`` grid (same anatomy)."""
+    from contourcl.data.phantom import make_phantom
+
+    n = round(256 / spacing_mm)
+    ct, _, _ = make_phantom(0, shape=(n, n, 12), spacing=(spacing_mm, spacing_mm, 8.0))
+    window = (-500.0, 800.0)
+    image = np.clip((ct - window[0]) / (window[1] - window[0]), 0, 1).astype(np.float32)
+    body = body_mask(image, window_value(-400, window))
+    return [(image[..., z], body[..., z]) for z in range(image.shape[-1]) if body[..., z].sum() >= 64]
+
+
+def median_area_mm2(slices, spacing_mm: float, **options) -> float:
+    areas = []
+    for image, body in slices:
+        labels = separeg.slic_slice(image, body, pixel_mm=(spacing_mm, spacing_mm), **options)
+        assert np.array_equal(labels > 0, body)  # every body pixel in one region, nothing outside
+        areas += [r[5] * spacing_mm**2 for r in separeg.regions_of_slice(labels)]
+    return float(np.median(areas))
+
+
+@pytest.mark.parametrize("spacing_mm", [4.0, 2.0])
+def test_default_regions_have_the_papers_physical_size(spacing_mm):
+    """SepaReg's default SIS gives regions whose median area is within 1.5x of the paper's
+    (PAPER_REGION_AREA_MM2, docs/separeg-regions.md), whatever the grid; a fixed count of 32 per
+    slice does not (about 8x too small on this phantom)."""
+    target = separeg.PAPER_REGION_AREA_MM2
+    assert target == pytest.approx(4608.0)
+    slices = phantom_slices(spacing_mm)
+    default = SepaRegMethod.default_options
+    options = {k: default[k] for k in ("n_segments", "compactness", "sigma", "region_area_mm2", "slic_spacing")}
+    assert target / 1.5 <= median_area_mm2(slices, spacing_mm, **options) <= target * 1.5
+    assert median_area_mm2(slices, spacing_mm, **{**options, "region_area_mm2": None}) < target / 4  # the old default
+    # SLIC on a finer grid, labels brought back: the same physical size
+    assert target / 1.5 <= median_area_mm2(slices, spacing_mm, **{**options, "slic_spacing": 1.0}) <= target * 1.5

@@ -29,6 +29,12 @@ processes (``--threads`` each).
 Two scales share the protocol (:data:`SCALES`): ``cpu`` (the default; small encoder, few
 iterations, a 40-CT pretraining pool: about 1.5 h on 2 cores) and ``paper`` (the seeds'
 ResNet-50, 128 x 128 inputs, 100k iterations, batch 32; for a GPU).
+
+Every pretraining method gets the same number of optimisation steps, ``Scale.pretrain_iterations``
+in total ("100k iterations in total", SepaReg's Experimental Setup): the one-stage methods run
+them in their one stage, SepaReg splits them over its stages (``budget="total"``,
+:func:`contourcl.training.pretrain.separeg.stage_budget`). ``settings.json`` records each run's
+planned steps.
 """
 
 from __future__ import annotations
@@ -63,9 +69,9 @@ class Scale:
     encoder: str
     width: int
     image_size: int  #: pretraining input side (slices / regions)
-    pretrain_iterations: int  #: per stage
+    pretrain_iterations: int  #: per method, in total: every method gets the same budget (SepaReg splits it over its stages)
     pretrain_batch: int
-    stage_options: dict = field(default_factory=dict)  #: per-method option overrides (e.g. SepaReg's intra-organ steps)
+    stage_options: dict = field(default_factory=dict)  #: per-method option overrides
     finetune_steps: int = 1000
     finetune_epochs: int = 10  #: the steps are split into this many epochs (BN recalibration, logs)
     finetune_batch: int = 8
@@ -82,7 +88,6 @@ class Scale:
 SCALES = {
     "cpu": Scale(
         name="cpu", encoder="resnet18", width=16, image_size=128, pretrain_iterations=300, pretrain_batch=16,
-        stage_options={"separeg": {"intra_iterations": 100}},
         finetune_steps=1000, finetune_batch=8, samples_per_volume=4, pool=40, draws=2,
     ),
     "paper": Scale(
@@ -317,8 +322,20 @@ class Plan:
     def settings(self) -> dict:
         return {
             "scale": asdict(self.scale), "models": list(self.models), "methods": list(self.methods),
-            "tolerance_mm": self.tolerance_mm, "seed": self.seed,
+            "tolerance_mm": self.tolerance_mm, "seed": self.seed, "pretrain_steps": self.pretrain_steps(),
         }
+
+    def pretrain_steps(self) -> dict[str, dict[str, int]]:
+        """Per pretraining run, the steps its method plans per stage (or group of stages)."""
+        from contourcl.training.pretrain.base import PretrainConfig
+        from contourcl.training.pretrain.trainer import get_method
+
+        out = {}
+        for t in self.tasks:
+            if t.fn is pretrain_task:
+                config = PretrainConfig.from_dict(t.spec["config"])
+                out[t.key.removeprefix("pretrain/")] = get_method(config.method).planned_iterations(config)
+        return out
 
 
 def _pretrain_config(plan: Plan, method: str, images: list[str], out: Path, options: dict | None = None) -> dict:

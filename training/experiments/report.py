@@ -76,7 +76,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
     methods = [m for m in settings["methods"] if any(r["method"] == m for r in rows)]
     s = settings["scale"]
     lines = [
-        f"Scale `{s['name']}`: encoder {s['encoder']} width {s['width']}; pretraining {s['pretrain_iterations']} steps per stage, "
+        f"Scale `{s['name']}`: encoder {s['encoder']} width {s['width']}; pretraining {s['pretrain_iterations']} steps per method in total, "
         f"batch {s['pretrain_batch']}, on {s['pool'] or 'all'} training CTs; fine-tuning {s['finetune_steps']} steps, batch "
         f"{s['finetune_batch']}; {s['draws']} draws of labeled cases per size. Patient-wise mean ± standard error over the "
         f"validation cases; surface Dice at {settings['tolerance_mm']:g} mm. Structures a case does not contour are skipped.",

@@ -63,7 +63,7 @@ class PretrainConfig:
     window: tuple[float, float] = DEFAULT_WINDOW  #: HU window mapped to [0, 1]
     image_size: int = 128  #: side of the square inputs (slices, regions, patches)
     batch_size: int = 32  #: per process (DDP: per GPU)
-    iterations: int = 10000  #: optimisation steps per stage unless a method option says otherwise
+    iterations: int = 10000  #: optimisation steps of the whole run; a multi-stage method splits them (PretrainMethod.planned_iterations)
     lr: float | None = None
     optimizer: str | None = None  #: sgd | adam | adamw
     momentum: float = 0.9
@@ -296,7 +296,7 @@ class PretrainMethod(nn.Module):
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         return self.loss(batch)
 
-    # multi-stage methods override this ----------------------------------------------------
+    # multi-stage methods override these ---------------------------------------------------
     def stages(self, volumes: Sequence, ctx: RunContext) -> Iterator[Stage]:
         """The stages to train, in order (a generator).
 
@@ -304,12 +304,23 @@ class PretrainMethod(nn.Module):
         distillation) overrides this: code after a ``yield`` runs once that stage has been trained,
         so a stage can use the results of the previous ones. Each stage has its own module (whose
         ``forward(batch)`` returns ``(loss, logs)`` and whose trainable parameters get a fresh
-        optimizer), dataset and number of iterations. When a run is resumed, the stages already
+        optimizer), dataset and number of iterations; ``config.iterations`` is the budget of the
+        whole run, which the method splits over its stages (:meth:`planned_iterations` states the
+        split). When a run is resumed, the stages already
         finished are yielded again but not retrained; state that a stage computed (e.g. cluster
         assignments) must therefore live in the method's ``state_dict`` (buffers or
         ``get_extra_state``) and the generator must skip recomputing it when it is already there.
         """
         yield Stage("main", self, self.build_dataset(volumes), self.config.iterations)
+
+    @classmethod
+    def planned_iterations(cls, config: PretrainConfig) -> dict[str, int]:
+        """Steps ``config`` will run, per stage or group of stages, without building anything.
+
+        The steps run must sum to ``config.iterations`` (one budget per method, whatever its
+        stages), unless a method's option says otherwise (SepaReg's ``budget=per-stage``).
+        """
+        return {"main": int(config.iterations)}
 
     # output -------------------------------------------------------------------------------
     def output_encoder(self) -> ResNetEncoder:

@@ -1,13 +1,24 @@
 """SepaReg (Wang et al., AAAI 2022): separated region-level contrastive learning, both stages.
 
 1. **SIS**, structure-aware image separation (:func:`build_region_set`): each axial slice is cut
-   into SLIC superpixels (32 by default) inside the body mask; each region is the image times
-   the region's mask, cropped to its bounding box, zero-padded to a square (the paper;
+   into SLIC superpixels inside the body mask; each region is the image times the region's
+   mask, cropped to its bounding box, zero-padded to a square (the paper;
    ``region_mode="resize"``: resized directly, as the authors' code) and resized to
    ``image_size`` (:class:`RegionDataset`). The regions of all images form one shuffled set.
    The superpixel label maps and the region index (case, slice, region id, bounding box, area)
    are built once by worker processes and cached on disk; the region images are cut on the fly
    by the DataLoader workers (cheap: a crop and a resize).
+
+   Region size (issue 9): the paper seeds "32 cluster centres on the regular grid" of an image
+   (Method, SIS); the authors' code runs SLIC on 384 x 384 crops at about 1 mm, so a superpixel
+   covers about (384 mm)^2 / 32 = 4608 mm^2 (:data:`PAPER_REGION_AREA_MM2`). Pretraining sees 4 mm
+   pixels and only the body, where 32 regions per slice are 6-10x smaller (median 784 mm^2,
+   10 px boxes upsampled 13x on OpenKBP). So the number of centres of a slice is its body area
+   over ``region_area_mm2`` (default 4608): median 4832 mm^2 on OpenKBP against 4723 mm^2 for the
+   authors' protocol's uncut superpixels (docs/separeg-regions.md, ``benchmarks/bench_slic_regions.py``).
+   ``region_area_mm2=None`` gives the old fixed ``n_segments`` per slice. ``slic_spacing`` runs
+   SLIC on the slice resampled to a finer spacing: measured, it changes neither the region sizes
+   nor the 4 mm pixels the regions are cut from, and costs 4-13x the time, so it is off.
 2. **Inter-organ model** (stage ``inter``): SimSiam on regions (Eq. 1-2,
    :mod:`contourcl.training.pretrain.simsiam`): encoder, projector (Linear-BN-ReLU-Linear, 4096, 256),
    predictor of the same shape, stop-gradient.
@@ -49,6 +60,15 @@ flip only asks for mirror-invariant region features (a flipped right-parotid reg
 a left-parotid one, the same organ), and no label is contradicted. (AGCL, whose classes are
 named structures, keeps flips off for that reason.)
 
+Step budget (issue 9): the paper pretrains every method "for 100k iterations in total"
+(Experiments, Pretrain stage) without splitting SepaReg's share. ``budget="total"`` (default)
+splits ``iterations`` over the three trainings by ``stage_shares`` (1:1:1): a third to the
+inter-organ model, a third shared evenly by the K intra-organ models (each sees 1/K of the
+regions, so as many passes over its subset as the inter-organ model over the whole set; a
+skipped cluster's steps go to the others), a third to the distillation.
+:meth:`SepaRegMethod.planned_iterations` states the split; ``budget="per-stage"`` is the old
+behaviour (every stage ``iterations``, or its ``*_iterations`` option).
+
 The checkpoint written at the end is the student's encoder.
 """
 
@@ -88,23 +108,54 @@ INDEX_DTYPE = np.dtype(
 # SIS: the region set
 
 
-def slic_slice(image: np.ndarray, body: np.ndarray, n_segments: int = 32, compactness: float = 0.15, sigma: float = 0.8) -> np.ndarray:
+#: SepaReg's superpixel size (mm^2): 32 SLIC centres on the authors' 384 x 384 crops at ~1 mm
+#: (``utils/prepare_data.py``, ``prepare_segs_utils.py``), i.e. a grid cell of 68 mm; measured in
+#: docs/separeg-regions.md
+PAPER_REGION_AREA_MM2 = 384.0**2 / 32
+
+
+def segments_for_area(body_pixels: int, pixel_mm: Sequence[float], region_area_mm2: float) -> int:
+    """SLIC centres for a body of ``body_pixels`` pixels of ``pixel_mm`` so that each region covers
+    about ``region_area_mm2`` (at least 1)."""
+    return max(1, round(body_pixels * float(np.prod(pixel_mm[:2])) / region_area_mm2))
+
+
+def slic_slice(image: np.ndarray, body: np.ndarray, n_segments: int = 32, compactness: float = 0.15, sigma: float = 0.8,
+               pixel_mm: Sequence[float] = (1.0, 1.0), region_area_mm2: float | None = None,
+               slic_spacing: float | None = None) -> np.ndarray:
     """SLIC superpixels of one ``[0, 1]`` slice inside ``body``: labels 1..n, 0 outside the body.
 
-    ``compactness`` 0.15 on a [0, 1] single-channel image is about the authors' 15 on a grey
-    image replicated to RGB (Lab, range 0-100).
+    ``n_segments`` centres, or with ``region_area_mm2`` as many as give regions of that physical
+    area (:func:`segments_for_area`; one centre: the whole body is one region). With
+    ``slic_spacing`` (mm) SLIC runs on the slice resampled to that in-plane spacing and its labels
+    are brought back to the slice's grid (nearest; body pixels a label lost take the nearest
+    label's). ``sigma`` is in pixels of the grid SLIC runs on. ``compactness`` 0.15 on a [0, 1]
+    single-channel image is about the authors' 15 on a grey image replicated to RGB (Lab, range 0-100).
     """
+    from scipy import ndimage
     from skimage.segmentation import slic
+    from skimage.transform import resize
 
-    return slic(
-        np.asarray(image, dtype=np.float64),
-        n_segments=n_segments,
-        compactness=compactness,
-        sigma=sigma,
-        channel_axis=None,
-        mask=np.asarray(body, bool),
-        start_label=1,
-    )
+    body = np.asarray(body, bool)
+    if region_area_mm2:
+        n_segments = segments_for_area(int(body.sum()), pixel_mm, float(region_area_mm2))
+    if n_segments <= 1:
+        return body.astype(np.int64)
+    img, mask = np.asarray(image, dtype=np.float64), body
+    if slic_spacing:
+        shape = tuple(max(1, round(n * float(s) / float(slic_spacing))) for n, s in zip(body.shape, pixel_mm))
+        img = resize(img, shape, order=1, anti_aliasing=False)
+        mask = resize(body, shape, order=0, anti_aliasing=False).astype(bool)
+        if not mask.any():
+            return body.astype(np.int64)
+    labels = slic(img, n_segments=n_segments, compactness=compactness, sigma=sigma, channel_axis=None, mask=mask, start_label=1)
+    if slic_spacing:
+        labels = resize(labels, body.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int64)
+        if (body & (labels == 0)).any():
+            nearest = ndimage.distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
+            labels = labels[tuple(nearest)]
+        labels = labels * body
+    return labels
 
 
 def regions_of_slice(labels: np.ndarray) -> list[tuple[int, int, int, int, int, int]]:
@@ -122,13 +173,13 @@ def regions_of_slice(labels: np.ndarray) -> list[tuple[int, int, int, int, int, 
 
 def _sis_job(args) -> tuple[int, int, np.ndarray, list]:
     """Worker: superpixels of slices ``z0..z1`` of one volume."""
-    case, z0, image, body, n_segments, compactness, sigma, min_body_pixels = args
+    case, z0, image, body, n_segments, compactness, sigma, min_body_pixels, slic_options = args
     labels = np.zeros(image.shape, dtype=np.uint16)
     rows = []
     for k in range(image.shape[-1]):
         if int(body[..., k].sum()) < min_body_pixels:
             continue
-        lab = slic_slice(image[..., k], body[..., k], n_segments, compactness, sigma)
+        lab = slic_slice(image[..., k], body[..., k], n_segments, compactness, sigma, **slic_options)
         labels[..., k] = lab
         rows += [(case, z0 + k, *r) for r in regions_of_slice(lab)]
     return case, z0, labels, rows
@@ -161,9 +212,10 @@ class RegionSet:
         return np.asarray(self.images[case][r0:r1, c0:c1, z], dtype=np.float32) * mask
 
 
-def sis_key(volumes: Sequence[Volume], n_segments, compactness, sigma, min_body_pixels, seed) -> str:
+def sis_key(volumes: Sequence[Volume], n_segments, compactness, sigma, min_body_pixels, seed, slic_options: dict | None = None) -> str:
     """Cache key of a region set: the settings and a fingerprint of each volume's content."""
-    h = hashlib.sha1(f"sis-v{SIS_VERSION}|{n_segments}|{compactness}|{sigma}|{min_body_pixels}|{seed}".encode())
+    extra = "" if not slic_options else "|" + json.dumps(slic_options, sort_keys=True)
+    h = hashlib.sha1(f"sis-v{SIS_VERSION}|{n_segments}|{compactness}|{sigma}|{min_body_pixels}|{seed}{extra}".encode())
     for v in volumes:
         flat = np.asarray(v.image, dtype=np.float16).ravel()
         h.update(f"|{v.case}|{v.image.shape}|{int(v.body.sum())}".encode())
@@ -181,13 +233,20 @@ def build_region_set(
     num_workers: int = 0,
     seed: int = 0,
     chunk_slices: int = 16,
+    pixel_mm: Sequence[float] = (1.0, 1.0),
+    region_area_mm2: float | None = None,
+    slic_spacing: float | None = None,
 ) -> RegionSet:
     """SIS over all slices of ``volumes``; cached in ``cache_dir/sis-KEY`` when given.
 
     Slices whose body has fewer than ``min_body_pixels`` pixels are skipped. ``num_workers``
-    processes share the work in chunks of ``chunk_slices`` slices.
+    processes share the work in chunks of ``chunk_slices`` slices. ``pixel_mm`` (the volumes'
+    in-plane spacing), ``region_area_mm2`` and ``slic_spacing``: see :func:`slic_slice`.
     """
-    key = sis_key(volumes, n_segments, compactness, sigma, min_body_pixels, seed)
+    slic_options = {}
+    if region_area_mm2 or slic_spacing:
+        slic_options = {"pixel_mm": [float(x) for x in pixel_mm[:2]], "region_area_mm2": region_area_mm2, "slic_spacing": slic_spacing}
+    key = sis_key(volumes, n_segments, compactness, sigma, min_body_pixels, seed, slic_options)
     folder = Path(cache_dir) / f"sis-{key}" if cache_dir is not None else None
     images = [v.image for v in volumes]
     cases = [v.case for v in volumes]
@@ -204,7 +263,8 @@ def build_region_set(
     for i, v in enumerate(volumes):
         for z0 in range(0, v.num_slices, chunk_slices):
             z1 = min(v.num_slices, z0 + chunk_slices)
-            jobs.append((i, z0, np.asarray(v.image[..., z0:z1], np.float32), v.body[..., z0:z1], n_segments, compactness, sigma, min_body_pixels))
+            jobs.append((i, z0, np.asarray(v.image[..., z0:z1], np.float32), v.body[..., z0:z1], n_segments, compactness, sigma,
+                         min_body_pixels, slic_options))
     if num_workers > 1 and len(jobs) > 1:
         ctx = get_context("spawn" if torch.cuda.is_initialized() else "fork")
         with ctx.Pool(num_workers) as pool:
@@ -230,7 +290,7 @@ def build_region_set(
         np.save(tmp / "index.npy", index)
         (tmp / "meta.json").write_text(json.dumps({
             "cases": cases, "n_segments": n_segments, "compactness": compactness, "sigma": sigma,
-            "min_body_pixels": min_body_pixels, "regions": len(index), "version": SIS_VERSION,
+            "min_body_pixels": min_body_pixels, **slic_options, "regions": len(index), "version": SIS_VERSION,
         }, indent=1))
         try:
             tmp.rename(folder)
@@ -395,19 +455,65 @@ class Distiller(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# the step budget
+
+#: the budget's groups of stages, in order: the inter-organ model, the K intra-organ models, the distillation
+BUDGET_GROUPS = ("inter", "intra", "distill")
+
+
+def split_steps(total: int, weights: Sequence[float]) -> list[int]:
+    """``total`` steps split in proportion to ``weights``, rounded so that they sum to ``total``
+    (largest remainders first, ties to the earlier)."""
+    w = np.asarray(weights, dtype=float)
+    if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"cannot split {total} steps by weights {list(weights)}")
+    raw = int(total) * w / w.sum()
+    out = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - out), kind="stable")[: int(total) - int(out.sum())]:
+        out[i] += 1
+    return out.tolist()
+
+
+def stage_budget(iterations: int, options: dict) -> dict[str, int]:
+    """Steps of each group of :data:`BUDGET_GROUPS` (``intra``: all K intra-organ models together).
+
+    ``budget="total"``: ``iterations`` is the whole run, split by ``stage_shares``;
+    ``budget="per-stage"``: every stage runs ``iterations`` (or its ``*_iterations`` option).
+    """
+    k = int(options["num_clusters"])
+    if options["budget"] == "per-stage":
+        per = {g: int(options[f"{g}_iterations"] or iterations) for g in BUDGET_GROUPS}
+        return {**per, "intra": k * per["intra"]}
+    if options["budget"] != "total":
+        raise ConfigError(f"budget must be 'total' or 'per-stage', not {options['budget']!r}")
+    given = [f"{g}_iterations" for g in BUDGET_GROUPS if options[f"{g}_iterations"]]
+    if given:
+        raise ConfigError(f"{given} set the steps of one stage: they need budget=per-stage (budget=total splits `iterations`)")
+    shares = options["stage_shares"]
+    if len(shares) != len(BUDGET_GROUPS):
+        raise ConfigError(f"stage_shares needs {len(BUDGET_GROUPS)} weights ({', '.join(BUDGET_GROUPS)}), not {shares}")
+    plan = dict(zip(BUDGET_GROUPS, split_steps(int(iterations), shares)))
+    if plan["inter"] < 1 or plan["distill"] < 1 or plan["intra"] < k:
+        raise ConfigError(f"{iterations} steps split as {plan}: need at least 1 step for inter and distill and {k} for intra")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
 # the method
 
 
 class SepaRegMethod(PretrainMethod):
     """SepaReg: SIS region set -> inter-organ SimSiam -> k-means -> K intra-organ SimSiam -> distilled student.
 
-    Options (``--set KEY=VALUE``): ``n_segments`` (32), ``compactness`` (0.15), ``sigma`` (0.8),
-    ``region_mode`` (pad | resize), ``min_region_area`` (1), ``filter_regions`` (False),
-    ``num_clusters`` (K = 5), ``temperature`` (T = 0.1), ``inter_head`` (projector | predictor),
-    ``kl_direction``, ``distance`` (neg-cos | 2-2cos), ``student_init`` (scratch | inter),
-    ``distill_augment`` (False), ``inter_iterations`` / ``intra_iterations`` /
-    ``distill_iterations`` (default: ``iterations``), the SimSiam heads and augmentations
-    (the authors' code: jitter p 0.3, blur p 0.2).
+    Options (``--set KEY=VALUE``): ``region_area_mm2`` (:data:`PAPER_REGION_AREA_MM2`; ``null``:
+    ``n_segments`` per slice), ``n_segments`` (32), ``slic_spacing`` (mm, ``null``: the volumes'
+    grid), ``compactness`` (0.15), ``sigma`` (0.8), ``region_mode`` (pad | resize),
+    ``min_region_area`` (1), ``filter_regions`` (False), ``num_clusters`` (K = 5), ``temperature``
+    (T = 0.1), ``inter_head`` (projector | predictor), ``kl_direction``, ``distance`` (neg-cos |
+    2-2cos), ``student_init`` (scratch | inter), ``distill_augment`` (False), ``budget`` (total |
+    per-stage), ``stage_shares`` ([1, 1, 1]), ``inter_iterations`` / ``intra_iterations`` /
+    ``distill_iterations`` (per-stage budget only; default ``iterations``), the SimSiam heads and
+    augmentations (the authors' code: jitter p 0.3, blur p 0.2).
     """
 
     name = "separeg"
@@ -415,7 +521,9 @@ class SepaRegMethod(PretrainMethod):
         **SIMSIAM_OPTIONS,
         "jitter_p": 0.3,
         "blur_p": 0.2,
+        "region_area_mm2": PAPER_REGION_AREA_MM2,
         "n_segments": 32,
+        "slic_spacing": None,
         "compactness": 0.15,
         "sigma": 0.8,
         "min_body_pixels": 64,
@@ -431,6 +539,8 @@ class SepaRegMethod(PretrainMethod):
         "distill_augment": False,
         "lambda_intra": 1.0,
         "lambda_inter": 1.0,
+        "budget": "total",
+        "stage_shares": [1.0, 1.0, 1.0],
         "inter_iterations": None,
         "intra_iterations": None,
         "distill_iterations": None,
@@ -446,6 +556,7 @@ class SepaRegMethod(PretrainMethod):
             raise ConfigError(f"region_mode must be 'pad' or 'resize', not {o['region_mode']!r}")
         if o["student_init"] not in ("scratch", "inter"):
             raise ConfigError(f"student_init must be 'scratch' or 'inter', not {o['student_init']!r}")
+        self.budget = stage_budget(config.iterations, o)  #: steps per group of stages (ConfigError if impossible)
         heads = (o["proj_hidden"], o["proj_dim"], o["pred_hidden"], o["distance"])
         self.inter = SimSiamModel(self.make_encoder(), *heads)
         self.intra = nn.ModuleList(SimSiamModel(self.make_encoder(), *heads) for _ in range(int(o["num_clusters"])))
@@ -454,11 +565,22 @@ class SepaRegMethod(PretrainMethod):
         self.region_set: RegionSet | None = None
         self.student_initialised = False
 
-    # state that is not a tensor: the k-means result
+    @classmethod
+    def planned_iterations(cls, config) -> dict[str, int]:
+        return stage_budget(config.iterations, {**cls.default_options, **config.options})
+
+    # state that is not a tensor: the k-means result, and the budget it was trained under
     def get_extra_state(self):
-        return {"clusters": self.clusters, "region_key": self.region_key, "student_initialised": self.student_initialised}
+        return {"clusters": self.clusters, "region_key": self.region_key, "student_initialised": self.student_initialised,
+                "budget": self.budget}
 
     def set_extra_state(self, state) -> None:
+        saved = state.get("budget")  # absent: a run from before budgets, where every stage ran `iterations`
+        if saved is None and self.options["budget"] != "per-stage":
+            raise ConfigError("this training state is from before step budgets (every stage ran `iterations` steps, 32 regions "
+                              "per slice): finish it with the version that started it, or start over")
+        if saved is not None and dict(saved) != self.budget:
+            raise ConfigError(f"this training state was planned as {dict(saved)} steps, this run as {self.budget}")
         self.clusters = state.get("clusters")
         self.region_key = state.get("region_key", "")
         self.student_initialised = bool(state.get("student_initialised", False))
@@ -471,7 +593,8 @@ class SepaRegMethod(PretrainMethod):
             with main_process_first():
                 self.region_set = build_region_set(
                     volumes, o["n_segments"], o["compactness"], o["sigma"], o["min_body_pixels"],
-                    cache_dir=cache, num_workers=cfg.num_workers, seed=cfg.seed,
+                    cache_dir=cache, num_workers=cfg.num_workers, seed=cfg.seed, pixel_mm=cfg.spacing,
+                    region_area_mm2=o["region_area_mm2"], slic_spacing=o["slic_spacing"],
                 )
         return self.region_set
 
@@ -520,24 +643,29 @@ class SepaRegMethod(PretrainMethod):
         return np.flatnonzero(self.clusters == k)
 
     # stages --------------------------------------------------------------------------------
-    def _iters(self, name: str) -> int:
-        n = self.options[f"{name}_iterations"]
-        return int(n) if n else int(self.config.iterations)
-
     def stages(self, volumes, ctx: RunContext) -> Iterator[Stage]:
         o = self.options
-        yield Stage("inter", self.inter, self.build_dataset(volumes), self._iters("inter"))
+        yield Stage("inter", self.inter, self.build_dataset(volumes), self.budget["inter"])
 
         if self.clusters is None or self.region_key != self.region_set.key:
             self.clusters = self.cluster(ctx)
             self.region_key = self.region_set.key
         augment = augment_from_options(self.config.image_size, o)
-        for k, model in enumerate(self.intra):
-            indices = self.subset(k)
-            if len(indices) < 2 * max(1, ctx.world_size):
-                logger.warning("cluster %d has %d region(s): its intra-organ model stays untrained", k, len(indices))
+        trained = []
+        for k in range(len(self.intra)):
+            if len(self.subset(k)) < 2 * max(1, ctx.world_size):
+                logger.warning("cluster %d has %d region(s): its intra-organ model stays untrained", k, len(self.subset(k)))
+            else:
+                trained.append(k)
+        # the intra budget is shared evenly by the models that train (a skipped cluster's share goes to the others)
+        per_model = split_steps(self.budget["intra"], [1] * len(trained)) if trained else []
+        if o["budget"] == "per-stage":
+            per_model = [self.budget["intra"] // len(self.intra)] * len(trained)
+        for k, steps in zip(trained, per_model):
+            if steps < 1:
+                logger.warning("intra-organ model %d gets no step of the budget: it stays untrained", k)
                 continue
-            yield Stage(f"intra{k}", model, TwoViews(self.region_dataset(indices), augment), self._iters("intra"))
+            yield Stage(f"intra{k}", self.intra[k], TwoViews(self.region_dataset(self.subset(k)), augment), steps)
 
         if o["student_init"] == "inter" and not self.student_initialised:
             self.encoder.load_state_dict(self.inter.encoder.state_dict())
@@ -549,7 +677,7 @@ class SepaRegMethod(PretrainMethod):
         dataset: Dataset = self.region_dataset(self.kept_indices(), targets=self.clusters)
         if o["distill_augment"]:
             dataset = AugmentedWithTarget(dataset, augment)
-        yield Stage("distill", distiller, dataset, self._iters("distill"))
+        yield Stage("distill", distiller, dataset, self.budget["distill"])
 
     def output_meta(self) -> dict:
         meta: dict = {"student": "distilled (SepaReg IID)"}

@@ -395,6 +395,7 @@ class Trainer:
         meta = {
             "method": cfg.method,
             "iterations": total,
+            "planned_iterations": method_cls.planned_iterations(cfg),
             "stages": {n: {"iterations": len(self.history.get(n, [])), "final_loss": final[n]} for n in stage_names},
             "final_loss": final[stage_names[-1]] if stage_names else None,
             "image_size": cfg.image_size,

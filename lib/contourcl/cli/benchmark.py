@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", nargs="+", type=int, help="numbers of labeled cases (default 1 5 20)")
     p.add_argument("--draws", type=int, help="random draws of the labeled cases per size")
     p.add_argument("--pool", type=int, help="training CTs for pretraining (default: the scale's; 0: all)")
-    p.add_argument("--pretrain-iterations", type=int, help="override the scale's pretraining steps per stage")
+    p.add_argument("--pretrain-iterations", type=int, help="override the scale's pretraining steps (per method, in total)")
     p.add_argument("--finetune-steps", type=int, help="override the scale's fine-tuning steps")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance in mm (default %(default)s)")
     p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: CPU cores on CPU, 1 on a GPU)")

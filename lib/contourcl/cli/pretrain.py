@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", nargs="+", metavar="DIR", help="CT images: files, folders of *.nii.gz, or folders of case folders (OpenKBP pt_*/ct.nii.gz)")
     parser.add_argument("--out", metavar="CKPT", help="encoder checkpoint to write (the training state goes to CKPT.state.pt)")
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of settings (command-line options win)")
-    parser.add_argument("--iterations", type=int, help="optimisation steps per stage")
+    parser.add_argument("--iterations", type=int, help="optimisation steps of the whole run (SepaReg splits them over its stages)")
     parser.add_argument("--batch-size", type=int, help="batch size per process")
     parser.add_argument("--encoder", choices=sorted(RESNET_SPECS), help="encoder depth (default resnet18)")
     parser.add_argument("--width", type=int, help="encoder width (64: standard ResNet; default 32)")
