@@ -9,16 +9,10 @@
    are built once by worker processes and cached on disk; the region images are cut on the fly
    by the DataLoader workers (cheap: a crop and a resize).
 
-   Region size (issue 9): the paper seeds "32 cluster centres on the regular grid" of an image
-   (Method, SIS); the authors' code runs SLIC on 384 x 384 crops at about 1 mm, so a superpixel
-   covers about (384 mm)^2 / 32 = 4608 mm^2 (:data:`PAPER_REGION_AREA_MM2`). Pretraining sees 4 mm
-   pixels and only the body, where 32 regions per slice are 6-10x smaller (median 784 mm^2,
-   10 px boxes upsampled 13x on OpenKBP). So the number of centres of a slice is its body area
-   over ``region_area_mm2`` (default 4608): median 4832 mm^2 on OpenKBP against 4723 mm^2 for the
-   authors' protocol's uncut superpixels (docs/separeg-regions.md, ``benchmarks/bench_slic_regions.py``).
-   ``region_area_mm2=None`` gives the old fixed ``n_segments`` per slice. ``slic_spacing`` runs
-   SLIC on the slice resampled to a finer spacing: measured, it changes neither the region sizes
-   nor the 4 mm pixels the regions are cut from, and costs 4-13x the time, so it is off.
+   Region size (issue 9): a slice gets (body area / ``region_area_mm2``) SLIC centres, default
+   4608 mm^2, the paper's 32 centres on a 384 mm crop at ~1 mm (:data:`PAPER_REGION_AREA_MM2`);
+   ``region_area_mm2=None`` is the old fixed ``n_segments``; ``slic_spacing`` (finer SLIC) is off,
+   measured to change nothing but the time (docs/separeg-regions.md).
 2. **Inter-organ model** (stage ``inter``): SimSiam on regions (Eq. 1-2,
    :mod:`contourcl.training.pretrain.simsiam`): encoder, projector (Linear-BN-ReLU-Linear, 4096, 256),
    predictor of the same shape, stop-gradient.
@@ -49,16 +43,9 @@
      encoder) and sees the un-augmented regions (``distill_augment=True``: one augmented view,
      the same for student and teachers).
 
-Augmentation, a deviation (issue 9): the paper and the authors' code use colour/brightness
-jitter (p 0.3), blur (p 0.2) and a random resized crop; here the SimSiam augmentation also flips
-horizontally (``flip_p`` 0.5, inherited from :mod:`~contourcl.training.pretrain.simsiam`;
-``--set flip_p=0`` leaves it out). A left-right flip of a whole slice would swap Parotid_R and
-Parotid_L, but SepaReg never flips slices: it flips *regions*, superpixels cut to their
-bounding box, and no region carries a side or a structure name. The positive pair is two views
-of the same region, the inter-organ stage and k-means group regions by appearance only, so the
-flip only asks for mirror-invariant region features (a flipped right-parotid region looks like
-a left-parotid one, the same organ), and no label is contradicted. (AGCL, whose classes are
-named structures, keeps flips off for that reason.)
+Augmentation, a deviation (issue 9): the SimSiam views also flip horizontally (``flip_p`` 0.5;
+``--set flip_p=0`` leaves it out). It swaps no label: SepaReg flips *regions*, which carry no side
+or structure name (docs/design-notes.md).
 
 Step budget (issue 9): the paper pretrains every method "for 100k iterations in total"
 (Experiments, Pretrain stage) without splitting SepaReg's share. ``budget="total"`` (default)
