@@ -264,8 +264,8 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
 
 
 def test_a_failed_send_is_answered_and_retried(orthanc, tmp_path):
-    """The PACS refuses a STOW-RS: the label is kept in the cache, the client gets 502, and the
-    next refresh stores the contours."""
+    """The PACS does not take a STOW-RS: the label is kept in the cache, the client gets 502, and
+    the next refresh stores the contours. Then the local datastore's checks, on a PACS image."""
     from fastapi import HTTPException
 
     from contourcl.serving.dicomweb import open_pacs
@@ -297,6 +297,27 @@ def test_a_failed_send_is_answered_and_retried(orthanc, tmp_path):
     assert store.mirror.pending() == []
     modalities = {ds.Modality for ds in _qido(orthanc["dicomweb"], f"studies/{geo.study_uid}/series")}
     assert modalities == {"CT", "RTSTRUCT", "SEG"}
+
+    # a corrected final label, numbered as Slicer numbers it: renamed by structure, the replaced
+    # one kept in the history, and a second RTSTRUCT + SEG stored (the first stays in the PACS)
+    slicer = np.zeros_like(truth, dtype=np.uint8)
+    slicer[truth == STORED_LABELS["Mandible"]] = 1
+    slicer[truth == STORED_LABELS["Parotid_L"]] = 2
+    nib.save(nib.Nifti1Image(slicer, image.affine), str(tmp_path / "corrected.nii.gz"))
+    store.save_label(image_id, str(tmp_path / "corrected.nii.gz"), "final",
+                     {"label_info": [{"name": "Mandible", "idx": 1}, {"name": "Parotid_L", "idx": 2}]})
+    stored = np.asanyarray(nib.load(store.get_label_uri(image_id, "final")).dataobj)
+    assert set(np.unique(stored)) == {0, STORED_LABELS["Mandible"], STORED_LABELS["Parotid_L"]}
+    assert len(list((store.mirror.cache / ".contourcl" / "label-history" / "final").glob(f"{image_id}.*.nii.gz"))) == 1
+    segs = [ds for ds in _qido(orthanc["dicomweb"], f"studies/{geo.study_uid}/series") if ds.Modality == "SEG"]
+    assert len(segs) == 2
+
+    # a label off the image's grid is refused before anything is written or sent
+    nib.save(nib.Nifti1Image(slicer[:, :, :-1], image.affine), str(tmp_path / "wrong.nii.gz"))
+    with pytest.raises(HTTPException) as err:
+        store.save_label(image_id, str(tmp_path / "wrong.nii.gz"), "final", {})
+    assert err.value.status_code == 422
+    assert len([ds for ds in _qido(orthanc["dicomweb"], f"studies/{geo.study_uid}/series") if ds.Modality == "SEG"]) == 2
 
 
 def test_server_start_names_a_pacs_that_does_not_answer(tmp_path):

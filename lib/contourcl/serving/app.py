@@ -64,7 +64,9 @@ class ContourApp(MONAILabelApp):
     ``--conf`` keys: ``models`` (``all`` or ``oar,gtv``), ``weights`` (a subfolder of
     ``<app_dir>/model`` to serve instead, see :func:`model_dir`), ``<model>_init`` (a pretraining
     checkpoint used when no model file exists yet), ``skip_trainers``, ``skip_strategies``,
-    ``skip_scoring``, ``insecure``, ``max_upload_mb``, ``max_model_mb``.
+    ``skip_scoring``, ``insecure``, ``max_upload_mb``, ``max_model_mb``, ``dicom_export``; for
+    ``--studies http(s)://.../dicom-web`` (:mod:`contourcl.serving.dicomweb`): ``dicomweb_cache``,
+    ``dicomweb_search``, ``dicomweb_refresh_s``, ``dicomweb_timeout_s``, ``dicomweb_import_seg``.
     """
 
     #: ``{model: config}``, set by the app's ``main.py`` from its ``lib/configs/``

@@ -115,7 +115,9 @@ def _client(url: str, timeout: float):
     if user:
         session.auth = (user, password)
     client = DICOMwebClient(url=url, session=session)
-    client.set_http_retry_params(retry=False)  # an error is reported at once, not after minutes of back-off
+    # dicomweb-client retries every error 5 times with 2-16 s waits (30 s before a down PACS is
+    # reported); 3 tries 0.5 and 1 s apart still ride out a busy PACS' 503
+    client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=250)
     return client
 
 
@@ -143,6 +145,7 @@ class PacsMirror:
         self.client = _client(self.url, self.timeout)
         self.last_sync: str | None = None
         self.last_error: str | None = None
+        self._pending_lock = threading.Lock()  # the pending list is changed by requests and by the refresh
 
     @property
     def _dir(self) -> Path:
@@ -235,34 +238,36 @@ class PacsMirror:
         state["url"] = self.url
         known = state.setdefault("series", {})
         counts = {"new": 0, "changed": 0, "refused": 0}
-        for ds in series:
-            series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-            study_uid = str(ds.get("StudyInstanceUID", "") or "")
-            if not series_uid or not study_uid:
-                continue
-            image_id = image_id_of(series_uid)
-            instances = str(ds.get("NumberOfSeriesRelatedInstances", "") or "")
-            entry = known.get(series_uid, {})
-            have = (self.cache / f"{image_id}.nii.gz").is_file() and image_id in images
-            if entry.get("instances") == instances and (entry.get("refused") or have):
-                continue
-            tmp = self._fetch(study_uid, series_uid, image_id)
-            try:
-                read_series_geometry(tmp, series_uid)  # headers only: refuse before replacing anything
-                folder = self._install(tmp, image_id)
-                images[image_id] = convert_series(self.cache, image_id, folder, series_uid, instances,
-                                                  study_uid=study_uid, source=self.url)
-            except (ContourCLError, OSError, ValueError) as err:
-                shutil.rmtree(tmp, ignore_errors=True)
-                known[series_uid] = {"image": image_id, "study_uid": study_uid, "instances": instances, "refused": str(err)}
-                counts["refused"] += 1
-                logger.warning("PACS series %s left out: %s", series_uid, err)
-                continue
-            counts["changed" if entry else "new"] += 1
-            known[series_uid] = {"image": image_id, "study_uid": study_uid, "instances": instances}
-            logger.info("PACS series %s (%s instances) -> image %s", series_uid, instances, image_id)
-        registry["refused"] = {uid: e["refused"] for uid, e in known.items() if e.get("refused")}
-        write_registry(self.cache, registry)
+        try:  # what was fetched is recorded even when the PACS stops answering half-way
+            for ds in series:
+                series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+                study_uid = str(ds.get("StudyInstanceUID", "") or "")
+                if not series_uid or not study_uid:
+                    continue
+                image_id = image_id_of(series_uid)
+                instances = str(ds.get("NumberOfSeriesRelatedInstances", "") or "")
+                entry = known.get(series_uid, {})
+                have = (self.cache / f"{image_id}.nii.gz").is_file() and image_id in images
+                if entry.get("instances") == instances and (entry.get("refused") or have):
+                    continue
+                tmp = self._fetch(study_uid, series_uid, image_id)
+                try:
+                    read_series_geometry(tmp, series_uid)  # headers only: refuse before replacing anything
+                    folder = self._install(tmp, image_id)
+                    images[image_id] = convert_series(self.cache, image_id, folder, series_uid, instances,
+                                                      study_uid=study_uid, source=self.url)
+                except (ContourCLError, OSError, ValueError) as err:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    known[series_uid] = {"image": image_id, "study_uid": study_uid, "instances": instances, "refused": str(err)}
+                    counts["refused"] += 1
+                    logger.warning("PACS series %s left out: %s", series_uid, err)
+                    continue
+                counts["changed" if entry else "new"] += 1
+                known[series_uid] = {"image": image_id, "study_uid": study_uid, "instances": instances}
+                logger.info("PACS series %s (%s instances) -> image %s", series_uid, instances, image_id)
+        finally:
+            registry["refused"] = {uid: e["refused"] for uid, e in known.items() if e.get("refused")}
+            write_registry(self.cache, registry)
         self.last_sync = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.last_error = None
         counts["images"] = sum(1 for e in images.values() if e.get("source") == self.url)
@@ -339,27 +344,29 @@ class PacsMirror:
         os.replace(tmp, path)
 
     def add_pending(self, image_id: str, study_uid: str, files, error: str) -> None:
-        items = self.pending()
-        items.append({"image": image_id, "study_uid": study_uid, "error": error,
-                      "files": [str(Path(f).resolve().relative_to(self.cache.resolve())) for f in files]})
-        self._write_pending(items)
+        with self._pending_lock:
+            items = self.pending()
+            items.append({"image": image_id, "study_uid": study_uid, "error": error,
+                          "files": [str(Path(f).resolve().relative_to(self.cache.resolve())) for f in files]})
+            self._write_pending(items)
 
     def send_pending(self) -> int:
         """Retry the exports a failed STOW-RS left behind; returns how many are still pending."""
-        items, left = self.pending(), []
-        for item in items:
-            files = [self.cache / f for f in item["files"]]
-            if not all(f.is_file() for f in files):
-                logger.warning("pending export of %s dropped: its files are gone (%s)", item["image"], item["files"])
-                continue
-            try:
-                stored = self.send(files, item["study_uid"])
-            except PacsError as err:
-                left.append({**item, "error": str(err)})
-                continue
-            logger.info("pending export of %s stored in the PACS: %s", item["image"], stored)
-        if items:
-            self._write_pending(left)
+        with self._pending_lock:
+            items, left = self.pending(), []
+            for item in items:
+                files = [self.cache / f for f in item["files"]]
+                if not all(f.is_file() for f in files):
+                    logger.warning("pending export of %s dropped: its files are gone (%s)", item["image"], item["files"])
+                    continue
+                try:
+                    stored = self.send(files, item["study_uid"])
+                except PacsError as err:
+                    left.append({**item, "error": str(err)})
+                    continue
+                logger.info("pending export of %s stored in the PACS: %s", item["image"], stored)
+            if items:
+                self._write_pending(left)
         return len(left)
 
 
@@ -539,5 +546,9 @@ def open_pacs(url: str, app_dir: str | Path, conf: dict, *, offline: bool = Fals
     store = PacsDatastore(mirror, refresh_s=refresh_s, offline=offline,
                           import_seg=str(conf.get("dicomweb_import_seg", "contourcl")).strip().lower(), **datastore_kwargs)
     if not offline:
-        store.import_segs()
+        try:
+            store.import_segs()
+        except PacsError as err:  # the CTs are served; SEGs are looked for again at the next refresh
+            mirror.last_error = str(err)
+            logger.warning("SEGs of the PACS not imported now: %s", err)
     return store

@@ -161,7 +161,7 @@ def export_label(studies: str | Path, image_id: str, label, affine, tag: str, de
     folder, series_uid = source
     geometry = read_series_geometry(folder, series_uid)
     out_dir = Path(studies) / ".contourcl" / "dicom" / image_id
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() // 1000 % 10**6:06d}"  # two saves in a second: two files
     written = {}
     # a clinician's final label started from the model and was corrected by hand
     common = dict(geometry=geometry, algorithm_name="ContourCL", algorithm_version=description,
