@@ -16,10 +16,11 @@ from contourcl.errors import InvalidImageError
 from contourcl.ids import check_id
 from contourcl.serving.config import ModelConfig
 from contourcl.serving.datastore import SafeDatastore
+from contourcl.serving.dicomweb import is_dicomweb, open_pacs
 from contourcl.serving.endpoints import install as install_endpoints
 from contourcl.serving.errors import http_errors
 from contourcl.serving.infer import ContourInferTask
-from contourcl.serving.lifecycle import TrainerBusyError
+from contourcl.serving.lifecycle import TrainerBusyError, in_task_subprocess
 from contourcl.serving.model_store import ModelStore
 from contourcl.serving.retrain import consider_model_file
 from contourcl.serving.scoring import UncertaintyScoring, request_scoring
@@ -63,7 +64,9 @@ class ContourApp(MONAILabelApp):
     ``--conf`` keys: ``models`` (``all`` or ``oar,gtv``), ``weights`` (a subfolder of
     ``<app_dir>/model`` to serve instead, see :func:`model_dir`), ``<model>_init`` (a pretraining
     checkpoint used when no model file exists yet), ``skip_trainers``, ``skip_strategies``,
-    ``skip_scoring``, ``insecure``, ``max_upload_mb``, ``max_model_mb``.
+    ``skip_scoring``, ``insecure``, ``max_upload_mb``, ``max_model_mb``, ``dicom_export``; for
+    ``--studies http(s)://.../dicom-web`` (:mod:`contourcl.serving.dicomweb`): ``dicomweb_cache``,
+    ``dicomweb_search``, ``dicomweb_refresh_s``, ``dicomweb_timeout_s``, ``dicomweb_import_seg``.
     """
 
     #: ``{model: config}``, set by the app's ``main.py`` from its ``lib/configs/``
@@ -77,13 +80,20 @@ class ContourApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name=name, description=description, version="0.1.0")
 
     def init_datastore(self):
-        if "://" in str(self.studies):
-            # MONAI Label's own DICOMweb datastore skips every check of SafeDatastore (issue 11):
-            # refuse rather than create a local folder named after the URL
-            raise ValueError(f"--studies {self.studies}: a DICOMweb server is not supported yet; give a local folder "
-                             "(NIfTI/NRRD files, or DICOM CT series in subfolders)")
-        ingest_series(self.studies)  # DICOM CT series in subfolders become images (contourcl.serving.series)
         export = str(self.conf.get("dicom_export", "true")).lower() != "false"
+        if is_dicomweb(self.studies):
+            # a DICOMweb PACS: mirrored into a local cache folder, a SafeDatastore with every check
+            # (contourcl.serving.dicomweb); from here on self.studies is that folder (scores live there)
+            self.studies_url = str(self.studies).strip().rstrip("/")
+            store = open_pacs(self.studies_url, self.app_dir, self.conf, offline=in_task_subprocess(),
+                              extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True, dicom_export=export)
+            self.studies = str(store.mirror.cache)
+            return store
+        if "://" in str(self.studies):
+            raise ValueError(f"--studies {self.studies}: only http:// and https:// DICOMweb servers are supported; "
+                             "give such a URL or a local folder (NIfTI/NRRD files, or DICOM CT series in subfolders)")
+        self.studies_url = None
+        ingest_series(self.studies)  # DICOM CT series in subfolders become images (contourcl.serving.series)
         return SafeDatastore(self.studies, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True, dicom_export=export)
 
     def init_infers(self):
@@ -118,6 +128,7 @@ class ContourApp(MONAILabelApp):
         :meth:`SafeDatastore.check_image`) is skipped, with its reason logged and in ``/info/``.
         """
         strategy = request.get("strategy") or "random"
+        self.datastore().refresh_studies()  # a DICOMweb PACS: new series, at most every dicomweb_refresh_s
         task = self._strategies.get(strategy)
         if task is None:
             raise HTTPException(404, f"unknown active-learning strategy {strategy!r}; this server has {sorted(self._strategies)}")
@@ -138,14 +149,25 @@ class ContourApp(MONAILabelApp):
         """MONAI Label's app info, plus ``"security"``: auth on/off, host, the insecure override
         and its warning, the upload limits (:func:`contourcl.serving.security.status`); and
         ``"unusable_images"``: the studies-folder files found not to be usable CTs, with why; and
-        ``"refused_series"``: the DICOM series there that could not become images, with why."""
+        ``"refused_series"``: the DICOM series there that could not become images, with why; and
+        ``"studies"``: where the studies are (a folder, or a DICOMweb PACS and its cache folder)."""
+        self.datastore().refresh_studies()
         meta = super().info()
+        meta["studies"] = self.studies_status()
         meta["security"] = security_status(self)
         # images in the studies folder that are not usable CTs: skipped by next-sample and training
         meta["unusable_images"] = {i: e["reason"] for i, e in self.datastore().unusable().items()}
         # DICOM series in the studies folder that could not become images, with why
         meta["refused_series"] = refused_series(self.studies)
         return meta
+
+    def studies_status(self) -> dict:
+        """``{"kind": "folder", "path"}``, or for a DICOMweb PACS its URL, cache folder, last sync
+        and exports not yet stored (:meth:`contourcl.serving.dicomweb.PacsDatastore.studies_status`)."""
+        store = self.datastore()
+        if hasattr(store, "studies_status"):
+            return store.studies_status()
+        return {"kind": "folder", "path": str(self.studies)}
 
     def on_init_complete(self):
         """Runs once in the server process (not in the training subprocess), before the first

@@ -16,7 +16,8 @@ On top of MONAI Label's ``LocalDatastore``:
   voxels, not the client's numbering;
 - a ``final`` label that is replaced is first copied to ``.contourcl/label-history/``;
 - a ``final`` label of an image that came from a DICOM series is also written as an RTSTRUCT and a
-  SEG on the series' grid (:func:`contourcl.serving.series.export_label`).
+  SEG on the series' grid (:func:`contourcl.serving.series.export_label`; a DICOMweb PACS as the
+  studies also gets them: :mod:`contourcl.serving.dicomweb`).
 
 Nothing is written until every check has passed.
 """
@@ -244,12 +245,27 @@ class SafeDatastore(LocalDatastore):
             saved = super().save_label(image_id, str(out), label_tag, label_info)
         if label_tag == "final" and self.dicom_export and present:
             # a DICOM-series image: the clinician's contours also as RTSTRUCT and SEG on the series
-            try:
-                written = export_label(self._datastore_path, image_id, stored, image[1], label_tag, "clinician-reviewed")
-            except Exception as err:  # the label is stored; a failed export must not lose it
-                logger.warning("label of %s stored, but its DICOM export failed: %s", image_id, err)
-            else:
-                if written:
-                    logger.info("label of %s exported as DICOM: %s", image_id, written)
-                    super().update_label_info(image_id, label_tag, {**label_info, "dicom": written})
+            extra = self.export_final(image_id, stored, image[1], label_info)
+            if extra:
+                super().update_label_info(image_id, label_tag, {**label_info, **extra})
         return saved
+
+    def export_final(self, image_id: str, stored: np.ndarray, affine: np.ndarray, label_info: dict) -> dict:
+        """Write a just-stored ``final`` label of a DICOM-series image as RTSTRUCT and SEG
+        (:func:`contourcl.serving.series.export_label`); returns what to add to its label info
+        (``{"dicom": {kind: path}}``, or ``{}`` for an image that is not from a series). A failed
+        export is logged: the label is stored already, and is not lost for it."""
+        try:
+            written = export_label(self._datastore_path, image_id, stored, affine, "final", "clinician-reviewed")
+        except Exception as err:  # the label is stored; a failed export must not lose it
+            logger.warning("label of %s stored, but its DICOM export failed: %s", image_id, err)
+            return {}
+        if not written:
+            return {}
+        logger.info("label of %s exported as DICOM: %s", image_id, written)
+        return {"dicom": written}
+
+    def refresh_studies(self, force: bool = False, wait: bool = False) -> None:
+        """Look for new studies where the studies come from a server (see
+        :class:`contourcl.serving.dicomweb.PacsDatastore`); nothing to do for a local folder,
+        which MONAI Label watches."""

@@ -53,6 +53,33 @@ def _write(studies: Path, registry: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_registry(studies: str | Path) -> dict:
+    """The studies folder's registry of series images (``{"images": {id: entry}, "refused": {...}}``)."""
+    return _read(Path(studies))
+
+
+def write_registry(studies: str | Path, registry: dict) -> None:
+    """Replace the registry (atomically: a reader sees the old or the new one)."""
+    _write(Path(studies), registry)
+
+
+def convert_series(studies: str | Path, image_id: str, folder: str | Path, series_uid: str, state: str, **extra) -> dict:
+    """Write the series ``series_uid`` under ``folder`` (inside ``studies``) as ``<studies>/<image_id>.nii.gz``
+    (atomically) and return its registry entry (``folder`` relative to ``studies``, ``series_uid``,
+    ``state``, ``time`` and ``extra``); the caller stores the entry. Raises what the series reader
+    raises for a series that is not a usable CT."""
+    studies, folder = Path(studies), Path(folder)
+    tmp = studies / ".contourcl" / f".{image_id}.{os.getpid()}.{time.time_ns()}.nii.gz"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_nifti_from_series(folder, tmp, series_uid)
+        os.replace(tmp, studies / f"{image_id}.nii.gz")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"folder": str(folder.relative_to(studies)), "series_uid": series_uid, "state": state,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+
+
 def _fingerprint(files) -> str:
     """The series' state: its files' names, sizes and modification times."""
     h = hashlib.sha256()
@@ -96,15 +123,10 @@ def ingest_series(studies: str | Path) -> dict[str, str]:
                 refused[f"{folder.name}:{s.series_uid}"] = f"{out.name} already exists and is not from this series: not overwritten"
                 continue
             try:
-                tmp = studies / ".contourcl" / f".{image_id}.{os.getpid()}.nii.gz"
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-                write_nifti_from_series(folder, tmp, s.series_uid)
-                os.replace(tmp, out)
+                images[image_id] = convert_series(studies, image_id, folder, s.series_uid, state)
             except (ContourCLError, OSError, ValueError) as err:
                 refused[f"{folder.name}:{s.series_uid}"] = str(err)
                 continue
-            images[image_id] = {"folder": str(folder.relative_to(studies)), "series_uid": s.series_uid, "state": state,
-                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             found[image_id] = images[image_id]["folder"]
             logger.info("DICOM series %s (%d files) -> image %s", folder.name, len(s.files), image_id)
     for what, reason in refused.items():
@@ -139,7 +161,7 @@ def export_label(studies: str | Path, image_id: str, label, affine, tag: str, de
     folder, series_uid = source
     geometry = read_series_geometry(folder, series_uid)
     out_dir = Path(studies) / ".contourcl" / "dicom" / image_id
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() // 1000 % 10**6:06d}"  # two saves in a second: two files
     written = {}
     # a clinician's final label started from the model and was corrected by hand
     common = dict(geometry=geometry, algorithm_name="ContourCL", algorithm_version=description,

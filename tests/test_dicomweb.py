@@ -1,0 +1,341 @@
+"""A DICOMweb PACS (a real Orthanc with its DICOMweb plugin) as the studies of the real server.
+
+Orthanc runs on 127.0.0.1 and a free port with its own storage folder; it is given two phantom
+CT series (one JPEG 2000 lossless, feet first: Orthanc 1.10 cannot transcode it, so the app must
+ask for the stored syntax), and later a series with a missing slice. The real MONAI Label server
+is started on ``--studies http://127.0.0.1:<port>/dicom-web`` and driven as Slicer would: info,
+next sample, infer, submit final labels, retrain, infer again; the RTSTRUCTs and SEGs the app
+sent are read back from Orthanc. Skipped only where the Orthanc binary is not installed (CI
+installs it: ``.ci/run``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client import DICOMwebClient
+from monailabel.client import MONAILabelClient
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless
+
+from contourcl.data.dicom_series import read_series_geometry, write_ct_series
+from contourcl.data.labels import STORED_LABELS, from_model
+from contourcl.data.phantom import make_phantom
+from contourcl.data.rtstruct import read_rtstruct, to_series_grid
+from contourcl.data.seg import read_seg
+
+from conftest import free_port, wait_until_serving
+
+REPO = Path(__file__).resolve().parents[1]
+ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")  # not on a user's PATH
+pytestmark = [
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; .ci/run does)"),
+]
+PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so*",
+                "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def _plugin() -> str:
+    for pattern in PLUGIN_PATHS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    pytest.fail(f"Orthanc is installed but its DICOMweb plugin is not (apt-get install orthanc-dicomweb); looked in {PLUGIN_PATHS}")
+
+
+def _env() -> dict:
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory):
+    """``{"url": Orthanc's REST root, "dicomweb": its DICOMweb root}``: a fresh, empty Orthanc per test."""
+    root = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    config = {
+        "Name": "ContourCL test PACS", "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(),
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "storage"), "SaveJobs": False, "ConcurrentJobs": 1, "HttpThreadsCount": 8,
+        "Plugins": [_plugin()], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config, indent=1))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}")
+            try:
+                if "dicom-web" in requests.get(f"{url}/plugins", timeout=5).json():
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"Orthanc did not start:\n{(root / 'orthanc.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield {"url": url, "dicomweb": f"{url}/dicom-web", "root": root}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _upload(orthanc_url: str, files) -> None:
+    for f in files:
+        requests.post(f"{orthanc_url}/instances", data=Path(f).read_bytes(), timeout=30).raise_for_status()
+
+
+def _to_jpeg2000(files) -> None:
+    """Re-encode a written series as JPEG 2000 lossless (openjpeg), as a PACS may store it."""
+    import openjpeg
+
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PixelData = encapsulate([openjpeg.encode(ds.pixel_array, bits_stored=16)])
+        ds["PixelData"].is_undefined_length = True
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.save_as(f, write_like_original=False)
+
+
+def _series(root: Path) -> dict[str, Path]:
+    """``{name: folder}`` of the phantom series: ``plain`` (HFS, uncompressed), ``j2k`` (FFS,
+    JPEG 2000 lossless), ``gap`` (a missing slice: not a CT grid)."""
+    out = {}
+    for seed, name, position in ((21, "plain", "HFS"), (22, "j2k", "FFS"), (23, "gap", "HFS")):
+        ct, _, affine = make_phantom(seed, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
+        files = write_ct_series(ct, affine, root / name, patient_id=f"phantom_{name}", patient_position=position)
+        if name == "j2k":
+            _to_jpeg2000(files)
+        if name == "gap":
+            files[7].unlink()
+        out[name] = root / name
+    return out
+
+
+def _qido(dicomweb: str, path: str, **params) -> list[pydicom.Dataset]:
+    r = requests.get(f"{dicomweb}/{path}", params=params, headers={"Accept": "application/dicom+json"}, timeout=30)
+    r.raise_for_status()
+    return [pydicom.Dataset.from_json(item) for item in (r.json() if r.content else [])]
+
+
+def _wait_for_training(url: str, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = requests.get(f"{url}/train/", timeout=30).json()
+        if status.get("status") not in ("SUBMITTED", "RUNNING"):
+            return status
+        time.sleep(2)
+    raise TimeoutError("training did not finish")
+
+
+def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
+    timings = {}
+    started = time.time()
+    series = _series(tmp_path / "series")
+    geometry = {name: read_series_geometry(folder) for name, folder in series.items() if name != "gap"}
+    by_uid = {geo.series_uid: name for name, geo in geometry.items()}
+    _upload(orthanc["url"], sorted(series["plain"].iterdir()) + sorted(series["j2k"].iterdir()))
+
+    app = tmp_path / "radonc"
+    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache"))
+    port = free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", orthanc["dicomweb"],
+         "--conf", "models", "oar", "--conf", "weights", "synthetic", "--conf", "dicomweb_refresh_s", "0",
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(proc, url, log)
+        timings["start"] = time.time() - started
+        client = MONAILabelClient(url, tmpdir=str(tmp_path / "client"))
+        (tmp_path / "client").mkdir()
+
+        # the two CTs are the images (ids: their SeriesInstanceUIDs), cached next to the app
+        info = client.info()
+        cache = app / "dicomweb-cache" / f"127.0.0.1_{orthanc['url'].rsplit(':', 1)[1]}_dicom-web"
+        assert info["studies"]["kind"] == "dicomweb" and info["studies"]["url"] == orthanc["dicomweb"]
+        assert Path(info["studies"]["cache"]) == cache.resolve()
+        assert info["datastore"]["total"] == 2
+        assert {p.name.removesuffix(".nii.gz") for p in cache.glob("*.nii.gz")} == set(by_uid)
+
+        # a series added to the PACS later is looked at on the next refresh; one that is not a
+        # CT grid is named with why
+        _upload(orthanc["url"], sorted(series["gap"].iterdir()))
+        deadline = time.time() + 60
+        while not (info := client.info())["refused_series"] and time.time() < deadline:
+            time.sleep(0.5)  # the refresh runs in the background
+        assert info["datastore"]["total"] == 2
+        assert len(info["refused_series"]) == 1 and "gap" in next(iter(info["refused_series"].values())), info["refused_series"]
+
+        assert client.next_sample("random", {})["id"] in by_uid
+        assert client.next_sample("oar_uncertainty", {})["id"] in by_uid
+
+        # infer on each CT (one was JPEG 2000 in the PACS), the clinician accepts the result
+        accepted = {}
+        for image_id, name in by_uid.items():
+            result_file, params = client.infer("oar", image_id, {})
+            image = nib.load(cache / f"{image_id}.nii.gz")
+            pred = nib.load(result_file)
+            assert pred.shape == image.shape == geometry[name].shape and np.allclose(pred.affine, image.affine, atol=1e-4)
+            accepted[image_id] = from_model(np.asanyarray(pred.dataobj), "oar").astype(np.uint8)
+            assert accepted[image_id].any()
+            label_file = tmp_path / f"accepted_{name}.nii.gz"
+            nib.save(nib.Nifti1Image(accepted[image_id], image.affine), str(label_file))
+            client.save_label(image_id, str(label_file), tag="final", params={})
+            first_version = params["model_version"]
+        timings["infer+submit"] = time.time() - started - timings["start"]
+
+        # the PACS now holds, in each study, an RTSTRUCT and a SEG on the CT's own instances
+        pacs = DICOMwebClient(orthanc["dicomweb"])
+        for image_id, name in by_uid.items():
+            geo = geometry[name]
+            found = {ds.Modality: ds.SeriesInstanceUID for ds in _qido(orthanc["dicomweb"], f"studies/{geo.study_uid}/series")}
+            assert set(found) == {"CT", "RTSTRUCT", "SEG"}, found
+            expected = to_series_grid(accepted[image_id], nib.load(cache / f"{image_id}.nii.gz").affine, geo)
+            present = {n for n, v in STORED_LABELS.items() if (expected == v).any()}
+            for modality in ("SEG", "RTSTRUCT"):
+                (inst,) = pacs.search_for_instances(geo.study_uid, found[modality])
+                uid = pydicom.Dataset.from_json(inst).SOPInstanceUID
+                path = tmp_path / f"{modality}_{name}.dcm"
+                pacs.retrieve_instance(geo.study_uid, found[modality], uid, media_types=(("application/dicom", "*"),)).save_as(str(path))
+                if modality == "SEG":
+                    back, numbers = read_seg(path, series[name])
+                    assert set(numbers) == present, (numbers, present)  # segments named by structure
+                    for structure, number in numbers.items():
+                        np.testing.assert_array_equal(back == number, expected == STORED_LABELS[structure], err_msg=structure)
+                else:
+                    back, mapped, unmapped = read_rtstruct(path, series[name], STORED_LABELS)
+                    np.testing.assert_array_equal(back, expected)
+                    assert pydicom.dcmread(str(path)).ApprovalStatus == "UNAPPROVED"
+
+        # retrain on the cache's final labels (the gate may or may not publish: 2 cases)
+        client.train_start("oar", {"max_epochs": 1})
+        status = _wait_for_training(url)
+        assert status["status"] == "DONE", status
+        history = client.info()["train_stats"]["oar"]["history"][-1]
+        assert "published" in history
+        image_id = next(iter(by_uid))
+        result_file, params = client.infer("oar", image_id, {})
+        assert nib.load(result_file).shape == geometry[by_uid[image_id]].shape
+        if history["published"]:
+            assert params["model_version"] != first_version
+        timings["train+infer"] = time.time() - started - timings["start"] - timings["infer+submit"]
+    finally:
+        _stop(proc)
+    timings["total"] = time.time() - started
+    print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
+
+    # a new cache (a new machine, or the cache deleted) gets the final labels back from the PACS
+    from contourcl.serving.dicomweb import open_pacs
+
+    store = open_pacs(orthanc["dicomweb"], tmp_path / "fresh-app", {}, extensions=("*.nii.gz",), auto_reload=False)
+    assert set(store.get_labeled_images("final")) == set(by_uid)
+    for image_id in by_uid:
+        again = np.asanyarray(nib.load(store.get_label_uri(image_id, "final")).dataobj)
+        np.testing.assert_array_equal(again, accepted[image_id])
+        assert store.get_label_info(image_id, "final")["imported_from_pacs"]
+
+
+def test_a_failed_send_is_answered_and_retried(orthanc, tmp_path):
+    """The PACS does not take a STOW-RS: the label is kept in the cache, the client gets 502, and
+    the next refresh stores the contours. Then the local datastore's checks, on a PACS image."""
+    from fastapi import HTTPException
+
+    from contourcl.serving.dicomweb import open_pacs
+
+    ct, truth, affine = make_phantom(31, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
+    files = write_ct_series(ct, affine, tmp_path / "series", patient_id="phantom_send")
+    _upload(orthanc["url"], files)
+    geo = read_series_geometry(tmp_path / "series")
+    store = open_pacs(orthanc["dicomweb"], tmp_path / "app", {"dicomweb_import_seg": "none"}, extensions=("*.nii.gz",), auto_reload=False)
+    image_id = geo.series_uid
+    assert image_id in store.list_images()
+    image = nib.load(store.get_image_uri(image_id))
+    nib.save(nib.Nifti1Image(truth.astype(np.uint8), image.affine), str(tmp_path / "label.nii.gz"))
+
+    real = store.mirror.client.store_instances
+
+    def down(*args, **kwargs):
+        raise requests.ConnectionError("connection refused (test)")
+
+    store.mirror.client.store_instances = down
+    with pytest.raises(HTTPException) as err:
+        store.save_label(image_id, str(tmp_path / "label.nii.gz"), "final", {})
+    assert err.value.status_code == 502 and "stored in the cache" in err.value.detail and orthanc["dicomweb"] in err.value.detail
+    assert store.get_label_uri(image_id, "final") and len(store.mirror.pending()) == 1
+    assert store.studies_status()["pending_exports"] == 1
+
+    store.mirror.client.store_instances = real
+    store.refresh_studies(force=True, wait=True)
+    assert store.mirror.pending() == []
+    modalities = {ds.Modality for ds in _qido(orthanc["dicomweb"], f"studies/{geo.study_uid}/series")}
+    assert modalities == {"CT", "RTSTRUCT", "SEG"}
+
+    # a corrected final label, numbered as Slicer numbers it: renamed by structure, the replaced
+    # one kept in the history, and a second RTSTRUCT + SEG stored (the first stays in the PACS)
+    slicer = np.zeros_like(truth, dtype=np.uint8)
+    slicer[truth == STORED_LABELS["Mandible"]] = 1
+    slicer[truth == STORED_LABELS["Parotid_L"]] = 2
+    nib.save(nib.Nifti1Image(slicer, image.affine), str(tmp_path / "corrected.nii.gz"))
+    store.save_label(image_id, str(tmp_path / "corrected.nii.gz"), "final",
+                     {"label_info": [{"name": "Mandible", "idx": 1}, {"name": "Parotid_L", "idx": 2}]})
+    stored = np.asanyarray(nib.load(store.get_label_uri(image_id, "final")).dataobj)
+    assert set(np.unique(stored)) == {0, STORED_LABELS["Mandible"], STORED_LABELS["Parotid_L"]}
+    assert len(list((store.mirror.cache / ".contourcl" / "label-history" / "final").glob(f"{image_id}.*.nii.gz"))) == 1
+    segs = [ds for ds in _qido(orthanc["dicomweb"], f"studies/{geo.study_uid}/series") if ds.Modality == "SEG"]
+    assert len(segs) == 2
+
+    # a label off the image's grid is refused before anything is written or sent
+    nib.save(nib.Nifti1Image(slicer[:, :, :-1], image.affine), str(tmp_path / "wrong.nii.gz"))
+    with pytest.raises(HTTPException) as err:
+        store.save_label(image_id, str(tmp_path / "wrong.nii.gz"), "final", {})
+    assert err.value.status_code == 422
+    assert len([ds for ds in _qido(orthanc["dicomweb"], f"studies/{geo.study_uid}/series") if ds.Modality == "SEG"]) == 2
+
+
+def test_server_start_names_a_pacs_that_does_not_answer(tmp_path):
+    """A PACS that does not answer stops the start with an error naming its URL (not an empty datastore)."""
+    app = tmp_path / "radonc"
+    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache", "*.pt"))
+    pacs = f"http://127.0.0.1:{free_port()}/dicom-web"
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", pacs,
+         "--conf", "models", "oar", "--host", "127.0.0.1", "--port", str(free_port())],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
+    )
+    try:
+        proc.wait(180)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        pytest.fail(f"the server started on a PACS that does not answer:\n{log.read_text()[-3000:]}")
+    text = log.read_text()
+    assert proc.returncode != 0
+    assert f"the DICOMweb server {pacs} does not answer" in text, text[-3000:]
