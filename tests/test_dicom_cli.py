@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+import pytest
 
 from contourcl.cli import main as cli_main
 from contourcl.data.dicom_series import read_series_geometry, write_ct_series
@@ -57,3 +58,28 @@ def test_rtstruct_needs_a_series_and_something_to_write(tmp_path, capsys):
     assert "needs a DICOM series folder" in capsys.readouterr().err
     assert cli_main(["contour", str(REPO / "sample-data" / "synthetic_hn_000.nii.gz"), "--model", str(MODEL)]) == 2
     assert "nothing to write" in capsys.readouterr().err
+
+
+def test_evaluate_on_dicom_series_with_their_rtstructs(tmp_path, capsys):
+    """``contourcl evaluate --data`` a folder of patients as a PACS exports them (CT series + the
+    clinician's RTSTRUCT) gives the figures of the same patients as NIfTI files."""
+    from contourcl.data.rtstruct import write_rtstruct
+    from contourcl.data.labels import STORED_LABELS
+
+    dicom, nifti = tmp_path / "dicom", tmp_path / "nifti"
+    (nifti / "labels" / "final").mkdir(parents=True)
+    for seed in (5, 6):
+        ct, truth, affine = make_phantom(seed, shape=(96, 80, 12), spacing=(4.0, 4.0, 6.0))
+        series = dicom / f"patient{seed}"
+        write_ct_series(ct, affine, series / "CT", patient_id=f"P{seed}")
+        write_rtstruct(truth, affine, STORED_LABELS, series / "CT", series / "RS.dcm")
+        nib.save(nib.Nifti1Image(ct.astype(np.int16), affine), str(nifti / f"patient{seed}.nii.gz"))
+        nib.save(nib.Nifti1Image(truth.astype(np.uint8), affine), str(nifti / "labels" / "final" / f"patient{seed}.nii.gz"))
+    figures = {}
+    for name, folder in (("dicom", dicom), ("nifti", nifti)):
+        assert cli_main(["evaluate", str(MODEL), "--data", str(folder), "--json", str(tmp_path / f"{name}.json")]) == 0, capsys.readouterr().err
+        figures[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert set(figures["dicom"]["cases"]) == {"patient5", "patient6"}
+    for case, per in figures["nifti"]["cases"].items():
+        for structure, metrics in per.items():
+            assert figures["dicom"]["cases"][case][structure]["dice"] == pytest.approx(metrics["dice"], abs=1e-6, nan_ok=True), (case, structure)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from contourcl.data.datasets import labeled_cases
+from contourcl.data.datasets import dicom_cases, labeled_cases
+from contourcl.errors import InvalidImageError
 from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, format_figure, summarise
 from contourcl.models.checkpoint import read_meta
 from contourcl.serving.config import default_largest_component
@@ -13,7 +14,8 @@ from contourcl.serving.config import default_largest_component
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a model file (e.g. apps/radonc/model/oar.pt)")
-    parser.add_argument("--data", required=True, help="labeled cases: a MONAI Label studies folder or OpenKBP's validation-pats")
+    parser.add_argument("--data", required=True, help="labeled cases: a MONAI Label studies folder, OpenKBP's validation-pats, "
+                        "or a folder of patient folders each holding a DICOM CT series and its RTSTRUCT")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_MM, help="surface Dice tolerance in mm (default %(default)s)")
     parser.add_argument("--max-cases", type=int, help="only the first N cases")
     parser.add_argument("--ids", help="only these cases (comma-separated ids), e.g. a model's validation cases")
@@ -69,8 +71,18 @@ def overlays(model: str, cases: list[dict], per_case: dict, structures: list[str
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="contourcl-evaluate-") as tmp:
+        return _run(args, tmp)
+
+
+def _run(args: argparse.Namespace, tmp: str) -> int:
     meta = read_meta(args.model)
-    cases = labeled_cases(args.data, meta.model)
+    try:
+        cases = labeled_cases(args.data, meta.model)
+    except InvalidImageError:  # no volume files: DICOM series with their RTSTRUCTs?
+        cases = dicom_cases(args.data, meta.model, tmp)
     if args.ids:
         wanted = [i.strip() for i in args.ids.split(",") if i.strip()]
         missing = sorted(set(wanted) - {c["id"] for c in cases})

@@ -110,3 +110,41 @@ def read_label(case: Mapping) -> tuple[np.ndarray, np.ndarray]:
 
     label, affine = read_nifti(case["label"])
     return to_stored(np.asarray(label), case.get("label_values")), affine
+
+
+def dicom_cases(folder: str | Path, model: str, workdir: str | Path) -> list[dict]:
+    """Labeled cases from DICOM: one subfolder per patient with a CT series and its RTSTRUCT.
+
+    Each patient's series is written as ``<workdir>/<subfolder>.nii.gz`` and its RTSTRUCT,
+    rasterised on the series' grid with ROI names mapped through the alias table
+    (:func:`contourcl.data.rtstruct.read_rtstruct`), as ``<workdir>/labels/final/<subfolder>.nii.gz``
+    in the stored numbering; the cases are then those of :func:`labeled_cases` on ``workdir``. A
+    subfolder without a CT series or an RTSTRUCT is skipped; one with several RTSTRUCTs is an error
+    naming them (which one is the reference must not be guessed).
+    """
+    import pydicom
+
+    from contourcl.data.dicom_series import read_series_geometry, write_nifti_from_series
+    from contourcl.data.rtstruct import read_rtstruct
+    from contourcl.data.volumes import write_label
+
+    folder, workdir = Path(folder), Path(workdir)
+    (workdir / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        structure_sets = []
+        for path in sorted(p for p in sub.rglob("*") if p.is_file()):
+            try:
+                ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"])
+            except Exception:  # not DICOM
+                continue
+            if ds.get("Modality") == "RTSTRUCT":
+                structure_sets.append(path)
+        if not structure_sets:
+            continue
+        if len(structure_sets) > 1:
+            raise InvalidImageError(f"{sub.name}: several RTSTRUCTs {[p.name for p in structure_sets]}: keep the one to evaluate against")
+        geometry = read_series_geometry(sub)
+        label, _, _ = read_rtstruct(structure_sets[0], sub, STORED_LABELS)
+        write_nifti_from_series(sub, workdir / f"{sub.name}.nii.gz")
+        write_label(workdir / "labels" / "final" / f"{sub.name}.nii.gz", label, geometry.affine)
+    return labeled_cases(workdir, model)
