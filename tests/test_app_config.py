@@ -85,3 +85,35 @@ def test_the_model_file_rule_wins_over_the_config_default(tmp_path):
             contourer = Contourer(path, largest_component=default)
             assert contourer.keeps_largest_component(meta) is (default if rule is None else rule)
             assert contourer.keeps_largest_component(meta, override=not default) is (not default)
+
+
+def test_a_new_model_is_one_config_file(tmp_path, monkeypatch):
+    """A model of new structures is added where a MONAI Label user expects it: one config file
+    naming its structures; its model files are then checked against them like oar's."""
+    from contourcl.data import labels
+    from contourcl.errors import InvalidModelError
+    from contourcl.models.checkpoint import ModelMeta, check_model_file, save_model
+    from contourcl.models.networks import NetConfig, build_network
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(labels, "MODEL_LABELS", dict(labels.MODEL_LABELS))  # the registry is restored afterwards
+    app_dir = tmp_path / "app"
+    shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("*.pt", "history", "__pycache__"))
+    (app_dir / "lib" / "configs" / "parotids.py").write_text(
+        "from contourcl.serving.config import ModelConfig\n"
+        "config = ModelConfig(name='parotids', description='both parotid glands', largest_component=True,\n"
+        "                     structures=('Parotid_L', 'parotid_r'))\n")
+    configs = load_app_class(app_dir).configs
+    assert list(configs) == ["oar", "gtv", "parotids"]
+    assert labels.model_labels("parotids") == {"Parotid_L": 1, "Parotid_R": 2}
+    net = build_network(NetConfig(out_channels=3, encoder="resnet10", width=8))
+    path = save_model(tmp_path / "parotids.pt", net, ModelMeta(model="parotids", labels={"Parotid_L": 1, "Parotid_R": 2}, net=net.config.to_dict()))
+    assert check_model_file(path, "parotids").model == "parotids"
+    with pytest.raises(InvalidModelError, match="contours"):
+        save_model(path, net, ModelMeta(model="parotids", labels={"Parotid_R": 1, "Parotid_L": 2}, net=net.config.to_dict()))
+        check_model_file(path, "parotids")
+    # an unknown structure name, or oar redefined, is refused by name
+    with pytest.raises(Exception, match="Thyroid"):
+        labels.register_model("thyroid", ["Thyroid"])
+    with pytest.raises(UnknownModelError, match="already contours"):
+        labels.register_model("oar", ["Mandible"])

@@ -40,6 +40,23 @@ MODEL_LABELS: dict[str, dict[str, int]] = {
 }
 
 
+def register_model(model: str, structures: Iterable[str]) -> dict[str, int]:
+    """Add ``model`` contouring ``structures`` (stored structure names, numbered from 1 in this
+    order) to :data:`MODEL_LABELS`; an app's model config does this for a model of its own.
+
+    Registering a known model again with other structures is an error: a model file's numbering
+    must never change under it.
+    """
+    names = [canonical_name(n) for n in structures]
+    if not names or None in names or len(set(names)) != len(names):
+        raise UnknownLabelError(f"model {model!r}: structures must be distinct stored structure names, not {list(structures)}")
+    labels = {n: i + 1 for i, n in enumerate(names)}
+    if model in MODEL_LABELS and MODEL_LABELS[model] != labels:
+        raise UnknownModelError(f"model {model!r} already contours {MODEL_LABELS[model]}, not {labels}")
+    MODEL_LABELS[model] = labels
+    return dict(labels)
+
+
 def model_labels(model: str) -> dict[str, int]:
     """The structures of ``model`` as ``{name: value}``; raises for an unknown model."""
     try:

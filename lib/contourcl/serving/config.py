@@ -23,17 +23,25 @@ from types import ModuleType
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One model the app serves; its structures are :data:`contourcl.data.labels.MODEL_LABELS` ``[name]``."""
+    """One model the app serves.
+
+    ``structures`` (stored structure names, numbered from 1 in this order) makes a new model: it is
+    registered in :data:`contourcl.data.labels.MODEL_LABELS` when the config is made. Without it
+    the model must be one ContourCL knows (``oar``, ``gtv``).
+    """
 
     name: str
     description: str
     #: keep only the largest connected component of each structure (an organ is one object; a
     #: target may be several), for model files that do not record the rule themselves
     largest_component: bool
+    structures: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        from contourcl.data.labels import model_labels  # numpy: imported when a config is made, not by `contourcl models`
+        from contourcl.data.labels import model_labels, register_model  # numpy: imported when a config is made, not by `contourcl models`
 
+        if self.structures is not None:
+            register_model(self.name, self.structures)
         model_labels(self.name)  # an unknown model is refused, naming the known ones
         if not isinstance(self.largest_component, bool):
             raise TypeError(f"{self.name}: largest_component must be True or False, not {self.largest_component!r}")
@@ -55,7 +63,7 @@ def model_configs(package: ModuleType) -> dict[str, ModelConfig]:
         raise ValueError(f"no model config in {list(package.__path__)}: the app serves the models of lib/configs/*.py")
     from contourcl.data.labels import MODEL_LABELS
 
-    order = list(MODEL_LABELS)
+    order = list(MODEL_LABELS)  # the built-in models first, then those the configs registered
     return {name: found[name] for name in sorted(found, key=order.index)}
 
 
