@@ -3,10 +3,13 @@
 Orthanc runs on 127.0.0.1 and a free port with its own storage folder; it is given two phantom
 CT series (one JPEG 2000 lossless, feet first: Orthanc 1.10 cannot transcode it, so the app must
 ask for the stored syntax), and later a series with a missing slice. The real MONAI Label server
-is started on ``--studies http://127.0.0.1:<port>/dicom-web`` and driven as Slicer would: info,
-next sample, infer, submit final labels, retrain, infer again; the RTSTRUCTs and SEGs the app
-sent are read back from Orthanc. Skipped only where the Orthanc binary is not installed (CI
-installs it: ``.ci/run``).
+is started on ``--studies http://127.0.0.1:<port>/dicom-web`` with both models (``oar`` and
+``gtv``, the synthetic weights) and driven as Slicer would: info, next sample (random and
+uncertainty), infer oar and gtv, submit corrected final labels, retrain, infer again from the new
+model; the RTSTRUCTs and SEGs the app sent are read back from Orthanc. So that a few CPU epochs
+make the retrain publish, the served ``oar`` model (in a copy of the app) is the synthetic one
+with its output layer re-initialised, and the corrected labels are the phantoms' truth. Skipped
+only where the Orthanc binary is not installed (CI installs it: ``.ci/run``).
 """
 
 from __future__ import annotations
@@ -19,22 +22,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import requests
+import torch
 from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 from contourcl.data.dicom_series import read_series_geometry, write_ct_series
-from contourcl.data.labels import STORED_LABELS, from_model
+from contourcl.data.labels import STORED_LABELS, to_model
 from contourcl.data.phantom import make_phantom
 from contourcl.data.rtstruct import read_rtstruct, to_series_grid
 from contourcl.data.seg import read_seg
+from contourcl.inference import model_version
+from contourcl.models.checkpoint import load_model, save_model
 
 from conftest import free_port, wait_until_serving
 
@@ -121,12 +128,16 @@ def _to_jpeg2000(files) -> None:
         ds.save_as(f, write_like_original=False)
 
 
+PHANTOMS = {"plain": (21, "HFS"), "j2k": (22, "FFS"), "gap": (23, "HFS")}  # name: (seed, PatientPosition)
+PHANTOM_GRID = {"shape": (96, 80, 14), "spacing": (4.0, 4.0, 5.0)}
+
+
 def _series(root: Path) -> dict[str, Path]:
     """``{name: folder}`` of the phantom series: ``plain`` (HFS, uncompressed), ``j2k`` (FFS,
     JPEG 2000 lossless), ``gap`` (a missing slice: not a CT grid)."""
     out = {}
-    for seed, name, position in ((21, "plain", "HFS"), (22, "j2k", "FFS"), (23, "gap", "HFS")):
-        ct, _, affine = make_phantom(seed, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
+    for name, (seed, position) in PHANTOMS.items():
+        ct, _, affine = make_phantom(seed, **PHANTOM_GRID)
         files = write_ct_series(ct, affine, root / name, patient_id=f"phantom_{name}", patient_position=position)
         if name == "j2k":
             _to_jpeg2000(files)
@@ -152,6 +163,20 @@ def _wait_for_training(url: str, timeout: float = 600) -> dict:
     raise TimeoutError("training did not finish")
 
 
+def _dice(a: np.ndarray, b: np.ndarray, labels=range(1, 8)) -> float:
+    scores = [2 * ((a == v) & (b == v)).sum() / ((a == v).sum() + (b == v).sum()) for v in labels if (b == v).any()]
+    return float(np.mean(scores))
+
+
+def _truth_on(image: nib.Nifti1Image, name: str) -> np.ndarray:
+    """The phantom's truth (stored numbering) on the grid of the cache's NIfTI ``image``: the
+    series was written from the phantom's (array, affine); the cache's NIfTI holds the same voxels,
+    possibly with its axes reordered, which :func:`to_series_grid` undoes exactly."""
+    _, truth, affine = make_phantom(PHANTOMS[name][0], **PHANTOM_GRID)
+    grid = SimpleNamespace(shape=image.shape, affine=image.affine)
+    return to_series_grid(truth, affine, grid).astype(np.uint8)
+
+
 def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
     timings = {}
     started = time.time()
@@ -162,11 +187,19 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
 
     app = tmp_path / "radonc"
     shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache"))
+    # in the copy only: the served oar model is the synthetic one with its output layer
+    # re-initialised (its Dice drops to about 0), so that a short retrain on the truth is better
+    network, meta = load_model(REPO / "apps" / "radonc" / "model" / "synthetic" / "oar.pt")
+    torch.manual_seed(0)
+    network.head[0].reset_parameters()
+    meta.metrics = {"note": "synthetic model, output layer re-initialised for the DICOMweb test"}
+    save_model(app / "model" / "synthetic" / "oar.pt", network, meta)
+    served_before = model_version(app / "model" / "synthetic" / "oar.pt")
     port = free_port()
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", orthanc["dicomweb"],
-         "--conf", "models", "oar", "--conf", "weights", "synthetic", "--conf", "dicomweb_refresh_s", "0",
+         "--conf", "models", "all", "--conf", "weights", "synthetic", "--conf", "dicomweb_refresh_s", "0",
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
     )
@@ -183,6 +216,8 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
         assert info["studies"]["kind"] == "dicomweb" and info["studies"]["url"] == orthanc["dicomweb"]
         assert Path(info["studies"]["cache"]) == cache.resolve()
         assert info["datastore"]["total"] == 2
+        assert set(info["models"]) == {"oar", "gtv"} and {"oar", "gtv"} <= set(info["trainers"])
+        assert info["models"]["gtv"]["labels"] == {"GTV": 1}
         assert {p.name.removesuffix(".nii.gz") for p in cache.glob("*.nii.gz")} == set(by_uid)
 
         # a series added to the PACS later is looked at on the next refresh; one that is not a
@@ -197,19 +232,37 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
         assert client.next_sample("random", {})["id"] in by_uid
         assert client.next_sample("oar_uncertainty", {})["id"] in by_uid
 
-        # infer on each CT (one was JPEG 2000 in the PACS), the clinician accepts the result
-        accepted = {}
+        # infer oar and gtv on each CT (one was JPEG 2000 in the PACS); the clinician corrects
+        # the contours (here: to the phantom's truth, all eight structures) and submits them,
+        # numbered as Slicer numbers its segments, with label_info naming them
+        slicer_order = ["Mandible", "GTV", "Brainstem", "Parotid_R", "Parotid_L", "SpinalCord", "Larynx", "Esophagus"]
+        label_info = [{"name": n, "idx": i} for i, n in enumerate(slicer_order, start=1)]
+        accepted, first = {}, {}
         for image_id, name in by_uid.items():
-            result_file, params = client.infer("oar", image_id, {})
             image = nib.load(cache / f"{image_id}.nii.gz")
+            assert image.shape == geometry[name].shape
+            result_file, params = client.infer("oar", image_id, {})
             pred = nib.load(result_file)
-            assert pred.shape == image.shape == geometry[name].shape and np.allclose(pred.affine, image.affine, atol=1e-4)
-            accepted[image_id] = from_model(np.asanyarray(pred.dataobj), "oar").astype(np.uint8)
-            assert accepted[image_id].any()
-            label_file = tmp_path / f"accepted_{name}.nii.gz"
-            nib.save(nib.Nifti1Image(accepted[image_id], image.affine), str(label_file))
-            client.save_label(image_id, str(label_file), tag="final", params={})
-            first_version = params["model_version"]
+            assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-4)
+            assert params["label_names"]["Parotid_L"] == 4
+            first[image_id] = (np.asanyarray(pred.dataobj).copy(), params["model_version"])
+            gtv_file, gtv_params = client.infer("gtv", image_id, {})
+            gtv = nib.load(gtv_file)
+            assert gtv.shape == image.shape and np.allclose(gtv.affine, image.affine, atol=1e-4)
+            assert gtv_params["label_names"] == {"GTV": 1}
+            assert set(np.unique(np.asanyarray(gtv.dataobj)).tolist()) <= {0, 1}
+
+            accepted[image_id] = _truth_on(image, name)
+            assert {STORED_LABELS["GTV"], STORED_LABELS["Mandible"]} <= set(np.unique(accepted[image_id]).tolist())
+            slicer = np.zeros_like(accepted[image_id])
+            for idx, structure in enumerate(slicer_order, start=1):
+                slicer[accepted[image_id] == STORED_LABELS[structure]] = idx
+            label_file = tmp_path / f"corrected_{name}.nii.gz"
+            nib.save(nib.Nifti1Image(slicer, image.affine), str(label_file))
+            client.save_label(image_id, str(label_file), tag="final", params={"label_info": label_info})
+            stored = np.asanyarray(nib.load(cache / "labels" / "final" / f"{image_id}.nii.gz").dataobj)
+            np.testing.assert_array_equal(stored, accepted[image_id], err_msg="segments mapped by name into the stored numbering")
+        assert {version for _, version in first.values()} == {served_before}
         timings["infer+submit"] = time.time() - started - timings["start"]
 
         # the PACS now holds, in each study, an RTSTRUCT and a SEG on the CT's own instances
@@ -235,22 +288,34 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
                     np.testing.assert_array_equal(back, expected)
                     assert pydicom.dcmread(str(path)).ApprovalStatus == "UNAPPROVED"
 
-        # retrain on the cache's final labels (the gate may or may not publish: 2 cases)
-        client.train_start("oar", {"max_epochs": 1})
+        # retrain on the cache's final labels: fine-tunes the served model on one case, validates
+        # on the other, and publishes because it is better than the re-initialised one
+        client.train_start("oar", {"max_epochs": 4, "lr": 3e-3, "samples_per_volume": 16})
         status = _wait_for_training(url)
         assert status["status"] == "DONE", status
-        history = client.info()["train_stats"]["oar"]["history"][-1]
-        assert "published" in history
-        image_id = next(iter(by_uid))
-        result_file, params = client.infer("oar", image_id, {})
-        assert nib.load(result_file).shape == geometry[by_uid[image_id]].shape
-        if history["published"]:
-            assert params["model_version"] != first_version
+        history = client.info()["train_stats"]["oar"]["history"]
+        published = history[-1]
+        assert published["published"] is True, history
+        assert published["val_dice"] >= published["served_val_dice"], published
+        assert published["gate_cases"] == 1
+
+        # infer again: the new model answers (a new model_version), on the same grid
+        dice = {}
+        for image_id, name in by_uid.items():
+            result_file, params = client.infer("oar", image_id, {})
+            assert params["model_version"] != served_before
+            assert params["model_version"] == model_version(app / "model" / "synthetic" / "oar.pt")
+            after = nib.load(result_file)
+            assert after.shape == geometry[name].shape and np.allclose(after.affine, nib.load(cache / f"{image_id}.nii.gz").affine, atol=1e-4)
+            truth = to_model(accepted[image_id], "oar")
+            dice[name] = (_dice(first[image_id][0], truth), _dice(np.asanyarray(after.dataobj), truth))
+        assert sum(d[1] for d in dice.values()) > sum(d[0] for d in dice.values()), dice  # closer to the truth than before
         timings["train+infer"] = time.time() - started - timings["start"] - timings["infer+submit"]
     finally:
         _stop(proc)
     timings["total"] = time.time() - started
-    print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    print("timings (s):", {k: round(v, 1) for k, v in timings.items()}, "oar Dice before/after the retrain:",
+          {k: tuple(round(x, 3) for x in v) for k, v in dice.items()}, "gate:", published["reason"])
 
     # a new cache (a new machine, or the cache deleted) gets the final labels back from the PACS
     from contourcl.serving.dicomweb import open_pacs
