@@ -31,6 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc) -> None:
+    """Stop a server this test started, by its PID: SIGTERM, then SIGKILL after 30 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_until_serving(proc, url: str, log_path, timeout: float = 180, path: str = "/info/") -> None:
     """Wait until the server process ``proc`` answers ``GET url + path`` (any HTTP answer counts
     when ``path`` is not ``/info/``); raise with the log's tail if it exits or times out."""

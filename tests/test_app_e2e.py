@@ -30,7 +30,7 @@ from contourcl.data.phantom import make_phantom
 from contourcl.inference import model_version
 from contourcl.models.checkpoint import load_model, save_model
 
-from conftest import CodePayload, free_port, wait_until_serving
+from conftest import CodePayload, free_port, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
@@ -75,12 +75,7 @@ def server(tmp_path_factory):
         wait_until_serving(proc, url, root / "server.log")
         yield {"url": url, "app": app, "studies": studies, "log": root / "server.log", "tmp": server_tmp}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

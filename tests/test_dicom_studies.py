@@ -25,7 +25,7 @@ from contourcl.data.rtstruct import read_rtstruct, to_series_grid
 from contourcl.data.seg import read_seg
 from contourcl.serving.series import ingest_series
 
-from conftest import free_port, wait_until_serving
+from conftest import free_port, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -110,8 +110,4 @@ def test_server_on_dicom_series_exports_the_final_label(tmp_path):
         from contourcl.data.datasets import labeled_cases
         assert [c["id"] for c in labeled_cases(studies, "oar")] == [image_id]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

@@ -43,7 +43,7 @@ from contourcl.data.seg import read_seg
 from contourcl.inference import model_version
 from contourcl.models.checkpoint import load_model, save_model
 
-from conftest import free_port, wait_until_serving
+from conftest import free_port, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")  # not on a user's PATH
@@ -65,15 +65,6 @@ def _plugin() -> str:
 
 def _env() -> dict:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
@@ -106,7 +97,7 @@ def orthanc(tmp_path_factory):
             time.sleep(0.3)
         yield {"url": url, "dicomweb": f"{url}/dicom-web", "root": root}
     finally:
-        _stop(proc)
+        stop_process(proc)
         log.close()
 
 
@@ -312,7 +303,7 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
         assert sum(d[1] for d in dice.values()) > sum(d[0] for d in dice.values()), dice  # closer to the truth than before
         timings["train+infer"] = time.time() - started - timings["start"] - timings["infer+submit"]
     finally:
-        _stop(proc)
+        stop_process(proc)
     timings["total"] = time.time() - started
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()}, "oar Dice before/after the retrain:",
           {k: tuple(round(x, 3) for x in v) for k, v in dice.items()}, "gate:", published["reason"])
@@ -399,7 +390,7 @@ def test_server_start_names_a_pacs_that_does_not_answer(tmp_path):
     try:
         proc.wait(180)
     except subprocess.TimeoutExpired:
-        _stop(proc)
+        stop_process(proc)
         pytest.fail(f"the server started on a PACS that does not answer:\n{log.read_text()[-3000:]}")
     text = log.read_text()
     assert proc.returncode != 0
