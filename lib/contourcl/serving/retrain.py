@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contourcl.data.labels import STORED_LABELS, model_labels
+from contourcl.data.labels import STORED_LABELS, model_labels, values_in
 from contourcl.data.volumes import read_ct, read_nifti
 from contourcl.errors import InvalidImageError
 from contourcl.evaluation import evaluate_model_file, summarise
@@ -46,8 +46,7 @@ def contoured_cases(model: str, cases: list[dict]) -> list[dict]:
     wanted = {STORED_LABELS[name] for name in model_labels(model)}
     keep = []
     for case in cases:
-        values = np.unique(read_nifti(case["label"])[0])
-        if wanted & {int(v) for v in values}:
+        if wanted & values_in(np.rint(np.asarray(read_nifti(case["label"])[0])).astype(np.int64)):
             keep.append(case)
         else:
             logger.info("%s: no %s structure in its final label; not used for %s", case["id"], model, model)
