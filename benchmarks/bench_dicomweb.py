@@ -238,6 +238,7 @@ def main() -> None:
     from contourcl.data.dicom_series import write_ct_series
     from contourcl.serving.dicomweb import image_id_of
 
+    load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="contourcl-bench-dicomweb-"))
     orthanc = server = None
     runs, marks = [], {}
@@ -284,7 +285,9 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", f"unset ({os.cpu_count()} cores)")
     print(f"\n{args.size}: {'x'.join(map(str, shape))} series ({len(files)} slices), model {MODEL} (default weights), "
           f"{len(runs)} runs, OMP_NUM_THREADS {threads}; setup: "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in marks.items()) + "\n")
+          + ", ".join(f"{k} {v:.1f} s" for k, v in marks.items()))
+    print("load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in load_before)
+          + "; at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n")
     rows = [("infer answered (`POST /infer/oar`, label file received)", "infer_s"),
             ("... of which the model on the server (its `latencies.total`: read, preprocess, network, invert)", "server_model_s"),
             ("label renumbered and written (client)", "label_s"),
