@@ -21,7 +21,8 @@ from monailabel.client import MONAILabelClient
 from contourcl.data.dicom_series import read_series_geometry, write_ct_series
 from contourcl.data.labels import STORED_LABELS, from_model
 from contourcl.data.phantom import make_phantom
-from contourcl.data.rtstruct import read_rtstruct, to_series_grid
+from contourcl.data.labels import values_in
+from contourcl.data.rtstruct import read_rtstruct, to_series_grid, write_rtstruct
 from contourcl.data.seg import read_seg
 from contourcl.serving.series import ingest_series
 
@@ -36,6 +37,14 @@ def _studies(root: Path) -> Path:
     for seed, name, position in ((11, "patient_a", "HFS"), (12, "patient_b", "FFS")):
         ct, _, affine = make_phantom(seed, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
         write_ct_series(ct, affine, studies / name / "CT", patient_id=name, patient_position=position)
+    # patient_c: an approved plan's export, the CT series and its RTSTRUCT (ROI names as a planning
+    # system writes them); it becomes a final label
+    ct, truth, affine = make_phantom(14, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
+    write_ct_series(ct, affine, studies / "patient_c" / "CT", patient_id="patient_c")
+    names = {"Parotid R": 3, "Mandible": 5, "BODY": 99}
+    plan = np.zeros_like(truth)
+    plan[truth == 3], plan[truth == 5], plan[(truth == 0) & (ct > -500)] = 3, 5, 99
+    write_rtstruct(plan, affine, names, studies / "patient_c" / "CT", studies / "patient_c" / "RS_plan.dcm")
     ct, _, affine = make_phantom(13, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
     files = write_ct_series(ct, affine, studies / "patient_gap")
     files[7].unlink()  # a missing slice: not a regular grid
@@ -45,7 +54,15 @@ def _studies(root: Path) -> Path:
 def test_series_become_images_once_and_bad_ones_are_named(tmp_path):
     studies = _studies(tmp_path)
     found = ingest_series(studies)
-    assert set(found) == {"patient_a", "patient_b"}
+    assert set(found) == {"patient_a", "patient_b", "patient_c"}
+    # the plan's RTSTRUCT is patient_c's final label: its parotid and mandible, in the stored numbering
+    final = studies / "labels" / "final" / "patient_c.nii.gz"
+    assert final.is_file() and not (studies / "labels" / "final" / "patient_a.nii.gz").exists()
+    stored = np.asanyarray(nib.load(final).dataobj)
+    image = nib.load(studies / "patient_c.nii.gz")
+    assert stored.shape == image.shape and np.allclose(nib.load(final).affine, image.affine, atol=1e-4)
+    assert values_in(stored) == {0, STORED_LABELS["Parotid_R"], STORED_LABELS["Mandible"]}
+    assert "BODY" in (studies / ".contourcl" / "series.json").read_text()  # the unmapped ROI is named
     assert (studies / "patient_a.nii.gz").is_file() and not (studies / "patient_gap.nii.gz").exists()
     registry = (studies / ".contourcl" / "series.json").read_text()
     assert "patient_gap" in registry
@@ -75,7 +92,7 @@ def test_server_on_dicom_series_exports_the_final_label(tmp_path):
         reasons = [v for k, v in info["refused_series"].items() if k.startswith("patient_gap")]
         assert len(reasons) == 1 and "gap" in reasons[0], info["refused_series"]
         image_id = client.next_sample("random", {})["id"]
-        assert image_id in ("patient_a", "patient_b")
+        assert image_id in ("patient_a", "patient_b")  # patient_c has a final label (from its RTSTRUCT)
 
         result_file, params = client.infer("oar", image_id, {})
         image = nib.load(studies / f"{image_id}.nii.gz")
@@ -108,6 +125,6 @@ def test_server_on_dicom_series_exports_the_final_label(tmp_path):
         assert set(numbers) == {n for n, v in STORED_LABELS.items() if (accepted == v).any()}
         # contourcl evaluate --data <studies> finds the series image with its final label
         from contourcl.data.datasets import labeled_cases
-        assert [c["id"] for c in labeled_cases(studies, "oar")] == [image_id]
+        assert sorted(c["id"] for c in labeled_cases(studies, "oar")) == sorted([image_id, "patient_c"])
     finally:
         stop_process(proc)

@@ -5,7 +5,9 @@ the studies folder's subfolders and writes each once as ``<studies>/<id>.nii.gz`
 datastore serves files), remembering in ``.contourcl/series.json`` which series each image came
 from; it is written again only when the series' files change. A series that cannot be a CT
 (tilted gantry, gaps, mixed geometry, another modality) is left out with its reason, logged and
-listed (:func:`refused_series`), never guessed at.
+listed (:func:`refused_series`), never guessed at. An RTSTRUCT beside a series (an approved
+plan's structure set) becomes the image's final label when it has none: a clinic's archive is
+training data.
 
 :func:`export_label` writes a ``final`` label of such an image as a DICOM RT Structure Set and a
 DICOM Segmentation on the series' own grid, into ``.contourcl/dicom/<id>/`` (not into the series
@@ -118,6 +120,7 @@ def ingest_series(studies: str | Path) -> dict[str, str]:
             entry = images.get(image_id, {})
             if out.is_file() and entry.get("series_uid") == s.series_uid and entry.get("state") == state:
                 found[image_id] = entry["folder"]
+                _label_from_rtstruct(studies, folder, image_id, s.series_uid, entry, refused)  # an RTSTRUCT added since
                 continue
             if out.is_file() and image_id not in images:
                 refused[f"{folder.name}:{s.series_uid}"] = f"{out.name} already exists and is not from this series: not overwritten"
@@ -129,11 +132,60 @@ def ingest_series(studies: str | Path) -> dict[str, str]:
                 continue
             found[image_id] = images[image_id]["folder"]
             logger.info("DICOM series %s (%d files) -> image %s", folder.name, len(s.files), image_id)
+            _label_from_rtstruct(studies, folder, image_id, s.series_uid, images[image_id], refused)
     for what, reason in refused.items():
         logger.warning("DICOM series %s left out: %s", what, reason)
     registry["refused"] = refused
     _write(studies, registry)
     return found
+
+
+def _structure_sets(folder: Path) -> list[Path]:
+    """The RTSTRUCT files under ``folder``."""
+    import pydicom
+
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception:  # not DICOM
+            continue
+        if ds.get("Modality") == "RTSTRUCT":
+            found.append(path)
+    return found
+
+
+def _label_from_rtstruct(studies: Path, folder: Path, image_id: str, series_uid: str, entry: dict, refused: dict) -> None:
+    """An approved plan's structure set beside the series becomes the image's final label.
+
+    Only when the image has no final label yet (a clinician's submission is never replaced), and
+    only from an RTSTRUCT in the series' frame of reference (several: the newest file). ROI names
+    are mapped through the alias table; unmapped ones are recorded, not guessed.
+    """
+    from contourcl.data.rtstruct import read_rtstruct
+    from contourcl.data.volumes import write_label
+
+    final = studies / "labels" / "final" / f"{image_id}.nii.gz"
+    if final.exists():
+        return
+    candidates = []
+    for path in _structure_sets(folder):
+        try:
+            label, mapped, unmapped = read_rtstruct(path, folder, STORED_LABELS, series_uid=series_uid)
+        except (ContourCLError, OSError, ValueError) as err:
+            logger.info("RTSTRUCT %s not used for %s: %s", path.name, image_id, err)
+            continue
+        if mapped:
+            candidates.append((os.stat(path).st_mtime_ns, path, label, mapped, unmapped))
+    if not candidates:
+        return
+    _, path, label, mapped, unmapped = max(candidates, key=lambda c: c[0])
+    final.parent.mkdir(parents=True, exist_ok=True)
+    write_label(final, label, read_series_geometry(folder, series_uid).affine)
+    entry["label_from"] = {"rtstruct": str(path.relative_to(studies)), "mapped": mapped, "unmapped": unmapped}
+    if unmapped:
+        refused[f"{folder.name}:{path.name}"] = f"ROI names not mapped to a structure (left out of the label): {unmapped}"
+    logger.info("final label of %s from its RTSTRUCT %s: %s", image_id, path.name, sorted(set(mapped.values())))
 
 
 def refused_series(studies: str | Path) -> dict[str, str]:
