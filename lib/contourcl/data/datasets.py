@@ -122,23 +122,14 @@ def dicom_cases(folder: str | Path, model: str, workdir: str | Path) -> list[dic
     subfolder without a CT series or an RTSTRUCT is skipped; one with several RTSTRUCTs is an error
     naming them (which one is the reference must not be guessed).
     """
-    import pydicom
-
     from contourcl.data.dicom_series import read_series_geometry, write_nifti_from_series
-    from contourcl.data.rtstruct import read_rtstruct
+    from contourcl.data.rtstruct import find_structure_sets, read_rtstruct
     from contourcl.data.volumes import write_label
 
     folder, workdir = Path(folder), Path(workdir)
     (workdir / "labels" / "final").mkdir(parents=True, exist_ok=True)
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        structure_sets = []
-        for path in sorted(p for p in sub.rglob("*") if p.is_file()):
-            try:
-                ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"])
-            except Exception:  # not DICOM
-                continue
-            if ds.get("Modality") == "RTSTRUCT":
-                structure_sets.append(path)
+        structure_sets = find_structure_sets(sub)
         if not structure_sets:
             continue
         if len(structure_sets) > 1:

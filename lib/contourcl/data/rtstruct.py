@@ -530,6 +530,19 @@ def _open(rtstruct) -> Dataset:
     return ds
 
 
+def find_structure_sets(folder: str | Path) -> list[Path]:
+    """The RTSTRUCT files under ``folder`` (recursively), in path order; other files are skipped."""
+    found = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception:  # not DICOM
+            continue
+        if ds.get("Modality") == "RTSTRUCT":
+            found.append(path)
+    return found
+
+
 def load_rois(rtstruct) -> list[Roi]:
     """The ROIs of an RTSTRUCT (a path or a dataset), in the file's order, with their contours.
     Files without file meta (as some old systems write) are read too."""

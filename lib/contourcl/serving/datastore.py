@@ -39,6 +39,7 @@ from monailabel.datastore.local import LocalDatastore
 from contourcl.data.labels import STORED_LABELS, from_model, remap_by_name, stored_label_info
 from contourcl.data.volumes import check_label_geometry, read_ct, read_volume, write_label
 from contourcl.errors import InvalidImageError, LabelMismatchError, UnsafeIdError
+from contourcl.files import atomic_write_text
 from contourcl.ids import check_id
 from contourcl.serving.errors import http_errors
 from contourcl.serving.series import export_label
@@ -96,11 +97,7 @@ class SafeDatastore(LocalDatastore):
         self._write_unusable(entries)
 
     def _write_unusable(self, entries: dict) -> None:
-        path = self._unusable_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(self._unusable_file(), json.dumps(entries, indent=1))
 
     def check_image(self, image_id: str) -> str | None:
         """``None`` if ``image_id`` is a usable CT, else the reason (recorded, see :meth:`unusable`).

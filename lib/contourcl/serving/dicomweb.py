@@ -43,6 +43,7 @@ from fastapi import HTTPException
 
 from contourcl.data.dicom_series import read_series_geometry
 from contourcl.errors import ContourCLError, UnsafeIdError
+from contourcl.files import atomic_write_text
 from contourcl.ids import check_id
 from contourcl.serving.datastore import SafeDatastore
 from contourcl.serving.series import convert_series, export_label, read_registry, write_registry
@@ -337,11 +338,7 @@ class PacsMirror:
             return []
 
     def _write_pending(self, items: list[dict]) -> None:
-        path = self._pending_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
-        tmp.write_text(json.dumps(items, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(self._pending_file(), json.dumps(items, indent=1))
 
     def add_pending(self, image_id: str, study_uid: str, files, error: str) -> None:
         with self._pending_lock:

@@ -24,14 +24,10 @@ import shutil
 import time
 from pathlib import Path
 
+from contourcl.files import atomic_write_text
+
 #: Fewer validation cases than this, and the gate's decision is flagged as unreliable.
 MIN_GATE_CASES = 3
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -67,7 +63,7 @@ class ModelStore:
             n = min(len(labeled) - 1, max(1, round(fraction * len(labeled))))
             kept = sorted(random.Random(seed).sample(labeled, n))
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps({"ids": kept, "fraction": fraction, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        atomic_write_text(path, json.dumps({"ids": kept, "fraction": fraction, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
         return kept
 
     # -- history ------------------------------------------------------------------------
@@ -77,7 +73,7 @@ class ModelStore:
 
     def _save_entries(self, entries: list[dict]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.root / "history.json", json.dumps(entries, indent=1))
+        atomic_write_text(self.root / "history.json", json.dumps(entries, indent=1))
 
     def _archive(self, src: Path, entries: list[dict], **record) -> dict:
         version = 1 + max((e["version"] for e in entries), default=-1)

@@ -32,6 +32,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from contourcl.active_learning import mc_dropout_entropy
+from contourcl.files import atomic_write_text
 from contourcl.inference import Contourer, model_version
 from contourcl.serving.lifecycle import TrainerBusyError, TrainLock, die_with_parent, in_task_subprocess, note_server_process
 
@@ -61,11 +62,7 @@ def read_scores(path: str | Path) -> dict:
 
 def write_scores(path: str | Path, data: dict) -> None:
     """Replace the scores file atomically (a temporary file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
 
 
 def image_state(uri: str | Path | None) -> dict:

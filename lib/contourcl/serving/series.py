@@ -29,6 +29,7 @@ from contourcl.data.labels import STORED_LABELS
 from contourcl.data.rtstruct import write_rtstruct
 from contourcl.data.seg import write_seg
 from contourcl.errors import ContourCLError
+from contourcl.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,7 @@ def _read(studies: Path) -> dict:
 
 
 def _write(studies: Path, registry: dict) -> None:
-    path = _registry(studies)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(registry, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(_registry(studies), json.dumps(registry, indent=1, sort_keys=True))
 
 
 def read_registry(studies: str | Path) -> dict:
@@ -140,21 +137,6 @@ def ingest_series(studies: str | Path) -> dict[str, str]:
     return found
 
 
-def _structure_sets(folder: Path) -> list[Path]:
-    """The RTSTRUCT files under ``folder``."""
-    import pydicom
-
-    found = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"])
-        except Exception:  # not DICOM
-            continue
-        if ds.get("Modality") == "RTSTRUCT":
-            found.append(path)
-    return found
-
-
 def _label_from_rtstruct(studies: Path, folder: Path, image_id: str, series_uid: str, entry: dict, refused: dict) -> None:
     """An approved plan's structure set beside the series becomes the image's final label.
 
@@ -162,14 +144,14 @@ def _label_from_rtstruct(studies: Path, folder: Path, image_id: str, series_uid:
     only from an RTSTRUCT in the series' frame of reference (several: the newest file). ROI names
     are mapped through the alias table; unmapped ones are recorded, not guessed.
     """
-    from contourcl.data.rtstruct import read_rtstruct
+    from contourcl.data.rtstruct import find_structure_sets, read_rtstruct
     from contourcl.data.volumes import write_label
 
     final = studies / "labels" / "final" / f"{image_id}.nii.gz"
     if final.exists():
         return
     candidates = []
-    for path in _structure_sets(folder):
+    for path in find_structure_sets(folder):
         try:
             label, mapped, unmapped = read_rtstruct(path, folder, STORED_LABELS, series_uid=series_uid)
         except (ContourCLError, OSError, ValueError) as err:
