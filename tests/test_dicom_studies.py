@@ -7,6 +7,7 @@ grid, and reads back voxel for voxel.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from contourcl.data.phantom import make_phantom
 from contourcl.data.labels import values_in
 from contourcl.data.rtstruct import read_rtstruct, to_series_grid, write_rtstruct
 from contourcl.data.seg import read_seg
-from contourcl.serving.series import ingest_series
+from contourcl.serving.series import ingest_series, refused_series
 
 from conftest import free_port, stop_process, wait_until_serving
 
@@ -67,8 +68,19 @@ def test_series_become_images_once_and_bad_ones_are_named(tmp_path):
     registry = (studies / ".contourcl" / "series.json").read_text()
     assert "patient_gap" in registry
     before = os.stat(studies / "patient_a.nii.gz").st_mtime_ns
-    ingest_series(studies)  # unchanged series are not written again
-    assert os.stat(studies / "patient_a.nii.gz").st_mtime_ns == before
+    import contourcl.serving.series as series_module
+
+    def no_reading(folder):
+        raise AssertionError(f"{folder} was read again, though none of its files changed")
+
+    original = series_module.list_series
+    series_module.list_series = no_reading
+    try:
+        again = ingest_series(studies)  # unchanged folders are not read, their series not written again
+    finally:
+        series_module.list_series = original
+    assert again == found and os.stat(studies / "patient_a.nii.gz").st_mtime_ns == before
+    assert "patient_gap" in json.dumps(refused_series(studies))  # the refused one is still named
     array = np.asanyarray(nib.load(studies / "patient_a.nii.gz").dataobj)
     assert array.shape == read_series_geometry(studies / "patient_a").shape
 

@@ -99,42 +99,62 @@ def ingest_series(studies: str | Path) -> dict[str, str]:
     studies = Path(studies)
     registry = _read(studies)
     images, refused = registry.setdefault("images", {}), {}
+    folders = registry.setdefault("folders", {})  # folder name -> its files' state when last ingested
     found: dict[str, str] = {}
     for folder in sorted(p for p in studies.iterdir() if p.is_dir() and p.name not in SKIP and not p.name.startswith(".")):
-        try:
-            series = [s for s in list_series(folder)]
-        except (ContourCLError, OSError) as err:
-            refused[folder.name] = str(err)
+        # a folder whose files have not changed since it was ingested is not read again (every
+        # start of the server and of its training and scoring processes comes through here)
+        folder_state = _fingerprint(p for p in folder.rglob("*") if p.is_file())
+        known = folders.get(folder.name, {})
+        if known.get("state") == folder_state and all((studies / f"{i}.nii.gz").is_file() for i in known.get("images", [])):
+            found.update({i: images[i]["folder"] for i in known.get("images", []) if i in images})
+            refused.update(known.get("refused", {}))
             continue
-        cts = [s for s in series if s.modality == "CT"]
-        for s in series:
-            if s.modality not in ("CT", "SEG", "RTSTRUCT"):
-                refused[f"{folder.name}:{s.series_uid}"] = f"a {s.modality or 'non-CT'} series, not a CT"
-        for index, s in enumerate(cts):
-            image_id = _image_id(folder, index, len(cts))
-            out = studies / f"{image_id}.nii.gz"
-            state = _fingerprint(s.files)
-            entry = images.get(image_id, {})
-            if out.is_file() and entry.get("series_uid") == s.series_uid and entry.get("state") == state:
-                found[image_id] = entry["folder"]
-                _label_from_rtstruct(studies, folder, image_id, s.series_uid, entry, refused)  # an RTSTRUCT added since
-                continue
-            if out.is_file() and image_id not in images:
-                refused[f"{folder.name}:{s.series_uid}"] = f"{out.name} already exists and is not from this series: not overwritten"
-                continue
-            try:
-                images[image_id] = convert_series(studies, image_id, folder, s.series_uid, state)
-            except (ContourCLError, OSError, ValueError) as err:
-                refused[f"{folder.name}:{s.series_uid}"] = str(err)
-                continue
-            found[image_id] = images[image_id]["folder"]
-            logger.info("DICOM series %s (%d files) -> image %s", folder.name, len(s.files), image_id)
-            _label_from_rtstruct(studies, folder, image_id, s.series_uid, images[image_id], refused)
+        refused_before = set(refused)
+        found_before = set(found)
+        _ingest_folder(studies, folder, images, refused, found)
+        folders[folder.name] = {"state": folder_state, "images": sorted(set(found) - found_before),
+                                "refused": {k: v for k, v in refused.items() if k not in refused_before}}
     for what, reason in refused.items():
         logger.warning("DICOM series %s left out: %s", what, reason)
     registry["refused"] = refused
     _write(studies, registry)
     return found
+
+
+def _ingest_folder(studies: Path, folder: Path, images: dict, refused: dict, found: dict) -> None:
+    """:func:`ingest_series` for one patient folder: convert its new or changed CT series, name
+    the refused ones, take a final label from an RTSTRUCT beside a series without one."""
+    try:
+        series = [s for s in list_series(folder)]
+    except (ContourCLError, OSError) as err:
+        refused[folder.name] = str(err)
+        return
+    cts = [s for s in series if s.modality == "CT"]
+    for s in series:
+        if s.modality not in ("CT", "SEG", "RTSTRUCT"):
+            refused[f"{folder.name}:{s.series_uid}"] = f"a {s.modality or 'non-CT'} series, not a CT"
+    for index, s in enumerate(cts):
+        image_id = _image_id(folder, index, len(cts))
+        out = studies / f"{image_id}.nii.gz"
+        state = _fingerprint(s.files)
+        entry = images.get(image_id, {})
+        if out.is_file() and entry.get("series_uid") == s.series_uid and entry.get("state") == state:
+            found[image_id] = entry["folder"]
+            _label_from_rtstruct(studies, folder, image_id, s.series_uid, entry, refused)  # an RTSTRUCT added since
+            continue
+        if out.is_file() and image_id not in images:
+            refused[f"{folder.name}:{s.series_uid}"] = f"{out.name} already exists and is not from this series: not overwritten"
+            continue
+        try:
+            images[image_id] = convert_series(studies, image_id, folder, s.series_uid, state)
+        except (ContourCLError, OSError, ValueError) as err:
+            refused[f"{folder.name}:{s.series_uid}"] = str(err)
+            continue
+        found[image_id] = images[image_id]["folder"]
+        logger.info("DICOM series %s (%d files) -> image %s", folder.name, len(s.files), image_id)
+        _label_from_rtstruct(studies, folder, image_id, s.series_uid, images[image_id], refused)
+
 
 
 def _label_from_rtstruct(studies: Path, folder: Path, image_id: str, series_uid: str, entry: dict, refused: dict) -> None:
