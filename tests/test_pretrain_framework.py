@@ -120,6 +120,26 @@ def test_volumes_are_windowed_with_body_and_slices(tmp_path):
     assert len(ds) == 4 and ds[0].shape == (1, 32, 32)
 
 
+
+def test_the_volume_cache_follows_the_file_content_not_its_time(tmp_path):
+    """A corrected copy of a dataset (OpenKBP's slices reversed, 2026-11-26) can keep each file's
+    name, size and modification time: the cache must not serve the old volume."""
+    import nibabel as nib
+
+    gz = write_synthetic_cts(tmp_path / "imgs", 1, shape=(40, 32, 6))[0]
+    path = tmp_path / "ct.nii"  # uncompressed: the corrected file has exactly the old one's size
+    nib.save(nib.load(str(gz)), str(path))
+    before = load_volumes([path], cache_dir=tmp_path / "cache")[0].image
+    st = os.stat(path)
+    img = nib.load(str(path))
+    reversed_data = np.ascontiguousarray(np.asarray(img.dataobj)[..., ::-1])
+    nib.save(nib.Nifti1Image(reversed_data, img.affine, img.header), str(path))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size
+    after = load_volumes([path], cache_dir=tmp_path / "cache")[0].image
+    assert not np.array_equal(after, before)
+    assert np.array_equal(after, before[..., ::-1])
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 #: body threshold (HU): air is -1000, fat -100; -400 keeps the skin and drops the air around it
 BODY_HU = -400.0
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the file's bytes, not its size and time
 
 
 @dataclass
@@ -99,9 +99,13 @@ def load_volume(
 
 
 def _cache_key(path: Path, spacing, window, body_hu) -> str:
-    st = path.stat()
-    text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{tuple(spacing)}|{tuple(window)}|{body_hu}|v{CACHE_VERSION}"
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    """The file's content (not its name, size or time: a corrected copy of a dataset may keep
+    all three) and the preprocessing settings."""
+    h = hashlib.sha1(f"{tuple(spacing)}|{tuple(window)}|{body_hu}|v{CACHE_VERSION}|".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _load_cached(args) -> Volume:
