@@ -82,13 +82,31 @@ class Scale:
     voxel_siamese_lambda: float = 0.3
     pool: int | None = 40  #: training CTs used for pretraining (and to draw labeled cases from); None: all
     sizes: tuple[int, ...] = (1, 5, 20)
-    draws: int = 2
+    #: random draws of labeled cases: one number for every size, or one per size (``sizes``' order;
+    #: sizes beyond the tuple's end take its last number)
+    draws: int | tuple[int, ...] = 2
+    #: the rows run by default at this scale (None: :data:`DEFAULT_METHODS`)
+    methods: tuple[str, ...] | None = None
+    models: tuple[str, ...] | None = None  #: the models run by default (None: both)
+
+    def draws_for(self, n: int) -> int:
+        """How many draws of ``n`` labeled cases this scale runs."""
+        if isinstance(self.draws, int):
+            return self.draws
+        return int(self.draws[min(self.sizes.index(n), len(self.draws) - 1)])  # sizes beyond: the last number
 
 
 SCALES = {
     "cpu": Scale(
         name="cpu", encoder="resnet18", width=16, image_size=128, pretrain_iterations=300, pretrain_batch=16,
-        finetune_steps=1000, finetune_batch=8, samples_per_volume=4, pool=40, draws=2,
+        finetune_steps=1000, finetune_batch=8, samples_per_volume=4, pool=40, draws=(5, 5, 3),
+    ),
+    # issue 9: the oar table in at most 10 minutes on one H100 (four rows, |X_tr| 1 and 5, 3
+    # draws); a wider encoder and 10x the CPU scale's pretraining. Not yet run: no GPU was lent.
+    "gpu": Scale(
+        name="gpu", encoder="resnet18", width=32, image_size=128, pretrain_iterations=3000, pretrain_batch=64,
+        finetune_steps=1000, finetune_batch=16, finetune_roi=96, samples_per_volume=4, lr=2e-3, pool=None,
+        sizes=(1, 5), draws=3, methods=("random", "simclr", "separeg", "polycl-o"), models=("oar",),
     ),
     "paper": Scale(
         name="paper", encoder="resnet50", width=64, image_size=128, pretrain_iterations=100_000, pretrain_batch=32,
@@ -199,6 +217,9 @@ def finetune_task(spec: dict) -> dict:
     model_path = Path(spec["model_path"])
     model_path.parent.mkdir(parents=True, exist_ok=True)
     save_finetuned(model_path, cfg, result, method=spec["method"], train_cases=[c["id"] for c in spec["train"]])
+    if Path(spec["result"]).is_file():
+        # the result is kept; only the weights a later pretraining reads were remade (Task.also)
+        return {"result": spec["result"]}
     t0 = time.perf_counter()
     metrics = evaluate_model_file(model_path, spec["validation"], spec["tolerance_mm"], keep_preprocessed=True)
     record = {
@@ -224,8 +245,14 @@ class Task:
     key: str
     fn: Callable[[dict], dict]
     spec: dict
-    output: Path  #: the task is done when this file exists
+    output: Path  #: the task is done when this file exists (and ``also``)
     deps: tuple[str, ...] = ()
+    #: files later tasks read that are not kept with the results (a coarse model's weights):
+    #: when one is missing, the task runs again to remake it, without rewriting ``output``
+    also: tuple[Path, ...] = ()
+
+    def finished(self) -> bool:
+        return self.output.exists() and all(p.exists() for p in self.also)
 
 
 def _init_worker(threads: int) -> None:
@@ -240,7 +267,7 @@ def run_tasks(tasks: Sequence[Task], jobs: int = 1, threads: int = 1, progress: 
 
     Tasks whose output exists are skipped; a failed task's dependents are not run.
     """
-    done = {t.key for t in tasks if t.output.exists()}
+    done = {t.key for t in tasks if t.finished()}
     failed: list[str] = []
     pending = [t for t in tasks if t.key not in done]
     bar = tqdm(total=len(tasks), initial=len(done), desc="label-efficiency", unit="run", disable=not progress)
@@ -387,7 +414,7 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
         labeled = [c for c in usable_cases(train, model) if c["id"] in pool]
         p.validation[model] = usable_cases(val, model)
         for n in scale.sizes:
-            for draw in range(scale.draws):
+            for draw in range(scale.draws_for(n)):
                 cases = draw_cases(labeled, n, draw, seed)
                 tag = f"{model}/n{n:02d}-d{draw}"
                 coarse = p.out / "models" / f"{model}-random-n{n:02d}-d{draw}.pt"
@@ -425,7 +452,8 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
                         "model_path": str(p.out / "models" / f"{model}-{name}-n{n:02d}-d{draw}.pt"),
                         "result": str(result), "tolerance_mm": p.tolerance_mm,
                     }
-                    p.tasks.append(Task(f"finetune/{name}/{tag}", finetune_task, spec, result, deps))
+                    needed = (Path(spec["model_path"]),) if name == "random" and any(METHODS[m].needs_masks for m in p.methods) else ()
+                    p.tasks.append(Task(f"finetune/{name}/{tag}", finetune_task, spec, result, deps, also=needed))
     # the random-init runs first (the mask-needing pretrainings wait for them), then the
     # pretrainings, then the fine-tunings draw by draw: a benchmark stopped early has whole draws
     p.tasks.sort(key=lambda t: (not t.key.startswith("finetune/random/"), not t.key.startswith("pretrain/"), t.spec.get("draw", 0)))
@@ -456,7 +484,7 @@ def run_benchmark(p: Plan, jobs: int | None = None, threads: int | None = None, 
         jobs = jobs or (1 if gpu else max(1, cores))
         threads = threads or max(1, cores // jobs)
         logger.info("%d runs (%d already done), %d at a time with %d thread(s) each, in %s",
-                    len(p.tasks), sum(t.output.exists() for t in p.tasks), jobs, threads, p.out)
+                    len(p.tasks), sum(t.finished() for t in p.tasks), jobs, threads, p.out)
         t0 = time.perf_counter()
         failed = run_tasks(p.tasks, jobs, threads)
         logger.info("runs finished in %.1f min", (time.perf_counter() - t0) / 60)

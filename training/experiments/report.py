@@ -68,6 +68,13 @@ def _fmt(row: dict | None, metric: str) -> str:
     return format_figure(row["mean"], row["se"], metric, row["hd95_missed"] or 0)
 
 
+def _draws(scale: dict) -> str:
+    draws = scale["draws"]
+    if isinstance(draws, int):
+        return f"{draws} draws of labeled cases per size"
+    return "draws of labeled cases: " + ", ".join(f"{d} at \\|X_tr\\| = {n}" for n, d in zip(scale["sizes"], draws))
+
+
 def markdown(rows: list[dict], settings: dict) -> str:
     """The results as Markdown: per model, mean over structures per metric, and per structure Dice."""
     index = {(r["model"], r["method"], r["n_labeled"], r["structure"], r["metric"]): r for r in rows}
@@ -78,7 +85,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
     lines = [
         f"Scale `{s['name']}`: encoder {s['encoder']} width {s['width']}; pretraining {s['pretrain_iterations']} steps per method in total, "
         f"batch {s['pretrain_batch']}, on {s['pool'] or 'all'} training CTs; fine-tuning {s['finetune_steps']} steps, batch "
-        f"{s['finetune_batch']}; {s['draws']} draws of labeled cases per size. Patient-wise mean ± standard error over the "
+        f"{s['finetune_batch']}; {_draws(s)}. Patient-wise mean ± standard error over the "
         f"validation cases; surface Dice at {settings['tolerance_mm']:g} mm. Structures a case does not contour are skipped.",
         "",
     ]
