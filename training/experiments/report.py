@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from contourcl.data.labels import model_labels, to_model
 from contourcl.data.volumes import read_ras, to_ras
 from contourcl.evaluation import METRICS, case_mean, format_figure, summarise
 from contourcl.plots import _pyplot, contour_overlay
+from contourcl.training.experiments.paired import PairedComparison, compare_all
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +77,33 @@ def _draws(scale: dict) -> str:
     return "draws of labeled cases: " + ", ".join(f"{d} at \\|X_tr\\| = {n}" for n, d in zip(scale["sizes"], draws))
 
 
-def markdown(rows: list[dict], settings: dict) -> str:
-    """The results as Markdown: per model, mean over structures per metric, and per structure Dice."""
+def _paired_cell(c: PairedComparison | None) -> str:
+    if c is None:
+        return "-"
+    return (f"{c.difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]; p {c.p_wilcoxon:.2g}, Holm {c.p_holm:.2g}; "
+            f"{c.draws_better}/{c.draws}")
+
+
+def paired_markdown(comparisons: list[PairedComparison], model: str, methods: list[str], sizes: list[int]) -> list[str]:
+    """The paired table of one model (:mod:`contourcl.training.experiments.paired`)."""
+    index = {(c.method, c.n_labeled): c for c in comparisons if c.model == model}
+    if not index:
+        return []
+    n_pat = next(iter(index.values())).patients
+    lines = [f"**{model}: Dice difference to random init, paired** ({n_pat} validation patients). Each cell: mean "
+             "difference [95 % CI, bootstrap over draws and patients]; Wilcoxon signed-rank p over patients, and "
+             "Holm-adjusted over this table; draws whose mean is higher than random init's.", ""]
+    lines.append("| pretraining | " + " | ".join(f"\\|X_tr\\| = {n}" for n in sizes) + " |")
+    lines.append("|---|" + "---|" * len(sizes))
+    for m in methods:
+        if m != "random":
+            lines.append(f"| {m} | " + " | ".join(_paired_cell(index.get((m, n))) for n in sizes) + " |")
+    return lines + [""]
+
+
+def markdown(rows: list[dict], settings: dict, comparisons: list[PairedComparison] | None = None) -> str:
+    """The results as Markdown: per model, mean over structures per metric, the paired comparison
+    against random init, and per structure Dice."""
     index = {(r["model"], r["method"], r["n_labeled"], r["structure"], r["metric"]): r for r in rows}
     models = [m for m in settings["models"] if any(r["model"] == m for r in rows)]
     sizes = sorted({r["n_labeled"] for r in rows})
@@ -98,6 +125,8 @@ def markdown(rows: list[dict], settings: dict) -> str:
             for m in methods:
                 lines.append(f"| {m} | " + " | ".join(_fmt(index.get((model, m, n, "mean", metric)), metric) for n in sizes) + " |")
             lines.append("")
+            if metric == "dice":
+                lines += paired_markdown(comparisons or [], model, methods, sizes)
         structures = list(model_labels(model))
         if len(structures) > 1:
             n = sizes[-1]
@@ -186,8 +215,17 @@ def write_report(plan) -> list[Path]:
         w.writeheader()
         w.writerows(rows)
     written.append(csv_path)
+    comparisons = [c for model in plan.models
+                   for c in compare_all(runs, model, list(plan.methods), sorted({r["n_labeled"] for r in runs if r["model"] == model}))]
+    if comparisons:
+        paired_csv = out / "paired.csv"
+        with paired_csv.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(asdict(comparisons[0])))
+            w.writeheader()
+            w.writerows(asdict(c) for c in comparisons)
+        written.append(paired_csv)
     md = out / "results.md"
-    md.write_text(markdown(rows, plan.settings()) + "\n")
+    md.write_text(markdown(rows, plan.settings(), comparisons) + "\n")
     written.append(md)
     for model in plan.models:
         if any(r["model"] == model for r in rows):
