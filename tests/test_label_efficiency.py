@@ -249,7 +249,7 @@ def test_every_method_gets_the_same_pretraining_budget(openkbp_like, tmp_path, s
     from contourcl.training.pretrain.trainer import get_method
 
     scale = replace(le.SCALES[scale_name], sizes=(1, 2))  # the fixture has 4 training cases
-    methods = ["random", "simclr", "simsiam", "separeg", "agcl", "polycl-o", "polycl-s"]
+    methods = ["random", "simclr", "simsiam", "separeg", "agcl", "polycl-o", "polycl-s", "separeg-grid", "separeg-none"]
     p = le.plan(openkbp_like, tmp_path, scale, models=["oar", "gtv"], methods=methods)
     configs = {t.key: PretrainConfig.from_dict(t.spec["config"]) for t in p.tasks if t.key.startswith("pretrain/")}
     assert {c.method for c in configs.values()} == {"simclr", "simsiam", "separeg", "agcl", "polycl-o", "polycl-s"}
@@ -262,3 +262,20 @@ def test_every_method_gets_the_same_pretraining_budget(openkbp_like, tmp_path, s
     separeg = get_method("separeg").planned_iterations(configs["pretrain/separeg"])
     assert set(separeg) == {"inter", "intra", "distill"}  # split over its stages, not run per stage
     assert p.settings()["pretrain_steps"]["separeg"] == separeg  # recorded in settings.json
+
+
+def test_the_separation_ablation_rows_differ_from_separeg_only_in_the_separation(openkbp_like, tmp_path):
+    from dataclasses import replace
+
+    scale = replace(le.SCALES["cpu"], sizes=(1,), draws=2)
+    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "separeg", "separeg-grid", "separeg-none"])
+    configs = {t.key: t.spec["config"] for t in p.tasks if t.key.startswith("pretrain/")}
+    base = configs["pretrain/separeg"]
+    for name, separation in (("separeg-grid", "grid"), ("separeg-none", "none")):
+        config = configs[f"pretrain/{name}"]
+        assert config["options"] == {**base["options"], "separation": separation}
+        assert {k: v for k, v in config.items() if k not in ("options", "out")} == {k: v for k, v in base.items() if k not in ("options", "out")}
+    # fine-tuned on the same draws as every other row
+    train = {t.key: [c["id"] for c in t.spec["train"]] for t in p.tasks if t.key.startswith("finetune/")}
+    for d in (0, 1):
+        assert train[f"finetune/separeg-grid/oar/n01-d{d}"] == train[f"finetune/random/oar/n01-d{d}"] == train[f"finetune/separeg/oar/n01-d{d}"]

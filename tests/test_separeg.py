@@ -13,7 +13,7 @@ from contourcl.data.datasets import find_ct_images
 from contourcl.models.encoder_checkpoint import load_encoder
 from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
 from contourcl.training.pretrain import separeg
-from contourcl.training.pretrain.base import PretrainConfig, RunContext
+from contourcl.training.pretrain.base import ConfigError, PretrainConfig, RunContext
 from contourcl.training.pretrain.separeg import (
     INDEX_DTYPE,
     Distiller,
@@ -81,6 +81,31 @@ def test_sis_workers_match_serial_and_cache_is_reused(tmp_path, monkeypatch):
     assert np.array_equal(cached.index, parallel.index) and cached.key == parallel.key
     with pytest.raises(AssertionError):  # other settings: another cache entry
         build_region_set(vols, n_segments=8, cache_dir=tmp_path)
+
+
+def test_grid_separation_cuts_cells_of_the_asked_area():
+    body = np.zeros((50, 60), bool)
+    body[5:45, 10:50] = True  # a 40 x 40 px body at 2 x 1 mm: 80 x 40 mm
+    labels = separeg.grid_slice(body, pixel_mm=(2.0, 1.0), region_area_mm2=100.0)  # 10 mm cells: 5 x 10 px
+    assert labels[~body].max() == 0 and labels[body].min() >= 1
+    areas = np.bincount(labels[body])[1:]
+    assert len(areas) == 8 * 4 and set(areas.tolist()) == {50}  # 8 rows x 4 columns of 5 x 10 px
+    lab = labels[5:15, 10:30]  # the first cell is rows 5-9, columns 10-19
+    assert len(np.unique(lab[:5, :10])) == 1 and lab[0, 0] != lab[5, 0] and lab[0, 0] != lab[0, 10]
+
+
+def test_the_separation_ablation_varies_only_how_slices_are_cut(tmp_path):
+    vols = [synthetic_volume("a", seed=0)]
+    kw = dict(n_segments=16, min_body_pixels=1, cache_dir=tmp_path, region_area_mm2=40.0, pixel_mm=(1.0, 1.0))
+    sis, grid, none = (build_region_set(vols, **kw, separation=s) for s in ("superpixel", "grid", "none"))
+    body_slices = int(vols[0].body.any(axis=(0, 1)).sum())
+    assert len(none) == body_slices  # one region per body slice: the body itself
+    for rs in (sis, grid, none):
+        assert np.array_equal(coverage(rs, 0), vols[0].body.astype(np.int32))  # each body pixel once
+    assert len({sis.key, grid.key, none.key}) == 3  # three cache entries
+    assert build_region_set(vols, **kw).key == sis.key  # superpixels are the default
+    with pytest.raises(ConfigError, match="separation"):
+        build_region_set(vols, **kw, separation="voronoi")
 
 
 def one_region_set(height=4, width=8, value=0.5) -> RegionSet:

@@ -124,6 +124,7 @@ class Method:
     pretrain: str | None = None  #: a ``contourcl pretrain`` method, or None (random init)
     needs_masks: bool = False  #: pretraining needs organ masks (taken from the draw's coarse model)
     voxel_siamese: bool = False  #: fine-tune with the voxel-level Siamese auxiliary loss
+    options: tuple[tuple[str, object], ...] = ()  #: pretraining options of this row (``--set``)
 
 
 METHODS = {
@@ -137,6 +138,10 @@ METHODS = {
         Method("polycl-o", "polycl-o", needs_masks=True),
         Method("polycl-s", "polycl-s"),
         Method("voxel-siamese", voxel_siamese=True),
+        # SepaReg's separation ablation (the paper's Table 4): regular grid cells of the
+        # superpixels' size, and the whole body slice as the one region
+        Method("separeg-grid", "separeg", options=(("separation", "grid"),)),
+        Method("separeg-none", "separeg", options=(("separation", "none"),)),
     )
 }
 #: the rows run unless --methods says otherwise (simsiam is SepaReg's first stage alone)
@@ -409,7 +414,8 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
         method = METHODS[name]
         if method.pretrain and not method.needs_masks:
             ckpt = p.out / "pretrain" / f"{name}.pt"
-            p.tasks.append(Task(f"pretrain/{name}", pretrain_task, {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt)}, ckpt))
+            p.tasks.append(Task(f"pretrain/{name}", pretrain_task,
+                                {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, dict(method.options))}, ckpt))
     for model in p.models:
         labeled = [c for c in usable_cases(train, model) if c["id"] in pool]
         p.validation[model] = usable_cases(val, model)

@@ -145,6 +145,54 @@ def slic_slice(image: np.ndarray, body: np.ndarray, n_segments: int = 32, compac
     return labels
 
 
+#: how a slice is cut into regions (the paper's Table 4 / Fig. 1): SIS's superpixels, square
+#: cells of a regular grid, or no separation (see :func:`separate_slice`)
+SEPARATIONS = ("superpixel", "grid", "none")
+
+
+def grid_slice(body: np.ndarray, n_segments: int = 32, pixel_mm: Sequence[float] = (1.0, 1.0),
+               region_area_mm2: float | None = None) -> np.ndarray:
+    """*Regular separation*: square cells of a grid over the slice, cut to ``body``; labels 1..n.
+
+    A cell's side gives it ``region_area_mm2`` (or, without it, ``n_segments`` cells over the
+    body's bounding box), so grid cells and superpixels have the same size; the grid starts at
+    the body's bounding box."""
+    body = np.asarray(body, bool)
+    if not body.any():
+        return np.zeros(body.shape, np.int64)
+    rows, cols = np.nonzero(body)
+    r0, c0 = rows.min(), cols.min()
+    if region_area_mm2:
+        side_mm = float(np.sqrt(region_area_mm2))
+        side = [max(1, round(side_mm / float(s))) for s in pixel_mm[:2]]
+    else:
+        h, w = rows.max() - r0 + 1, cols.max() - c0 + 1
+        side = [max(1, round(float(np.sqrt(h * w / max(1, n_segments)))))] * 2
+    rr, cc = np.mgrid[: body.shape[0], : body.shape[1]]
+    cell_r, cell_c = (rr - r0) // side[0], (cc - c0) // side[1]
+    cell = cell_r * (int(cell_c.max()) + 1) + cell_c
+    _, labels = np.unique(np.where(body, cell, -1), return_inverse=True)  # -1 (outside) becomes 0
+    return labels.reshape(body.shape).astype(np.int64)
+
+
+def separate_slice(image: np.ndarray, body: np.ndarray, n_segments: int = 32, compactness: float = 0.15, sigma: float = 0.8,
+                   pixel_mm: Sequence[float] = (1.0, 1.0), region_area_mm2: float | None = None,
+                   slic_spacing: float | None = None, separation: str = "superpixel") -> np.ndarray:
+    """One slice's regions: ``superpixel`` (SIS, :func:`slic_slice`), ``grid`` (:func:`grid_slice`,
+    the paper's *regular separation*) or ``none`` (the whole body is one region).
+
+    ``none`` departs from the paper's *no separation* (Table 4: PixPro without its PPM, pixel
+    pairs at the same location of two feature maps): here the body slice is the one region and
+    the rest of SepaReg runs unchanged, so the ablation varies only how slices are cut."""
+    if separation == "superpixel":
+        return slic_slice(image, body, n_segments, compactness, sigma, pixel_mm, region_area_mm2, slic_spacing)
+    if separation == "grid":
+        return grid_slice(body, n_segments, pixel_mm, region_area_mm2)
+    if separation == "none":
+        return np.asarray(body, bool).astype(np.int64)
+    raise ConfigError(f"separation must be one of {', '.join(SEPARATIONS)}, not {separation!r}")
+
+
 def regions_of_slice(labels: np.ndarray) -> list[tuple[int, int, int, int, int, int]]:
     """``(label, r0, c0, r1, c1, area)`` of every label > 0 of a 2D label map."""
     from scipy import ndimage
@@ -166,7 +214,7 @@ def _sis_job(args) -> tuple[int, int, np.ndarray, list]:
     for k in range(image.shape[-1]):
         if int(body[..., k].sum()) < min_body_pixels:
             continue
-        lab = slic_slice(image[..., k], body[..., k], n_segments, compactness, sigma, **slic_options)
+        lab = separate_slice(image[..., k], body[..., k], n_segments, compactness, sigma, **slic_options)
         labels[..., k] = lab
         rows += [(case, z0 + k, *r) for r in regions_of_slice(lab)]
     return case, z0, labels, rows
@@ -223,6 +271,7 @@ def build_region_set(
     pixel_mm: Sequence[float] = (1.0, 1.0),
     region_area_mm2: float | None = None,
     slic_spacing: float | None = None,
+    separation: str = "superpixel",
 ) -> RegionSet:
     """SIS over all slices of ``volumes``; cached in ``cache_dir/sis-KEY`` when given.
 
@@ -233,6 +282,10 @@ def build_region_set(
     slic_options = {}
     if region_area_mm2 or slic_spacing:
         slic_options = {"pixel_mm": [float(x) for x in pixel_mm[:2]], "region_area_mm2": region_area_mm2, "slic_spacing": slic_spacing}
+    if separation != "superpixel":  # (the default adds nothing: its cache key is unchanged)
+        if separation not in SEPARATIONS:
+            raise ConfigError(f"separation must be one of {', '.join(SEPARATIONS)}, not {separation!r}")
+        slic_options["separation"] = separation
     key = sis_key(volumes, n_segments, compactness, sigma, min_body_pixels, seed, slic_options)
     folder = Path(cache_dir) / f"sis-{key}" if cache_dir is not None else None
     images = [v.image for v in volumes]
@@ -494,7 +547,8 @@ class SepaRegMethod(PretrainMethod):
 
     Options (``--set KEY=VALUE``): ``region_area_mm2`` (:data:`PAPER_REGION_AREA_MM2`; ``null``:
     ``n_segments`` per slice), ``n_segments`` (32), ``slic_spacing`` (mm, ``null``: the volumes'
-    grid), ``compactness`` (0.15), ``sigma`` (0.8), ``region_mode`` (pad | resize),
+    grid), ``compactness`` (0.15), ``sigma`` (0.8), ``separation`` (superpixel | grid | none: the
+    ablation of the paper's Table 4, :func:`separate_slice`), ``region_mode`` (pad | resize),
     ``min_region_area`` (1), ``filter_regions`` (False), ``num_clusters`` (K = 5), ``temperature``
     (T = 0.1), ``inter_head`` (projector | predictor), ``kl_direction``, ``distance`` (neg-cos |
     2-2cos), ``student_init`` (scratch | inter), ``distill_augment`` (False), ``budget`` (total |
@@ -509,6 +563,7 @@ class SepaRegMethod(PretrainMethod):
         "jitter_p": 0.3,
         "blur_p": 0.2,
         "region_area_mm2": PAPER_REGION_AREA_MM2,
+        "separation": "superpixel",
         "n_segments": 32,
         "slic_spacing": None,
         "compactness": 0.15,
@@ -581,7 +636,7 @@ class SepaRegMethod(PretrainMethod):
                 self.region_set = build_region_set(
                     volumes, o["n_segments"], o["compactness"], o["sigma"], o["min_body_pixels"],
                     cache_dir=cache, num_workers=cfg.num_workers, seed=cfg.seed, pixel_mm=cfg.spacing,
-                    region_area_mm2=o["region_area_mm2"], slic_spacing=o["slic_spacing"],
+                    region_area_mm2=o["region_area_mm2"], slic_spacing=o["slic_spacing"], separation=o["separation"],
                 )
         return self.region_set
 
