@@ -21,7 +21,7 @@ from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 
 from contourcl.data.labels import mirror_channels
-from contourcl.data.transforms import ct_preprocessing
+from contourcl.data.transforms import ct_preprocessing, neighbouring_slices
 from contourcl.data.volumes import check_header, write_label
 from contourcl.errors import InvalidImageError
 from contourcl.models.checkpoint import ModelMeta, load_model
@@ -39,6 +39,9 @@ def slice_probabilities(
 ) -> torch.Tensor:
     """Softmax probabilities ``(B, C, H, W, D)`` of a ``(B, 1, H, W, D)`` volume, slice by slice.
 
+    A 2.5D network (``in_channels`` = 2 context + 1) gets each slice with its neighbours as
+    channels (:func:`~contourcl.data.transforms.neighbouring_slices`).
+
     When a slice fits in ``roi`` (see :func:`whole_slice_roi`), slices are zero-padded to ``roi``
     and run in batches of ``sw_batch_size``; otherwise they are tiled with ``roi``-sized windows
     (MONAI's ``SliceInferer``). Mixed precision on CUDA.
@@ -46,12 +49,15 @@ def slice_probabilities(
     device = torch.device(device)
     if isinstance(image, MetaTensor):  # metadata is not needed here and slows every op
         image = image.as_tensor()
+    channels = network.config.in_channels
+    if channels > 1 and image.shape[1] == 1:
+        image = neighbouring_slices(image, (channels - 1) // 2)
     b, _, h, w, d = image.shape
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
         if h <= roi[0] and w <= roi[1]:
             top, left = (roi[0] - h) // 2, (roi[1] - w) // 2
             padded = torch.nn.functional.pad(image, (0, 0, left, roi[1] - w - left, top, roi[0] - h - top))
-            slices = padded.permute(0, 4, 1, 2, 3).reshape(b * d, 1, *roi)  # (B*D, 1, H', W')
+            slices = padded.permute(0, 4, 1, 2, 3).reshape(b * d, channels, *roi)  # (B*D, channels, H', W')
             chunks = [network(slices[i : i + sw_batch_size].to(device)).float() for i in range(0, b * d, sw_batch_size)]
             out = torch.cat(chunks)[:, :, top : top + h, left : left + w]
             logits = out.reshape(b, d, -1, h, w).permute(0, 2, 3, 4, 1)

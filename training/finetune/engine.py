@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,8 @@ from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
 from contourcl.data.labels import model_labels
-from contourcl.data.transforms import DEFAULT_SPACING, DEFAULT_WINDOW, LabelToModeld, StructurePresenced, ct_preprocessing
+from contourcl.errors import ConfigError
+from contourcl.data.transforms import DEFAULT_SPACING, DEFAULT_WINDOW, LabelToModeld, SlabToChannelsd, StructurePresenced, ct_preprocessing
 from contourcl.evaluation import EvaluationCase, evaluate_network, prepare_cases, summarise
 from contourcl.models.checkpoint import ModelMeta, save_model
 from contourcl.models.encoder_checkpoint import load_encoder
@@ -104,9 +105,22 @@ class FinetuneConfig:
     ema: float | None = None
     #: linear learning-rate warm-up steps before the cosine decay (MONAI's WarmupCosineSchedule)
     warmup_steps: int = 0
+    #: 2.5D input: this many neighbouring slices on each side as extra input channels
+    #: (:func:`contourcl.data.transforms.neighbouring_slices`); 0: one slice (2D)
+    context: int = 0
 
     def net_config(self) -> NetConfig:
-        return NetConfig(out_channels=len(model_labels(self.model)) + 1, **self.net)
+        return NetConfig(out_channels=len(model_labels(self.model)) + 1, **{**self.net, "in_channels": 2 * self.context + 1})
+
+
+def following(cfg: FinetuneConfig, meta: ModelMeta) -> FinetuneConfig:
+    """``cfg`` with the network, 2.5D context and preprocessing of a model file (to continue
+    training it: retraining, ``--start-from``), and its largest-component rule when it has one."""
+    return replace(
+        cfg, net={k: v for k, v in meta.net.items() if k not in ("out_channels", "in_channels")},
+        context=(int(meta.net.get("in_channels", 1)) - 1) // 2, spacing=tuple(meta.spacing), window=tuple(meta.window),
+        roi=tuple(meta.roi), largest_component=cfg.largest_component if meta.largest_component is None else meta.largest_component,
+    )
 
 
 @dataclass
@@ -138,7 +152,7 @@ def preprocessing(cfg: FinetuneConfig) -> list:
         *ct_preprocessing("image", "label", cfg.spacing, cfg.window),
         LabelToModeld("label", cfg.model),
         StructurePresenced("label", n_classes),
-        SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, -1)),
+        SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, 2 * cfg.context + 1 if cfg.context else -1)),
         # the voxels of each class, found once and cached (searching the volume for every sampled
         # slice was most of a training step); background only inside the body (above the window's
         # lower bound), so that background slices are not air
@@ -157,7 +171,7 @@ def augmentation(cfg: FinetuneConfig) -> list:
         RandCropByLabelClassesd(
             keys=("image", "label"),
             label_key="label",
-            spatial_size=(*cfg.roi, 1),
+            spatial_size=(*cfg.roi, 2 * cfg.context + 1),  # a slab: the centre slice and its neighbours
             num_classes=len(model_labels(cfg.model)) + 1,
             num_samples=cfg.samples_per_volume,
             indices_key="label_cls_indices",
@@ -165,7 +179,7 @@ def augmentation(cfg: FinetuneConfig) -> list:
             warn=False,
         ),
         DeleteItemsd(keys="label_cls_indices"),  # per-volume, not per sample: not collated
-        SqueezeDimd(keys=("image", "label"), dim=-1),
+        SlabToChannelsd("image", "label") if cfg.context else SqueezeDimd(keys=("image", "label"), dim=-1),
         RandAffined(
             keys=("image", "label"),
             prob=0.5,
@@ -273,6 +287,8 @@ def finetune(
         if cfg.init:
             info = load_encoder(network, cfg.init)
             logger.info("encoder initialised from %s (%s)", cfg.init, info.get("method", "?"))
+    if cfg.voxel_siamese and cfg.context:
+        raise ConfigError("the voxel-level Siamese loss is implemented for 2D input only: use context 0 with it")
     network = network.to(dev).train()
     # with the voxel-Siamese loss, the heads train beside the U-Net; only the U-Net is kept
     trainable: torch.nn.Module = VoxelSiameseNet(network, placement=cfg.voxel_siamese_placement).to(dev).train() if cfg.voxel_siamese else network

@@ -14,7 +14,7 @@ from contourcl.errors import ConfigError
 from contourcl.models.checkpoint import load_model
 from contourcl.plots import training_curves
 from contourcl.serving.config import default_largest_component
-from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, save_finetuned
+from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, following, save_finetuned
 from contourcl.training.finetune.refit import select_and_refit
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voxel-siamese-lambda", type=float, default=0.3, help="weight of the feature loss (default %(default)s; the paper's 10 collapsed fine-tuning here)")
     parser.add_argument("--agcl-encoder", help="AGCL's fine-tuning variant: the 2-channel AGCL checkpoint (CKPT.2ch.pt of contourcl pretrain agcl); trains one ASPP head per structure on the frozen encoder")
     parser.add_argument("--coarse-model", help="with --agcl-encoder: the model file whose predictions are the coarse masks at validation (e.g. apps/radonc/model/oar.pt)")
+    parser.add_argument("--context", type=int, default=0,
+                        help="2.5D: this many neighbouring slices on each side as input channels (default 0: 2D); a 2D pretraining checkpoint's first convolution is inflated")
     parser.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
     parser.add_argument("--val-interval", type=int, default=1, help="validate every this many epochs (default %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up before the cosine decay (default %(default)s)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, seed=args.seed, init=args.init,
         voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
         largest_component=default_largest_component(args.model), val_interval=args.val_interval, warmup_steps=args.warmup_steps,
-        ema=args.ema, tta_flip={"off": False, "on": True, "auto": None}[args.tta_flip],
+        ema=args.ema, tta_flip={"off": False, "on": True, "auto": None}[args.tta_flip], context=args.context,
     )
     provenance = dict(
         data=str(args.data), train_ids=[c["id"] for c in train], val_ids=[c["id"] for c in val],
@@ -101,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
         start, meta = load_model(args.start_from)
         if meta.model != args.model:
             raise SystemExit(f"--start-from {args.start_from} is a {meta.model} model, not {args.model}")
-        cfg = replace(cfg, net={k: v for k, v in meta.net.items() if k != "out_channels"}, spacing=meta.spacing, window=meta.window, roi=meta.roi,
-                      largest_component=cfg.largest_component if meta.largest_component is None else meta.largest_component)
+        cfg = following(cfg, meta)
         provenance["started_from"] = str(args.start_from)
     result = finetune(train, val, cfg, start_from=start, on_epoch=keep_best, state_path=args.state)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process writes

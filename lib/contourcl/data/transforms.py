@@ -104,3 +104,33 @@ class StructurePresenced(MapTransform):
             present[values[(values > 0) & (values < self.num_classes)]] = 1.0
             d[self.output_key] = present
         return d
+
+
+def neighbouring_slices(volume: torch.Tensor, context: int) -> torch.Tensor:
+    """2.5D input: ``(B, 1, H, W, D)`` -> ``(B, 2 context + 1, H, W, D)``, channel ``k`` of slice
+    ``z`` holding slice ``z + k - context`` (inferior to superior: the volumes are RAS). Beyond
+    the first and last slice the edge slice is repeated."""
+    if context <= 0:
+        return volume
+    if volume.shape[1] != 1:
+        raise ValueError(f"neighbouring_slices takes a 1-channel volume, not {volume.shape[1]} channels")
+    z = torch.arange(volume.shape[-1], device=volume.device)
+    return torch.cat([volume[..., (z + k).clamp(0, volume.shape[-1] - 1)] for k in range(-context, context + 1)], dim=1)
+
+
+class SlabToChannelsd(MapTransform):
+    """A training sample of ``2 context + 1`` slices ``(1, H, W, K)`` -> the network's 2.5D input
+    ``(K, H, W)`` (the slices as channels, in the order of :func:`neighbouring_slices`) and,
+    for ``label_key``, the centre slice's label ``(1, H, W)``."""
+
+    def __init__(self, image_key: str = "image", label_key: str = "label"):
+        super().__init__([image_key, label_key])
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        image = torch.as_tensor(d[self.image_key])
+        d[self.image_key] = image[0].permute(2, 0, 1)
+        label = torch.as_tensor(d[self.label_key])
+        d[self.label_key] = label[..., label.shape[-1] // 2]
+        return d

@@ -101,6 +101,10 @@ def check_model_file(path: str | Path, model: str) -> ModelMeta:
         raise InvalidModelError(f"{Path(path).name} is a {meta.model!r} model, not {model!r}")
     if dict(meta.labels) != expected:
         raise InvalidModelError(f"{Path(path).name} contours {dict(meta.labels)}, but the {model!r} model contours {expected}")
+    channels = int(meta.net.get("in_channels", 1))
+    if channels < 1 or channels % 2 == 0:
+        raise InvalidModelError(f"{Path(path).name}: the network takes {channels} input channels; a ContourCL network takes one "
+                                "slice, or one slice and as many neighbours on each side (an odd number)")
     try:
         network = build_network(NetConfig(**meta.net))
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -43,11 +43,25 @@ def read_encoder(path: str | Path) -> tuple[ResNetEncoder, dict]:
     return encoder, ckpt.get("meta", {})
 
 
+def inflate_first_conv(state: dict, channels: int) -> dict:
+    """A 1-channel encoder's weights for ``channels`` input channels (neighbouring slices): the
+    first convolution's kernel is repeated over the channels and divided by their number (the
+    inflation of Carreira & Zisserman 2017, I3D, Sec. 2.5, here over slices instead of frames), so
+    that a CT whose neighbouring slices equal the centre one gives exactly the 2D responses."""
+    out = dict(state)
+    for key, weight in state.items():
+        if key.split("resnet.", 1)[-1] == "conv1.weight":
+            out[key] = weight.repeat(1, channels, *([1] * (weight.ndim - 2))) / channels
+    return out
+
+
 def load_encoder(network: ContourUNet, path: str | Path) -> dict:
     """Initialise ``network``'s encoder from a pretraining checkpoint; returns its ``meta``.
 
     Raises ``ValueError`` when the checkpoint's encoder is not the network's (another depth,
-    width or number of input channels), naming both. A checkpoint whose encoder differs from the
+    width or number of input channels), naming both; a 1-channel (2D) checkpoint initialises a
+    2.5D network (neighbouring slices as channels) through :func:`inflate_first_conv`, recorded
+    in the returned meta (``"inflated"``). A checkpoint whose encoder differs from the
     network's in its stem only (AGCL's small-patch stem, 3x3 stride 1 without max-pool, against
     the U-Net's 7x7 stride 2 with max-pool) transfers everything but the stem (``conv1``,
     ``bn1``), which keeps the network's initialisation; this is logged and recorded in the
@@ -56,8 +70,13 @@ def load_encoder(network: ContourUNet, path: str | Path) -> dict:
     """
     ckpt = _read(path)
     want = EncoderConfig(network.config.encoder, network.config.width, network.config.in_channels).to_dict()
-    have = {"stem": "imagenet", **ckpt.get("encoder_config", {})}
+    have = {"stem": "imagenet", "in_channels": 1, **ckpt.get("encoder_config", {})}
     meta = dict(ckpt.get("meta", {}))
+    if have["in_channels"] == 1 and want["in_channels"] > 1 and "conv1.weight" in (key.split("resnet.", 1)[-1] for key in ckpt["encoder"]):
+        # 2.5D network, 2D pretraining: inflate the first convolution (see inflate_first_conv)
+        ckpt["encoder"] = inflate_first_conv(ckpt["encoder"], want["in_channels"])
+        have["in_channels"] = want["in_channels"]
+        meta["inflated"] = f"conv1: 1 -> {want['in_channels']} input channels"
     if {k: v for k, v in have.items() if k != "stem"} != {k: v for k, v in want.items() if k != "stem"}:
         raise ValueError(f"{path} holds encoder {have}, but the network's encoder is {want}")
     if have["stem"] == want["stem"]:

@@ -33,7 +33,7 @@ from contourcl.errors import InvalidImageError
 from contourcl.evaluation import evaluate_model_file, summarise
 from contourcl.models.checkpoint import check_model_file, load_model, read_meta
 from contourcl.serving.model_store import MIN_GATE_CASES, ModelStore
-from contourcl.training.finetune.engine import FinetuneConfig, finetune, save_finetuned
+from contourcl.training.finetune.engine import FinetuneConfig, finetune, following, save_finetuned
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,7 @@ def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | No
     served_net = None
     if store.served.is_file():
         served_net, meta = load_model(store.served)
-        cfg = FinetuneConfig(model=model, net={k: v for k, v in meta.net.items() if k != "out_channels"},
-                             spacing=meta.spacing, window=meta.window, roi=meta.roi,
-                             largest_component=largest_component if meta.largest_component is None else meta.largest_component,
-                             tta_flip=meta.tta_flip)
+        cfg = replace(following(FinetuneConfig(model=model, largest_component=largest_component), meta), tta_flip=meta.tta_flip)
     else:
         cfg = FinetuneConfig(model=model, init=init, largest_component=largest_component)
     cfg = replace(
