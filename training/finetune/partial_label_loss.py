@@ -9,7 +9,11 @@ background before the loss:
     q_0 = p_0 + sum_{k not contoured} p_k,    q_k = p_k  (k contoured),
 
 so predicting an uncontoured organ where the label says "background" costs nothing, while every
-contoured organ is trained as usual. The loss is ``CE(q, y) + Dice(q, y)``. The Dice is the soft
+contoured organ is trained as usual. The loss is ``CE(q, y) + Dice(q, y)``. The cross-entropy
+takes ``log q`` from ``log_softmax`` (``log q_0`` as a log-sum-exp), never as the log of a clamped
+probability: a clamp at 1e-6 cut the gradient of a structure the network had pushed below it, and
+the oesophagus of the shipped ``oar`` model (issue 10) never recovered (its probability was
+6e-7 on its own voxels, and neither loss term could raise it). The Dice is the soft
 Dice of each foreground structure (Milletari et al. 2016, Eq. 1), its sums taken over the whole
 batch, counting only the samples whose case contours that structure: a 2D slice usually shows
 two or three of the seven organs, and a per-slice Dice would reward predicting nothing. A
@@ -44,24 +48,35 @@ class PartialLabelDiceCELoss(nn.Module):
         self.smooth = smooth
 
     @staticmethod
+    def marginal_log_probabilities(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``log q`` of the module docstring, computed stably: ``log q_0`` is the log-sum-exp of
+        the log-softmax over background and the absent structures; the other channels are the
+        log-softmax itself (an absent structure's channel is never a target)."""
+        logp = torch.log_softmax(logits.float(), dim=1)
+        fold = 1.0 - present.to(logp)  # background and the structures the case does not contour
+        fold[:, 0] = 1.0
+        fold = fold.view(fold.shape + (1,) * (logp.ndim - 2))
+        log_q0 = torch.logsumexp(logp + torch.log(fold), dim=1, keepdim=True)  # log(0) = -inf: left out
+        return torch.cat([log_q0, logp[:, 1:]], dim=1)
+
+    @staticmethod
     def marginal_probabilities(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """``q`` of the module docstring: absent structures' probability moved to background."""
-        probs = torch.softmax(logits.float(), dim=1)
-        mask = present.to(probs).clone()
-        mask[:, 0] = 1.0
-        shape = mask.shape + (1,) * (probs.ndim - 2)
-        mask = mask.view(shape)
-        merged = probs * mask
-        merged[:, :1] = merged[:, :1] + (probs * (1.0 - mask)).sum(dim=1, keepdim=True)
-        return merged
+        log_q = PartialLabelDiceCELoss.marginal_log_probabilities(logits, present)
+        keep = present.to(log_q).clone()
+        keep[:, 0] = 1.0
+        return log_q.exp() * keep.view(keep.shape + (1,) * (log_q.ndim - 2))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         b, c = logits.shape[:2]
         if present is None:
             present = torch.ones(b, c, device=logits.device)
         target = target.long()
-        q = self.marginal_probabilities(logits, present)
-        ce = nn.functional.nll_loss(torch.log(q.clamp_min(self.eps)), target[:, 0])
+        log_q = self.marginal_log_probabilities(logits, present)
+        keep = present.to(log_q).clone()
+        keep[:, 0] = 1.0
+        q = log_q.exp() * keep.view(b, c, *([1] * (log_q.ndim - 2)))
+        ce = nn.functional.nll_loss(log_q, target[:, 0])
         y = one_hot(target, c)
         w = present.to(q).view(b, c, *([1] * (q.ndim - 2)))  # only the cases that contour k count for k
         dims = [0] + list(range(2, q.ndim))
