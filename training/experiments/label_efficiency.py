@@ -44,6 +44,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -460,10 +461,17 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
                     }
                     needed = (Path(spec["model_path"]),) if name == "random" and any(METHODS[m].needs_masks for m in p.methods) else ()
                     p.tasks.append(Task(f"finetune/{name}/{tag}", finetune_task, spec, result, deps, also=needed))
-    # the random-init runs first (the mask-needing pretrainings wait for them), then the
-    # pretrainings, then the fine-tunings draw by draw: a benchmark stopped early has whole draws
-    p.tasks.sort(key=lambda t: (not t.key.startswith("finetune/random/"), not t.key.startswith("pretrain/"), t.spec.get("draw", 0)))
+    # the random-init runs first (the mask-needing pretrainings wait for them), then the label-free
+    # pretrainings, then size by size (smallest first) and draw by draw, each draw's pretrainings
+    # before its fine-tunings: a benchmark stopped early has whole draws of its smallest sizes
+    p.tasks.sort(key=_order)
     return p
+
+
+def _order(t: Task) -> tuple:
+    tag = re.search(r"/n(\d+)-d(\d+)$", t.key)
+    size, draw = (int(tag[1]), int(tag[2])) if tag else (0, 0)
+    return (not t.key.startswith("finetune/random/"), size, draw, not t.key.startswith("pretrain/"))
 
 
 # ----------------------------------------------------------------------------------- running it
