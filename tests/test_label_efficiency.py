@@ -279,3 +279,20 @@ def test_the_separation_ablation_rows_differ_from_separeg_only_in_the_separation
     train = {t.key: [c["id"] for c in t.spec["train"]] for t in p.tasks if t.key.startswith("finetune/")}
     for d in (0, 1):
         assert train[f"finetune/separeg-grid/oar/n01-d{d}"] == train[f"finetune/random/oar/n01-d{d}"] == train[f"finetune/separeg/oar/n01-d{d}"]
+
+
+def test_per_size_draws_are_the_same_for_every_method(openkbp_like, tmp_path):
+    from collections import Counter
+    from dataclasses import replace
+
+    scale = replace(le.SCALES["cpu"], sizes=(1, 2, 3), draws=(5, 5, 3))  # the cpu scale's 5, 5, 3
+    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl"])
+    runs = Counter((t.key.split("/")[1], t.key.rsplit("/n", 1)[1].split("-")[0]) for t in p.tasks if t.key.startswith("finetune/"))
+    assert runs == {(m, n): d for m in ("random", "simclr", "agcl") for n, d in (("01", 5), ("02", 5), ("03", 3))}
+    train = {t.key: [c["id"] for c in t.spec["train"]] for t in p.tasks if t.key.startswith("finetune/")}
+    for key, ids in train.items():
+        assert ids == train["finetune/random/" + key.split("/", 2)[2]]  # every row fine-tunes on random init's draw
+    # random init first, then the smallest size's draws, each draw's pretraining before its fine-tunes
+    order = [t.key for t in p.tasks]
+    assert all(k.startswith("finetune/random/") for k in order[:13])
+    assert order.index("pretrain/agcl/oar/n01-d0") < order.index("finetune/agcl/oar/n01-d0") < order.index("finetune/simclr/oar/n02-d0")
