@@ -71,10 +71,12 @@ def test_finetune_cli_on_a_studies_folder(tmp_path):
     make_dataset(tmp_path / "studies", 3, first_seed=50, labeled=3, shape=(48, 48, 12))
     out = tmp_path / "gtv.pt"
     cmd = [sys.executable, "-m", "contourcl.cli", "finetune", "--model", "gtv", "--data", str(tmp_path / "studies"), "--out", str(out),
-           "--encoder", "resnet10", "--width", "8", "--epochs", "1", "--samples-per-volume", "4", "--batch-size", "8", "--half"]
+           "--encoder", "resnet10", "--width", "8", "--epochs", "1", "--samples-per-volume", "4", "--batch-size", "8", "--half",
+           "--spacing", "3", "--context", "1"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     net, meta = load_model(out)
     assert meta.model == "gtv" and meta.labels == {"GTV": 1} and len(meta.provenance["train_ids"]) == 2
+    assert meta.spacing == (3.0, 3.0) and meta.net["in_channels"] == 3  # --spacing and --context reach the served file
 
 
 def test_finetune_under_torchrun_two_cpu_processes(tmp_path):

@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voxel-siamese-lambda", type=float, default=0.3, help="weight of the feature loss (default %(default)s; the paper's 10 collapsed fine-tuning here)")
     parser.add_argument("--agcl-encoder", help="AGCL's fine-tuning variant: the 2-channel AGCL checkpoint (CKPT.2ch.pt of contourcl pretrain agcl); trains one ASPP head per structure on the frozen encoder")
     parser.add_argument("--coarse-model", help="with --agcl-encoder: the model file whose predictions are the coarse masks at validation (e.g. apps/radonc/model/oar.pt)")
+    parser.add_argument("--spacing", type=float, help="in-plane voxel size the network works at, mm (default 4.0; finer costs (4/mm)^2 the compute)")
     parser.add_argument("--context", type=int, default=0,
                         help="2.5D: this many neighbouring slices on each side as input channels (default 0: 2D); a 2D pretraining checkpoint's first convolution is inflated")
     parser.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         largest_component=default_largest_component(args.model), val_interval=args.val_interval, warmup_steps=args.warmup_steps,
         ema=args.ema, tta_flip={"off": False, "on": True, "auto": None}[args.tta_flip], context=args.context,
     )
+    if args.spacing:
+        cfg = replace(cfg, spacing=(args.spacing, args.spacing))
     provenance = dict(
         data=str(args.data), train_ids=[c["id"] for c in train], val_ids=[c["id"] for c in val],
         command="contourcl finetune " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("command", "verbose")),
