@@ -71,3 +71,14 @@ def test_compare_all_skips_the_baseline_and_adjusts_over_the_table():
     assert all(c.p_wilcoxon == pytest.approx(raw) for c in found)
     assert all(c.p_holm == pytest.approx(min(1.0, 4 * raw)) for c in found)
     assert [c.difference > 0 for c in found] == [True, False, True, False]
+
+
+def test_the_separation_ablation_is_paired_directly():
+    from contourcl.training.experiments.report import ablation_markdown
+
+    runs = [_run(m, d, {f"p{i}": [0.3 + k + 0.001 * i] for i in range(6)}) for d in range(2)
+            for m, k in (("separeg", 0.05), ("separeg-grid", 0.0))]
+    lines = ablation_markdown(runs, "oar")
+    assert any(line.startswith("| separeg - separeg-grid | 1 | +0.050 [+0.050, +0.050]") and line.endswith("2/2 |") for line in lines)
+    assert not any("separeg-none" in line for line in lines)  # not run: no row
+    assert ablation_markdown([r for r in runs if r["method"] == "separeg"], "oar") == []

@@ -25,7 +25,7 @@ from contourcl.data.labels import model_labels, to_model
 from contourcl.data.volumes import read_ras, to_ras
 from contourcl.evaluation import METRICS, case_mean, format_figure, summarise
 from contourcl.plots import _pyplot, contour_overlay
-from contourcl.training.experiments.paired import PairedComparison, compare_all
+from contourcl.training.experiments.paired import PairedComparison, compare, compare_all
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,26 @@ def paired_markdown(comparisons: list[PairedComparison], model: str, methods: li
     return lines + [""]
 
 
-def markdown(rows: list[dict], settings: dict, comparisons: list[PairedComparison] | None = None) -> str:
+#: SepaReg's separation ablation: superpixels against each other way of cutting slices
+ABLATION = (("separeg", "separeg-grid"), ("separeg", "separeg-none"), ("separeg-grid", "separeg-none"))
+
+
+def ablation_markdown(runs: list[dict], model: str) -> list[str]:
+    """SepaReg's separation ablation, paired directly (where its rows were run)."""
+    lines = []
+    for method, baseline in ABLATION:
+        for n in sorted({r["n_labeled"] for r in runs if r["model"] == model and r["method"] == method}):
+            c = compare(runs, model, method, n, baseline=baseline)
+            if c is not None:
+                lines.append(f"| {method} - {baseline} | {n} | {_paired_cell(c).replace('Holm nan; ', '')} |")
+    if not lines:
+        return []
+    return [f"**{model}: SepaReg's separation ablation, paired** (Dice difference [95 % CI]; Wilcoxon p; draws where the "
+            "first is higher)", "", "| comparison | \\|X_tr\\| | difference |", "|---|---|---|", *lines, ""]
+
+
+def markdown(rows: list[dict], settings: dict, comparisons: list[PairedComparison] | None = None,
+             runs: list[dict] | None = None) -> str:
     """The results as Markdown: per model, mean over structures per metric, the paired comparison
     against random init, and per structure Dice."""
     index = {(r["model"], r["method"], r["n_labeled"], r["structure"], r["metric"]): r for r in rows}
@@ -127,6 +146,7 @@ def markdown(rows: list[dict], settings: dict, comparisons: list[PairedCompariso
             lines.append("")
             if metric == "dice":
                 lines += paired_markdown(comparisons or [], model, methods, sizes)
+                lines += ablation_markdown(runs or [], model)
         structures = list(model_labels(model))
         if len(structures) > 1:
             n = sizes[-1]
@@ -225,7 +245,7 @@ def write_report(plan) -> list[Path]:
             w.writerows(asdict(c) for c in comparisons)
         written.append(paired_csv)
     md = out / "results.md"
-    md.write_text(markdown(rows, plan.settings(), comparisons) + "\n")
+    md.write_text(markdown(rows, plan.settings(), comparisons, runs) + "\n")
     written.append(md)
     for model in plan.models:
         if any(r["model"] == model for r in rows):
