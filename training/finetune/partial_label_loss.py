@@ -40,11 +40,10 @@ class PartialLabelDiceCELoss(nn.Module):
     ``present`` every structure counts as contoured and this is plain Dice + CE.
     """
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, eps: float = 1e-6, smooth: float = 1e-5):
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, smooth: float = 1e-5):
         super().__init__()
         self.lambda_dice = lambda_dice
         self.lambda_ce = lambda_ce
-        self.eps = eps
         self.smooth = smooth
 
     @staticmethod
@@ -60,12 +59,17 @@ class PartialLabelDiceCELoss(nn.Module):
         return torch.cat([log_q0, logp[:, 1:]], dim=1)
 
     @staticmethod
-    def marginal_probabilities(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """``q`` of the module docstring: absent structures' probability moved to background."""
-        log_q = PartialLabelDiceCELoss.marginal_log_probabilities(logits, present)
+    def _probabilities(log_q: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``q`` from ``log q``, 0 in the channels of the structures the case does not contour."""
         keep = present.to(log_q).clone()
         keep[:, 0] = 1.0
         return log_q.exp() * keep.view(keep.shape + (1,) * (log_q.ndim - 2))
+
+    @staticmethod
+    def marginal_probabilities(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``q`` of the module docstring: absent structures' probability moved to background."""
+        log_q = PartialLabelDiceCELoss.marginal_log_probabilities(logits, present)
+        return PartialLabelDiceCELoss._probabilities(log_q, present)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         b, c = logits.shape[:2]
@@ -73,9 +77,7 @@ class PartialLabelDiceCELoss(nn.Module):
             present = torch.ones(b, c, device=logits.device)
         target = target.long()
         log_q = self.marginal_log_probabilities(logits, present)
-        keep = present.to(log_q).clone()
-        keep[:, 0] = 1.0
-        q = log_q.exp() * keep.view(b, c, *([1] * (log_q.ndim - 2)))
+        q = self._probabilities(log_q, present)
         ce = nn.functional.nll_loss(log_q, target[:, 0])
         y = one_hot(target, c)
         w = present.to(q).view(b, c, *([1] * (q.ndim - 2)))  # only the cases that contour k count for k
