@@ -27,11 +27,8 @@ Torch uses the threads it is given (``OMP_NUM_THREADS``, else all cores).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,18 +39,12 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from contourcl.testing import free_port, start_orthanc, stop_process, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 KBP = REPO.parent / "shared" / "data" / "openkbp" / "train-pats" / "pt_1" / "ct.nii.gz"
 SIZES = {"ct": (512, 512, 150), "small": (128, 128, 60)}
-ORTHANC_PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so",
-                   "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so")
 MODEL = "oar"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resampled_ct(src: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -83,61 +74,6 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
-def stop(proc: subprocess.Popen | None, name: str) -> None:
-    """Stop ``proc`` (and its process group: it was started in a session of its own) by PID."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        print(f"{name} did not stop within 30 s: killed", file=sys.stderr)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
-def tail(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")[-3000:]
-    except OSError:
-        return "(no log)"
-
-
-def start_orthanc(root: Path) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
-    plugin = next((p for p in ORTHANC_PLUGINS if Path(p).is_file()), None)
-    if exe is None or plugin is None:
-        sys.exit("Orthanc and its DICOMweb plugin are needed: apt-get install orthanc orthanc-dicomweb")
-    root.mkdir(parents=True)
-    port = free_port()
-    config = {
-        "Name": "ContourCL benchmark PACS", "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "storage"), "SaveJobs": False, "ConcurrentJobs": 1, "HttpThreadsCount": 8,
-        "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config, indent=1))
-    with open(root / "orthanc.log", "w") as log:
-        proc = subprocess.Popen([exe, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{tail(root / 'orthanc.log')}")
-        try:
-            if "dicom-web" in requests.get(f"{url}/plugins", timeout=5).json():
-                return proc, url
-        except (requests.RequestException, ValueError):
-            pass
-        if time.time() > deadline:
-            stop(proc, "Orthanc")
-            raise RuntimeError(f"Orthanc did not start:\n{tail(root / 'orthanc.log')}")
-        time.sleep(0.3)
-
-
 def start_server(root: Path, dicomweb: str) -> tuple[subprocess.Popen, str]:
     app = root / "radonc"  # a copy: the server writes its cache and logs next to the app
     shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns(
@@ -159,20 +95,14 @@ def start_server(root: Path, dicomweb: str) -> tuple[subprocess.Popen, str]:
 
 def wait_for_image(proc: subprocess.Popen, url: str, image_id: str, log: Path, timeout: float = 900) -> None:
     """Until the server answers ``/info/`` and lists ``image_id`` (the series, fetched into its cache)."""
-    deadline = time.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            if requests.get(f"{url}/info/", timeout=10).ok:
-                objects = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json().get("objects", {})
-                if image_id in objects:
-                    return
-        except (requests.RequestException, ValueError):
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"the server did not serve {image_id} within {timeout:g} s:\n{tail(log)}")
-        time.sleep(0.5)
+
+    def listed() -> bool:
+        if not requests.get(f"{url}/info/", timeout=10).ok:
+            return False
+        objects = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json().get("objects", {})
+        return image_id in objects
+
+    wait_for(proc, listed, log, timeout, f"the server (serving {image_id})")
 
 
 def rtstruct_instances(dicomweb: str, study_uid: str) -> set[str]:
@@ -252,7 +182,7 @@ def main() -> None:
         marks["series written"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        orthanc, orthanc_url = start_orthanc(root / "orthanc")
+        orthanc, orthanc_url = start_orthanc(root / "orthanc", name="ContourCL benchmark PACS")
         dicomweb = f"{orthanc_url}/dicom-web"
         with requests.Session() as s:
             for f in files:
@@ -275,8 +205,8 @@ def main() -> None:
         server_hwm, orthanc_hwm = vm_hwm_mb(server.pid), vm_hwm_mb(orthanc.pid)
         server_children = [p for p in _children(server.pid)]
     finally:
-        stop(server, "the server")
-        stop(orthanc, "Orthanc")
+        stop_process(server)
+        stop_process(orthanc)
         if args.keep:
             print(f"kept: {root}")
         else:

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from contourcl.testing import free_port, stop_process, wait_until_serving  # noqa: F401  (the tests import them from here)
+
 torch.set_num_threads(1)
 
 
@@ -20,56 +22,6 @@ class CodePayload:
         import os
 
         return (os.system, (f"touch {self.marker}",))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process(proc) -> None:
-    """Stop a server this test started, by its PID: SIGTERM, then SIGKILL after 30 s."""
-    import subprocess
-
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def wait_until_serving(proc, url: str, log_path, timeout: float = 180, path: str = "/info/") -> None:
-    """Wait until the server process ``proc`` answers ``GET url + path`` (any HTTP answer counts
-    when ``path`` is not ``/info/``); raise with the log's tail if it exits or times out."""
-    import time
-    from pathlib import Path
-
-    import requests
-
-    def tail() -> str:
-        try:
-            return Path(log_path).read_text(errors="replace")[-3000:]
-        except OSError:
-            return "(no log)"
-
-    deadline = time.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail()}")
-        try:
-            r = requests.get(f"{url}{path}", timeout=10)
-            if r.ok or path != "/info/":
-                return
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"server did not start within {timeout:g} s:\n{tail()}")
-        time.sleep(0.5)
 
 
 def write_nifti(path, array, affine) -> str:

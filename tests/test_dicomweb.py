@@ -14,8 +14,6 @@ only where the Orthanc binary is not installed (CI installs it: ``.ci/run``).
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import shutil
 import subprocess
@@ -42,27 +40,16 @@ from contourcl.data.rtstruct import read_rtstruct, to_series_grid
 from contourcl.data.seg import read_seg
 from contourcl.inference import model_version
 from contourcl.models.checkpoint import load_model, save_model
+from contourcl.testing import find_orthanc, start_orthanc
 
 from conftest import free_port, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
-ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")  # not on a user's PATH
+ORTHANC = find_orthanc()
 pytestmark = [
     pytest.mark.timeout(900),
     pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; .ci/run does)"),
 ]
-PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so*",
-                "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def _plugin() -> str:
-    for pattern in PLUGIN_PATHS:
-        hits = sorted(glob.glob(pattern))
-        if hits:
-            return hits[0]
-    pytest.fail(f"Orthanc is installed but its DICOMweb plugin is not (apt-get install orthanc-dicomweb); looked in {PLUGIN_PATHS}")
-
-
 def _env() -> dict:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
 
@@ -71,34 +58,11 @@ def _env() -> dict:
 def orthanc(tmp_path_factory):
     """``{"url": Orthanc's REST root, "dicomweb": its DICOMweb root}``: a fresh, empty Orthanc per test."""
     root = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = {
-        "Name": "ContourCL test PACS", "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "storage"), "SaveJobs": False, "ConcurrentJobs": 1, "HttpThreadsCount": 8,
-        "Plugins": [_plugin()], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config, indent=1))
-    log = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_orthanc(root)
     try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}")
-            try:
-                if "dicom-web" in requests.get(f"{url}/plugins", timeout=5).json():
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"Orthanc did not start:\n{(root / 'orthanc.log').read_text()[-3000:]}")
-            time.sleep(0.3)
         yield {"url": url, "dicomweb": f"{url}/dicom-web", "root": root}
     finally:
         stop_process(proc)
-        log.close()
 
 
 def _upload(orthanc_url: str, files) -> None:

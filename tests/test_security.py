@@ -38,7 +38,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import free_port, wait_until_serving
+from conftest import free_port, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(400)
@@ -119,16 +119,10 @@ def _stop(server: dict) -> None:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    if proc.poll() is None:
-        proc.terminate()
+    stop_process(proc, timeout=20)
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
     for child in psutil.wait_procs(children, timeout=20)[1]:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()

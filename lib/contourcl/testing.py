@@ -1,0 +1,141 @@
+"""Local processes for ContourCL's tests and benchmarks: a free port, a throw-away Orthanc, waiting
+for a server, and stopping what was started, by its PID.
+
+The end-to-end tests (``tests/``) and the benchmarks (``benchmarks/``) start the same real servers
+(``monailabel start_server``, Orthanc with its DICOMweb plugin) on 127.0.0.1; this module is the one
+place that knows how.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+#: where Debian/Ubuntu's ``orthanc-dicomweb`` package (or a local build) puts the plugin
+ORTHANC_PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so*",
+                        "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: str | Path, chars: int = 3000) -> str:
+    """The last ``chars`` characters of a log file, for an error message."""
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """Stop a process this code started, by its PID: SIGTERM, then SIGKILL after ``timeout`` s.
+
+    A process started in a session of its own (``start_new_session=True``) is stopped with its
+    whole process group, so the workers it started go with it.
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        group = os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], log_path: str | Path, timeout: float, what: str) -> None:
+    """Poll ``ready()`` until it is true; raise with the log's tail if ``proc`` exits or ``timeout`` s pass.
+
+    Connection errors and unparsable answers from ``ready`` count as "not yet".
+    """
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_tail(log_path)}")
+        try:
+            if ready():
+                return
+        except (requests.RequestException, ValueError):
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{what} was not ready within {timeout:g} s:\n{log_tail(log_path)}")
+        time.sleep(0.3)
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, log_path: str | Path, timeout: float = 180,
+                       path: str = "/info/") -> None:
+    """Wait until the server ``proc`` answers ``GET url + path`` (any HTTP answer counts when
+    ``path`` is not ``/info/``)."""
+    wait_for(proc, lambda: requests.get(f"{url}{path}", timeout=10).ok or path != "/info/", log_path, timeout, "the server")
+
+
+def find_orthanc() -> str | None:
+    """Orthanc's executable (Debian puts it in /usr/sbin, off a user's PATH), or None."""
+    return shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+
+
+def find_dicomweb_plugin() -> str | None:
+    """Orthanc's DICOMweb plugin, or None."""
+    for pattern in ORTHANC_PLUGIN_PATHS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def start_orthanc(root: str | Path, name: str = "ContourCL test PACS", timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """Start an empty Orthanc with DICOMweb on 127.0.0.1, storing under ``root``; returns it and its REST root.
+
+    No DICOM port, no remote access; ``{url}/dicom-web`` is its DICOMweb root. Stop it with
+    :func:`stop_process`.
+    """
+    exe, plugin = find_orthanc(), find_dicomweb_plugin()
+    if exe is None or plugin is None:
+        raise RuntimeError("Orthanc and its DICOMweb plugin are needed (apt-get install orthanc orthanc-dicomweb); "
+                           f"found Orthanc: {exe}, plugin: {plugin} (looked in {ORTHANC_PLUGIN_PATHS})")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = {
+        "Name": name, "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(),
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "storage"), "SaveJobs": False, "ConcurrentJobs": 1, "HttpThreadsCount": 8,
+        "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config, indent=1))
+    with open(root / "orthanc.log", "w") as log:
+        proc = subprocess.Popen([exe, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(proc, lambda: "dicom-web" in requests.get(f"{url}/plugins", timeout=5).json(), root / "orthanc.log",
+                 timeout, "Orthanc")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, url
