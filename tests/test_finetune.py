@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -139,3 +140,15 @@ def test_refit_chooses_on_the_inner_split_then_trains_on_every_case(tmp_path):
     assert meta.provenance["inner_val_ids"] == ["c2"] and meta.metrics["choices"]["inner_val_dice"] == summary["inner_val_dice"]
     with pytest.raises(ConfigError, match="another configuration"):
         select_and_refit(data[:2], data[2:], tiny_config(max_epochs=3), tmp_path / "oar.pt", tmp_path / "state")
+
+    def forget(key: str) -> None:
+        """Make the state look written before the setting ``key`` existed."""
+        stored = json.loads((tmp_path / "state" / "config.json").read_text())
+        del stored["config"][key]
+        (tmp_path / "state" / "config.json").write_text(json.dumps(stored))
+
+    forget("deep_supervision")  # left at its default: the same configuration, resumed
+    assert select_and_refit(data[:2], data[2:], cfg, tmp_path / "oar.pt", tmp_path / "state")["epochs"] == summary["epochs"]
+    forget("deep_supervision")  # set: another configuration
+    with pytest.raises(ConfigError, match="another configuration"):
+        select_and_refit(data[:2], data[2:], tiny_config(max_epochs=2, ema=0.9, tta_flip=None, deep_supervision=1), tmp_path / "oar.pt", tmp_path / "state")

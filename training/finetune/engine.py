@@ -12,7 +12,9 @@ test-time augmentation chosen on the validation cases (``tta_flip=None``), warm-
 cosine schedule (MONAI's ``WarmupCosineSchedule``), and a resumable training state.
 
 With ``voxel_siamese=True`` the loss is Dice + CE + lambda * the voxel-level Siamese feature
-loss of :mod:`contourcl.training.finetune.voxel_siamese` (off by default).
+loss of :mod:`contourcl.training.finetune.voxel_siamese` (off by default). With
+``deep_supervision=N`` the coarser decoder outputs are scored too
+(:mod:`contourcl.training.finetune.deep_supervision`, off by default).
 
 Mixed precision on CUDA; several GPUs with ``torchrun`` (one process per GPU, DDP); the CPU
 otherwise.
@@ -58,6 +60,7 @@ from contourcl.models.checkpoint import ModelMeta, save_model
 from contourcl.models.encoder_checkpoint import load_encoder
 from contourcl.models.networks import ContourUNet, NetConfig, build_network
 from contourcl.training.distributed import init_distributed
+from contourcl.training.finetune.deep_supervision import DeepSupervisedNet, PartialLabelDeepSupervisionLoss
 from contourcl.training.finetune.partial_label_loss import PartialLabelDiceCELoss
 from contourcl.training.finetune.voxel_siamese import DEFAULT_LAMBDA, VoxelSiameseNet, trusted_voxels
 
@@ -108,6 +111,9 @@ class FinetuneConfig:
     #: 2.5D input: this many neighbouring slices on each side as extra input channels
     #: (:func:`contourcl.data.transforms.neighbouring_slices`); 0: one slice (2D)
     context: int = 0
+    #: deep supervision: auxiliary heads on this many decoder blocks before the last, their losses
+    #: weighted 1/2, 1/4, ... (:mod:`contourcl.training.finetune.deep_supervision`); 0: none
+    deep_supervision: int = 0
 
     def net_config(self) -> NetConfig:
         return NetConfig(out_channels=len(model_labels(self.model)) + 1, **{**self.net, "in_channels": 2 * self.context + 1})
@@ -289,9 +295,15 @@ def finetune(
             logger.info("encoder initialised from %s (%s)", cfg.init, info.get("method", "?"))
     if cfg.voxel_siamese and cfg.context:
         raise ConfigError("the voxel-level Siamese loss is implemented for 2D input only: use context 0 with it")
+    if cfg.voxel_siamese and cfg.deep_supervision:
+        raise ConfigError("the voxel-level Siamese loss and deep supervision are not combined: choose one")
     network = network.to(dev).train()
-    # with the voxel-Siamese loss, the heads train beside the U-Net; only the U-Net is kept
-    trainable: torch.nn.Module = VoxelSiameseNet(network, placement=cfg.voxel_siamese_placement).to(dev).train() if cfg.voxel_siamese else network
+    # with the voxel-Siamese loss or deep supervision, heads train beside the U-Net; only the U-Net is kept
+    trainable: torch.nn.Module = network
+    if cfg.voxel_siamese:
+        trainable = VoxelSiameseNet(network, placement=cfg.voxel_siamese_placement).to(dev).train()
+    elif cfg.deep_supervision:
+        trainable = DeepSupervisedNet(network, cfg.deep_supervision).to(dev).train()
     model_for_step: torch.nn.Module = trainable
     if world > 1:
         model_for_step = torch.nn.parallel.DistributedDataParallel(trainable, device_ids=[local_rank] if dev.type == "cuda" else None)
@@ -315,6 +327,7 @@ def finetune(
     val_cases = prepare_cases(val_items, model_meta(cfg, network)) if val_items and rank == 0 else []
 
     loss_fn = PartialLabelDiceCELoss(lambda_ce=cfg.ce_weight)
+    deep_loss_fn = PartialLabelDeepSupervisionLoss(loss_fn, weight_mode="exp")
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.max_epochs * len(loader)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.warmup_steps, t_total=steps)
@@ -350,12 +363,16 @@ def finetune(
             image = batch["image"].to(dev)
             label = batch["label"].to(dev)
             present = batch["present"].to(dev)
+            feature_loss = None
             with torch.autocast(dev.type, enabled=use_amp):
                 if cfg.voxel_siamese:
                     logits, feature_loss = model_for_step(image, label, trusted_voxels(label, present))
                 else:
-                    logits, feature_loss = model_for_step(image), None
-            loss = loss_fn(logits.float(), label, present)
+                    logits = model_for_step(image)
+            if cfg.deep_supervision:  # logits: the full-resolution output, then the auxiliary ones
+                loss = deep_loss_fn(logits, label, present)
+            else:
+                loss = loss_fn(logits.float(), label, present)
             if feature_loss is not None:
                 loss = loss + cfg.voxel_siamese_lambda * feature_loss
             if not bool(torch.isfinite(loss)):

@@ -24,12 +24,24 @@ from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, f
 logger = logging.getLogger(__name__)
 
 
+def _same_configuration(stored: dict, current: dict) -> bool:
+    """Whether a state left by ``stored`` may be resumed by ``current``: equal, except for settings
+    added to :class:`FinetuneConfig` since the state was written, left at their defaults (the
+    older code behaved as those defaults)."""
+    defaults = json.loads(json.dumps(asdict(FinetuneConfig()), default=str))
+    config = dict(stored.get("config", {}))
+    for key, value in current.get("config", {}).items():
+        if key not in config and key in defaults and value == defaults[key]:
+            config[key] = value
+    return {**stored, "config": config} == current
+
+
 def _check_state_dir(state_dir: Path, fingerprint: dict) -> None:
     """Create ``state_dir`` for this configuration, or refuse one left by another configuration."""
     state_dir.mkdir(parents=True, exist_ok=True)
     config = state_dir / "config.json"
     text = json.dumps(fingerprint, sort_keys=True, indent=1, default=str)
-    if config.is_file() and json.loads(config.read_text()) != json.loads(text):
+    if config.is_file() and not _same_configuration(json.loads(config.read_text()), json.loads(text)):
         raise ConfigError(f"{state_dir} holds the state of a run with another configuration ({config}); "
                           "delete the folder to start afresh, or run that configuration again to resume it")
     config.write_text(text)

@@ -80,21 +80,11 @@ PLACEMENTS = ("encoder", "decoder")
 
 # --------------------------------------------------------------------------- decoder features
 def decoder_features(network: nn.Module, features: list[torch.Tensor], n_last: int = 3) -> list[torch.Tensor]:
-    """Run ``network``'s decoder on encoder ``features`` and return its last ``n_last`` block outputs.
-
-    ``network`` is a :class:`contourcl.models.networks.ContourUNet` (its ``decoder`` is MONAI's
-    ``UNetDecoder``, called with 4 skip connections by ``ContourUNet.decode``). This replays
-    ``UNetDecoder.forward`` block by block and keeps the outputs; the last one is exactly what
-    ``ContourUNet.decode`` returns. Coarsest first, finest (full resolution) last.
+    """The last ``n_last`` decoder block outputs of a :class:`contourcl.models.networks.ContourUNet`
+    for encoder ``features`` (:meth:`~contourcl.models.networks.ContourUNet.decoder_outputs`).
+    Coarsest first, finest (full resolution, what ``ContourUNet.decode`` returns) last.
     """
-    decoder = network.decoder
-    skip_connect = 4
-    skips = features[:-1][::-1]
-    x = features[1:][::-1][0]
-    outs = []
-    for i, block in enumerate(decoder.blocks):
-        x = block(x, skips[i] if i < skip_connect else None)
-        outs.append(x)
+    outs = network.decoder_outputs(features)
     if not 1 <= n_last <= len(outs):
         raise ValueError(f"n_last must lie in 1..{len(outs)}, got {n_last}")
     return outs[-n_last:]

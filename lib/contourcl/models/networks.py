@@ -153,6 +153,20 @@ class ContourUNet(nn.Module):
         """The last decoder layer's features (before the segmentation head)."""
         return self.decoder(features, 4)
 
+    def decoder_outputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every decoder block's output for encoder ``features``, coarsest (stride 16) first.
+
+        Replays MONAI's ``UNetDecoder.forward`` (as :meth:`decode` calls it, 4 skip connections)
+        block by block; the last output is exactly what :meth:`decode` returns.
+        """
+        skips = features[:-1][::-1]
+        x = features[-1]
+        outs = []
+        for i, block in enumerate(self.decoder.blocks):
+            x = block(x, skips[i] if i < 4 else None)
+            outs.append(x)
+        return outs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.decode(self.encoder(x)))
 
