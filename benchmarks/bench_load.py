@@ -28,8 +28,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,13 +39,9 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from contourcl.testing import free_port, log_tail, stop_process, wait_until_serving
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_model() -> str:
@@ -79,7 +73,7 @@ class Server:
         self.url = ""
 
     def start(self, timeout: float = 300) -> float:
-        port = _free_port()
+        port = free_port()
         cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(self.app), "--studies", str(self.studies),
                "--conf", "models", "oar", "--conf", "skip_scoring", "true", "--host", "127.0.0.1", "--port", str(port)]
         if self.weights:
@@ -88,39 +82,15 @@ class Server:
         with open(self.root / "server.log", "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True)
         self.url = f"http://127.0.0.1:{port}"
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=10).ok:
-                    return time.perf_counter() - t0
-            except requests.RequestException:
-                pass
-            if time.perf_counter() - t0 > timeout:
-                raise RuntimeError(f"server did not start within {timeout} s:\n{self.log_tail()}")
-            time.sleep(0.5)
+        wait_until_serving(self.proc, self.url, self.root / "server.log", timeout=timeout)
+        return time.perf_counter() - t0
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return (self.root / "server.log").read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return log_tail(self.root / "server.log", chars)
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group (its pid), SIGKILL to what is left of it after 20 s."""
-        if self.proc is not None:
-            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait)
-                except subprocess.TimeoutExpired:
-                    pass
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(10)
+        """Stop the server and its process group by its PID (SIGTERM, SIGKILL after 20 s); remove its folder."""
+        stop_process(self.proc, timeout=20)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def torch_threads(self) -> int:

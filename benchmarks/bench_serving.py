@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from contourcl.testing import free_port, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 KBP = REPO.parent / "shared" / "data" / "openkbp" / "train-pats" / "pt_1" / "ct.nii.gz"
@@ -76,12 +77,6 @@ def bench_inference(image: Path, runs: int) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_retrain(runs: int) -> dict:
     import nibabel as nib
     import requests
@@ -94,19 +89,15 @@ def bench_retrain(runs: int) -> dict:
         studies, app = root / "studies", root / "radonc"
         make_dataset(studies, 6, first_seed=200 + 10 * run, labeled=4)
         shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__"))
-        port = _free_port()
+        port = free_port()
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         log = open(root / "server.log", "w")
         proc = subprocess.Popen([str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
-                                 "--conf", "models", "oar", "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                                 "--conf", "models", "oar", "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(180):
-                try:
-                    if requests.get(f"{url}/info/", timeout=5).ok:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(1)
+            wait_until_serving(proc, url, root / "server.log")
             unlabeled = sorted(set(p.name[:-7] for p in studies.glob("*.nii.gz")) - set(p.name[:-7] for p in (studies / "labels" / "final").glob("*.nii.gz")))[0]
             before = requests.post(f"{url}/infer/oar", params={"image": unlabeled, "output": "json"}).json()["model_version"]
             # the fifth labeled case: the phantom's truth, submitted as a clinician would
@@ -130,8 +121,7 @@ def bench_retrain(runs: int) -> dict:
             entry = requests.get(f"{url}/info/").json()["train_stats"]["oar"]["history"][-1]
             turnarounds.append({"seconds": t1 - t0, "published": entry["published"], "new_model_served": version != before, "reason": entry["reason"]})
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_process(proc)
             log.close()
             shutil.rmtree(root, ignore_errors=True)
     return {"turnaround_s": statistics.median(t["seconds"] for t in turnarounds), "runs": turnarounds}
