@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from contourcl.testing import free_port, start_orthanc, stop_process, wait_for
+from contourcl.testing import start_monailabel, start_orthanc, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 KBP = REPO.parent / "shared" / "data" / "openkbp" / "train-pats" / "pt_1" / "ct.nii.gz"
@@ -78,19 +78,10 @@ def start_server(root: Path, dicomweb: str) -> tuple[subprocess.Popen, str]:
     app = root / "radonc"  # a copy: the server writes its cache and logs next to the app
     shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns(
         "history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache", "logs", "synthetic"))
-    port = free_port()
-    bindir = Path(sys.executable).parent
     # TMPDIR: MONAI Label writes its logging config to a temporary file it never removes
     (root / "tmp").mkdir()
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", TMPDIR=str(root / "tmp"))
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(
-            [str(bindir / "monailabel"), "start_server", "--app", str(app), "--studies", dicomweb,
-             "--conf", "models", MODEL, "--conf", "skip_trainers", "true", "--conf", "skip_strategies", "true",
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
-        )
-    return proc, f"http://127.0.0.1:{port}"
+    return start_monailabel(app, dicomweb, {"models": MODEL, "skip_trainers": "true", "skip_strategies": "true"}, root / "server.log",
+                            cwd=root, env={"TMPDIR": str(root / "tmp")}, new_session=True)
 
 
 def wait_for_image(proc: subprocess.Popen, url: str, image_id: str, log: Path, timeout: float = 900) -> None:

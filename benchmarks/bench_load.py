@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from contourcl.testing import free_port, log_tail, stop_process, wait_until_serving
+from contourcl.testing import log_tail, start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ class Server:
         shutil.copytree(studies, self.studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", ".contourcl"))
         shutil.copytree(REPO / "apps" / "radonc", self.app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp"))
         self.tmp.mkdir()
-        self.env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", TMPDIR=str(self.tmp))
+        self.env = {"TMPDIR": str(self.tmp)}
         if omp_threads:
             self.env["OMP_NUM_THREADS"] = str(omp_threads)
         self.weights = weights
@@ -73,15 +73,10 @@ class Server:
         self.url = ""
 
     def start(self, timeout: float = 300) -> float:
-        port = free_port()
-        cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(self.app), "--studies", str(self.studies),
-               "--conf", "models", "oar", "--conf", "skip_scoring", "true", "--host", "127.0.0.1", "--port", str(port)]
-        if self.weights:
-            cmd += ["--conf", "weights", self.weights]
+        conf = {"models": "oar", "skip_scoring": "true", **({"weights": self.weights} if self.weights else {})}
         t0 = time.perf_counter()
-        with open(self.root / "server.log", "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}"
+        self.proc, self.url = start_monailabel(self.app, self.studies, conf, self.root / "server.log", cwd=self.root, env=self.env,
+                                               new_session=True)
         wait_until_serving(self.proc, self.url, self.root / "server.log", timeout=timeout)
         return time.perf_counter() - t0
 
@@ -95,7 +90,7 @@ class Server:
 
     def torch_threads(self) -> int:
         """``torch.get_num_threads()`` in the server's environment (the same interpreter and variables)."""
-        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=self.env,
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env={**os.environ, **self.env},
                              capture_output=True, text=True, check=True)
         return int(out.stdout.strip().splitlines()[-1])
 

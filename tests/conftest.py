@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.testing import free_port, stop_process, wait_until_serving  # noqa: F401  (the tests import them from here)
+from contourcl.testing import free_port, start_monailabel, stop_process, wait_until_serving  # noqa: F401  (the tests import them from here)
 
 torch.set_num_threads(1)
 

@@ -11,10 +11,7 @@ retraining recovers it within a few epochs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +27,7 @@ from contourcl.data.phantom import make_phantom
 from contourcl.inference import model_version
 from contourcl.models.checkpoint import load_model, save_model
 
-from conftest import CodePayload, free_port, stop_process, wait_until_serving
+from conftest import CodePayload, start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
@@ -60,23 +57,14 @@ def server(tmp_path_factory):
     meta.metrics = {"note": "shipped model, output layer re-initialised for the end-to-end test"}
     save_model(app / "model" / "oar.pt", network, meta)
 
-    port = free_port()
     server_tmp = root / "server-tmp"  # the server's temporary folder: no request may leave a file in it
     server_tmp.mkdir()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", TMPDIR=str(server_tmp))
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
-         "--conf", "models", "all", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_monailabel(app, studies, {"models": "all"}, root / "server.log", cwd=root, env={"TMPDIR": str(server_tmp)})
     try:
         wait_until_serving(proc, url, root / "server.log")
         yield {"url": url, "app": app, "studies": studies, "log": root / "server.log", "tmp": server_tmp}
     finally:
         stop_process(proc)
-        log.close()
 
 
 def _wait_for_training(url: str, timeout: float = 600) -> dict:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -27,7 +25,7 @@ from contourcl.data.rtstruct import read_rtstruct, to_series_grid, write_rtstruc
 from contourcl.data.seg import read_seg
 from contourcl.serving.series import ingest_series, refused_series
 
-from conftest import free_port, stop_process, wait_until_serving
+from conftest import start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -87,16 +85,9 @@ def test_series_become_images_once_and_bad_ones_are_named(tmp_path):
 
 def test_server_on_dicom_series_exports_the_final_label(tmp_path):
     studies = _studies(tmp_path)
-    port = free_port()
     log = tmp_path / "server.log"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(REPO / "apps" / "radonc"), "--studies", str(studies),
-         "--conf", "models", "oar", "--conf", "weights", "synthetic", "--conf", "skip_trainers", "true", "--conf", "skip_strategies", "true",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_monailabel(REPO / "apps" / "radonc", studies, {"models": "oar", "weights": "synthetic", "skip_trainers": "true",
+                                                                     "skip_strategies": "true"}, log, cwd=tmp_path)
     try:
         wait_until_serving(proc, url, log)
         client = MONAILabelClient(url, tmpdir=str(tmp_path))

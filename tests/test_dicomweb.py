@@ -14,10 +14,8 @@ only where the Orthanc binary is not installed (CI installs it: ``.ci/run``).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +40,7 @@ from contourcl.inference import model_version
 from contourcl.models.checkpoint import load_model, save_model
 from contourcl.testing import find_orthanc, start_orthanc
 
-from conftest import free_port, stop_process, wait_until_serving
+from conftest import free_port, start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 ORTHANC = find_orthanc()
@@ -50,8 +48,7 @@ pytestmark = [
     pytest.mark.timeout(900),
     pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; .ci/run does)"),
 ]
-def _env() -> dict:
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the server's environment here: one OpenMP thread, as conftest gives the tests
 
 
 @pytest.fixture
@@ -150,15 +147,9 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
     meta.metrics = {"note": "synthetic model, output layer re-initialised for the DICOMweb test"}
     save_model(app / "model" / "synthetic" / "oar.pt", network, meta)
     served_before = model_version(app / "model" / "synthetic" / "oar.pt")
-    port = free_port()
     log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", orthanc["dicomweb"],
-         "--conf", "models", "all", "--conf", "weights", "synthetic", "--conf", "dicomweb_refresh_s", "0",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_monailabel(app, orthanc["dicomweb"], {"models": "all", "weights": "synthetic", "dicomweb_refresh_s": 0}, log,
+                                 cwd=tmp_path, env=ONE_THREAD)
     try:
         wait_until_serving(proc, url, log)
         timings["start"] = time.time() - started
@@ -346,11 +337,7 @@ def test_server_start_names_a_pacs_that_does_not_answer(tmp_path):
     shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache", "*.pt"))
     pacs = f"http://127.0.0.1:{free_port()}/dicom-web"
     log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", pacs,
-         "--conf", "models", "oar", "--host", "127.0.0.1", "--port", str(free_port())],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
-    )
+    proc, _ = start_monailabel(app, pacs, {"models": "oar"}, log, cwd=tmp_path, env=ONE_THREAD)
     try:
         proc.wait(180)
     except subprocess.TimeoutExpired:

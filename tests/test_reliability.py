@@ -36,7 +36,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ from contourcl.data.labels import STORED_LABELS
 from contourcl.data.phantom import make_phantom
 from contourcl.models.checkpoint import load_model
 
-from conftest import free_port, wait_until_serving
+from conftest import start_monailabel, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)  # per test; about 1-3 minutes for the file here
@@ -133,21 +132,14 @@ class Server:
 
     def start(self, timeout: float = 180) -> None:
         assert not self.running()
-        port = free_port()
         self.log_path = self.root / f"server-{len(self.procs)}.log"
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", TMPDIR=str(self.tmp))
         # one OpenMP thread per process (as conftest.py gives the test processes), unless the caller
         # says otherwise: on a busy 2-core machine, two threads per process make inference and
         # training several times slower (see benchmarks/bench_load.py --omp-threads)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(self.app), "--studies", str(self.studies),
-                 "--conf", "models", "oar", "--conf", "skip_scoring", "true", "--host", "127.0.0.1", "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True,
-            )
+        env = {"TMPDIR": str(self.tmp), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.proc, self.url = start_monailabel(self.app, self.studies, {"models": "oar", "skip_scoring": "true"}, self.log_path,
+                                               cwd=self.root, env=env, new_session=True)
         self.procs.append(self.proc)
-        self.url = f"http://127.0.0.1:{port}"
         wait_until_serving(self.proc, self.url, self.log_path, timeout)
 
     def log_tail(self, chars: int = 4000) -> str:

@@ -26,7 +26,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import free_port, stop_process, wait_until_serving
+from conftest import free_port, start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(400)
@@ -93,22 +92,12 @@ def _start(root: Path, name: str, host: str, conf: dict, env: dict, scoring: boo
     shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "synthetic"))
     tmp = base / "tmp"
     tmp.mkdir()
-    port = free_port()
-    args = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
-            "--conf", "models", "all", "--host", host, "--port", str(port)]
-    for k, v in conf.items():
-        args += ["--conf", k, str(v)]
-    full_env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                    TMPDIR=str(tmp), **env)
+    full_env = {"MONAI_LABEL_AUTH_ENABLE": None, "MONAI_LABEL_AUTH_REALM_URI": None, "TMPDIR": str(tmp), **env}
     if not scoring:
         full_env["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"
-    for k in ("MONAI_LABEL_AUTH_ENABLE", "MONAI_LABEL_AUTH_REALM_URI"):
-        if k not in env:
-            full_env.pop(k, None)
     log_path = base / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=base)
-    return {"proc": proc, "log": log, "log_path": log_path, "url": f"http://127.0.0.1:{port}", "port": port,
+    proc, url = start_monailabel(app, studies, {"models": "all", **conf}, log_path, host=host, cwd=base, env=full_env)
+    return {"proc": proc, "log_path": log_path, "url": url, "port": int(url.rsplit(":", 1)[1]),
             "studies": studies, "app": app, "tmp": tmp, "started": time.time()}
 
 
@@ -126,7 +115,6 @@ def _stop(server: dict) -> None:
     for child in psutil.wait_procs(children, timeout=20)[1]:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-    server["log"].close()
 
 
 @pytest.fixture(scope="module")

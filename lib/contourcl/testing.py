@@ -1,5 +1,6 @@
-"""Local processes for ContourCL's tests and benchmarks: a free port, a throw-away Orthanc, waiting
-for a server, and stopping what was started, by its PID.
+"""Local processes for ContourCL's tests and benchmarks: a free port, the MONAI Label server started
+as a user starts it, a throw-away Orthanc, waiting for a server, and stopping what was started, by
+its PID.
 
 The end-to-end tests (``tests/``) and the benchmarks (``benchmarks/``) start the same real servers
 (``monailabel start_server``, Orthanc with its DICOMweb plugin) on 127.0.0.1; this module is the one
@@ -15,7 +16,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -92,6 +95,35 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log_path: str | Path, t
     """Wait until the server ``proc`` answers ``GET url + path`` (any HTTP answer counts when
     ``path`` is not ``/info/``)."""
     wait_for(proc, lambda: requests.get(f"{url}{path}", timeout=10).ok or path != "/info/", log_path, timeout, "the server")
+
+
+def start_monailabel(app: str | Path, studies: str | Path, conf: Mapping[str, object] | Iterable[tuple[str, object]],
+                     log_path: str | Path, *, host: str = "127.0.0.1", cwd: str | Path | None = None,
+                     env: Mapping[str, str | None] | None = None, new_session: bool = False) -> tuple[subprocess.Popen, str]:
+    """``monailabel start_server --app APP --studies STUDIES --conf K V ... --host HOST --port P``, as
+    a user starts it, with this interpreter's ``bin`` first on ``PATH``; output goes to ``log_path``.
+
+    ``env`` adds to (or, with a ``None`` value, removes from) this process's environment.
+    ``new_session`` starts the server as a process-group leader, so that :func:`stop_process`
+    stops its training workers with it. Returns the process and the URL it will serve on
+    (127.0.0.1 and a free port); wait for it with :func:`wait_until_serving`.
+    """
+    bindir = Path(sys.executable).parent
+    port = free_port()
+    args = [str(bindir / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies)]
+    for key, value in (conf.items() if isinstance(conf, Mapping) else conf):
+        args += ["--conf", str(key), str(value)]
+    args += ["--host", host, "--port", str(port)]
+    full_env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    with open(log_path, "w") as log:  # the server holds its own copy of the descriptor
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+                                start_new_session=new_session)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def find_orthanc() -> str | None:
