@@ -124,3 +124,28 @@ def compare_all(runs: Sequence[Mapping], model: str, methods: Sequence[str], siz
              for c in [compare(runs, model, m, n, baseline, metric, reps)] if c is not None]
     adjusted = holm([c.p_wilcoxon for c in found]) if found else []
     return [PairedComparison(**{**c.__dict__, "p_holm": p}) for c, p in zip(found, adjusted)]
+
+
+def compare_evaluations(a: Mapping, b: Mapping, metric: str = "dice", reps: int = 10000, seed: int = 0) -> list[dict]:
+    """Two model files scored on the same cases (``contourcl evaluate --json``), paired by patient.
+
+    One row for the mean over structures (``"mean"``, each patient's :func:`patient_scores`) and one
+    per structure, over the patients both score: ``a`` minus ``b``, its 95 % bootstrap interval over
+    patients (one draw: :func:`bootstrap_ci`), the Wilcoxon signed-rank p and the number of patients.
+    This is how two recipes are compared on an inner validation split.
+    """
+    structures = list(dict.fromkeys(s for run in (a, b) for case in run["cases"].values() for s in case))  # first-seen order
+    rows = []
+    for scope in ["mean", *structures]:
+        def only(run: Mapping) -> dict:
+            if scope == "mean":
+                return {"draw": 0, "cases": run["cases"]}
+            return {"draw": 0, "cases": {c: {scope: v[scope]} for c, v in run["cases"].items() if scope in v}}
+
+        delta = difference_matrix([only(a)], [only(b)], metric)
+        if delta.size == 0:
+            continue
+        low, high = bootstrap_ci(delta, reps, seed=seed)
+        rows.append({"scope": scope, "difference": float(delta.mean()), "ci_low": low, "ci_high": high,
+                     "p_wilcoxon": wilcoxon_p(delta[0]), "patients": int(delta.shape[1])})
+    return rows

@@ -1,10 +1,14 @@
 """``contourcl benchmark label-efficiency``: pretraining methods against the number of labeled cases
-(:mod:`contourcl.training.experiments.label_efficiency`)."""
+(:mod:`contourcl.training.experiments.label_efficiency`); ``contourcl benchmark paired``: two model
+files' ``contourcl evaluate --json`` figures on the same cases, paired by patient
+(:func:`contourcl.training.experiments.paired.compare_evaluations`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
+from pathlib import Path
 
 from contourcl.evaluation import DEFAULT_TOLERANCE_MM
 from contourcl.serving.config import default_largest_component
@@ -31,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables, plots and overlays from finished runs")
+    q = sub.add_parser("paired", help="A minus B, paired by patient: two `contourcl evaluate --json` files of the same cases")
+    q.add_argument("a", type=Path, help="evaluate --json of model A")
+    q.add_argument("b", type=Path, help="evaluate --json of model B (the reference)")
+    q.add_argument("--metric", choices=("dice", "surface_dice", "hd95"), default="dice")
 
 
 def scale_from_args(args: argparse.Namespace) -> Scale:
@@ -54,7 +62,31 @@ def scale_from_args(args: argparse.Namespace) -> Scale:
     return replace(s, **overrides)
 
 
+def paired(args: argparse.Namespace) -> int:
+    from contourcl.training.experiments.paired import compare_evaluations
+
+    runs = []
+    for path in (args.a, args.b):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"cannot read {path} as `contourcl evaluate --json` output: {err}") from err
+        if not isinstance(runs[-1], dict) or not isinstance(runs[-1].get("cases"), dict):
+            raise SystemExit(f"{path} is not `contourcl evaluate --json` output (no per-case figures)")
+    rows = compare_evaluations(*runs, metric=args.metric)
+    if not rows:
+        raise SystemExit(f"{args.a} and {args.b} share no scored case")
+    print(f"{args.metric}: A = {runs[0].get('model', args.a)}, B = {runs[1].get('model', args.b)}; "
+          "A - B paired by patient, 95 % bootstrap interval over patients, Wilcoxon signed-rank p")
+    print("| structure | A - B | 95 % CI | Wilcoxon p | patients |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['scope']} | {r['difference']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_wilcoxon']:.2g} | {r['patients']} |")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.benchmark == "paired":
+        return paired(args)
     scale = scale_from_args(args)
     models = args.models or list(scale.models or MODELS)
     methods = args.methods or list(scale.methods or DEFAULT_METHODS)
