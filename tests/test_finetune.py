@@ -136,6 +136,9 @@ def test_refit_chooses_on_the_inner_split_then_trains_on_every_case(tmp_path):
     summary = select_and_refit(data[:2], data[2:], cfg, tmp_path / "oar.pt", tmp_path / "state")
     net, meta = load_model(tmp_path / "oar.pt")
     assert set(summary["choices"]["tta_flip"]) == {"off", "on"} and meta.tta_flip == summary["tta_flip"]
+    # the flip doubles the inference time: kept only for a gain of at least 0.005 mean Dice
+    flip = summary["choices"]["tta_flip"]
+    assert summary["tta_flip"] == (flip["on"] - flip["off"] >= 0.005)
     assert summary["choices"]["kept"] in ("ema", "raw") and 1 <= summary["epochs"] <= 2
     assert meta.provenance["inner_val_ids"] == ["c2"] and meta.metrics["choices"]["inner_val_dice"] == summary["inner_val_dice"]
     with pytest.raises(ConfigError, match="another configuration"):

@@ -66,6 +66,11 @@ from contourcl.training.finetune.voxel_siamese import DEFAULT_LAMBDA, VoxelSiame
 
 logger = logging.getLogger(__name__)
 
+#: the least mean validation Dice flip test-time augmentation must add to be kept (``tta_flip=None``):
+#: it runs the network twice, doubling the inference time every served request pays, so a gain
+#: within the noise of the validation cases does not buy it
+TTA_MIN_GAIN = 0.005
+
 
 @dataclass
 class FinetuneConfig:
@@ -101,7 +106,7 @@ class FinetuneConfig:
     #: keeps the largest component, as the app's default does)
     largest_component: bool | None = None
     #: left-right flip test-time augmentation (:attr:`ModelMeta.tta_flip`): True/False, or None to
-    #: choose it on the validation cases at the end (kept only if it scores higher)
+    #: choose it on the validation cases at the end (kept only if it gains :data:`TTA_MIN_GAIN`)
     tta_flip: bool | None = False
     #: decay of an exponential moving average of the weights (e.g. 0.999); None: no average. When
     #: set, validation scores the averaged weights, and the last raw weights are scored at the end
@@ -431,7 +436,7 @@ def finetune(
     if val_cases and cfg.tta_flip is None:
         flipped = validation_dice(network, val_cases, cfg, dev, tta_flip=True)
         choices["tta_flip"] = {"off": best[0], "on": flipped[0]}
-        tta = flipped[0] > best[0]
+        tta = flipped[0] >= best[0] + TTA_MIN_GAIN
         if tta:
             best = (flipped[0], best[1], flipped[1], best[3])
     if choices:
