@@ -19,8 +19,8 @@ import logging
 
 import numpy as np
 
-from contourcl.data.datasets import labeled_cases, read_label
-from contourcl.data.labels import to_model
+from contourcl.data.datasets import labeled_cases
+from contourcl.evaluation import prepare_cases
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import read_meta
 
@@ -47,11 +47,12 @@ def main() -> None:
     contourer = Contourer(args.model)
     rows = []
     for case in labeled_cases(args.data, meta.model):
-        ref = axial_range(to_model(read_label(case)[0], meta.model) == value)
+        (prepared,) = prepare_cases([case], meta)  # as `contourcl evaluate` reads it: the CT's grid, the model's numbering
+        ref = axial_range(prepared.reference == value)
         if ref is None:
             continue
-        pred = axial_range(contourer(case["image"]).label == value)
-        rows.append((case["id"], ref, pred))
+        pred = axial_range(contourer.predict(prepared.data, prepared.pre).label == value)
+        rows.append((prepared.id, ref, pred))
     missing = [(i, r, p) for i, r, p in rows if p is None or (r[1] - r[0]) - (p[1] - p[0]) > args.short]
     print(f"{args.structure}, {args.model} on {args.data}: {len(rows)} cases contour it; in {len(missing)} the prediction "
           f"spans more than {args.short} slices fewer than the reference (or is empty)")

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -97,9 +97,8 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log_path: str | Path, t
     wait_for(proc, lambda: requests.get(f"{url}{path}", timeout=10).ok or path != "/info/", log_path, timeout, "the server")
 
 
-def start_monailabel(app: str | Path, studies: str | Path, conf: Mapping[str, object] | Iterable[tuple[str, object]],
-                     log_path: str | Path, *, host: str = "127.0.0.1", cwd: str | Path | None = None,
-                     env: Mapping[str, str | None] | None = None, new_session: bool = False) -> tuple[subprocess.Popen, str]:
+def start_monailabel(app: str | Path, studies: str | Path, conf: Mapping[str, object], log_path: str | Path, *,
+                     host: str = "127.0.0.1", cwd: str | Path | None = None, env: Mapping[str, str | None] | None = None, new_session: bool = False) -> tuple[subprocess.Popen, str]:
     """``monailabel start_server --app APP --studies STUDIES --conf K V ... --host HOST --port P``, as
     a user starts it, with this interpreter's ``bin`` first on ``PATH``; output goes to ``log_path``.
 
@@ -111,7 +110,7 @@ def start_monailabel(app: str | Path, studies: str | Path, conf: Mapping[str, ob
     bindir = Path(sys.executable).parent
     port = free_port()
     args = [str(bindir / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies)]
-    for key, value in (conf.items() if isinstance(conf, Mapping) else conf):
+    for key, value in conf.items():
         args += ["--conf", str(key), str(value)]
     args += ["--host", host, "--port", str(port)]
     full_env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
