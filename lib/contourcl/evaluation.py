@@ -10,7 +10,13 @@ Conventions, per structure and case:
 - a structure the reference does not contain is *not contoured* (OpenKBP's partial labels):
   every metric is ``nan`` and the structure is skipped for that case;
 - a contoured structure the prediction misses gets Dice 0 and surface Dice 0; its HD95 is
-  undefined and ``nan`` (counted as a miss by :func:`summarise`, never averaged as a number).
+  undefined and ``nan`` (counted as a miss by :func:`summarise`, never averaged as a number);
+- only axial slices that image the patient are scored, the prediction's and the reference's
+  alike (:func:`contourcl.data.volumes.imaged_slices`): many OpenKBP CTs hold values only in
+  small islands around the drawn structures on the slices away from the treatment (the
+  brainstem and spinal cord most). No clinical CT looks like that, and a score there measures
+  the dataset's masking (the island gives the brainstem away; the cord's few voxels show
+  nothing), not the model.
 """
 
 from __future__ import annotations
@@ -106,32 +112,36 @@ class EvaluationCase:
     id: str
     data: dict  # Contourer.preprocess's image dict (with the CT's own grid)
     pre: Compose  # the invertible transforms that made it
-    reference: np.ndarray  # the label on the CT's own grid, in the model's numbering
+    reference: np.ndarray  # the label on the CT's own grid, in the model's numbering, on imaged slices
+    imaged: tuple[int, np.ndarray] | None = None  # the CT's axial axis and which slices are scored
+    unimaged_voxels: int = 0  # reference voxels on the other slices (not scored)
 
 
 def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: bool = False) -> list[EvaluationCase]:
     """:class:`EvaluationCase` s of :func:`contourcl.data.datasets.labeled_cases` entries for models like ``meta``.
 
     The CT is preprocessed exactly as :class:`~contourcl.inference.Contourer` does; the reference
-    is read on the CT's grid (an error names a label whose grid differs) and renumbered to the
-    model's numbering. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the
+    is read on the CT's grid (an error names a label whose grid differs), renumbered to the
+    model's numbering and kept on the slices that image the patient only. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the
     next call (a benchmark evaluates many models on the same cases).
     """
     from contourcl.data.datasets import read_label
     from contourcl.data.labels import to_model
+    from contourcl.data.volumes import blank_slices
     from contourcl.inference import preprocess_ct
 
     out = []
     for case in cases:
         key = (str(case["image"]), tuple(meta.spacing), tuple(meta.window))
-        data, pre = _PREPROCESSED.get(key) or preprocess_ct(case["image"], meta)
+        data, pre = _PREPROCESSED.get(key) or preprocess_ct(case["image"], meta, imaged=True)
         if keep_preprocessed:
             _PREPROCESSED[key] = (data, pre)
         ref, ref_affine = read_label(case)
         affine, shape = data["grid"]
         if ref.shape != tuple(shape) or not np.allclose(ref_affine, affine, atol=1e-3):
             raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {tuple(shape)})")
-        out.append(EvaluationCase(str(case["id"]), data, pre, to_model(ref, meta.model)))
+        ref, unimaged = blank_slices(to_model(ref, meta.model), data["imaged_slices"])
+        out.append(EvaluationCase(str(case["id"]), data, pre, ref, data["imaged_slices"], unimaged))
     return out
 
 
@@ -139,12 +149,16 @@ def evaluate_network(network: torch.nn.Module, meta: ModelMeta, cases: Sequence[
                      tolerance_mm: float = DEFAULT_TOLERANCE_MM, metrics: Sequence[str] = METRICS,
                      device: str | torch.device = "cpu") -> dict[str, dict[str, dict[str, float]]]:
     """``{case id: contour_metrics(...)}`` of a network contouring ``cases`` through the served path
-    (:func:`contourcl.inference.contour`) with ``meta``'s preprocessing and test-time rules."""
+    (:func:`contourcl.inference.contour`) with ``meta``'s preprocessing and test-time rules, on the
+    slices that image the patient."""
+    from contourcl.data.volumes import blank_slices
     from contourcl.inference import contour
 
     out = {}
     for case in cases:
         label, _ = contour(network, meta, case.data, case.pre, largest_component, device)
+        if case.imaged is not None:
+            label, _ = blank_slices(label, case.imaged)
         spacing = np.linalg.norm(case.data["grid"][0][:3, :3], axis=0)
         out[case.id] = contour_metrics(label, case.reference, meta.labels, spacing, tolerance_mm, metrics)
     return out
@@ -154,15 +168,18 @@ def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolera
                         keep_preprocessed: bool = False, largest_component: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """``{case id: contour_metrics(...)}`` of a model file on labeled ``cases`` (each CT's own grid).
 
-    ``cases`` are :func:`contourcl.data.datasets.labeled_cases` entries. The model contours as the app
-    does (:class:`~contourcl.inference.Contourer`, with the model file's largest-component rule;
+    ``cases`` are :func:`contourcl.data.datasets.labeled_cases` entries, or :class:`EvaluationCase` s
+    :func:`prepare_cases` made for this model. The model contours as the app does
+    (:class:`~contourcl.inference.Contourer`, with the model file's largest-component rule;
     ``largest_component`` for a file that does not record one).
     """
     from contourcl.inference import Contourer
 
     contourer = Contourer(model_path, largest_component=largest_component)
     _, network, meta = contourer.model()
-    prepared = prepare_cases(cases, meta, keep_preprocessed)
+    prepared = [c for c in cases if isinstance(c, EvaluationCase)]
+    if len(prepared) != len(cases):
+        prepared = prepare_cases(cases, meta, keep_preprocessed)
     return evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device)
 
 

@@ -22,7 +22,7 @@ from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 
 from contourcl.data.labels import mirror_channels
 from contourcl.data.transforms import ct_preprocessing, neighbouring_slices
-from contourcl.data.volumes import check_header, write_label
+from contourcl.data.volumes import check_header, imaged_slices, write_label
 from contourcl.errors import InvalidImageError
 from contourcl.models.checkpoint import ModelMeta, load_model
 from contourcl.models.networks import ContourUNet
@@ -131,10 +131,12 @@ def nearest_to_grid(label: np.ndarray, affine: np.ndarray, out_affine: np.ndarra
     return padded.transpose(tuple(src_axis))[np.ix_(*index)]
 
 
-def preprocess_ct(image_path: str | Path, meta: ModelMeta) -> tuple[dict, Compose]:
+def preprocess_ct(image_path: str | Path, meta: ModelMeta, imaged: bool = False) -> tuple[dict, Compose]:
     """The preprocessed image dict and the invertible transforms applied after loading.
 
-    ``data["grid"]`` is the loaded image's ``(affine, shape)``: the grid of the output.
+    ``data["grid"]`` is the loaded image's ``(affine, shape)``: the grid of the output. With
+    ``imaged``, ``data["imaged_slices"]`` is :func:`contourcl.data.volumes.imaged_slices` of the
+    loaded CT (for scoring; serving does not need it).
     """
     steps = ct_preprocessing("image", None, meta.spacing, meta.window)
     load, pre = Compose(steps[:3]), Compose(steps[3:])  # load + channel + type; orientation, spacing, window
@@ -142,11 +144,14 @@ def preprocess_ct(image_path: str | Path, meta: ModelMeta) -> tuple[dict, Compos
     try:
         data = load({"image": str(image_path)})
         grid = (np.asarray(data["image"].affine, dtype=np.float64), tuple(data["image"].shape[1:]))
+        imaged_axis = imaged_slices(np.asarray(data["image"][0]), grid[0]) if imaged else None
         data = pre(data)
     except Exception as err:  # MONAI wraps reader errors; name the file and the cause
         cause = err.__cause__ or err
         raise InvalidImageError(f"cannot read {Path(image_path).name} as a CT volume: {cause}") from err
     data["grid"] = grid
+    if imaged_axis is not None:
+        data["imaged_slices"] = imaged_axis
     image = data["image"]
     if not bool(torch.isfinite(image).all()):
         raise InvalidImageError(f"{Path(image_path).name} holds NaN or infinite values: not a CT")

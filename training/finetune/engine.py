@@ -54,7 +54,15 @@ from tqdm.auto import tqdm
 
 from contourcl.data.labels import model_labels
 from contourcl.errors import ConfigError
-from contourcl.data.transforms import DEFAULT_SPACING, DEFAULT_WINDOW, LabelToModeld, SlabToChannelsd, StructurePresenced, ct_preprocessing
+from contourcl.data.transforms import (
+    DEFAULT_SPACING,
+    DEFAULT_WINDOW,
+    LabelToModeld,
+    SlabToChannelsd,
+    StructurePresenced,
+    UnimagedSlicesToBackgroundd,
+    ct_preprocessing,
+)
 from contourcl.evaluation import EvaluationCase, evaluate_network, prepare_cases, summarise
 from contourcl.models.checkpoint import ModelMeta, save_model
 from contourcl.models.encoder_checkpoint import load_encoder
@@ -159,8 +167,11 @@ def _item(item: dict) -> dict:
 def preprocessing(cfg: FinetuneConfig) -> list:
     """Deterministic transforms: load, resample, window, renumber, record the contoured structures."""
     n_classes = len(model_labels(cfg.model)) + 1
+    steps = ct_preprocessing("image", "label", cfg.spacing, cfg.window)
     return [
-        *ct_preprocessing("image", "label", cfg.spacing, cfg.window),
+        *steps[:3],  # load, channel first, float: the CT's own grid
+        UnimagedSlicesToBackgroundd("image", "label"),
+        *steps[3:],  # orientation, spacing, window
         LabelToModeld("label", cfg.model),
         StructurePresenced("label", n_classes),
         SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, 2 * cfg.context + 1 if cfg.context else -1)),

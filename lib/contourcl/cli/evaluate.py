@@ -7,7 +7,8 @@ import json
 
 from contourcl.data.datasets import dicom_cases, labeled_cases
 from contourcl.errors import InvalidImageError
-from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, format_figure, summarise
+from contourcl.data.volumes import MIN_IMAGED_AREA_CM2
+from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, format_figure, prepare_cases, summarise
 from contourcl.models.checkpoint import read_meta
 from contourcl.serving.config import default_largest_component
 
@@ -34,14 +35,13 @@ def table(summary: dict, structures: list[str], tolerance_mm: float) -> str:
     return "\n".join(lines)
 
 
-def overlays(model: str, cases: list[dict], per_case: dict, structures: list[str], folder: str) -> list:
-    """Per structure, a picture of its best, median and worst case by Dice, contoured as served."""
+def overlays(model: str, cases: list[dict], prepared: list, per_case: dict, structures: list[str], folder: str) -> list:
+    """Per structure, a picture of its best, median and worst case by Dice, contoured as served,
+    with the reference as scored (``prepared``: :func:`contourcl.evaluation.prepare_cases`)."""
     from pathlib import Path
 
     import numpy as np
 
-    from contourcl.data.datasets import read_label
-    from contourcl.data.labels import to_model
     from contourcl.data.volumes import read_nifti, to_ras
     from contourcl.inference import Contourer
     from contourcl.plots import structure_overlays
@@ -49,6 +49,7 @@ def overlays(model: str, cases: list[dict], per_case: dict, structures: list[str
     meta = read_meta(model)
     contourer = Contourer(model, largest_component=default_largest_component(meta.model))
     by_id = {c["id"]: c for c in cases}
+    by_prepared = {c.id: c for c in prepared}
     Path(folder).mkdir(parents=True, exist_ok=True)
     predictions: dict[str, tuple] = {}
     written = []
@@ -63,7 +64,7 @@ def overlays(model: str, cases: list[dict], per_case: dict, structures: list[str
                 prediction = contourer(by_id[cid]["image"])
                 # the CT's own grid, shown in RAS order (the radiological view of contourcl.plots)
                 ct, affine = read_nifti(by_id[cid]["image"])
-                ref = to_model(read_label(by_id[cid])[0], meta.model)
+                ref = by_prepared[cid].reference
                 predictions[cid] = tuple(to_ras(np.asarray(a), affine) for a in (ct, prediction.label, ref))
             rows.append((f"{kind}: {cid}, Dice {dice:.2f}", *predictions[cid]))
         written.append(structure_overlays(rows, name, meta.labels[name], Path(folder) / f"{Path(model).stem}-{name}.png"))
@@ -92,14 +93,19 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
     cases = cases[: args.max_cases]
     if not cases:
         raise SystemExit(f"no labeled {meta.model} cases in {args.data}")
-    per_case = evaluate_model_file(args.model, cases, args.tolerance, largest_component=default_largest_component(meta.model))
+    prepared = prepare_cases(cases, meta)
+    per_case = evaluate_model_file(args.model, prepared, args.tolerance, largest_component=default_largest_component(meta.model))
     structures = list(meta.labels)
     print(f"{args.model} ({meta.model}) on {len(cases)} cases of {args.data}; mean ± standard error over patients; "
           f"structures a case does not contour are skipped")
+    unimaged = [c for c in prepared if c.unimaged_voxels]
+    if unimaged:
+        print(f"{sum(c.unimaged_voxels for c in unimaged)} reference voxels of {len(unimaged)} cases ({', '.join(c.id for c in unimaged)}) "
+              f"lie on slices that do not image the patient (under {MIN_IMAGED_AREA_CM2:g} cm² of tissue): those slices are not scored")
     summary = summarise([per_case], structures)
     print(table(summary, structures, args.tolerance))
     if args.overlays:
-        for path in overlays(args.model, cases, per_case, structures, args.overlays):
+        for path in overlays(args.model, cases, prepared, per_case, structures, args.overlays):
             print(f"overlay: {path}")
     if args.json:
         means = {m: summary[("mean", m)]["mean"] for m in METRICS}

@@ -81,6 +81,38 @@ class LabelToModeld(MapTransform):
         return d
 
 
+class UnimagedSlicesToBackgroundd(MapTransform):
+    """Set the label to background on axial slices that do not image the patient
+    (:func:`contourcl.data.volumes.imaged_slices`).
+
+    Many OpenKBP CTs hold values only in small islands around the drawn structures on the slices
+    away from the treatment (the spinal cord's and brainstem's most: 23 % and 27 % of their
+    training voxels lie on slices with less than 20 cm² of tissue). No clinical CT looks like
+    that: training there teaches the network to read the island, not the anatomy, and spends a
+    quarter of the cord's and brainstem's samples on it. Those slices are not scored either
+    (:func:`contourcl.evaluation.prepare_cases`). Run it on the loaded, channel-first image and
+    label, before any resampling.
+    """
+
+    def __init__(self, image_key: str, label_key: str):
+        super().__init__([label_key])
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        from contourcl.data.volumes import blank_unimaged_slices
+
+        d = dict(data)
+        image, label = d[self.image_key], d[self.label_key]
+        affine = np.asarray(image.affine, dtype=np.float64)
+        blanked, removed = blank_unimaged_slices(np.asarray(label[0]), np.asarray(image[0]), affine)
+        if removed:
+            label = label.clone()
+            label[0] = torch.as_tensor(blanked, dtype=label.dtype)
+            d[self.label_key] = label
+        return d
+
+
 class StructurePresenced(MapTransform):
     """Record which structures a case contours: ``present[k] = 1`` if label ``k`` has voxels.
 

@@ -26,6 +26,16 @@ from contourcl.errors import InvalidImageError, LabelMismatchError
 #: Largest difference (mm) tolerated between an image's and its label's affine.
 AFFINE_TOLERANCE_MM = 1e-2
 
+#: CT values above this (HU) are tissue, not air.
+TISSUE_HU = -500.0
+#: An axial slice with less tissue than this (cm²) is not a full image of the patient. Every axial
+#: slice through a head or neck holds more (OpenKBP's slices through the neck: 100 cm² and up).
+#: OpenKBP's CTs hold values only inside a region around the treatment on many slices, and on the
+#: others only in small islands where structures were drawn (3-50 cm²): there the image either
+#: gives the contour away (an island shaped like the brainstem) or shows nothing of it (a few
+#: voxels along the cord). 96 of the 170 training cases have contours on such slices.
+MIN_IMAGED_AREA_CM2 = 50.0
+
 
 @dataclass(frozen=True)
 class CTBounds:
@@ -124,6 +134,44 @@ def check_label_geometry(image: tuple[np.ndarray, np.ndarray], label: tuple[np.n
         )
     if np.issubdtype(lab.dtype, np.floating) and not np.all(np.equal(np.mod(lab, 1), 0)):
         raise LabelMismatchError(f"the {label_name} holds non-integer values: it is not a label map")
+
+
+def imaged_slices(ct: np.ndarray, affine: np.ndarray, min_area_cm2: float = MIN_IMAGED_AREA_CM2) -> tuple[int, np.ndarray]:
+    """The axial axis of ``ct`` (on ``affine``, RAS) and, along it, which slices image the patient.
+
+    A slice images the patient when it holds at least ``min_area_cm2`` of tissue
+    (:data:`TISSUE_HU`). Other slices are neither scored (:func:`contourcl.evaluation.prepare_cases`)
+    nor trained on (:class:`contourcl.data.transforms.UnimagedSlicesToBackgroundd`).
+    """
+    ct = np.asarray(ct)
+    affine = np.asarray(affine, dtype=np.float64)
+    columns = affine[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    axis = int(np.argmax(np.abs(columns[2]) / spacing))  # the voxel axis closest to inferior-superior
+    in_plane = [a for a in range(3) if a != axis]
+    pixel_cm2 = float(spacing[in_plane[0]] * spacing[in_plane[1]]) / 100.0
+    tissue = (ct > TISSUE_HU).sum(axis=tuple(in_plane))
+    return axis, tissue * pixel_cm2 >= min_area_cm2
+
+
+def blank_unimaged_slices(label: np.ndarray, ct: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, int]:
+    """``label`` (on ``ct``'s grid) set to background on the slices that do not image the patient
+    (:func:`imaged_slices`), and how many labeled voxels that removed."""
+    return blank_slices(label, imaged_slices(ct, affine))
+
+
+def blank_slices(label: np.ndarray, imaged: tuple[int, np.ndarray]) -> tuple[np.ndarray, int]:
+    """``label`` set to background where ``imaged = (axis, kept)`` (:func:`imaged_slices`) says a
+    slice does not image the patient, and how many labeled voxels that removed."""
+    axis, imaged = imaged
+    index = [slice(None)] * 3
+    index[axis] = ~imaged
+    index = tuple(index)
+    removed = int(np.count_nonzero(label[index]))
+    if removed:
+        label = np.array(label, copy=True)
+        label[index] = 0
+    return label, removed
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,98 @@
+"""Slices that do not image the patient (OpenKBP's masked CTs) are neither scored nor trained on.
+
+Many OpenKBP CTs hold values only in small islands around the drawn structures on the slices away
+from the treatment; the README's "Shipped weights" says what that did to the figures.
+"""
+
+import numpy as np
+import torch
+from monai.transforms import Compose
+
+from contourcl.data.datasets import labeled_cases
+from contourcl.data.labels import model_labels
+from contourcl.data.volumes import MIN_IMAGED_AREA_CM2, imaged_slices
+from contourcl.evaluation import evaluate_model_file, prepare_cases
+from contourcl.inference import Contourer
+from contourcl.models.checkpoint import ModelMeta, read_meta, save_model
+from contourcl.models.networks import NetConfig, build_network
+from contourcl.training.finetune.engine import FinetuneConfig, preprocessing
+
+from conftest import write_nifti
+
+CORD = model_labels("oar")["SpinalCord"]
+
+
+def test_imaged_slices_finds_the_axial_axis_and_measures_tissue_in_square_centimetres():
+    # stored with the axial axis first: voxel axis 0 runs inferior-superior (3 mm), axes 1 and 2
+    # are right-left (2.5 mm) and posterior-anterior (4 mm): one pixel is 10 mm² = 0.1 cm²
+    affine = np.array([[0, -2.5, 0, 0], [0, 0, 4.0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])
+    ct = np.full((5, 60, 50), -1024, dtype=np.int16)
+    ct[0] = 40  # 3000 pixels of tissue: 300 cm²
+    ct[1, :20, :20] = 40  # 400 pixels: 40 cm², an island
+    ct[2, :20, :26] = 40  # 520 pixels: 52 cm²
+    ct[3, :20, :26] = -600  # below the tissue threshold (lung-like): no tissue
+    ct[4, :2, :3] = 1000  # 6 pixels
+    axis, imaged = imaged_slices(ct, affine)
+    assert MIN_IMAGED_AREA_CM2 == 50.0  # the figures above straddle it
+    assert axis == 0
+    assert imaged.tolist() == [True, False, True, False, False]
+
+
+def _masked_case(tmp_path):
+    """A CT (3 mm in-plane, 2 mm slices) whose slices 0-3 image a 36 x 36-voxel body (117 cm²) and
+    slices 4-5 only a 3 x 3 island (0.8 cm²), as OpenKBP stores slices away from the treatment,
+    with a spinal cord drawn on every slice (the island itself on 4-5)."""
+    affine = np.diag([3.0, 3.0, 2.0, 1.0])
+    ct = np.full((48, 48, 6), -1024, dtype=np.int16)
+    ct[6:42, 6:42, :4] = 30
+    ct[20:23, 20:23, 4:] = 30
+    lab = np.zeros(ct.shape, dtype=np.uint8)
+    lab[18:24, 18:24, :4] = CORD
+    lab[20:23, 20:23, 4:] = CORD
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    write_nifti(studies / "pt.nii.gz", ct, affine)
+    write_nifti(studies / "labels" / "final" / "pt.nii.gz", lab, affine)
+    return studies, ct, lab
+
+
+def _cord_everywhere_model(path):
+    """A tiny oar model whose output is SpinalCord everywhere (3 mm, no resampling of the case)."""
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    with torch.no_grad():
+        net.head[0].weight.zero_()
+        net.head[0].bias.fill_(-10.0)
+        net.head[0].bias[CORD] = 10.0
+    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), spacing=(3.0, 3.0)))
+
+
+def test_the_metric_scores_only_slices_that_image_the_patient(tmp_path):
+    studies, ct, lab = _masked_case(tmp_path)
+    model = _cord_everywhere_model(tmp_path / "oar.pt")
+    (case,) = labeled_cases(studies, "oar")
+    (prepared,) = prepare_cases([case], read_meta(model))
+    assert prepared.unimaged_voxels == 2 * 9  # the cord on the two island slices
+    assert (prepared.reference[..., 4:] == 0).all() and (prepared.reference[..., :4] == lab[..., :4]).all()
+
+    # Dice by hand on the served label map, slices 0-3 only
+    served = Contourer(model, largest_component=False)(case["image"]).label == CORD
+    assert served[..., 4:].any()  # the model draws on the island slices too: they must not count
+    ref = lab == CORD
+    p, r = served[..., :4], ref[..., :4]
+    expected = 2 * np.logical_and(p, r).sum() / (p.sum() + r.sum())
+    everywhere = 2 * np.logical_and(served, ref).sum() / (served.sum() + ref.sum())
+    assert abs(expected - everywhere) > 0.1 * expected  # scoring every slice would give another figure
+    scores = evaluate_model_file(model, [case], largest_component=False)[case["id"]]
+    assert abs(scores["SpinalCord"]["dice"] - expected) < 1e-6
+
+
+def test_training_labels_are_background_on_slices_that_do_not_image_the_patient(tmp_path):
+    studies, ct, lab = _masked_case(tmp_path)
+    (case,) = labeled_cases(studies, "oar")
+    cfg = FinetuneConfig(model="oar", spacing=(3.0, 3.0), roi=(48, 48))
+    out = Compose(preprocessing(cfg))({"image": case["image"], "label": case["label"]})
+    label = np.asarray(out["label"][0])
+    assert label.shape == ct.shape  # 3 mm in-plane, RAS already: the grid is the file's
+    assert (label[..., 4:] == 0).all()
+    assert (label[..., :4] == lab[..., :4]).all()
+    assert out["present"][CORD] == 1.0  # still contoured where it can be seen
