@@ -7,7 +7,7 @@ Usage::
 
 For every labeled case that contours the structure: the axial slices it spans in the reference
 and in the served label map (:class:`contourcl.inference.Contourer`, the server's path), on the
-CT's own grid. Prints each case whose prediction spans more than ``--short`` fewer slices than
+CT's own grid and on the slices `contourcl evaluate` scores (those that image the patient). Prints each case whose prediction spans more than ``--short`` fewer slices than
 the reference, and how many cases do. A low Dice with a large HD95 can be a contour that is right
 where it is drawn but stops early; this tells the two apart.
 """
@@ -20,6 +20,7 @@ import logging
 import numpy as np
 
 from contourcl.data.datasets import labeled_cases
+from contourcl.data.volumes import blank_slices
 from contourcl.evaluation import prepare_cases
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import read_meta
@@ -51,7 +52,10 @@ def main() -> None:
         ref = axial_range(prepared.reference == value)
         if ref is None:
             continue
-        pred = axial_range(contourer.predict(prepared.data, prepared.pre).label == value)
+        label = contourer.predict(prepared.data, prepared.pre).label
+        if prepared.imaged is not None:  # the slices `contourcl evaluate` scores
+            label, _ = blank_slices(label, prepared.imaged)
+        pred = axial_range(label == value)
         rows.append((prepared.id, ref, pred))
     missing = [(i, r, p) for i, r, p in rows if p is None or (r[1] - r[0]) - (p[1] - p[0]) > args.short]
     print(f"{args.structure}, {args.model} on {args.data}: {len(rows)} cases contour it; in {len(missing)} the prediction "

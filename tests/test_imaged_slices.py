@@ -26,16 +26,18 @@ def test_imaged_slices_finds_the_axial_axis_and_measures_tissue_in_square_centim
     # stored with the axial axis first: voxel axis 0 runs inferior-superior (3 mm), axes 1 and 2
     # are right-left (2.5 mm) and posterior-anterior (4 mm): one pixel is 10 mm² = 0.1 cm²
     affine = np.array([[0, -2.5, 0, 0], [0, 0, 4.0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])
-    ct = np.full((5, 60, 50), -1024, dtype=np.int16)
+    ct = np.full((6, 60, 50), -1024, dtype=np.int16)
     ct[0] = 40  # 3000 pixels of tissue: 300 cm²
     ct[1, :20, :20] = 40  # 400 pixels: 40 cm², an island
     ct[2, :20, :26] = 40  # 520 pixels: 52 cm²
-    ct[3, :20, :26] = -600  # below the tissue threshold (lung-like): no tissue
-    ct[4, :2, :3] = 1000  # 6 pixels
+    ct[3, :20, :20] = 40  # two islands of 40 cm² (80 cm² in all, none of 50)
+    ct[3, 30:50, 25:45] = 40
+    ct[4, :20, :26] = -600  # below the tissue threshold (lung-like): no tissue
+    ct[5, :2, :3] = 1000  # 6 pixels
     axis, imaged = imaged_slices(ct, affine)
     assert MIN_IMAGED_AREA_CM2 == 50.0  # the figures above straddle it
     assert axis == 0
-    assert imaged.tolist() == [True, False, True, False, False]
+    assert imaged.tolist() == [True, False, True, False, False, False]
 
 
 def _masked_case(tmp_path):

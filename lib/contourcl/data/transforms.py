@@ -86,8 +86,8 @@ class UnimagedSlicesToBackgroundd(MapTransform):
     (:func:`contourcl.data.volumes.imaged_slices`).
 
     Many OpenKBP CTs hold values only in small islands around the drawn structures on the slices
-    away from the treatment (the spinal cord's and brainstem's most: 23 % and 27 % of their
-    training voxels lie on slices with less than 20 cm² of tissue). No clinical CT looks like
+    away from the treatment (a quarter of the spinal cord's and brainstem's training voxels lie on
+    such slices). No clinical CT looks like
     that: training there teaches the network to read the island, not the anatomy, and spends a
     quarter of the cord's and brainstem's samples on it. Those slices are not scored either
     (:func:`contourcl.evaluation.prepare_cases`). Run it on the loaded, channel-first image and

@@ -28,12 +28,13 @@ AFFINE_TOLERANCE_MM = 1e-2
 
 #: CT values above this (HU) are tissue, not air.
 TISSUE_HU = -500.0
-#: An axial slice with less tissue than this (cm²) is not a full image of the patient. Every axial
-#: slice through a head or neck holds more (OpenKBP's slices through the neck: 100 cm² and up).
-#: OpenKBP's CTs hold values only inside a region around the treatment on many slices, and on the
-#: others only in small islands where structures were drawn (3-50 cm²): there the image either
-#: gives the contour away (an island shaped like the brainstem) or shows nothing of it (a few
-#: voxels along the cord). 96 of the 170 training cases have contours on such slices.
+#: An axial slice whose largest connected piece of tissue is smaller than this (cm²) is not a full
+#: image of the patient. The body's cross-section is larger on every slice through a head or neck
+#: (OpenKBP's slices through the neck: 75 cm² and up). OpenKBP's CTs hold values only in a region
+#: around the treatment on many slices, and on the others only in islands around the drawn
+#: structures (1-50 cm² each): there the image either gives the contour away (an island shaped
+#: like the brainstem) or shows nothing of it (a few voxels along the cord). 96 of the 170
+#: training cases have contours on such slices.
 MIN_IMAGED_AREA_CM2 = 50.0
 
 
@@ -139,10 +140,13 @@ def check_label_geometry(image: tuple[np.ndarray, np.ndarray], label: tuple[np.n
 def imaged_slices(ct: np.ndarray, affine: np.ndarray, min_area_cm2: float = MIN_IMAGED_AREA_CM2) -> tuple[int, np.ndarray]:
     """The axial axis of ``ct`` (on ``affine``, RAS) and, along it, which slices image the patient.
 
-    A slice images the patient when it holds at least ``min_area_cm2`` of tissue
-    (:data:`TISSUE_HU`). Other slices are neither scored (:func:`contourcl.evaluation.prepare_cases`)
-    nor trained on (:class:`contourcl.data.transforms.UnimagedSlicesToBackgroundd`).
+    A slice images the patient when its largest connected piece of tissue (:data:`TISSUE_HU`,
+    4-connected in the slice) covers at least ``min_area_cm2``. Other slices are neither scored
+    (:func:`contourcl.evaluation.prepare_cases`) nor trained on
+    (:class:`contourcl.data.transforms.UnimagedSlicesToBackgroundd`).
     """
+    from scipy import ndimage
+
     ct = np.asarray(ct)
     affine = np.asarray(affine, dtype=np.float64)
     columns = affine[:3, :3]
@@ -150,8 +154,13 @@ def imaged_slices(ct: np.ndarray, affine: np.ndarray, min_area_cm2: float = MIN_
     axis = int(np.argmax(np.abs(columns[2]) / spacing))  # the voxel axis closest to inferior-superior
     in_plane = [a for a in range(3) if a != axis]
     pixel_cm2 = float(spacing[in_plane[0]] * spacing[in_plane[1]]) / 100.0
-    tissue = (ct > TISSUE_HU).sum(axis=tuple(in_plane))
-    return axis, tissue * pixel_cm2 >= min_area_cm2
+    tissue = np.moveaxis(ct > TISSUE_HU, axis, 0)
+    least = min_area_cm2 / pixel_cm2  # in pixels
+    imaged = tissue.sum(axis=(1, 2)) >= least  # a slice with less tissue in all has no such piece
+    for k in np.nonzero(imaged)[0]:
+        pieces, n = ndimage.label(tissue[k])
+        imaged[k] = np.bincount(pieces.ravel())[1:].max() >= least
+    return axis, imaged
 
 
 def blank_unimaged_slices(label: np.ndarray, ct: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, int]:
