@@ -17,7 +17,6 @@ that they only do what the tests ask.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import http.server
@@ -31,7 +30,6 @@ import time
 from pathlib import Path
 
 import jwt
-import psutil
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
@@ -96,25 +94,10 @@ def _start(root: Path, name: str, host: str, conf: dict, env: dict, scoring: boo
     if not scoring:
         full_env["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"
     log_path = base / "server.log"
-    proc, url = start_monailabel(app, studies, {"models": "all", **conf}, log_path, host=host, cwd=base, env=full_env)
+    # a session of its own: stopping it stops the training and scoring processes it starts too
+    proc, url = start_monailabel(app, studies, {"models": "all", **conf}, log_path, host=host, cwd=base, env=full_env, new_session=True)
     return {"proc": proc, "log_path": log_path, "url": url, "port": int(url.rsplit(":", 1)[1]),
             "studies": studies, "app": app, "tmp": tmp, "started": time.time()}
-
-
-def _stop(server: dict) -> None:
-    """Stop the server and the subprocesses it started (training, scoring), each by its PID."""
-    proc = server["proc"]
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    stop_process(proc, timeout=20)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    for child in psutil.wait_procs(children, timeout=20)[1]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +115,7 @@ def servers(tmp_path_factory, realm):
         yield started
     finally:
         for server in started.values():
-            _stop(server)
+            stop_process(server["proc"], timeout=20)
 
 
 # -- tokens -----------------------------------------------------------------------------------------
