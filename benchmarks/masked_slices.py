@@ -1,0 +1,52 @@
+"""How much of each structure OpenKBP draws on slices that do not image the patient.
+
+Usage::
+
+    python benchmarks/masked_slices.py --data ../shared/data/openkbp
+
+Per split (``train-pats``, ``validation-pats``): the cases with contours on such slices
+(:func:`contourcl.data.volumes.imaged_slices`) and, per structure, the share of its voxels that lie
+there and in how many cases. These voxels are neither trained on nor scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from contourcl.data.datasets import labeled_cases, read_label
+from contourcl.data.labels import model_labels, to_model
+from contourcl.data.volumes import blank_slices, imaged_slices, read_nifti
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="the OpenKBP folder (train-pats/, validation-pats/)")
+    args = parser.parse_args()
+    for split in ("train-pats", "validation-pats"):
+        for model in ("oar", "gtv"):
+            names = list(model_labels(model))
+            total = np.zeros(len(names) + 1)
+            masked = np.zeros(len(names) + 1)
+            cases_with = np.zeros(len(names) + 1, dtype=int)
+            any_case = 0
+            for case in labeled_cases(Path(args.data) / split, model):
+                ct, affine = read_nifti(case["image"])
+                label = to_model(read_label(case)[0], model)
+                kept, removed = blank_slices(label, imaged_slices(np.asarray(ct), affine))
+                any_case += removed > 0
+                for k in range(1, len(names) + 1):
+                    n_all, n_kept = np.count_nonzero(label == k), np.count_nonzero(kept == k)
+                    total[k] += n_all
+                    masked[k] += n_all - n_kept
+                    cases_with[k] += n_all > n_kept
+            print(f"{split}, {model}: {any_case} cases have contours on slices that do not image the patient")
+            for k, name in enumerate(names, start=1):
+                share = masked[k] / total[k] if total[k] else float("nan")
+                print(f"  {name:12s} {share:6.1%} of its voxels, in {cases_with[k]} cases")
+
+
+if __name__ == "__main__":
+    main()
