@@ -24,6 +24,20 @@ class CodePayload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def constant_oar_model(path, channel: int):
+    """A tiny ``oar`` model file (3 mm in-plane) whose output is class ``channel`` everywhere."""
+    from contourcl.data.labels import model_labels
+    from contourcl.models.checkpoint import ModelMeta, save_model
+    from contourcl.models.networks import NetConfig, build_network
+
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    with torch.no_grad():
+        net.head[0].weight.zero_()
+        net.head[0].bias.fill_(-10.0)
+        net.head[0].bias[channel] = 10.0
+    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), spacing=(3.0, 3.0)))
+
+
 def write_nifti(path, array, affine) -> str:
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)

@@ -5,7 +5,6 @@ from the treatment; the README's "Shipped weights" says what that did to the fig
 """
 
 import numpy as np
-import torch
 from monai.transforms import Compose
 
 from contourcl.data.datasets import labeled_cases
@@ -13,11 +12,10 @@ from contourcl.data.labels import model_labels
 from contourcl.data.volumes import MIN_IMAGED_AREA_CM2, imaged_slices
 from contourcl.evaluation import evaluate_model_file, prepare_cases
 from contourcl.inference import Contourer
-from contourcl.models.checkpoint import ModelMeta, read_meta, save_model
-from contourcl.models.networks import NetConfig, build_network
+from contourcl.models.checkpoint import read_meta
 from contourcl.training.finetune.engine import FinetuneConfig, preprocessing
 
-from conftest import write_nifti
+from conftest import constant_oar_model, write_nifti
 
 CORD = model_labels("oar")["SpinalCord"]
 
@@ -58,19 +56,9 @@ def _masked_case(tmp_path):
     return studies, ct, lab
 
 
-def _cord_everywhere_model(path):
-    """A tiny oar model whose output is SpinalCord everywhere (3 mm, no resampling of the case)."""
-    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
-    with torch.no_grad():
-        net.head[0].weight.zero_()
-        net.head[0].bias.fill_(-10.0)
-        net.head[0].bias[CORD] = 10.0
-    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), spacing=(3.0, 3.0)))
-
-
 def test_the_metric_scores_only_slices_that_image_the_patient(tmp_path):
     studies, ct, lab = _masked_case(tmp_path)
-    model = _cord_everywhere_model(tmp_path / "oar.pt")
+    model = constant_oar_model(tmp_path / "oar.pt", CORD)  # SpinalCord everywhere
     (case,) = labeled_cases(studies, "oar")
     (prepared,) = prepare_cases([case], read_meta(model))
     assert prepared.unimaged_voxels == 2 * 9  # the cord on the two island slices

@@ -6,23 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.data.labels import model_labels
 from contourcl.errors import InvalidImageError
 from contourcl.inference import Contourer
-from contourcl.models.checkpoint import ModelMeta, save_model
 from contourcl.models.networks import NetConfig, build_network
 
-from conftest import blob_case, write_nifti
-
-
-def model_file(path, bias_channel: int):
-    """A tiny model whose output is the class ``bias_channel`` everywhere."""
-    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
-    with torch.no_grad():
-        net.head[0].weight.zero_()
-        net.head[0].bias.fill_(-10.0)
-        net.head[0].bias[bias_channel] = 10.0
-    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), spacing=(3.0, 3.0)))
+from conftest import blob_case, constant_oar_model, write_nifti
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -36,7 +24,7 @@ def test_output_has_the_input_grid(tmp_path, flip):
         a[:, 2] *= -1
         affine = a
     path = write_nifti(tmp_path / "ct.nii.gz", ct, affine)
-    pred = Contourer(model_file(tmp_path / "m.pt", 3), largest_component=False)(path)
+    pred = Contourer(constant_oar_model(tmp_path / "m.pt", 3), largest_component=False)(path)
     assert pred.label.shape == ct.shape
     assert np.allclose(pred.affine, nib.load(path).affine, atol=1e-4)
     assert pred.labels["Parotid_R"] == 3 and set(np.unique(pred.label)) == {3}
@@ -49,12 +37,12 @@ def test_model_is_reloaded_when_the_file_is_replaced(tmp_path):
     ct, _, affine = blob_case()
     path = write_nifti(tmp_path / "ct.nii.gz", ct, affine)
     served = tmp_path / "oar.pt"
-    model_file(served, 1)
+    constant_oar_model(served, 1)
     contourer = Contourer(served, largest_component=False)
     first = contourer(path)
     assert set(np.unique(first.label)) == {1}
     time.sleep(0.01)
-    model_file(tmp_path / "new.pt", 2)
+    constant_oar_model(tmp_path / "new.pt", 2)
     os.replace(tmp_path / "new.pt", served)
     second = contourer(path)
     assert set(np.unique(second.label)) == {2}
@@ -65,7 +53,7 @@ def test_unreadable_image_is_named(tmp_path):
     bad = tmp_path / "scan.nii.gz"
     bad.write_bytes(b"garbage")
     with pytest.raises(InvalidImageError, match="scan.nii.gz"):
-        Contourer(model_file(tmp_path / "m.pt", 1))(bad)
+        Contourer(constant_oar_model(tmp_path / "m.pt", 1))(bad)
 
 
 def _brute_force(label, affine, out_affine, out_shape):
@@ -100,7 +88,7 @@ def test_oblique_image_gets_its_own_grid_back(tmp_path):
     oblique = affine.copy()
     oblique[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ affine[:3, :3]
     path = write_nifti(tmp_path / "oblique.nii.gz", ct, oblique)
-    pred = Contourer(model_file(tmp_path / "m.pt", 6), largest_component=False)(path)
+    pred = Contourer(constant_oar_model(tmp_path / "m.pt", 6), largest_component=False)(path)
     assert pred.label.shape == ct.shape and np.allclose(pred.affine, nib.load(path).affine, atol=1e-4)
     assert (pred.label == 6).mean() > 0.9  # the whole grid is covered (borders may fall outside)
 
