@@ -121,7 +121,7 @@ def test_clinician_loop(server):
     assert np.array_equal(stored, truth_stored), "segments were mapped by name into the stored numbering"
 
     # retrain: fine-tunes from the served model, validates, publishes because it is better
-    client.train_start("oar", {"max_epochs": 4, "lr": 3e-3, "samples_per_volume": 16})
+    client.train_start("oar", {"max_epochs": 4, "lr": 1e-3, "samples_per_volume": 16})
     status = _wait_for_training(url)
     assert status["status"] == "DONE", status
     stats = client.info()["train_stats"]["oar"]
