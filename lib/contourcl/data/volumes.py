@@ -30,7 +30,7 @@ AFFINE_TOLERANCE_MM = 1e-2
 TISSUE_HU = -500.0
 #: An axial slice whose largest connected piece of tissue is smaller than this (cm²) is not a full
 #: image of the patient. The body's cross-section is larger on every slice through a head or neck
-#: (OpenKBP's slices through the neck: 75 cm² and up). OpenKBP's CTs hold values only in a region
+#: (the smallest complete neck slice seen in OpenKBP: 77 cm²). OpenKBP's CTs hold values only in a region
 #: around the treatment on many slices, and on the others only in islands around the drawn
 #: structures (1-50 cm² each): there the image either gives the contour away (an island shaped
 #: like the brainstem) or shows nothing of it (a few voxels along the cord). 96 of the 170
