@@ -7,8 +7,9 @@ Usage::
 
 For every labeled case that contours the structure: the axial slices it spans in the reference
 and in the served label map (:class:`contourcl.inference.Contourer`, the server's path), on the
-CT's own grid and on the slices `contourcl evaluate` scores (those that image the patient). Prints each case whose prediction spans more than ``--short`` fewer slices than
-the reference, and how many cases do. A low Dice with a large HD95 can be a contour that is right
+CT's own grid, on the slices ``contourcl evaluate`` scores (those that image the patient). Prints
+each case whose prediction spans more than ``--short`` fewer slices than the reference, and how
+many cases do. A low Dice with a large HD95 can be a contour that is right
 where it is drawn but stops early; this tells the two apart.
 """
 

@@ -101,7 +101,8 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
     unimaged = [c for c in prepared if c.unimaged_voxels]
     if unimaged:
         print(f"{sum(c.unimaged_voxels for c in unimaged)} reference voxels of {len(unimaged)} cases ({', '.join(c.id for c in unimaged)}) "
-              f"lie on slices that do not image the patient (under {MIN_IMAGED_AREA_CM2:g} cm² of tissue): those slices are not scored")
+              f"lie on slices that do not image the patient (no connected piece of tissue of {MIN_IMAGED_AREA_CM2:g} cm²): "
+              f"those slices are not scored")
     summary = summarise([per_case], structures)
     print(table(summary, structures, args.tolerance))
     if args.overlays:

@@ -87,11 +87,10 @@ class UnimagedSlicesToBackgroundd(MapTransform):
 
     Many OpenKBP CTs hold values only in small islands around the drawn structures on the slices
     away from the treatment (a quarter of the spinal cord's and brainstem's training voxels lie on
-    such slices). No clinical CT looks like
-    that: training there teaches the network to read the island, not the anatomy, and spends a
-    quarter of the cord's and brainstem's samples on it. Those slices are not scored either
-    (:func:`contourcl.evaluation.prepare_cases`). Run it on the loaded, channel-first image and
-    label, before any resampling.
+    such slices). No clinical CT looks like that: training there teaches the network to read the
+    island, not the anatomy, and spends a quarter of the cord's and brainstem's samples on it.
+    Those slices are not scored either (:func:`contourcl.evaluation.prepare_cases`). Run it on the
+    loaded, channel-first image and label, before any resampling.
     """
 
     def __init__(self, image_key: str, label_key: str):

@@ -158,8 +158,8 @@ def imaged_slices(ct: np.ndarray, affine: np.ndarray, min_area_cm2: float = MIN_
     least = min_area_cm2 / pixel_cm2  # in pixels
     imaged = tissue.sum(axis=(1, 2)) >= least  # a slice with less tissue in all has no such piece
     for k in np.nonzero(imaged)[0]:
-        pieces, n = ndimage.label(tissue[k])
-        imaged[k] = np.bincount(pieces.ravel())[1:].max() >= least
+        sizes = np.bincount(ndimage.label(tissue[k])[0].ravel())[1:]
+        imaged[k] = (sizes.max() if sizes.size else 0) >= least
     return axis, imaged
 
 
