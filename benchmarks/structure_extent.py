@@ -21,7 +21,6 @@ import logging
 import numpy as np
 
 from contourcl.data.datasets import labeled_cases
-from contourcl.data.volumes import blank_slices
 from contourcl.evaluation import prepare_cases
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import read_meta
@@ -53,10 +52,7 @@ def main() -> None:
         ref = axial_range(prepared.reference == value)
         if ref is None:
             continue
-        label = contourer.predict(prepared.data, prepared.pre).label
-        if prepared.imaged is not None:  # the slices `contourcl evaluate` scores
-            label, _ = blank_slices(label, prepared.imaged)
-        pred = axial_range(label == value)
+        pred = axial_range(prepared.scored(contourer.predict(prepared.data, prepared.pre).label) == value)
         rows.append((prepared.id, ref, pred))
     missing = [(i, r, p) for i, r, p in rows if p is None or (r[1] - r[0]) - (p[1] - p[0]) > args.short]
     print(f"{args.structure}, {args.model} on {args.data}: {len(rows)} cases contour it; in {len(missing)} the prediction "

@@ -113,8 +113,14 @@ class EvaluationCase:
     data: dict  # Contourer.preprocess's image dict (with the CT's own grid)
     pre: Compose  # the invertible transforms that made it
     reference: np.ndarray  # the label on the CT's own grid, in the model's numbering, on imaged slices
-    imaged: tuple[int, np.ndarray] | None = None  # the CT's axial axis and which slices are scored
     unimaged_voxels: int = 0  # reference voxels on the other slices (not scored)
+
+    def scored(self, label: np.ndarray) -> np.ndarray:
+        """A label map on the CT's own grid as it is scored: on the slices that image the patient
+        (``data["imaged_slices"]``, :func:`contourcl.data.volumes.imaged_slices`)."""
+        from contourcl.data.volumes import blank_slices
+
+        return blank_slices(label, self.data["imaged_slices"])[0]
 
 
 def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: bool = False) -> list[EvaluationCase]:
@@ -122,8 +128,9 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
 
     The CT is preprocessed exactly as :class:`~contourcl.inference.Contourer` does; the reference
     is read on the CT's grid (an error names a label whose grid differs), renumbered to the
-    model's numbering and kept on the slices that image the patient only. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the
-    next call (a benchmark evaluates many models on the same cases).
+    model's numbering and kept on the slices that image the patient only. ``keep_preprocessed``
+    keeps the preprocessed CTs in this process for the next call (a benchmark evaluates many
+    models on the same cases).
     """
     from contourcl.data.datasets import read_label
     from contourcl.data.labels import to_model
@@ -141,7 +148,7 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
         if ref.shape != tuple(shape) or not np.allclose(ref_affine, affine, atol=1e-3):
             raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {tuple(shape)})")
         ref, unimaged = blank_slices(to_model(ref, meta.model), data["imaged_slices"])
-        out.append(EvaluationCase(str(case["id"]), data, pre, ref, data["imaged_slices"], unimaged))
+        out.append(EvaluationCase(str(case["id"]), data, pre, ref, unimaged))
     return out
 
 
@@ -151,14 +158,11 @@ def evaluate_network(network: torch.nn.Module, meta: ModelMeta, cases: Sequence[
     """``{case id: contour_metrics(...)}`` of a network contouring ``cases`` through the served path
     (:func:`contourcl.inference.contour`) with ``meta``'s preprocessing and test-time rules, on the
     slices that image the patient."""
-    from contourcl.data.volumes import blank_slices
     from contourcl.inference import contour
 
     out = {}
     for case in cases:
-        label, _ = contour(network, meta, case.data, case.pre, largest_component, device)
-        if case.imaged is not None:
-            label, _ = blank_slices(label, case.imaged)
+        label = case.scored(contour(network, meta, case.data, case.pre, largest_component, device)[0])
         spacing = np.linalg.norm(case.data["grid"][0][:3, :3], axis=0)
         out[case.id] = contour_metrics(label, case.reference, meta.labels, spacing, tolerance_mm, metrics)
     return out

@@ -61,7 +61,7 @@ def overlays(model: str, cases: list[dict], prepared: list, per_case: dict, stru
         rows = []
         for kind, (dice, cid) in picks:
             if cid not in predictions:
-                prediction = contourer(by_id[cid]["image"])
+                prediction = contourer.predict(by_prepared[cid].data, by_prepared[cid].pre)  # preprocessed once, by prepare_cases
                 # the CT's own grid, shown in RAS order (the radiological view of contourcl.plots)
                 ct, affine = read_nifti(by_id[cid]["image"])
                 ref = by_prepared[cid].reference

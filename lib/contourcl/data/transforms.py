@@ -99,12 +99,12 @@ class UnimagedSlicesToBackgroundd(MapTransform):
         self.label_key = label_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        from contourcl.data.volumes import blank_unimaged_slices
+        from contourcl.data.volumes import blank_slices, imaged_slices
 
         d = dict(data)
         image, label = d[self.image_key], d[self.label_key]
-        affine = np.asarray(image.affine, dtype=np.float64)
-        blanked, removed = blank_unimaged_slices(np.asarray(label[0]), np.asarray(image[0]), affine)
+        imaged = imaged_slices(np.asarray(image[0]), np.asarray(image.affine, dtype=np.float64))
+        blanked, removed = blank_slices(np.asarray(label[0]), imaged)
         if removed:
             label = label.clone()
             label[0] = torch.as_tensor(blanked, dtype=label.dtype)

@@ -163,12 +163,6 @@ def imaged_slices(ct: np.ndarray, affine: np.ndarray, min_area_cm2: float = MIN_
     return axis, imaged
 
 
-def blank_unimaged_slices(label: np.ndarray, ct: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, int]:
-    """``label`` (on ``ct``'s grid) set to background on the slices that do not image the patient
-    (:func:`imaged_slices`), and how many labeled voxels that removed."""
-    return blank_slices(label, imaged_slices(ct, affine))
-
-
 def blank_slices(label: np.ndarray, imaged: tuple[int, np.ndarray]) -> tuple[np.ndarray, int]:
     """``label`` set to background where ``imaged = (axis, kept)`` (:func:`imaged_slices`) says a
     slice does not image the patient, and how many labeled voxels that removed."""
