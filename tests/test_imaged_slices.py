@@ -86,3 +86,16 @@ def test_training_labels_are_background_on_slices_that_do_not_image_the_patient(
     assert (label[..., 4:] == 0).all()
     assert (label[..., :4] == lab[..., :4]).all()
     assert out["present"][CORD] == 1.0  # still contoured where it can be seen
+
+
+def test_agcl_pretraining_takes_no_anchor_from_slices_that_do_not_image_the_patient(tmp_path):
+    from contourcl.data.labels import STORED_LABELS
+    from contourcl.training.pretrain.agcl import _load_label_file
+    from contourcl.training.pretrain.base import PretrainConfig
+
+    studies, ct, lab = _masked_case(tmp_path)
+    (case,) = labeled_cases(studies, "oar")
+    stored = _load_label_file(case["image"], case["label"], PretrainConfig(spacing=(3.0, 3.0)), "oar")
+    assert stored.shape == ct.shape
+    assert (stored[..., 4:] == 0).all()  # the island slices hold no structure to contrast
+    assert ((stored[..., :4] == STORED_LABELS["SpinalCord"]) == (lab[..., :4] == CORD)).all()

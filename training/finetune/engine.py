@@ -60,7 +60,6 @@ from contourcl.data.transforms import (
     LabelToModeld,
     SlabToChannelsd,
     StructurePresenced,
-    UnimagedSlicesToBackgroundd,
     ct_preprocessing,
 )
 from contourcl.evaluation import EvaluationCase, evaluate_network, prepare_cases, summarise
@@ -167,11 +166,8 @@ def _item(item: dict) -> dict:
 def preprocessing(cfg: FinetuneConfig) -> list:
     """Deterministic transforms: load, resample, window, renumber, record the contoured structures."""
     n_classes = len(model_labels(cfg.model)) + 1
-    steps = ct_preprocessing("image", "label", cfg.spacing, cfg.window)
     return [
-        *steps[:3],  # load, channel first, float: the CT's own grid
-        UnimagedSlicesToBackgroundd("image", "label"),
-        *steps[3:],  # orientation, spacing, window
+        *ct_preprocessing("image", "label", cfg.spacing, cfg.window, blank_unimaged=True),
         LabelToModeld("label", cfg.model),
         StructurePresenced("label", n_classes),
         SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, 2 * cfg.context + 1 if cfg.context else -1)),

@@ -104,10 +104,11 @@ def find_label_file(image_path: str | Path, labels: str | Path | None = None) ->
 
 
 def _load_label_file(image_path: str, label_path: Path, config: PretrainConfig, numbering: str) -> np.ndarray:
-    """A label map on the grid of the preprocessed image, in the stored numbering."""
+    """A label map on the grid of the preprocessed image, in the stored numbering; background on
+    the slices that do not image the patient (no anchors from OpenKBP's masked islands)."""
     from contourcl.data.transforms import ct_preprocessing
 
-    data = Compose(ct_preprocessing("image", "label", config.spacing, config.window))(
+    data = Compose(ct_preprocessing("image", "label", config.spacing, config.window, blank_unimaged=True))(
         {"image": str(image_path), "label": str(label_path)}
     )
     lab = np.rint(np.asarray(data["label"].detach().cpu().numpy()[0])).astype(np.int64)

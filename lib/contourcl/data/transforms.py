@@ -37,19 +37,24 @@ def ct_preprocessing(
     label_key: str | None = None,
     spacing: Sequence[float] = DEFAULT_SPACING,
     window: Sequence[float] = DEFAULT_WINDOW,
+    blank_unimaged: bool = False,
 ) -> list:
     """MONAI dictionary transforms: load, orient RAS, resample in-plane, window to [0, 1].
 
     The label (when ``label_key`` is given) follows the image with nearest-neighbour
     resampling. All transforms are invertible, so a prediction can be put back on the
-    image's own grid with :class:`monai.transforms.Invertd`.
+    image's own grid with :class:`monai.transforms.Invertd`. ``blank_unimaged``: the label is
+    background on the slices that do not image the patient (:class:`UnimagedSlicesToBackgroundd`,
+    on the CT's own grid): what every training reader of labels uses.
     """
     keys = [image_key] + ([label_key] if label_key else [])
     modes = ["bilinear"] + (["nearest"] if label_key else [])
+    blank = [UnimagedSlicesToBackgroundd(image_key, label_key)] if blank_unimaged and label_key else []
     return [
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
+        *blank,
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),
         ScaleIntensityRanged(
