@@ -207,6 +207,22 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
     stamp = (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns
     assert main(argv) == 0
     assert (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns == stamp
+    # --rescore scores runs recorded before the masked-slice rule again, from their saved models
+    record_path = out / "runs" / "oar" / "simclr" / "n01-d0.json"
+    current = json.loads(record_path.read_text())
+    assert current["scored_on"] == "imaged slices"
+    old = {**current, "cases": {cid: {s: {**m, "dice": -1.0} for s, m in per.items()} for cid, per in current["cases"].items()}}
+    del old["scored_on"]
+    record_path.write_text(json.dumps(old))
+    (out / "models" / "gtv-simclr-n01-d0.pt").unlink()  # a run whose model is gone cannot be scored again
+    gone = out / "runs" / "gtv" / "simclr" / "n01-d0.json"
+    gone.write_text(json.dumps({k: v for k, v in json.loads(gone.read_text()).items() if k != "scored_on"}))
+    assert main(argv + ["--rescore"]) == 1  # says which run it could not score
+    again = json.loads(record_path.read_text())
+    assert again["scored_on"] == "imaged slices"
+    assert json.dumps(again["cases"], sort_keys=True) == json.dumps(current["cases"], sort_keys=True)
+    assert json.dumps(again["cases_every_slice"], sort_keys=True) == json.dumps(old["cases"], sort_keys=True)
+    assert (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns == stamp  # already scored so: untouched
     # the command that states a model's figures, on the same validation cases
     import subprocess
     import sys

@@ -214,6 +214,16 @@ def pretrain_task(spec: dict) -> dict:
     return {"out": result["out"], "final_loss": result["meta"].get("final_loss")}
 
 
+#: how a run's ``cases`` were scored; records without it were scored on every slice, before the
+#: masked-slice rule (:func:`contourcl.data.volumes.imaged_slices`), and ``--rescore`` scores them again
+SCORED_ON = "imaged slices"
+
+
+def _score(spec: dict) -> dict:
+    """A run's saved model scored on its validation cases, as ``contourcl evaluate`` scores it."""
+    return evaluate_model_file(Path(spec["model_path"]), spec["validation"], spec["tolerance_mm"], keep_preprocessed=True)
+
+
 def finetune_task(spec: dict) -> dict:
     """Fine-tune one model on one draw, save it, evaluate it on the validation cases."""
     from contourcl.training.finetune.engine import FinetuneConfig, finetune, save_finetuned
@@ -229,7 +239,7 @@ def finetune_task(spec: dict) -> dict:
         # the result is kept; only the weights a later pretraining reads were remade (Task.also)
         return {"result": spec["result"]}
     t0 = time.perf_counter()
-    metrics = evaluate_model_file(model_path, spec["validation"], spec["tolerance_mm"], keep_preprocessed=True)
+    metrics = _score(spec)
     record = {
         "model": cfg.model,
         "method": spec["method"],
@@ -243,9 +253,39 @@ def finetune_task(spec: dict) -> dict:
         "seconds": {"finetune": result.seconds, "evaluate": time.perf_counter() - t0},
         "history": result.history,
         "cases": metrics,
+        "scored_on": SCORED_ON,
     }
     _write_json(Path(spec["result"]), record)
     return {"result": spec["result"]}
+
+
+def rescore(p: Plan, progress: bool = True) -> list[str]:
+    """Score the finished runs scored before the masked-slice rule again, from their saved models.
+
+    Each such record gets the current figures in ``cases`` (the old ones kept as
+    ``cases_every_slice``) and ``scored_on``; it is written after each run, so a stopped call
+    resumes. Returns the runs that could not be scored again (their model file is gone).
+    """
+    todo = []
+    for t in p.tasks:
+        if t.fn is finetune_task and t.output.is_file():
+            record = json.loads(t.output.read_text())
+            if record.get("scored_on") != SCORED_ON:
+                todo.append((t, record))
+    missing = []
+    for t, record in tqdm(todo, desc="re-score", disable=not progress):
+        if not Path(t.spec["model_path"]).is_file():
+            missing.append(t.key)
+            continue
+        t0 = time.perf_counter()
+        record["cases_every_slice"] = record["cases"]
+        record["cases"] = _score(t.spec)
+        record["scored_on"] = SCORED_ON
+        record.setdefault("seconds", {})["rescore"] = time.perf_counter() - t0
+        _write_json(t.output, record)
+    if missing:
+        logger.warning("%d run(s) could not be scored again, their model file is missing: %s", len(missing), ", ".join(missing))
+    return missing
 
 
 @dataclass
@@ -477,11 +517,14 @@ def _order(t: Task) -> tuple:
 
 
 # ----------------------------------------------------------------------------------- running it
-def run_benchmark(p: Plan, jobs: int | None = None, threads: int | None = None, report_only: bool = False) -> tuple[list[Path], list[str]]:
+def run_benchmark(p: Plan, jobs: int | None = None, threads: int | None = None, report_only: bool = False,
+                  rescore_runs: bool = False) -> tuple[list[Path], list[str]]:
     """Run the plan's unfinished runs and write the report; returns ``(written files, failed runs)``.
 
     ``jobs`` runs at a time (default: the CPU cores on CPU, 1 on a GPU) with ``threads`` torch
-    threads each (default: cores / jobs); ``report_only`` runs nothing and rebuilds the report.
+    threads each (default: cores / jobs); ``report_only`` runs nothing and rebuilds the report;
+    ``rescore_runs`` runs nothing new but scores the finished runs scored before the masked-slice
+    rule again (:func:`rescore`; the runs it cannot score are returned as failed).
     """
     import torch
 
@@ -494,7 +537,9 @@ def run_benchmark(p: Plan, jobs: int | None = None, threads: int | None = None, 
         logger.warning("%s holds runs made with other settings; runs that exist are kept, delete the folder to start over", p.out)
     _write_json(settings_file, settings)
     failed: list[str] = []
-    if not report_only:
+    if rescore_runs:
+        failed = rescore(p)
+    elif not report_only:
         cores = os.cpu_count() or 1
         gpu = (p.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         jobs = jobs or (1 if gpu else max(1, cores))

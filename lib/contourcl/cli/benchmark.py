@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables, plots and overlays from finished runs")
+    p.add_argument("--rescore", action="store_true",
+                   help="run nothing new: score the finished runs scored before the masked-slice rule again from their saved "
+                        "models (resumable), then rebuild the report")
     q = sub.add_parser("paired", help="A minus B, paired by patient: two `contourcl evaluate --json` files of the same cases")
     q.add_argument("a", type=Path, help="evaluate --json of model A")
     q.add_argument("b", type=Path, help="evaluate --json of model B (the reference)")
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     methods = args.methods or list(scale.methods or DEFAULT_METHODS)
     rules = {m: default_largest_component(m) for m in models}
     p = plan(args.data, args.out, scale, models, methods, args.tolerance, args.seed, args.device, rules)
-    paths, failed = run_benchmark(p, args.jobs, args.threads, args.report_only)
+    paths, failed = run_benchmark(p, args.jobs, args.threads, args.report_only, args.rescore)
     print("\n".join(str(x) for x in paths))
     if failed:
         print(f"{len(failed)} run(s) failed or were skipped: {', '.join(failed)}")
