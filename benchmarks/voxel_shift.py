@@ -29,13 +29,7 @@ from contourcl.evaluation import contour_metrics
 
 def shifted(mask: np.ndarray, axis: int, step: int) -> np.ndarray:
     """``mask`` moved by ``step`` voxels along ``axis`` (what leaves the grid is lost)."""
-    out = np.zeros_like(mask)
-    src = [slice(None)] * mask.ndim
-    dst = [slice(None)] * mask.ndim
-    src[axis] = slice(max(-step, 0), mask.shape[axis] - max(step, 0))
-    dst[axis] = slice(max(step, 0), mask.shape[axis] - max(-step, 0))
-    out[tuple(dst)] = mask[tuple(src)]
-    return out
+    return ndimage.shift(mask, [step if a == axis else 0 for a in range(mask.ndim)], order=0, cval=False)
 
 
 def dice(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
@@ -53,7 +47,7 @@ def main() -> None:
         ct, affine = read_nifti(case["image"])
         imaged = imaged_slices(np.asarray(ct), affine)
         label, _ = blank_slices(to_model(read_label(case)[0], args.model), imaged)
-        spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)  # as contourcl.evaluation
         z = imaged[0]
         plane = [a for a in range(3) if a != z]
         ball = np.zeros((3, 3, 3), bool)
