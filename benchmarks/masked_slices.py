@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contourcl.data.datasets import labeled_cases, read_label
-from contourcl.data.labels import model_labels, to_model
-from contourcl.data.volumes import blank_slices, imaged_slices, read_nifti
+from contourcl.data.datasets import labeled_cases, read_scored_reference
+from contourcl.data.labels import model_labels
 
 
 def main() -> None:
@@ -33,10 +32,9 @@ def main() -> None:
             cases_with = np.zeros(len(names) + 1, dtype=int)
             any_case = 0
             for case in labeled_cases(Path(args.data) / split, model):
-                ct, affine = read_nifti(case["image"])
-                label = to_model(read_label(case)[0], model)
-                kept, removed = blank_slices(label, imaged_slices(np.asarray(ct), affine))
-                any_case += removed > 0
+                reference = read_scored_reference(case, model)
+                label, kept = reference.full, reference.label
+                any_case += bool(np.any(label != kept))
                 for k in range(1, len(names) + 1):
                     n_all, n_kept = np.count_nonzero(label == k), np.count_nonzero(kept == k)
                     total[k] += n_all

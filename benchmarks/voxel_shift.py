@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from contourcl.data.datasets import labeled_cases, read_label
-from contourcl.data.labels import model_labels, to_model
-from contourcl.data.volumes import blank_slices, imaged_slices, read_nifti
+from contourcl.data.datasets import labeled_cases, read_scored_reference
+from contourcl.data.labels import model_labels
 from contourcl.evaluation import contour_metrics
 
 
@@ -44,11 +43,10 @@ def main() -> None:
     names = list(model_labels(args.model))
     rows: dict[str, dict[str, list[float]]] = {n: {k: [] for k in ("xy", "z", "grow", "shrink", "vox", "cm2")} for n in names}
     for case in labeled_cases(Path(args.data), args.model):
-        ct, affine = read_nifti(case["image"])
-        imaged = imaged_slices(np.asarray(ct), affine)
-        label, _ = blank_slices(to_model(read_label(case)[0], args.model), imaged)
-        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)  # as contourcl.evaluation
-        z = imaged[0]
+        reference = read_scored_reference(case, args.model)
+        label = reference.label
+        spacing = np.linalg.norm(reference.affine[:3, :3], axis=0)  # as contourcl.evaluation
+        z = reference.imaged[0]
         plane = [a for a in range(3) if a != z]
         ball = np.zeros((3, 3, 3), bool)
         ball[1, 1, 1] = True

@@ -77,9 +77,14 @@ def test_evaluate_on_dicom_series_with_their_rtstructs(tmp_path, capsys):
         nib.save(nib.Nifti1Image(truth.astype(np.uint8), affine), str(nifti / "labels" / "final" / f"patient{seed}.nii.gz"))
     figures = {}
     for name, folder in (("dicom", dicom), ("nifti", nifti)):
-        assert cli_main(["evaluate", str(MODEL), "--data", str(folder), "--json", str(tmp_path / f"{name}.json")]) == 0, capsys.readouterr().err
+        pictures = ["--overlays", str(tmp_path / "overlays")] if name == "nifti" else []
+        assert cli_main(["evaluate", str(MODEL), "--data", str(folder), "--json", str(tmp_path / f"{name}.json"), *pictures]) == 0, \
+            capsys.readouterr().err
         figures[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert set(figures["dicom"]["cases"]) == {"patient5", "patient6"}
     for case, per in figures["nifti"]["cases"].items():
         for structure, metrics in per.items():
             assert figures["dicom"]["cases"][case][structure]["dice"] == pytest.approx(metrics["dice"], abs=1e-6, nan_ok=True), (case, structure)
+    # one picture per structure the cases contour: its best, median and worst case
+    contoured = {s for per in figures["nifti"]["cases"].values() for s, m in per.items() if not np.isnan(m["dice"])}
+    assert contoured and {p.name for p in (tmp_path / "overlays").glob("*.png")} == {f"oar-{s}.png" for s in contoured}

@@ -7,7 +7,7 @@ from the treatment; the README's "Shipped weights" says what that did to the fig
 import numpy as np
 from monai.transforms import Compose
 
-from contourcl.data.datasets import labeled_cases
+from contourcl.data.datasets import labeled_cases, read_scored_reference
 from contourcl.data.labels import model_labels
 from contourcl.data.volumes import MIN_IMAGED_AREA_CM2, imaged_slices
 from contourcl.evaluation import evaluate_model_file, prepare_cases
@@ -65,15 +65,24 @@ def test_the_metric_scores_only_slices_that_image_the_patient(tmp_path):
     assert (prepared.reference[..., 4:] == 0).all() and (prepared.reference[..., :4] == lab[..., :4]).all()
 
     # Dice by hand on the served label map, slices 0-3 only
-    served = Contourer(model, largest_component=False)(case["image"]).label == CORD
+    served_label = Contourer(model, largest_component=False)(case["image"]).label
+    served = served_label == CORD
     assert served[..., 4:].any()  # the model draws on the island slices too: they must not count
     ref = lab == CORD
     p, r = served[..., :4], ref[..., :4]
     expected = 2 * np.logical_and(p, r).sum() / (p.sum() + r.sum())
     everywhere = 2 * np.logical_and(served, ref).sum() / (served.sum() + ref.sum())
     assert abs(expected - everywhere) > 0.1 * expected  # scoring every slice would give another figure
-    scores = evaluate_model_file(model, [case], largest_component=False)[case["id"]]
+    labels = {}
+    scores = evaluate_model_file(model, [case], largest_component=False, labels=labels)[case["id"]]
     assert abs(scores["SpinalCord"]["dice"] - expected) < 1e-6
+    # the label map kept for pictures (evaluate --overlays) is the one scored
+    assert (labels[case["id"]][..., :4] == served_label[..., :4]).all() and (labels[case["id"]][..., 4:] == 0).all()
+
+    # the reference read from the files (benchmarks, the report's overlays) is the one scored
+    reference = read_scored_reference(case, "oar")
+    assert (reference.label == prepared.reference).all() and (reference.full == lab).all()
+    assert reference.imaged[0] == 2 and reference.imaged[1].tolist() == [True] * 4 + [False] * 2
 
 
 def test_training_labels_are_background_on_slices_that_do_not_image_the_patient(tmp_path):

@@ -154,28 +154,34 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
 
 def evaluate_network(network: torch.nn.Module, meta: ModelMeta, cases: Sequence[EvaluationCase], largest_component: bool,
                      tolerance_mm: float = DEFAULT_TOLERANCE_MM, metrics: Sequence[str] = METRICS,
-                     device: str | torch.device = "cpu") -> dict[str, dict[str, dict[str, float]]]:
+                     device: str | torch.device = "cpu", labels: dict[str, np.ndarray] | None = None,
+                     ) -> dict[str, dict[str, dict[str, float]]]:
     """``{case id: contour_metrics(...)}`` of a network contouring ``cases`` through the served path
     (:func:`contourcl.inference.contour`) with ``meta``'s preprocessing and test-time rules, on the
-    slices that image the patient."""
+    slices that image the patient. ``labels``, when given, receives each case's label map as
+    scored (by case id), e.g. to draw it."""
     from contourcl.inference import contour
 
     out = {}
     for case in cases:
         label = case.scored(contour(network, meta, case.data, case.pre, largest_component, device)[0])
+        if labels is not None:
+            labels[case.id] = label
         spacing = np.linalg.norm(case.data["grid"][0][:3, :3], axis=0)
         out[case.id] = contour_metrics(label, case.reference, meta.labels, spacing, tolerance_mm, metrics)
     return out
 
 
 def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-                        keep_preprocessed: bool = False, largest_component: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+                        keep_preprocessed: bool = False, largest_component: bool = True,
+                        labels: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """``{case id: contour_metrics(...)}`` of a model file on labeled ``cases`` (each CT's own grid).
 
     ``cases`` are :func:`contourcl.data.datasets.labeled_cases` entries, or :class:`EvaluationCase` s
     :func:`prepare_cases` made for this model. The model contours as the app does
     (:class:`~contourcl.inference.Contourer`, with the model file's largest-component rule;
-    ``largest_component`` for a file that does not record one).
+    ``largest_component`` for a file that does not record one). ``labels``: as
+    :func:`evaluate_network`.
     """
     from contourcl.inference import Contourer
 
@@ -184,7 +190,8 @@ def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolera
     prepared = [c for c in cases if isinstance(c, EvaluationCase)]
     if len(prepared) != len(cases):
         prepared = prepare_cases(cases, meta, keep_preprocessed)
-    return evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device)
+    return evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device,
+                            labels=labels)
 
 
 def mean_dice(scores: Mapping[str, Mapping[str, Mapping[str, float]]], structures: Sequence[str]) -> float:

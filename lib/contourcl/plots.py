@@ -59,14 +59,15 @@ def training_curves(history: list[dict], out: str | Path, title: str = "") -> Pa
     ax.plot(epochs, [h["loss"] for h in history], label="training loss", color="tab:blue")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
+    handles = ax.get_lines()
     val = [(h["epoch"], h["val_dice"]) for h in history if "val_dice" in h]
     if val:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val), label="validation Dice", color="tab:orange")
+        handles += ax2.plot(*zip(*val), label="validation Dice", color="tab:orange")
         ax2.set_ylabel("mean Dice")
         ax2.set_ylim(0, 1)
-    ax.set_title(title)
-    fig.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    ax.legend(handles=handles, loc="center right", fontsize=8)  # inside the axes, clear of the title
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contourcl.data.datasets import read_label
-from contourcl.data.labels import model_labels, to_model
+from contourcl.data.datasets import read_scored_reference
+from contourcl.data.labels import model_labels
 from contourcl.data.volumes import read_ras, to_ras
 from contourcl.evaluation import METRICS, case_mean, format_figure, summarise
 from contourcl.plots import _pyplot, contour_overlay
@@ -210,8 +210,8 @@ def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, vali
             pred = contourer(case["image"])
             ct = read_ras(case["image"])
             lab = to_ras(pred.label, pred.affine)
-            label, affine = read_label(case)
-            truth = to_ras(to_model(label, model), affine)
+            reference = read_scored_reference(case, model)  # as scored: on the slices that image the patient
+            truth = to_ras(reference.label, reference.affine)
             dice = case_mean(run["cases"][case_id], "dice")
             path = out_dir / f"{model}-{method}-n{n}-{case_id}.png"
             contour_overlay(np.asarray(ct), np.asarray(lab), pred.labels, path, truth=truth,

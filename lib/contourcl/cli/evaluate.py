@@ -35,23 +35,22 @@ def table(summary: dict, structures: list[str], tolerance_mm: float) -> str:
     return "\n".join(lines)
 
 
-def overlays(model: str, cases: list[dict], prepared: list, per_case: dict, structures: list[str], folder: str) -> list:
-    """Per structure, a picture of its best, median and worst case by Dice, contoured as served,
-    with the reference as scored (``prepared``: :func:`contourcl.evaluation.prepare_cases`)."""
+def overlays(model: str, cases: list[dict], prepared: list, per_case: dict, labels: dict, structures: list[str], folder: str) -> list:
+    """Per structure, a picture of its best, median and worst case by Dice: the label map as scored
+    (``labels``: :func:`contourcl.evaluation.evaluate_model_file`'s) over the reference as scored
+    (``prepared``: :func:`contourcl.evaluation.prepare_cases`)."""
     from pathlib import Path
 
     import numpy as np
 
     from contourcl.data.volumes import read_nifti, to_ras
-    from contourcl.inference import Contourer
     from contourcl.plots import structure_overlays
 
     meta = read_meta(model)
-    contourer = Contourer(model, largest_component=default_largest_component(meta.model))
     by_id = {c["id"]: c for c in cases}
     by_prepared = {c.id: c for c in prepared}
     Path(folder).mkdir(parents=True, exist_ok=True)
-    predictions: dict[str, tuple] = {}
+    shown: dict[str, tuple] = {}
     written = []
     for name in structures:
         scored = sorted((v[name]["dice"], cid) for cid, v in per_case.items() if not np.isnan(v[name]["dice"]))
@@ -60,13 +59,11 @@ def overlays(model: str, cases: list[dict], prepared: list, per_case: dict, stru
         picks = [("best", scored[-1]), ("median", scored[len(scored) // 2]), ("worst", scored[0])]
         rows = []
         for kind, (dice, cid) in picks:
-            if cid not in predictions:
-                prediction = contourer.predict(by_prepared[cid].data, by_prepared[cid].pre)  # preprocessed once, by prepare_cases
+            if cid not in shown:
                 # the CT's own grid, shown in RAS order (the radiological view of contourcl.plots)
                 ct, affine = read_nifti(by_id[cid]["image"])
-                ref = by_prepared[cid].reference
-                predictions[cid] = tuple(to_ras(np.asarray(a), affine) for a in (ct, prediction.label, ref))
-            rows.append((f"{kind}: {cid}, Dice {dice:.2f}", *predictions[cid]))
+                shown[cid] = tuple(to_ras(np.asarray(a), affine) for a in (ct, labels[cid], by_prepared[cid].reference))
+            rows.append((f"{kind}: {cid}, Dice {dice:.2f}", *shown[cid]))
         written.append(structure_overlays(rows, name, meta.labels[name], Path(folder) / f"{Path(model).stem}-{name}.png"))
     return written
 
@@ -94,7 +91,9 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
     if not cases:
         raise SystemExit(f"no labeled {meta.model} cases in {args.data}")
     prepared = prepare_cases(cases, meta)
-    per_case = evaluate_model_file(args.model, prepared, args.tolerance, largest_component=default_largest_component(meta.model))
+    labels: dict = {}  # the label maps as scored, for --overlays (a few MB per CT)
+    per_case = evaluate_model_file(args.model, prepared, args.tolerance, largest_component=default_largest_component(meta.model),
+                                   labels=labels if args.overlays else None)
     structures = list(meta.labels)
     print(f"{args.model} ({meta.model}) on {len(cases)} cases of {args.data}; mean ± standard error over patients; "
           f"structures a case does not contour are skipped")
@@ -106,7 +105,7 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
     summary = summarise([per_case], structures)
     print(table(summary, structures, args.tolerance))
     if args.overlays:
-        for path in overlays(args.model, cases, prepared, per_case, structures, args.overlays):
+        for path in overlays(args.model, cases, prepared, per_case, labels, structures, args.overlays):
             print(f"overlay: {path}")
     if args.json:
         means = {m: summary[("mean", m)]["mean"] for m in METRICS}

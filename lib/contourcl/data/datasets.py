@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -110,6 +111,28 @@ def read_label(case: Mapping) -> tuple[np.ndarray, np.ndarray]:
 
     label, affine = read_nifti(case["label"])
     return to_stored(np.asarray(label), case.get("label_values")), affine
+
+
+class ScoredReference(NamedTuple):
+    """A case's reference as it is scored (:func:`read_scored_reference`)."""
+
+    label: np.ndarray  # in the model's numbering, background on the slices that do not image the patient
+    full: np.ndarray  # in the model's numbering, every slice
+    imaged: tuple[int, np.ndarray]  # :func:`contourcl.data.volumes.imaged_slices` of the case's CT
+    affine: np.ndarray  # the CT's (and the label's) affine
+
+
+def read_scored_reference(case: Mapping, model: str) -> ScoredReference:
+    """A labeled case's reference in ``model``'s numbering on the slices that image the patient,
+    on the CT's own grid: the label ``contourcl evaluate`` scores against, read from the files
+    (:func:`contourcl.evaluation.prepare_cases` finds the same slices while preprocessing)."""
+    from contourcl.data.labels import to_model
+    from contourcl.data.volumes import blank_slices, imaged_slices, read_nifti
+
+    ct, affine = read_nifti(case["image"])
+    imaged = imaged_slices(np.asarray(ct), affine)
+    full = to_model(read_label(case)[0], model)
+    return ScoredReference(blank_slices(full, imaged)[0], full, imaged, np.asarray(affine))
 
 
 def dicom_cases(folder: str | Path, model: str, workdir: str | Path) -> list[dict]:
