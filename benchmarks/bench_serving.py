@@ -1,6 +1,6 @@
 """Serving benchmarks on CPU: inference time and memory, and the retraining turnaround.
 
-    python benchmarks/bench_serving.py [--runs 5] [--skip-retrain]
+    python benchmarks/bench_serving.py [--runs 5] [--skip-retrain] [--model FILE ...]
 
 Prints, as a Markdown table, medians over ``--runs`` runs:
 
@@ -11,6 +11,9 @@ Prints, as a Markdown table, medians over ``--runs`` runs:
 - the retrain turnaround: from submitting a label to the real server (``PUT
   /datastore/label``) to the first inference answered by the new model, for a 3-epoch update
   on 5 labeled synthetic cases.
+
+``--model`` times other model files too (e.g. a candidate recipe's), one after the other in the
+same conditions, so that their inference rows compare on a shared, noisy machine.
 """
 
 from __future__ import annotations
@@ -64,10 +67,10 @@ def ct_sized_volume(src: Path, out: Path) -> Path:
     return out
 
 
-def bench_inference(image: Path, runs: int) -> dict:
+def bench_inference(image: Path, runs: int, model: Path = MODEL) -> dict:
     results = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", _CHILD, str(MODEL), str(image)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(image)], capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {
         "infer_s": statistics.median(r["infer_s"] for r in results),
@@ -125,15 +128,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--retrain-runs", type=int, default=3)
     parser.add_argument("--skip-retrain", action="store_true")
+    parser.add_argument("--model", type=Path, action="append", help="time this model file's inference (repeatable; default: the shipped oar.pt)")
     args = parser.parse_args()
+    models = args.model or [MODEL]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if KBP.is_file():
-            r = bench_inference(KBP, args.runs)
-            rows.append(("inference, OpenKBP pt_1 " + "x".join(map(str, r["shape"])), f"{r['infer_s']:.2f} s", f"{r['peak_rss_mb']:.0f} MB", "<= 3 s, <= 3 GB"))
             big = ct_sized_volume(KBP, Path(tmp) / "ct512.nii.gz")
-            r = bench_inference(big, args.runs)
-            rows.append(("inference, " + "x".join(map(str, r["shape"])) + " CT-sized", f"{r['infer_s']:.2f} s", f"{r['peak_rss_mb']:.0f} MB", "<= 3 s, <= 3 GB"))
+            for model in models:
+                name = "" if model == MODEL else f" ({model})"
+                for image, what in ((KBP, "OpenKBP pt_1 {}"), (big, "{} CT-sized")):
+                    r = bench_inference(image, args.runs, model)
+                    rows.append((f"inference{name}, " + what.format("x".join(map(str, r["shape"]))), f"{r['infer_s']:.2f} s",
+                                 f"{r['peak_rss_mb']:.0f} MB", "<= 3 s, <= 3 GB"))
         else:
             print(f"(no OpenKBP case at {KBP}: inference rows skipped)")
     if not args.skip_retrain:
