@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from contourcl.data.labels import GTV_NAME, STORED_LABELS, model_labels, to_stored
+from contourcl.data.labels import GTV_NAME, STORED_LABELS, model_labels, to_model, to_stored
 from contourcl.errors import InvalidImageError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -126,7 +126,6 @@ def read_scored_reference(case: Mapping, model: str) -> ScoredReference:
     """A labeled case's reference in ``model``'s numbering on the slices that image the patient,
     on the CT's own grid: the label ``contourcl evaluate`` scores against, read from the files
     (:func:`contourcl.evaluation.prepare_cases` finds the same slices while preprocessing)."""
-    from contourcl.data.labels import to_model
     from contourcl.data.volumes import blank_slices, imaged_slices, read_nifti
 
     ct, affine = read_nifti(case["image"])
