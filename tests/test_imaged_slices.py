@@ -83,6 +83,13 @@ def test_the_metric_scores_only_slices_that_image_the_patient(tmp_path):
     reference = read_scored_reference(case, "oar")
     assert (reference.label == prepared.reference).all() and (reference.full == lab).all()
     assert reference.imaged[0] == 2 and reference.imaged[1].tolist() == [True] * 4 + [False] * 2
+    # a caller that has read the CT already passes it in (the report's overlays): it is the one used
+    affine = np.diag([3.0, 3.0, 2.0, 1.0])
+    again = read_scored_reference(case, "oar", ct=(ct, affine))
+    assert (again.label == reference.label).all() and again.imaged[1].tolist() == reference.imaged[1].tolist()
+    emptied = ct.copy()
+    emptied[..., 3] = -1024
+    assert read_scored_reference(case, "oar", ct=(emptied, affine)).imaged[1].tolist() == [True] * 3 + [False] * 3
 
 
 def test_training_labels_are_background_on_slices_that_do_not_image_the_patient(tmp_path):

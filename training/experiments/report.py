@@ -22,7 +22,7 @@ import numpy as np
 
 from contourcl.data.datasets import read_scored_reference
 from contourcl.data.labels import model_labels
-from contourcl.data.volumes import read_ras, to_ras
+from contourcl.data.volumes import read_nifti, to_ras
 from contourcl.evaluation import METRICS, case_mean, format_figure, summarise
 from contourcl.plots import _pyplot, contour_overlay
 from contourcl.training.experiments.paired import PairedComparison, compare, compare_all
@@ -208,13 +208,13 @@ def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, vali
             if case is None:
                 continue
             pred = contourer(case["image"])
-            ct = read_ras(case["image"])
+            ct, affine = read_nifti(case["image"])
             lab = to_ras(pred.label, pred.affine)
-            reference = read_scored_reference(case, model)  # as scored: on the slices that image the patient
+            reference = read_scored_reference(case, model, ct=(ct, affine))  # as scored: on the slices that image the patient
             truth = to_ras(reference.label, reference.affine)
             dice = case_mean(run["cases"][case_id], "dice")
             path = out_dir / f"{model}-{method}-n{n}-{case_id}.png"
-            contour_overlay(np.asarray(ct), np.asarray(lab), pred.labels, path, truth=truth,
+            contour_overlay(np.asarray(to_ras(ct, affine)), np.asarray(lab), pred.labels, path, truth=truth,
                             title=f"{model}, {method}, |X_tr|={n}, {case_id}: Dice {dice:.2f}")
             written.append(path)
     return written

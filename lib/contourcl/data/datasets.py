@@ -122,13 +122,15 @@ class ScoredReference(NamedTuple):
     affine: np.ndarray  # the CT's (and the label's) affine
 
 
-def read_scored_reference(case: Mapping, model: str) -> ScoredReference:
+def read_scored_reference(case: Mapping, model: str, ct: tuple[np.ndarray, np.ndarray] | None = None) -> ScoredReference:
     """A labeled case's reference in ``model``'s numbering on the slices that image the patient,
     on the CT's own grid: the label ``contourcl evaluate`` scores against, read from the files
-    (:func:`contourcl.evaluation.prepare_cases` finds the same slices while preprocessing)."""
+    (:func:`contourcl.evaluation.prepare_cases` finds the same slices while preprocessing).
+    ``ct``: the case's CT as :func:`~contourcl.data.volumes.read_nifti` returns it, when the
+    caller has read it already (it is read from ``case["image"]`` otherwise)."""
     from contourcl.data.volumes import blank_slices, imaged_slices, read_nifti
 
-    ct, affine = read_nifti(case["image"])
+    ct, affine = read_nifti(case["image"]) if ct is None else ct
     imaged = imaged_slices(np.asarray(ct), affine)
     full = to_model(read_label(case)[0], model)
     return ScoredReference(blank_slices(full, imaged)[0], full, imaged, np.asarray(affine))
