@@ -24,6 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import torch
 
+from contourcl.data.datasets import labeled_cases
 from contourcl.data.phantom import make_phantom
 from contourcl.models.checkpoint import load_model, save_model
 from contourcl.serving.model_store import ModelStore
@@ -47,9 +48,7 @@ def run(model_file: Path, new_case: str, request: dict, reinit_head: bool) -> di
             torch.manual_seed(0)
             network.head[0].reset_parameters()
         save_model(store.served, network, meta)
-        cases = [{"id": p.name.removesuffix(".nii.gz"), "image": str(p), "label": str(studies / "labels" / "final" / p.name)}
-                 for p in sorted(studies.glob("*.nii.gz")) if (studies / "labels" / "final" / p.name).is_file()]
-        return retrain("oar", cases, store, request)
+        return retrain("oar", labeled_cases(studies, "oar"), store, request)
 
 
 def main() -> None:
