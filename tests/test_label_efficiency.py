@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -203,6 +204,16 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
     assert "| simclr |" in md and "surface Dice at 4 mm" in md
     assert (out / "dice-vs-labeled-oar.png").stat().st_size > 0
     assert list((out / "overlays").glob("oar-*.png"))
+    # the results folder moved elsewhere (another working copy): its report is rebuilt with the overlays
+    moved = tmp_path / "elsewhere" / "results"
+    shutil.copytree(out, moved)
+    shutil.rmtree(moved / "overlays")
+    (out / "models").rename(out / "models-away")  # the paths the records hold no longer exist
+    assert main(["benchmark", "label-efficiency", "--data", str(openkbp_like), "--out", str(moved), "--methods", "random", "simclr",
+                 "voxel-siamese", "--sizes", "1", "2", "--draws", "1", "--pool", "0", "--report-only"]) == 0
+    assert sorted(p.name for p in (moved / "overlays").glob("oar-*.png")) == sorted(p.name for p in (out / "overlays").glob("oar-*.png"))
+    (out / "models-away").rename(out / "models")
+    shutil.rmtree(moved)
     # a second call resumes: nothing is redone
     stamp = (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns
     assert main(argv) == 0

@@ -185,10 +185,20 @@ def plot_dice(rows: list[dict], model: str, methods: list[str], out: Path) -> Pa
     return out
 
 
-def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, validation: list[dict], cases: int = 2,
+def model_file(run: dict, out: Path) -> Path:
+    """The model file of ``run``: where its record says, or else under ``out/models/`` by the same name.
+
+    A record holds the path its run wrote, relative to the folder the benchmark ran in or absolute;
+    a results folder moved, copied or run in another working copy still finds its models there.
+    """
+    recorded = Path(run["model_path"])
+    return recorded if recorded.is_file() else out / "models" / recorded.name
+
+
+def overlays(runs: list[dict], rows: list[dict], model: str, results: Path, validation: list[dict], cases: int = 2,
              largest_component: bool = True) -> list[Path]:
-    """Contours of the best method and of random init (largest |X_tr|, draw 0) on a few validation cases
-    (``largest_component``: the rule for model files that do not record one)."""
+    """Contours of the best method and of random init (largest |X_tr|, draw 0) on a few validation cases,
+    written into ``results/overlays/`` (``largest_component``: the rule for model files that do not record one)."""
     from contourcl.inference import Contourer
 
     n = max((r["n_labeled"] for r in runs if r["model"] == model), default=None)
@@ -200,9 +210,9 @@ def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, vali
     written = []
     for method in dict.fromkeys([best, "random"]):
         run = next((r for r in runs if r["model"] == model and r["method"] == method and r["n_labeled"] == n and r["draw"] == 0), None)
-        if run is None or not Path(run["model_path"]).is_file():
+        if run is None or not model_file(run, results).is_file():
             continue
-        contourer = Contourer(run["model_path"], largest_component=largest_component)
+        contourer = Contourer(model_file(run, results), largest_component=largest_component)
         for case_id in sorted(run["cases"])[:cases]:
             case = next((item for item in validation if item["id"] == case_id), None)
             if case is None:
@@ -213,7 +223,7 @@ def overlays(runs: list[dict], rows: list[dict], model: str, out_dir: Path, vali
             reference = read_scored_reference(case, model, ct=(ct, affine))  # as scored: on the slices that image the patient
             truth = to_ras(reference.label, reference.affine)
             dice = case_mean(run["cases"][case_id], "dice")
-            path = out_dir / f"{model}-{method}-n{n}-{case_id}.png"
+            path = results / "overlays" / f"{model}-{method}-n{n}-{case_id}.png"
             contour_overlay(np.asarray(to_ras(ct, affine)), np.asarray(lab), pred.labels, path, truth=truth,
                             title=f"{model}, {method}, |X_tr|={n}, {case_id}: Dice {dice:.2f}")
             written.append(path)
@@ -251,6 +261,6 @@ def write_report(plan) -> list[Path]:
         if any(r["model"] == model for r in rows):
             written.append(plot_dice(rows, model, list(plan.methods), out / f"dice-vs-labeled-{model}.png"))
             (out / "overlays").mkdir(exist_ok=True)
-            written += overlays(runs, rows, model, out / "overlays", plan.validation.get(model, []),
+            written += overlays(runs, rows, model, out, plan.validation.get(model, []),
                                 largest_component=plan.largest_component.get(model, True))
     return written
