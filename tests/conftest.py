@@ -24,7 +24,7 @@ class CodePayload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def constant_oar_model(path, channel: int):
+def constant_oar_model(path, channel: int, spacing: float = 3.0):
     """A tiny ``oar`` model file (3 mm in-plane) whose output is class ``channel`` everywhere."""
     from contourcl.data.labels import model_labels
     from contourcl.models.checkpoint import ModelMeta, save_model
@@ -35,7 +35,7 @@ def constant_oar_model(path, channel: int):
         net.head[0].weight.zero_()
         net.head[0].bias.fill_(-10.0)
         net.head[0].bias[channel] = 10.0
-    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), spacing=(3.0, 3.0)))
+    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), spacing=(spacing, spacing)))
 
 
 def write_nifti(path, array, affine) -> str:

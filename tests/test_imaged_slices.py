@@ -4,7 +4,10 @@ Many OpenKBP CTs hold values only in small islands around the drawn structures o
 from the treatment; the README's "Shipped weights" says what that did to the figures.
 """
 
+import json
+
 import numpy as np
+import pytest
 from monai.transforms import Compose
 
 from contourcl.data.datasets import labeled_cases, read_scored_reference
@@ -54,6 +57,23 @@ def _masked_case(tmp_path):
     write_nifti(studies / "pt.nii.gz", ct, affine)
     write_nifti(studies / "labels" / "final" / "pt.nii.gz", lab, affine)
     return studies, ct, lab
+
+
+def test_prepared_cases_are_scored_only_by_models_they_were_prepared_for(tmp_path):
+    studies, _, _ = _masked_case(tmp_path)
+    model = constant_oar_model(tmp_path / "oar.pt", CORD)
+    (case,) = labeled_cases(studies, "oar")
+    (prepared,) = prepare_cases([case], read_meta(model))
+    raw = json.dumps(evaluate_model_file(model, [case], largest_component=False)[case["id"]])  # JSON: NaN marks skipped structures
+    # prepared, raw, or both in one list: the same figures
+    assert json.dumps(evaluate_model_file(model, [prepared], largest_component=False)[case["id"]]) == raw
+    both = evaluate_model_file(model, [prepared, {**case, "id": "again"}], largest_component=False)
+    assert json.dumps(both[case["id"]]) == json.dumps(both["again"]) == raw
+    # a model at another spacing would contour a CT resampled for the first one: refused, naming the case
+    coarse = constant_oar_model(tmp_path / "oar-4mm.pt", CORD, spacing=4.0)
+    with pytest.raises(ValueError, match=r"pt: prepared for a model with .*3\.0.*oar-4mm\.pt needs .*4\.0"):
+        evaluate_model_file(coarse, [prepared], largest_component=False)
+    assert evaluate_model_file(coarse, [case], largest_component=False)[case["id"]]["SpinalCord"]["dice"] > 0
 
 
 def test_the_metric_scores_only_slices_that_image_the_patient(tmp_path):

@@ -114,6 +114,7 @@ class EvaluationCase:
     pre: Compose  # the invertible transforms that made it
     reference: np.ndarray  # the label on the CT's own grid, in the model's numbering, on imaged slices
     unimaged_voxels: int = 0  # reference voxels on the other slices (not scored)
+    prepared_for: tuple = ()  # preparation(meta) of the models it was made for
 
     def scored(self, label: np.ndarray) -> np.ndarray:
         """A label map on the CT's own grid as it is scored: on the slices that image the patient
@@ -121,6 +122,12 @@ class EvaluationCase:
         from contourcl.data.volumes import blank_slices
 
         return blank_slices(label, self.data["imaged_slices"])[0]
+
+
+def preparation(meta: ModelMeta) -> tuple:
+    """What an :class:`EvaluationCase` depends on in a model: its label numbering (the model kind),
+    in-plane spacing and CT window. Models that agree on these score the same prepared cases."""
+    return (meta.model, tuple(float(v) for v in meta.spacing), tuple(float(v) for v in meta.window))
 
 
 def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: bool = False) -> list[EvaluationCase]:
@@ -148,7 +155,7 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
         if ref.shape != tuple(shape) or not np.allclose(ref_affine, affine, atol=1e-3):
             raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {tuple(shape)})")
         ref, unimaged = blank_slices(to_model(ref, meta.model), data["imaged_slices"])
-        out.append(EvaluationCase(str(case["id"]), data, pre, ref, unimaged))
+        out.append(EvaluationCase(str(case["id"]), data, pre, ref, unimaged, preparation(meta)))
     return out
 
 
@@ -177,8 +184,9 @@ def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolera
                         labels: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """``{case id: contour_metrics(...)}`` of a model file on labeled ``cases`` (each CT's own grid).
 
-    ``cases`` are :func:`contourcl.data.datasets.labeled_cases` entries, or :class:`EvaluationCase` s
-    :func:`prepare_cases` made for this model. The model contours as the app does
+    ``cases`` are :func:`contourcl.data.datasets.labeled_cases` entries, :class:`EvaluationCase` s
+    :func:`prepare_cases` made for a model with this one's :func:`preparation` (another's is refused:
+    its CT would be resampled to the wrong grid), or both. The model contours as the app does
     (:class:`~contourcl.inference.Contourer`, with the model file's largest-component rule;
     ``largest_component`` for a file that does not record one). ``labels``: as
     :func:`evaluate_network`.
@@ -187,9 +195,14 @@ def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolera
 
     contourer = Contourer(model_path, largest_component=largest_component)
     _, network, meta = contourer.model()
-    prepared = [c for c in cases if isinstance(c, EvaluationCase)]
-    if len(prepared) != len(cases):
-        prepared = prepare_cases(cases, meta, keep_preprocessed)
+    wanted = preparation(meta)
+    other = [c.id for c in cases if isinstance(c, EvaluationCase) and c.prepared_for != wanted]
+    if other:
+        made_for = next(c.prepared_for for c in cases if isinstance(c, EvaluationCase) and c.prepared_for != wanted)
+        raise ValueError(f"{', '.join(other)}: prepared for a model with (model, spacing, window) {made_for}; "
+                         f"{Path(model_path).name} needs {wanted}")
+    raw = iter(prepare_cases([c for c in cases if not isinstance(c, EvaluationCase)], meta, keep_preprocessed))
+    prepared = [c if isinstance(c, EvaluationCase) else next(raw) for c in cases]
     return evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device,
                             labels=labels)
 
