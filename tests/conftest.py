@@ -25,7 +25,7 @@ class CodePayload:
 
 
 def constant_oar_model(path, channel: int, spacing: float = 3.0):
-    """A tiny ``oar`` model file (3 mm in-plane) whose output is class ``channel`` everywhere."""
+    """A tiny ``oar`` model file (``spacing`` mm in-plane) whose output is class ``channel`` everywhere."""
     from contourcl.data.labels import model_labels
     from contourcl.models.checkpoint import ModelMeta, save_model
     from contourcl.models.networks import NetConfig, build_network
