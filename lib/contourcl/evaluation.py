@@ -196,11 +196,10 @@ def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolera
     contourer = Contourer(model_path, largest_component=largest_component)
     _, network, meta = contourer.model()
     wanted = preparation(meta)
-    other = [c.id for c in cases if isinstance(c, EvaluationCase) and c.prepared_for != wanted]
+    other = [c for c in cases if isinstance(c, EvaluationCase) and c.prepared_for != wanted]
     if other:
-        made_for = next(c.prepared_for for c in cases if isinstance(c, EvaluationCase) and c.prepared_for != wanted)
-        raise ValueError(f"{', '.join(other)}: prepared for a model with (model, spacing, window) {made_for}; "
-                         f"{Path(model_path).name} needs {wanted}")
+        raise ValueError(f"{', '.join(c.id for c in other)}: prepared for a model with (model, spacing, window) "
+                         f"{other[0].prepared_for}; {Path(model_path).name} needs {wanted}")
     raw = iter(prepare_cases([c for c in cases if not isinstance(c, EvaluationCase)], meta, keep_preprocessed))
     prepared = [c if isinstance(c, EvaluationCase) else next(raw) for c in cases]
     return evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device,

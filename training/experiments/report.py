@@ -210,9 +210,10 @@ def overlays(runs: list[dict], rows: list[dict], model: str, results: Path, vali
     written = []
     for method in dict.fromkeys([best, "random"]):
         run = next((r for r in runs if r["model"] == model and r["method"] == method and r["n_labeled"] == n and r["draw"] == 0), None)
-        if run is None or not model_file(run, results).is_file():
+        model_path = model_file(run, results) if run is not None else None
+        if model_path is None or not model_path.is_file():
             continue
-        contourer = Contourer(model_file(run, results), largest_component=largest_component)
+        contourer = Contourer(model_path, largest_component=largest_component)
         for case_id in sorted(run["cases"])[:cases]:
             case = next((item for item in validation if item["id"] == case_id), None)
             if case is None:
