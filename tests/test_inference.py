@@ -144,3 +144,42 @@ def test_flip_test_time_augmentation_is_left_right_symmetric():
         p = model_probabilities(net, image, meta)
         q = model_probabilities(net, torch.flip(image, dims=[1]), meta)
         assert torch.allclose(torch.flip(q, dims=[1])[swap], p, atol=1e-5) == symmetric
+
+
+def test_contour_in_the_body_box_equals_contouring_the_whole_volume(tmp_path):
+    """The served contour (argmax and largest components computed in the body's box only) is the
+    argmax of the whole volume's probabilities, each structure's largest component kept, put back
+    on the CT's grid: the box changes the cost, not the contour."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from contourcl.data.labels import model_labels
+    from contourcl.inference import contour, model_probabilities, nearest_to_grid, preprocess_ct
+    from contourcl.models.checkpoint import ModelMeta
+
+    rng = np.random.default_rng(0)
+    ct = np.full((96, 80, 6), -1000, np.int16)  # air, a body of random tissue in the middle
+    ct[30:62, 24:52] = rng.integers(-300, 1500, (32, 28, 6))
+    ct[70:80, 60:64, 2] = 500  # on one slice only: the box is wider than most slices' body
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    path = write_nifti(tmp_path / "ct.nii.gz", ct, affine)
+    labels = model_labels("oar")
+    meta = ModelMeta(model="oar", labels=labels, net={}, spacing=(3.0, 3.0))
+    torch.manual_seed(0)
+    net = build_network(NetConfig(out_channels=len(labels) + 1, encoder="resnet10", width=8)).eval()
+    head = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():  # an untrained network with a sharper last layer: many structures, in pieces
+        head.weight.mul_(30)
+    data, pre = preprocess_ct(path, meta)
+    assert data["image"].shape[1:3] != (96, 80)  # resampled: the inverse mapping is exercised
+    results = []
+    for keep in (False, True):
+        label, _ = contour(net, meta, data, pre, largest_component=keep)
+        results.append(label)
+        whole = torch.argmax(model_probabilities(net, data["image"], meta), dim=0, keepdim=True).to(torch.uint8)
+        if keep:
+            whole = KeepLargestConnectedComponent(applied_labels=sorted(labels.values()), independent=True)(whole)
+        expected = nearest_to_grid(np.asarray(whole[0]), np.asarray(data["image"].affine, dtype=np.float64), *data["grid"])
+        assert label.shape == ct.shape
+        assert len(np.unique(label)) > 2  # an untrained network draws several structures, in pieces
+        np.testing.assert_array_equal(label, expected)
+    assert (results[0] != results[1]).any()  # the largest components are really taken

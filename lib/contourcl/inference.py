@@ -162,12 +162,12 @@ def preprocess_ct(image_path: str | Path, meta: ModelMeta, imaged: bool = False)
     return data, pre
 
 
-def model_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta, device: str | torch.device = "cpu",
-                        sw_batch_size: int = 32) -> torch.Tensor:
-    """Softmax probabilities ``(C, H, W, D)`` of a preprocessed ``(1, H, W, D)`` CT, as served.
+def box_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta, device: str | torch.device = "cpu",
+                      sw_batch_size: int = 32) -> tuple[torch.Tensor, tuple[slice, slice]]:
+    """Softmax probabilities ``(C, h, w, D)`` of a preprocessed ``(1, H, W, D)`` CT inside the
+    body's box (:func:`body_box`), and the box ``(rows, cols)``; outside it everything is background.
 
-    Whole axial slices of the body's box (:func:`body_box`; zero outside it, where the
-    probabilities are background), and, when the model file says ``tta_flip``, the mean with the
+    Whole axial slices of the box and, when the model file says ``tta_flip``, the mean with the
     prediction of the left-right mirrored CT, its ``*_R``/``*_L`` channels swapped back.
     """
     rows, cols = body_box(image[0])
@@ -177,6 +177,14 @@ def model_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMe
     if meta.tta_flip:  # RAS: the first in-plane axis runs right to left
         mirrored = slice_probabilities(network, torch.flip(crop, dims=[2]), roi, sw_batch_size, device)[0].cpu()
         probs = (probs + torch.flip(mirrored, dims=[1])[mirror_channels(meta.labels)]) / 2
+    return probs, (rows, cols)
+
+
+def model_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta, device: str | torch.device = "cpu",
+                        sw_batch_size: int = 32) -> torch.Tensor:
+    """Softmax probabilities ``(C, H, W, D)`` of a preprocessed ``(1, H, W, D)`` CT, as served
+    (:func:`box_probabilities`, background outside the body's box)."""
+    probs, (rows, cols) = box_probabilities(network, image, meta, device, sw_batch_size)
     out = torch.zeros((probs.shape[0], *image.shape[1:]), dtype=probs.dtype)
     out[0] = 1.0
     out[:, rows, cols] = probs
@@ -189,13 +197,20 @@ def contour(network: ContourUNet, meta: ModelMeta, data: dict, pre: Compose, lar
 
     This is the one inference path: the app serves it, and the fine-tuning engine's model
     selection, the retraining gate, ``contourcl evaluate`` and the benchmarks score it.
+    The argmax of :func:`model_probabilities`, each structure reduced to its largest connected
+    component when ``largest_component``; both are computed inside the body's box only (outside
+    it the label is background, so the result is the same, at a fraction of the cost).
     Returns the label map (model numbering) and timings (``infer``, ``invert``) in seconds.
     """
     t1 = time.perf_counter()
     image = data["image"]
-    pred = torch.argmax(model_probabilities(network, image, meta, device, sw_batch_size), dim=0, keepdim=True).to(torch.uint8)
+    probs, (rows, cols) = box_probabilities(network, image, meta, device, sw_batch_size)
+    box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
+    del probs
     if largest_component and len(meta.labels):
-        pred = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(pred)
+        box = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(box)
+    pred = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
+    pred[:, rows, cols] = torch.as_tensor(box)
     t2 = time.perf_counter()
     affine, shape = data["grid"]
     label = nearest_to_grid(np.asarray(pred[0]), np.asarray(image.affine, dtype=np.float64), affine, shape)
