@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +115,7 @@ class EvaluationCase:
     reference: np.ndarray  # the label on the CT's own grid, in the model's numbering, on imaged slices
     unimaged_voxels: int = 0  # reference voxels on the other slices (not scored)
     prepared_for: tuple = ()  # preparation(meta) of the models it was made for
+    set_aside: dict = field(default_factory=dict)  # {structure: reason}: reference structures not scored (contourcl.data.reference_check)
 
     def scored(self, label: np.ndarray) -> np.ndarray:
         """A label map on the CT's own grid as it is scored: on the slices that image the patient
@@ -135,12 +136,17 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
 
     The CT is preprocessed exactly as :class:`~contourcl.inference.Contourer` does; the reference
     is read on the CT's grid (an error names a label whose grid differs), renumbered to the
-    model's numbering and kept on the slices that image the patient only. ``keep_preprocessed``
+    model's numbering, its implausible structures set aside (:mod:`contourcl.data.reference_check`:
+    not scored, named in :attr:`EvaluationCase.set_aside`) and kept on the slices that image the
+    patient only. ``keep_preprocessed``
     keeps the preprocessed CTs in this process for the next call (a benchmark evaluates many
     models on the same cases).
     """
+    from monai.transforms import LoadImage
+
     from contourcl.data.datasets import read_label
-    from contourcl.data.labels import to_model
+    from contourcl.data.labels import model_labels, to_model
+    from contourcl.data.reference_check import checked_reference, needs_check
     from contourcl.data.volumes import blank_slices
     from contourcl.inference import preprocess_ct
 
@@ -154,8 +160,12 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
         affine, shape = data["grid"]
         if ref.shape != tuple(shape) or not np.allclose(ref_affine, affine, atol=1e-3):
             raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {tuple(shape)})")
-        ref, unimaged = blank_slices(to_model(ref, meta.model), data["imaged_slices"])
-        out.append(EvaluationCase(str(case["id"]), data, pre, ref, unimaged, preparation(meta)))
+        ref, faults = to_model(ref, meta.model), {}
+        if needs_check(model_labels(meta.model)):  # the CT in HU, on the label's grid
+            hu = np.asarray(LoadImage(image_only=True)(str(case["image"])))
+            ref, faults = checked_reference(hu, ref, affine, model_labels(meta.model), data["imaged_slices"])
+        ref, unimaged = blank_slices(ref, data["imaged_slices"])
+        out.append(EvaluationCase(str(case["id"]), data, pre, ref, unimaged, preparation(meta), faults))
     return out
 
 

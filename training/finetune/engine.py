@@ -167,7 +167,7 @@ def preprocessing(cfg: FinetuneConfig) -> list:
     """Deterministic transforms: load, resample, window, renumber, record the contoured structures."""
     n_classes = len(model_labels(cfg.model)) + 1
     return [
-        *ct_preprocessing("image", "label", cfg.spacing, cfg.window, blank_unimaged=True),
+        *ct_preprocessing("image", "label", cfg.spacing, cfg.window, blank_unimaged=True, check_reference=cfg.model),
         LabelToModeld("label", cfg.model),
         StructurePresenced("label", n_classes),
         SpatialPadd(keys=("image", "label"), spatial_size=(*cfg.roi, 2 * cfg.context + 1 if cfg.context else -1)),

@@ -102,6 +102,10 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
         print(f"{sum(c.unimaged_voxels for c in unimaged)} reference voxels of {len(unimaged)} cases ({', '.join(c.id for c in unimaged)}) "
               f"lie on slices that do not image the patient (no connected piece of tissue of {MIN_IMAGED_AREA_CM2:g} cm²): "
               f"those slices are not scored")
+    set_aside = {c.id: c.set_aside for c in prepared if c.set_aside}
+    for cid, faults in set_aside.items():
+        for name, reason in faults.items():
+            print(f"{cid}: reference {name} set aside, not scored: {reason}")
     summary = summarise([per_case], structures)
     print(table(summary, structures, args.tolerance))
     if args.overlays:
@@ -110,5 +114,6 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
     if args.json:
         means = {m: summary[("mean", m)]["mean"] for m in METRICS}
         with open(args.json, "w") as f:
-            json.dump({"model": str(args.model), "data": str(args.data), "tolerance_mm": args.tolerance, "mean": means, "cases": per_case}, f, indent=1)
+            json.dump({"model": str(args.model), "data": str(args.data), "tolerance_mm": args.tolerance, "mean": means, "cases": per_case,
+                       "set_aside": set_aside}, f, indent=1)
     return 0

@@ -120,20 +120,23 @@ class ScoredReference(NamedTuple):
     full: np.ndarray  # in the model's numbering, every slice
     imaged: tuple[int, np.ndarray]  # :func:`contourcl.data.volumes.imaged_slices` of the case's CT
     affine: np.ndarray  # the CT's (and the label's) affine
+    set_aside: dict  # {structure: reason} of the reference structures set aside (contourcl.data.reference_check)
 
 
 def read_scored_reference(case: Mapping, model: str, ct: tuple[np.ndarray, np.ndarray] | None = None) -> ScoredReference:
     """A labeled case's reference in ``model``'s numbering on the slices that image the patient,
-    on the CT's own grid: the label ``contourcl evaluate`` scores against, read from the files
-    (:func:`contourcl.evaluation.prepare_cases` finds the same slices while preprocessing).
+    its implausible structures set aside (:mod:`contourcl.data.reference_check`), on the CT's own
+    grid: the label ``contourcl evaluate`` scores against, read from the files
+    (:func:`contourcl.evaluation.prepare_cases` does the same while preprocessing).
     ``ct``: the case's CT as :func:`~contourcl.data.volumes.read_nifti` returns it, when the
     caller has read it already (it is read from ``case["image"]`` otherwise)."""
+    from contourcl.data.reference_check import checked_reference
     from contourcl.data.volumes import blank_slices, imaged_slices, read_nifti
 
     ct, affine = read_nifti(case["image"]) if ct is None else ct
     imaged = imaged_slices(np.asarray(ct), affine)
-    full = to_model(read_label(case)[0], model)
-    return ScoredReference(blank_slices(full, imaged)[0], full, imaged, np.asarray(affine))
+    full, faults = checked_reference(np.asarray(ct), to_model(read_label(case)[0], model), affine, model_labels(model), imaged)
+    return ScoredReference(blank_slices(full, imaged)[0], full, imaged, np.asarray(affine), faults)
 
 
 def dicom_cases(folder: str | Path, model: str, workdir: str | Path) -> list[dict]:

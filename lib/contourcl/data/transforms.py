@@ -8,6 +8,7 @@ slice spacing is kept: the network is 2D), and a CT window scaled to [0, 1].
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -26,6 +27,8 @@ from monai.transforms import (
 
 from contourcl.data import labels as label_names
 
+logger = logging.getLogger(__name__)
+
 #: In-plane voxel size (mm) the networks work at: OpenKBP's 3.9-4.9 mm, a 512^2 CT's FOV in 128^2.
 DEFAULT_SPACING: tuple[float, float] = (4.0, 4.0)
 #: CT window (HU) mapped to [0, 1]: from fat and air-filled larynx to cortical bone.
@@ -38,6 +41,7 @@ def ct_preprocessing(
     spacing: Sequence[float] = DEFAULT_SPACING,
     window: Sequence[float] = DEFAULT_WINDOW,
     blank_unimaged: bool = False,
+    check_reference: str | None = None,
 ) -> list:
     """MONAI dictionary transforms: load, orient RAS, resample in-plane, window to [0, 1].
 
@@ -45,11 +49,15 @@ def ct_preprocessing(
     resampling. All transforms are invertible, so a prediction can be put back on the
     image's own grid with :class:`monai.transforms.Invertd`. ``blank_unimaged``: the label is
     background on the slices that do not image the patient (:class:`UnimagedSlicesToBackgroundd`,
-    on the CT's own grid): what every training reader of labels uses.
+    on the CT's own grid): what every training reader of labels uses. ``check_reference``: a model
+    name; the reference structures :mod:`contourcl.data.reference_check` finds implausible for that
+    model are set to background, i.e. not contoured (:class:`ImplausibleStructuresToBackgroundd`).
     """
     keys = [image_key] + ([label_key] if label_key else [])
     modes = ["bilinear"] + (["nearest"] if label_key else [])
     blank = [UnimagedSlicesToBackgroundd(image_key, label_key)] if blank_unimaged and label_key else []
+    if check_reference and label_key:
+        blank = [ImplausibleStructuresToBackgroundd(image_key, label_key, check_reference), *blank]
     return [
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
@@ -115,6 +123,47 @@ class UnimagedSlicesToBackgroundd(MapTransform):
             label[0] = torch.as_tensor(blanked, dtype=label.dtype)
             d[self.label_key] = label
         return d
+
+
+class ImplausibleStructuresToBackgroundd(MapTransform):
+    """Set to background the reference structures :mod:`contourcl.data.reference_check` finds
+    implausible for ``model`` (a structure set not drawn on this CT; a "spinal cord" that fills the
+    back of the neck), so that they count as not contoured: the partial-label loss neither trains
+    them nor trains background there. Run it on the loaded, channel-first image (HU) and label
+    (in the file's numbering; the case's ``label_values`` say how it maps to the stored one),
+    before any resampling. Each structure set aside is logged with its reason.
+    """
+
+    def __init__(self, image_key: str, label_key: str, model: str):
+        super().__init__([label_key])
+        self.image_key = image_key
+        self.label_key = label_key
+        self.model = model
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        from contourcl.data.reference_check import checked_reference, needs_check
+
+        labels = label_names.model_labels(self.model)
+        d = dict(data)
+        if not needs_check(labels):
+            return d
+        image, label = d[self.image_key], d[self.label_key]
+        stored = np.asarray(label[0])
+        in_model = label_names.to_model(label_names.to_stored(stored, d.get("label_values")), self.model)
+        kept, faults = checked_reference(np.asarray(image[0]), in_model, np.asarray(image.affine, dtype=np.float64), labels)
+        if faults:
+            for name, reason in faults.items():
+                logger.info("%s: reference %s set aside: %s", _case_name(label), name, reason)
+            label = label.clone()
+            label[0][torch.as_tensor((in_model > 0) & (kept == 0))] = 0
+            d[self.label_key] = label
+        return d
+
+
+def _case_name(tensor: torch.Tensor) -> str:
+    """The file a loaded MetaTensor came from, for log lines."""
+    meta = getattr(tensor, "meta", {}) or {}
+    return str(meta.get("filename_or_obj", "a case"))
 
 
 class StructurePresenced(MapTransform):
