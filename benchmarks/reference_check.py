@@ -2,12 +2,13 @@
 
 Usage::
 
-    python benchmarks/reference_check.py --data ../shared/data/openkbp
+    python benchmarks/reference_check.py --data ../shared/data/openkbp [--overlays docs/reference-check --model apps/radonc/model/oar.pt]
 
 Per structure of the ``oar`` model, over the patients that contour it on the slices that image the
 patient: the median and the largest share of air (solid organs) and median axial cross-section
 (every structure), the largest among the structures kept, and then every structure the checks set
-aside, with the reason. Set-aside structures are neither trained on nor scored.
+aside, with the reason. Set-aside structures are neither trained on nor scored. ``--overlays``:
+per structure, a picture of each set-aside reference (dashed) with ``--model``'s contour (solid).
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ import numpy as np
 
 from contourcl.data.datasets import labeled_cases, read_label
 from contourcl.data.labels import model_labels, to_model
-from contourcl.data.reference_check import SOLID, implausible_structures, structure_figures
-from contourcl.data.volumes import imaged_slices, read_nifti
+from contourcl.data.reference_check import MAX_AIR_FRACTION, SOLID, implausible_structures, structure_figures
+from contourcl.data.volumes import imaged_slices, read_nifti, to_ras
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="the OpenKBP folder (train-pats/, validation-pats/)")
+    parser.add_argument("--overlays", help="write a picture per structure of its set-aside references to this folder")
+    parser.add_argument("--model", default="apps/radonc/model/oar.pt", help="the model whose contours the pictures show")
     args = parser.parse_args()
     labels = model_labels("oar")
     figures: dict[str, list[tuple[float, float, str]]] = {name: [] for name in labels}
     set_aside: list[tuple[str, str, str]] = []
+    pictures: dict[str, list] = {}  # structure -> overlay rows
     for split in ("train-pats", "validation-pats"):
         for case in labeled_cases(Path(args.data) / split, "oar"):
             ct, affine = read_nifti(case["image"])
@@ -37,10 +41,20 @@ def main() -> None:
             label = to_model(read_label(case)[0], "oar")
             imaged = imaged_slices(ct, affine)
             faults = implausible_structures(ct, label, affine, labels, imaged)
-            for name, f in structure_figures(ct, label, affine, labels, imaged).items():
+            figs = structure_figures(ct, label, affine, labels, imaged)
+            for name, f in figs.items():
                 if name not in faults:
                     figures[name].append((f["air"], f["cross_section_cm2"], case["id"]))
             set_aside += [(f"{split}/{case['id']}", name, reason) for name, reason in faults.items()]
+            if args.overlays and faults:
+                from contourcl.inference import Contourer
+
+                contour = Contourer(args.model)(case["image"]).label
+                # a structure set not drawn on its CT is shown by the organs found in air
+                shown = [n for n in faults if n in SOLID and figs[n]["air"] > MAX_AIR_FRACTION] or list(faults)
+                for name in shown:
+                    pictures.setdefault(name, []).append((f"{case['id']} ({split.split('-')[0]})",
+                                                      *(to_ras(a, affine) for a in (ct, contour, label))))
     print("| structure (kept) | patients | air: median / largest | cross-section cm²: median / largest |")
     print("|---|---|---|---|")
     for name, rows in figures.items():
@@ -50,6 +64,12 @@ def main() -> None:
     print(f"\nset aside ({len(set_aside)} structures):")
     for case_id, name, reason in set_aside:
         print(f"- {case_id} {name}: {reason}")
+    if args.overlays:
+        from contourcl.plots import structure_overlays
+
+        Path(args.overlays).mkdir(parents=True, exist_ok=True)
+        for name, structure_rows in pictures.items():
+            print(structure_overlays(structure_rows, f"{name} set aside", labels[name], Path(args.overlays) / f"{name}.png"))
 
 
 if __name__ == "__main__":
