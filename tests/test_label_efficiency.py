@@ -220,7 +220,13 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
     # --rescore scores runs recorded before the masked-slice rule again, from their saved models
     record_path = out / "runs" / "oar" / "simclr" / "n01-d0.json"
     current = json.loads(record_path.read_text())
-    assert current["scored_on"] == "imaged slices"
+    assert current["scored_on"] == le.SCORED_ON
+    # a run scored on the imaged slices before the reference check needs no model: the check is
+    # applied to its figures (the fixture's references are all plausible: they stay)
+    checked_path = out / "runs" / "oar" / "voxel-siamese" / "n01-d0.json"
+    checked = json.loads(checked_path.read_text())
+    checked_path.write_text(json.dumps({**checked, "scored_on": le.IMAGED_SLICES_ONLY}))
+    (out / "models" / "oar-voxel-siamese-n01-d0.pt").unlink()
     old = {**current, "cases": {cid: {s: {**m, "dice": -1.0} for s, m in per.items()} for cid, per in current["cases"].items()}}
     del old["scored_on"]
     record_path.write_text(json.dumps(old))
@@ -229,7 +235,11 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
     gone.write_text(json.dumps({k: v for k, v in json.loads(gone.read_text()).items() if k != "scored_on"}))
     assert main(argv + ["--rescore"]) == 1  # says which run it could not score
     again = json.loads(record_path.read_text())
-    assert again["scored_on"] == "imaged slices"
+    assert again["scored_on"] == le.SCORED_ON
+    upgraded = json.loads(checked_path.read_text())
+    assert upgraded["scored_on"] == le.SCORED_ON
+    assert json.dumps(upgraded["cases"], sort_keys=True) == json.dumps(checked["cases"], sort_keys=True)
+    assert upgraded["set_aside"] == {}
     assert json.dumps(again["cases"], sort_keys=True) == json.dumps(current["cases"], sort_keys=True)
     assert json.dumps(again["cases_every_slice"], sort_keys=True) == json.dumps(old["cases"], sort_keys=True)
     assert (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns == stamp  # already scored so: untouched
@@ -246,6 +256,18 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
     per_case = json.loads((tmp_path / "eval.json").read_text())["cases"]
     # the same figures as the benchmark's run (compared as JSON: NaN marks skipped structures)
     assert json.dumps(per_case, sort_keys=True) == json.dumps(run_random_n2(out)["cases"], sort_keys=True)
+
+
+def test_rescore_marks_set_aside_references_not_contoured():
+    """A stored run's figures under the reference check: the set-aside structures become not
+    contoured (NaN), every other figure stays (its contour and reference did not change)."""
+    nan = float("nan")
+    cases = {"pt_1": {"SpinalCord": {"dice": 0.07, "hd95": 30.0, "surface_dice": 0.1}, "Mandible": {"dice": 0.8, "hd95": 5.0, "surface_dice": 0.9}},
+             "pt_2": {"SpinalCord": {"dice": 0.7, "hd95": 4.0, "surface_dice": 0.8}, "Mandible": {"dice": nan, "hd95": nan, "surface_dice": nan}}}
+    out = le.without_set_aside(cases, {"pt_1": {"SpinalCord": "median cross-section 18.0 cm²"}})
+    assert all(np.isnan(v) for v in out["pt_1"]["SpinalCord"].values())
+    assert out["pt_1"]["Mandible"] == cases["pt_1"]["Mandible"] and out["pt_2"]["SpinalCord"] == cases["pt_2"]["SpinalCord"]
+    assert cases["pt_1"]["SpinalCord"]["dice"] == 0.07  # the stored figures are not changed in place
 
 
 def run_random_n2(out):

@@ -214,9 +214,12 @@ def pretrain_task(spec: dict) -> dict:
     return {"out": result["out"], "final_loss": result["meta"].get("final_loss")}
 
 
-#: how a run's ``cases`` were scored; records without it were scored on every slice, before the
-#: masked-slice rule (:func:`contourcl.data.volumes.imaged_slices`), and ``--rescore`` scores them again
-SCORED_ON = "imaged slices"
+#: how a run's ``cases`` are scored now: on the slices that image the patient
+#: (:func:`contourcl.data.volumes.imaged_slices`), implausible references set aside
+#: (:mod:`contourcl.data.reference_check`). ``--rescore`` brings older records to it
+SCORED_ON = "imaged slices, reference check"
+#: records scored on the imaged slices before the reference check: their other figures stand
+IMAGED_SLICES_ONLY = "imaged slices"
 
 
 def _score(spec: dict) -> dict:
@@ -259,27 +262,50 @@ def finetune_task(spec: dict) -> dict:
     return {"result": spec["result"]}
 
 
-def rescore(p: Plan, progress: bool = True) -> list[str]:
-    """Score the finished runs scored before the masked-slice rule again, from their saved models.
+def without_set_aside(cases: dict, set_aside: dict) -> dict:
+    """Per-case figures with the structures the reference check sets aside (``{case: {structure:
+    reason}}``) marked not contoured (``nan``), as :func:`_score` scores them now. The other
+    structures' figures do not change: the contour and their references are the same."""
+    return {cid: {name: ({m: float("nan") for m in figures} if name in set_aside.get(cid, {}) else figures)
+                  for name, figures in per_structure.items()} for cid, per_structure in cases.items()}
 
-    Each such record gets the current figures in ``cases`` (the old ones kept as
-    ``cases_every_slice``) and ``scored_on``; it is written after each run, so a stopped call
-    resumes. Returns the runs that could not be scored again (their model file is gone).
+
+def rescore(p: Plan, progress: bool = True) -> list[str]:
+    """Bring the finished runs scored under older rules to :data:`SCORED_ON`.
+
+    A record scored on the imaged slices (:data:`IMAGED_SLICES_ONLY`) only has the structures the
+    reference check sets aside marked not contoured (:func:`without_set_aside`; which, and why, in
+    ``set_aside``; the figures before are in the repository's history): no model runs. A record scored on every slice
+    (no ``scored_on``) is scored again from its saved model (the old figures kept as
+    ``cases_every_slice``). Each record is written when done, so a stopped call resumes. Returns
+    the runs that could not be scored again (their model file is gone).
     """
+    from contourcl.data.datasets import read_scored_reference
+
     todo = []
     for t in p.tasks:
         if t.fn is finetune_task and t.output.is_file():
             record = json.loads(t.output.read_text())
             if record.get("scored_on") != SCORED_ON:
                 todo.append((t, record))
+    set_aside: dict[tuple[str, str], dict] = {}  # (model, case id) -> {structure: reason}
     missing = []
     for t, record in tqdm(todo, desc="re-score", disable=not progress):
-        if not Path(t.spec["model_path"]).is_file():
+        t0 = time.perf_counter()
+        if record.get("scored_on") == IMAGED_SLICES_ONLY:
+            model = record["model"]
+            for case in t.spec["validation"]:
+                if (model, case["id"]) not in set_aside:
+                    set_aside[(model, case["id"])] = read_scored_reference(case, model).set_aside
+            faults = {cid: f for (m, cid), f in set_aside.items() if m == model and f and cid in record["cases"]}
+            record["cases"] = without_set_aside(record["cases"], faults)
+            record["set_aside"] = faults
+        elif not Path(t.spec["model_path"]).is_file():
             missing.append(t.key)
             continue
-        t0 = time.perf_counter()
-        record["cases_every_slice"] = record["cases"]
-        record["cases"] = _score(t.spec)
+        else:
+            record["cases_every_slice"] = record["cases"]
+            record["cases"] = _score(t.spec)
         record["scored_on"] = SCORED_ON
         record.setdefault("seconds", {})["rescore"] = time.perf_counter() - t0
         _write_json(t.output, record)
