@@ -138,9 +138,8 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
     is read on the CT's grid (an error names a label whose grid differs), renumbered to the
     model's numbering, its implausible structures set aside (:mod:`contourcl.data.reference_check`:
     not scored, named in :attr:`EvaluationCase.set_aside`) and kept on the slices that image the
-    patient only. ``keep_preprocessed``
-    keeps the preprocessed CTs in this process for the next call (a benchmark evaluates many
-    models on the same cases).
+    patient only. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the next
+    call (a benchmark evaluates many models on the same cases).
     """
     from monai.transforms import LoadImage
 
