@@ -3,6 +3,7 @@
 :mod:`contourcl.data.reference_check`; the README's "Shipped weights" says what it changes.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,12 @@ def test_set_aside_structures_are_not_scored_and_are_named(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pt: reference SpinalCord set aside, not scored: median cross-section 5.8 cm²" in printed
     assert "unregistered: reference Parotid_R set aside, not scored: not drawn on this CT" in printed
+    # --no-reference-check scores them all, as the figures made before the check were
+    assert cli(["evaluate", str(model), "--data", str(studies), "--no-reference-check", "--json", str(tmp_path / "all.json")]) == 0
+    assert "set aside" not in capsys.readouterr().out
+    every = json.loads((tmp_path / "all.json").read_text())
+    assert 0.0 < every["cases"]["pt"]["SpinalCord"]["dice"] < 0.5 and every["set_aside"] == {}
+    assert every["cases"]["unregistered"]["SpinalCord"]["dice"] > 0.0
 
 
 @pytest.mark.skipif(not KBP.is_dir(), reason="needs ../shared/data/openkbp")

@@ -131,7 +131,8 @@ def preparation(meta: ModelMeta) -> tuple:
     return (meta.model, tuple(float(v) for v in meta.spacing), tuple(float(v) for v in meta.window))
 
 
-def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: bool = False) -> list[EvaluationCase]:
+def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: bool = False,
+                  check_references: bool = True) -> list[EvaluationCase]:
     """:class:`EvaluationCase` s of :func:`contourcl.data.datasets.labeled_cases` entries for models like ``meta``.
 
     The CT is preprocessed exactly as :class:`~contourcl.inference.Contourer` does; the reference
@@ -139,7 +140,9 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
     model's numbering, its implausible structures set aside (:mod:`contourcl.data.reference_check`:
     not scored, named in :attr:`EvaluationCase.set_aside`) and kept on the slices that image the
     patient only. ``keep_preprocessed`` keeps the preprocessed CTs in this process for the next
-    call (a benchmark evaluates many models on the same cases).
+    call (a benchmark evaluates many models on the same cases). ``check_references=False`` scores
+    every reference, the implausible ones too (for figures comparable with scores made without
+    the check).
     """
     from monai.transforms import LoadImage
 
@@ -160,7 +163,7 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
         if ref.shape != tuple(shape) or not np.allclose(ref_affine, affine, atol=1e-3):
             raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {tuple(shape)})")
         ref, faults = to_model(ref, meta.model), {}
-        if needs_check(model_labels(meta.model)):  # the CT in HU, on the label's grid
+        if check_references and needs_check(model_labels(meta.model)):  # the CT in HU, on the label's grid
             hu = np.asarray(LoadImage(image_only=True)(str(case["image"])))
             ref, faults = checked_reference(hu, ref, affine, model_labels(meta.model), data["imaged_slices"])
         ref, unimaged = blank_slices(ref, data["imaged_slices"])

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ids", help="only these cases (comma-separated ids), e.g. a model's validation cases")
     parser.add_argument("--json", help="also write the per-case figures to this file")
     parser.add_argument("--overlays", help="write one picture per structure to this folder: its best, median and worst case by Dice")
+    parser.add_argument("--no-reference-check", action="store_true",
+                        help="score every reference, also those the reference check sets aside (contourcl.data.reference_check)")
 
 
 def table(summary: dict, structures: list[str], tolerance_mm: float) -> str:
@@ -90,7 +92,7 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
     cases = cases[: args.max_cases]
     if not cases:
         raise SystemExit(f"no labeled {meta.model} cases in {args.data}")
-    prepared = prepare_cases(cases, meta)
+    prepared = prepare_cases(cases, meta, check_references=not args.no_reference_check)
     labels: dict = {}  # the label maps as scored, for --overlays (a few MB per CT)
     per_case = evaluate_model_file(args.model, prepared, args.tolerance, largest_component=default_largest_component(meta.model),
                                    labels=labels if args.overlays else None)
