@@ -20,7 +20,8 @@ import numpy as np
 
 from contourcl.data.datasets import labeled_cases, read_label
 from contourcl.data.labels import model_labels, to_model
-from contourcl.data.reference_check import MAX_AIR_FRACTION, SOLID, implausible_structures, structure_figures
+from contourcl.data.reference_check import MAX_AIR_FRACTION, SOLID, structure_figures
+from contourcl.data.reference_check import faults as reference_faults
 from contourcl.data.volumes import imaged_slices, read_nifti, to_ras
 
 
@@ -40,8 +41,8 @@ def main() -> None:
             ct = np.asarray(ct)
             label = to_model(read_label(case)[0], "oar")
             imaged = imaged_slices(ct, affine)
-            faults = implausible_structures(ct, label, affine, labels, imaged)
             figs = structure_figures(ct, label, affine, labels, imaged)
+            faults = reference_faults(figs)
             for name, f in figs.items():
                 if name not in faults:
                     figures[name].append((f["air"], f["cross_section_cm2"], case["id"]))

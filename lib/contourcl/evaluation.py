@@ -152,20 +152,25 @@ def prepare_cases(cases: Sequence[Mapping], meta: ModelMeta, keep_preprocessed: 
     from contourcl.data.volumes import blank_slices
     from contourcl.inference import preprocess_ct
 
+    labels = model_labels(meta.model)
+    check = check_references and needs_check(labels)
     out = []
     for case in cases:
         key = (str(case["image"]), tuple(meta.spacing), tuple(meta.window))
-        data, pre = _PREPROCESSED.get(key) or preprocess_ct(case["image"], meta, imaged=True)
-        if keep_preprocessed:
+        cached = _PREPROCESSED.get(key)
+        data, pre = cached or preprocess_ct(case["image"], meta, imaged=True, keep_hu=check)
+        hu = data.pop("hu", None)  # the loaded CT: for the check below, never kept
+        if keep_preprocessed and cached is None:
             _PREPROCESSED[key] = (data, pre)
         ref, ref_affine = read_label(case)
         affine, shape = data["grid"]
         if ref.shape != tuple(shape) or not np.allclose(ref_affine, affine, atol=1e-3):
             raise ValueError(f"{case['label']}: the label's grid differs from its CT's (shape {ref.shape} vs {tuple(shape)})")
         ref, faults = to_model(ref, meta.model), {}
-        if check_references and needs_check(model_labels(meta.model)):  # the CT in HU, on the label's grid
-            hu = np.asarray(LoadImage(image_only=True)(str(case["image"])))
-            ref, faults = checked_reference(hu, ref, affine, model_labels(meta.model), data["imaged_slices"])
+        if check:
+            if hu is None:  # preprocessed by an earlier call: the CT is read again
+                hu = np.asarray(LoadImage(image_only=True)(str(case["image"])))
+            ref, faults = checked_reference(hu, ref, affine, labels, data["imaged_slices"])
         ref, unimaged = blank_slices(ref, data["imaged_slices"])
         out.append(EvaluationCase(str(case["id"]), data, pre, ref, unimaged, preparation(meta), faults))
     return out

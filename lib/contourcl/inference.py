@@ -131,12 +131,14 @@ def nearest_to_grid(label: np.ndarray, affine: np.ndarray, out_affine: np.ndarra
     return padded.transpose(tuple(src_axis))[np.ix_(*index)]
 
 
-def preprocess_ct(image_path: str | Path, meta: ModelMeta, imaged: bool = False) -> tuple[dict, Compose]:
+def preprocess_ct(image_path: str | Path, meta: ModelMeta, imaged: bool = False, keep_hu: bool = False) -> tuple[dict, Compose]:
     """The preprocessed image dict and the invertible transforms applied after loading.
 
     ``data["grid"]`` is the loaded image's ``(affine, shape)``: the grid of the output. With
     ``imaged``, ``data["imaged_slices"]`` is :func:`contourcl.data.volumes.imaged_slices` of the
-    loaded CT (for scoring; serving does not need it).
+    loaded CT (for scoring; serving does not need it). With ``keep_hu``, ``data["hu"]`` is the
+    loaded CT itself (HU, on the file's grid), for checking a reference against it
+    (:mod:`contourcl.data.reference_check`) without reading the file again.
     """
     steps = ct_preprocessing("image", None, meta.spacing, meta.window)
     load, pre = Compose(steps[:3]), Compose(steps[3:])  # load + channel + type; orientation, spacing, window
@@ -144,14 +146,17 @@ def preprocess_ct(image_path: str | Path, meta: ModelMeta, imaged: bool = False)
     try:
         data = load({"image": str(image_path)})
         grid = (np.asarray(data["image"].affine, dtype=np.float64), tuple(data["image"].shape[1:]))
-        imaged_axis = imaged_slices(np.asarray(data["image"][0]), grid[0]) if imaged else None
-        data = pre(data)
+        hu = np.asarray(data["image"][0]) if imaged or keep_hu else None  # serving keeps no hold on it
+        imaged_axis = imaged_slices(hu, grid[0]) if imaged else None
+        data = pre(data)  # new tensors: ``hu`` keeps the loaded values
     except Exception as err:  # MONAI wraps reader errors; name the file and the cause
         cause = err.__cause__ or err
         raise InvalidImageError(f"cannot read {Path(image_path).name} as a CT volume: {cause}") from err
     data["grid"] = grid
     if imaged_axis is not None:
         data["imaged_slices"] = imaged_axis
+    if keep_hu:
+        data["hu"] = hu
     image = data["image"]
     if not bool(torch.isfinite(image).all()):
         raise InvalidImageError(f"{Path(image_path).name} holds NaN or infinite values: not a CT")

@@ -76,7 +76,11 @@ def implausible_structures(ct: np.ndarray, label: np.ndarray, affine: np.ndarray
     ``label``'s numbering; ``imaged``: :func:`~contourcl.data.volumes.imaged_slices` of ``ct`` when
     the caller has it.
     """
-    figures = structure_figures(ct, label, affine, labels, imaged)
+    return faults(structure_figures(ct, label, affine, labels, imaged))
+
+
+def faults(figures: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    """``{name: reason}`` of the structures to set aside, from their :func:`structure_figures`."""
     unregistered = [f"{name} is {f['air']:.0%} air" for name, f in figures.items()
                     if name in SOLID and f["air"] > MAX_AIR_FRACTION]
     if unregistered:
