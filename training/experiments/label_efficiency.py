@@ -275,9 +275,9 @@ def rescore(p: Plan, progress: bool = True) -> list[str]:
 
     A record scored on the imaged slices (:data:`IMAGED_SLICES_ONLY`) only has the structures the
     reference check sets aside marked not contoured (:func:`without_set_aside`; which, and why, in
-    ``set_aside``; the figures before are in the repository's history): no model runs. A record scored on every slice
-    (no ``scored_on``) is scored again from its saved model (the old figures kept as
-    ``cases_every_slice``). Each record is written when done, so a stopped call resumes. Returns
+    ``set_aside``; the figures before are in the repository's history): no model runs. A record
+    scored on every slice (no ``scored_on``) is scored again from its saved model (the old figures
+    kept as ``cases_every_slice``). Each record is written when done, so a stopped call resumes. Returns
     the runs that could not be scored again (their model file is gone).
     """
     from contourcl.data.datasets import read_scored_reference

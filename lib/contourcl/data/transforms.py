@@ -148,8 +148,8 @@ class ImplausibleStructuresToBackgroundd(MapTransform):
         if not needs_check(labels):
             return d
         image, label = d[self.image_key], d[self.label_key]
-        stored = np.asarray(label[0])
-        in_model = label_names.to_model(label_names.to_stored(stored, d.get("label_values")), self.model)
+        in_file = np.asarray(label[0])  # the file's numbering
+        in_model = label_names.to_model(label_names.to_stored(in_file, d.get("label_values")), self.model)
         kept, faults = checked_reference(np.asarray(image[0]), in_model, np.asarray(image.affine, dtype=np.float64), labels)
         if faults:
             for name, reason in faults.items():
