@@ -108,29 +108,6 @@ class Prediction:
         return write_label(path, self.label, self.affine)
 
 
-def nearest_to_grid(label: np.ndarray, affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray | None:
-    """Nearest-neighbour resampling of ``label`` (on ``affine``) onto another grid, when both
-    grids share their axes up to order, flips and scaling (no rotation between them).
-
-    Then each output axis is one index lookup into ``label``, and the only memory used is the
-    output's (a general resampler builds a coordinate grid of 3 floats per output voxel: 1.4 GB
-    for a 512 x 512 x 150 CT). Returns ``None`` for grids rotated against each other.
-    """
-    m = np.linalg.inv(affine) @ out_affine  # output voxel index -> label voxel index
-    rot = m[:3, :3]
-    big = np.abs(rot) > 1e-6 * np.abs(rot).max()
-    if not (big.sum(axis=0) == 1).all() or not (big.sum(axis=1) == 1).all():
-        return None
-    src_axis = big.argmax(axis=0)  # for each output axis, the label axis it runs along
-    padded = np.pad(label, 1)  # index 0 and n+1: outside the label's grid -> background
-    index = []
-    for c in range(3):
-        r = src_axis[c]
-        pos = np.rint(rot[r, c] * np.arange(out_shape[c]) + m[r, 3]).astype(np.int64)
-        index.append(np.clip(pos + 1, 0, label.shape[r] + 1))
-    return padded.transpose(tuple(src_axis))[np.ix_(*index)]
-
-
 def preprocess_ct(image_path: str | Path, meta: ModelMeta, imaged: bool = False, keep_hu: bool = False) -> tuple[dict, Compose]:
     """The preprocessed image dict and the invertible transforms applied after loading.
 
@@ -196,35 +173,175 @@ def model_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMe
     return out
 
 
+def grid_mapping(affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...]) -> list[tuple[int, np.ndarray]] | None:
+    """For each axis of the output grid (``out_affine``, ``out_shape``), the axis of the grid on
+    ``affine`` it runs along and the (fractional) index on that axis of each output voxel.
+
+    ``None`` when the grids are rotated against each other (then no axis maps to one axis).
+    """
+    m = np.linalg.inv(affine) @ out_affine  # output voxel index -> source voxel index
+    rot = m[:3, :3]
+    big = np.abs(rot) > 1e-6 * np.abs(rot).max()
+    if not (big.sum(axis=0) == 1).all() or not (big.sum(axis=1) == 1).all():
+        return None
+    src_axis = big.argmax(axis=0)
+    return [(int(src_axis[c]), rot[src_axis[c], c] * np.arange(out_shape[c]) + m[src_axis[c], 3]) for c in range(3)]
+
+
+def _interpolated(values: torch.Tensor, mapping: list[tuple[int, np.ndarray]], lo: list[int], out: list[slice]) -> torch.Tensor:
+    """``values`` ``(C, a, b, c)`` (a block of the source grid starting at voxel ``lo``) linearly
+    interpolated at the output voxels ``out`` (a box of the output grid), ``(C, *box)``.
+
+    Separable: one axis at a time, an index lookup where the output voxels lie on source voxels
+    (the slice axis, which preprocessing keeps), else a product with the ``(source, output)``
+    matrix of interpolation weights.
+    """
+    x = values.permute(0, *(r + 1 for r, _ in mapping))
+    at = [np.clip(pos[out[c]] - lo[r], 0, x.shape[c + 1] - 1) for c, (r, pos) in enumerate(mapping)]
+    on_voxels = [not (a - np.floor(a)).any() for a in at]
+    for c in sorted(range(3), key=lambda c: not on_voxels[c]):  # lookups first: they shrink the block
+        below = np.floor(at[c]).astype(np.int64)
+        if on_voxels[c]:
+            x = x.index_select(c + 1, torch.as_tensor(below))
+            continue
+        frac = torch.as_tensor(at[c] - below, dtype=x.dtype)
+        n = x.shape[c + 1]
+        weights = torch.zeros((n, len(below)), dtype=x.dtype)
+        rows = torch.arange(len(below))
+        weights.index_put_((torch.as_tensor(below), rows), 1 - frac, accumulate=True)
+        weights.index_put_((torch.as_tensor(np.minimum(below + 1, n - 1)), rows), frac, accumulate=True)
+        x = torch.movedim(torch.movedim(x, c + 1, -1) @ weights, -1, c + 1)
+    return x
+
+
+_CHUNK_VALUES = 1 << 24  # interpolated values held at once (64 MB of float32)
+
+
+def argmax_on_grid(probs: torch.Tensor, affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...],
+                   largest_component: bool) -> np.ndarray | None:
+    """The label map on the output grid of probabilities ``(C, h, w, D)`` on ``affine``: at each
+    output voxel, the argmax of the probabilities linearly interpolated there (background outside
+    ``probs``' grid). ``None`` for grids rotated against each other.
+
+    Interpolating the probabilities, not the label, keeps what the network says between its
+    voxels: on a finer CT grid the contour runs where the probabilities cross instead of in steps
+    of the network's voxels, and on a coarser one each voxel takes the network's estimate at its
+    centre instead of its nearest network voxel's label (on OpenKBP's 3.9-5.4 mm grids, +0.009
+    mean Dice over nearest neighbour on the inner split; README, *Shipped weights*).
+
+    ``largest_component``: each structure is first reduced, on ``probs``' grid, to the largest
+    connected component of its argmax; it competes for the voxels within one voxel of that
+    component in-plane (where its boundary is interpolated) and nowhere else (its probability
+    is 0 there; the background's is left as it is). On the output grid each structure is then
+    its largest connected component again (the interpolation can leave a few isolated voxels at
+    the edge of that band).
+
+    The work is done structure by structure inside the box where it can win, so the cost grows
+    with the structures' size, not the CT's: near its band, or without the largest-component
+    rule where its probability exceeds ``1/C`` (below that at every voxel around a point it
+    cannot be the argmax there: the interpolated probabilities still sum to 1).
+    """
+    from monai.transforms.utils import get_largest_connected_component_mask
+    from scipy.ndimage import find_objects
+
+    mapping = grid_mapping(affine, out_affine, out_shape)
+    if mapping is None:
+        return None
+    channels, size = probs.shape[0], probs.shape[1:]
+    probs = probs.float()
+    blocks = {}  # structure -> the box of probs' grid where it can win, grown by a voxel for the interpolation
+    if largest_component:
+        hard = torch.argmax(probs, dim=0).to(torch.uint8).numpy()
+        for k, found in enumerate(find_objects(hard, max_label=channels - 1), start=1):
+            if found is None:
+                probs[k] = 0
+                continue
+            component = np.zeros(size, dtype=np.uint8)
+            component[found] = get_largest_connected_component_mask(hard[found] == k)
+            band = _grown(find_objects(component)[0], size, (1, 1, 0))
+            near = torch.nn.functional.max_pool3d(torch.as_tensor(component[band])[None, None].float(), (3, 3, 1), 1, (1, 1, 0))[0, 0] > 0
+            kept = probs[k][band] * near
+            probs[k] = 0
+            probs[k][band] = kept
+            blocks[k] = _grown(band, size, (1, 1, 1))
+    else:
+        for k in range(1, channels):
+            found = find_objects((probs[k] > 1.0 / channels).to(torch.uint8).numpy())
+            if found:
+                blocks[k] = _grown(found[0], size, (1, 1, 1))
+    label = np.zeros(out_shape, dtype=np.uint8)
+    for k, block in blocks.items():
+        out = []
+        for r, pos in mapping:  # output voxels inside the block (at the grid's edge: up to half a voxel beyond)
+            low = -0.5 if block[r].start == 0 else block[r].start
+            high = size[r] - 0.5 if block[r].stop == size[r] else block[r].stop - 1
+            inside = np.nonzero((pos >= low) & (pos <= high))[0]
+            out.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
+        if any(s.stop == s.start for s in out):
+            continue
+        values, lo = probs[(slice(None), *block)], [b.start for b in block]
+        wins = np.zeros([o.stop - o.start for o in out], dtype=bool)
+        along = [r for r, _ in mapping].index(2)  # in pieces along the output axis of the slices
+        step = max(1, _CHUNK_VALUES // (channels * wins.size // wins.shape[along]))
+        for start in range(out[along].start, out[along].stop, step):
+            piece = list(out)
+            piece[along] = slice(start, min(start + step, out[along].stop))
+            at = [slice(None)] * 3
+            at[along] = slice(start - out[along].start, piece[along].stop - out[along].start)
+            wins[tuple(at)] = (torch.argmax(_interpolated(values, mapping, lo, piece), dim=0) == k).numpy()
+        if largest_component and wins.any():
+            wins = np.asarray(get_largest_connected_component_mask(torch.as_tensor(wins))).astype(bool)
+        label[tuple(out)][wins] = k
+    return label
+
+
+def _grown(box: tuple[slice, ...], size: tuple[int, ...], by: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` grown by ``by`` voxels on each side, inside a grid of ``size``."""
+    return tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, n, g in zip(box, size, by))
+
+
 def contour(network: ContourUNet, meta: ModelMeta, data: dict, pre: Compose, largest_component: bool,
             device: str | torch.device = "cpu", sw_batch_size: int = 32) -> tuple[np.ndarray, dict[str, float]]:
     """The label map of a CT preprocessed by :meth:`Contourer.preprocess`, on the CT's own grid.
 
     This is the one inference path: the app serves it, and the fine-tuning engine's model
     selection, the retraining gate, ``contourcl evaluate`` and the benchmarks score it.
-    The argmax of :func:`model_probabilities`, each structure reduced to its largest connected
-    component when ``largest_component``; both are computed inside the body's box only (outside
-    it the label is background, so the result is the same, at a fraction of the cost).
+    :func:`box_probabilities` (the body's box), put on the CT's grid by :func:`argmax_on_grid`
+    (probabilities interpolated linearly, each structure its largest connected component when
+    ``largest_component``). A CT whose grid is rotated against the model's is contoured on the
+    model's grid and put back by MONAI's general inverse of the preprocessing (nearest neighbour).
     Returns the label map (model numbering) and timings (``infer``, ``invert``) in seconds.
     """
     t1 = time.perf_counter()
     image = data["image"]
     probs, (rows, cols) = box_probabilities(network, image, meta, device, sw_batch_size)
-    box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
-    del probs
-    if largest_component and len(meta.labels):
-        box = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(box)
-    pred = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
-    pred[:, rows, cols] = torch.as_tensor(box)
     t2 = time.perf_counter()
     affine, shape = data["grid"]
-    label = nearest_to_grid(np.asarray(pred[0]), np.asarray(image.affine, dtype=np.float64), affine, shape)
-    if label is None:  # an oblique grid: MONAI's general inverse of the preprocessing
+    # one voxel of background around the box (where the grid goes on): what the box's edge is interpolated with
+    top, left = int(rows.start > 0), int(cols.start > 0)
+    bottom, right = int(rows.stop < image.shape[1]), int(cols.stop < image.shape[2])
+    padding = (0, 0, left, right, top, bottom)
+    padded = torch.cat([torch.nn.functional.pad(probs[:1], padding, value=1.0), torch.nn.functional.pad(probs[1:], padding)])
+    box_affine = np.asarray(image.affine, dtype=np.float64) @ _translation(rows.start - top, cols.start - left)
+    label = argmax_on_grid(padded, box_affine, affine, shape, largest_component and len(meta.labels) > 0)
+    if label is None:  # an oblique grid: the label on the model's grid, MONAI's general inverse
+        box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
+        if largest_component and len(meta.labels):
+            box = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(box)
+        pred = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
+        pred[:, rows, cols] = torch.as_tensor(box)
         data = dict(data)
         data["pred"] = MetaTensor(pred.float(), affine=image.affine, meta=dict(image.meta))
         inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
         label = np.rint(inverted[0].cpu().numpy()).astype(np.uint8)
     return label, {"infer": t2 - t1, "invert": time.perf_counter() - t2}
+
+
+def _translation(rows: int, cols: int) -> np.ndarray:
+    """The voxel-index shift of a box starting at ``(rows, cols, 0)``."""
+    shift = np.eye(4)
+    shift[:2, 3] = (rows, cols)
+    return shift
 
 
 def model_version(path: str | Path) -> str:
