@@ -17,11 +17,12 @@ def _pyplot():
 
 
 def contour_overlay(ct: np.ndarray, label: np.ndarray, names: dict[str, int], out: str | Path, truth: np.ndarray | None = None,
-                    slices: int = 4, window: tuple[float, float] = (-200.0, 300.0), title: str = "") -> Path:
+                    slices: int = 4, window: tuple[float, float] = (-200.0, 300.0), title: str = "",
+                    styles: tuple[str, str] = ("model", "reference")) -> Path:
     """Axial slices of ``ct`` (RAS array, as nibabel reads it) with ``label``'s contours (solid)
-    and, if given, ``truth``'s (dashed). Slices are spread over the labelled extent; the image is
-    shown as in radiology (patient's right on the left of the picture, anterior up) and cropped
-    to the body.
+    and, if given, ``truth``'s (dashed); ``styles`` names the two in the title. Slices are spread
+    over the labelled extent; the image is shown as in radiology (patient's right on the left of
+    the picture, anterior up) and cropped to the body.
     """
     plt = _pyplot()
     fg = np.argwhere((label > 0) | ((truth > 0) if truth is not None else False))
@@ -44,7 +45,7 @@ def contour_overlay(ct: np.ndarray, label: np.ndarray, names: dict[str, int], ou
         ax.axis("off")
     handles = [plt.Line2D([], [], color=colours[v], label=n) for n, v in names.items()]
     fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=8, frameon=False)
-    fig.suptitle(title + ("  (solid: model, dashed: reference)" if truth is not None else ""), fontsize=10)
+    fig.suptitle(title + (f"  (solid: {styles[0]}, dashed: {styles[1]})" if truth is not None else ""), fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     fig.savefig(out, dpi=80)
     plt.close(fig)

@@ -1,0 +1,69 @@
+"""The served label map (probabilities interpolated onto the CT's grid) against the nearest
+network voxel's label, on a planning-CT-sized grid: how many voxels differ, and a picture.
+
+    python benchmarks/grid_interpolation.py [--model apps/radonc/model/oar.pt] [--png docs/shipped/oar-grid-interpolation.png]
+
+The CT is OpenKBP's pt_1 resampled to 512 x 512 x 150 (as in ``bench_serving.py``). The nearest
+label is the earlier serving path: the argmax and each structure's largest connected component
+on the network's 3 mm grid, then each CT voxel given the label of its nearest network voxel.
+Prints, per structure, the voxels of each label map and the Dice between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import KeepLargestConnectedComponent
+
+from bench_serving import KBP, MODEL, ct_sized_volume
+from contourcl.data.volumes import read_ras, to_ras
+from contourcl.inference import Contourer, box_probabilities, contour, grid_mapping
+from contourcl.plots import contour_overlay
+
+
+def nearest_label(network, meta, data: dict) -> np.ndarray:
+    """The earlier path: labels on the network's grid, each CT voxel its nearest network voxel's."""
+    image = data["image"]
+    probs, (rows, cols) = box_probabilities(network, image, meta)
+    grid = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
+    box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
+    grid[:, rows, cols] = torch.as_tensor(KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(box))
+    affine, shape = data["grid"]
+    mapping = grid_mapping(np.asarray(image.affine, dtype=np.float64), affine, shape)
+    padded = np.pad(np.asarray(grid[0]), 1)  # outside the network's grid: background
+    index = [np.clip(np.rint(pos).astype(np.int64) + 1, 0, padded.shape[r] - 1) for r, pos in mapping]
+    return padded.transpose(tuple(r for r, _ in mapping))[np.ix_(*index)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--png", type=Path, help="write the picture here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ct_path = ct_sized_volume(KBP, Path(tmp) / "ct512.nii.gz")
+        contourer = Contourer(args.model)
+        _, network, meta = contourer.model()
+        data, pre = contourer.preprocess(ct_path, meta)
+        served = contour(network, meta, data, pre, contourer.keeps_largest_component(meta))[0]
+        nearest = nearest_label(network, meta, data)
+        print(f"{args.model} on {KBP.parent.name} resampled to {'x'.join(map(str, served.shape))}")
+        print("| structure | voxels, interpolated | voxels, nearest | Dice between them |\n|---|---|---|---|")
+        for name, v in meta.labels.items():
+            a, b = served == v, nearest == v
+            dice = 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+            print(f"| {name} | {a.sum()} | {b.sum()} | {dice:.3f} |")
+        if args.png:
+            affine = data["grid"][0]
+            contour_overlay(read_ras(ct_path), to_ras(served, affine), meta.labels, args.png, truth=to_ras(nearest, affine), slices=3,
+                            title=f"{meta.model} on a 512 x 512 x 150 grid",
+                            styles=("probabilities interpolated (served)", "nearest 3 mm voxel (before)"))
+            print(f"picture: {args.png}")
+
+
+if __name__ == "__main__":
+    main()
