@@ -1,11 +1,12 @@
-"""The served label map (probabilities interpolated onto the CT's grid) against the nearest
-network voxel's label, on a planning-CT-sized grid: how many voxels differ, and a picture.
+"""The served label map (probabilities averaged over neighbouring slices and interpolated onto the
+CT's grid) against the earlier nearest network voxel's label, on a planning-CT-sized grid: how many voxels differ, and a picture.
 
     python benchmarks/grid_interpolation.py [--model apps/radonc/model/oar.pt] [--png docs/shipped/oar-grid-interpolation.png]
 
 The CT is OpenKBP's pt_1 resampled to 512 x 512 x 150 (as in ``bench_serving.py``). The nearest
-label is the earlier serving path: the argmax and each structure's largest connected component
-on the network's 3 mm grid, then each CT voxel given the label of its nearest network voxel.
+label is the earlier serving path: each slice's own probabilities (no neighbour average), their
+argmax and each structure's largest connected component on the network's 3 mm grid, then each CT
+voxel given the label of its nearest network voxel.
 Prints, per structure, the voxels of each label map and the Dice between them.
 """
 
@@ -28,7 +29,7 @@ from contourcl.plots import contour_overlay
 def nearest_label(network, meta, data: dict) -> np.ndarray:
     """The earlier path: labels on the network's grid, each CT voxel its nearest network voxel's."""
     image = data["image"]
-    probs, (rows, cols) = box_probabilities(network, image, meta)
+    probs, (rows, cols) = box_probabilities(network, image, meta, averaged=False)
     grid = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
     box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
     grid[:, rows, cols] = torch.as_tensor(KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(box))

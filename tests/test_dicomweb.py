@@ -236,7 +236,7 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
 
         # retrain on the cache's final labels: fine-tunes the served model on one case, validates
         # on the other, and publishes because it is better than the re-initialised one
-        client.train_start("oar", {"max_epochs": 4, "lr": 3e-3, "samples_per_volume": 16})
+        client.train_start("oar", {"max_epochs": 6, "lr": 3e-3, "samples_per_volume": 16})
         status = _wait_for_training(url)
         assert status["status"] == "DONE", status
         history = client.info()["train_stats"]["oar"]["history"]

@@ -213,3 +213,28 @@ def test_contour_interpolates_the_whole_volumes_probabilities_onto_the_ct_grid(t
         nearest = np.where(inside, whole.argmax(axis=0)[tuple(np.rint(at).astype(int))].reshape(shape), 0)
         assert (label != nearest).sum() > 20  # not the nearest voxel's label: interpolated
     assert (results[0] != results[1]).any()  # the largest components are really taken
+
+
+def test_each_slice_is_averaged_with_its_neighbours():
+    """The served probabilities of a slice are the mean of the network's for it and the slices
+    above and below (the end slices count themselves twice), so a contour agrees with its
+    neighbours; summing to 1 still."""
+    from contourcl.data.labels import model_labels
+    from contourcl.inference import box_probabilities, slice_probabilities, whole_slice_roi
+    from contourcl.models.checkpoint import ModelMeta
+
+    labels = model_labels("oar")
+    torch.manual_seed(0)
+    net = build_network(NetConfig(out_channels=len(labels) + 1, encoder="resnet10", width=8)).eval()
+    head = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():  # an untrained network with a sharper last layer
+        head.weight.mul_(30)
+    image = torch.rand(1, 40, 36, 5)
+    probs, (rows, cols) = box_probabilities(net, image, ModelMeta(model="oar", labels=labels, net={}))
+    crop = image[None, :, rows, cols]
+    raw = slice_probabilities(net, crop, whole_slice_roi(crop.shape[2:4]))[0]
+    assert not torch.allclose(raw[..., 1], raw[..., 2], atol=1e-3)  # the slices differ: the test can fail
+    torch.testing.assert_close(probs[..., 2], (raw[..., 1] + raw[..., 2] + raw[..., 3]) / 3)
+    torch.testing.assert_close(probs[..., 0], (2 * raw[..., 0] + raw[..., 1]) / 3)
+    torch.testing.assert_close(probs[..., 4], (raw[..., 3] + 2 * raw[..., 4]) / 3)
+    torch.testing.assert_close(probs.sum(dim=0), torch.ones(probs.shape[1:]))

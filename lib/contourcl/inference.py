@@ -145,12 +145,14 @@ def preprocess_ct(image_path: str | Path, meta: ModelMeta, imaged: bool = False,
 
 
 def box_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta, device: str | torch.device = "cpu",
-                      sw_batch_size: int = 32) -> tuple[torch.Tensor, tuple[slice, slice]]:
+                      sw_batch_size: int = 32, averaged: bool = True) -> tuple[torch.Tensor, tuple[slice, slice]]:
     """Softmax probabilities ``(C, h, w, D)`` of a preprocessed ``(1, H, W, D)`` CT inside the
     body's box (:func:`body_box`), and the box ``(rows, cols)``; outside it everything is background.
 
     Whole axial slices of the box and, when the model file says ``tta_flip``, the mean with the
-    prediction of the left-right mirrored CT, its ``*_R``/``*_L`` channels swapped back.
+    prediction of the left-right mirrored CT, its ``*_R``/``*_L`` channels swapped back; then
+    :func:`neighbour_average` along the slices (as served; ``averaged=False``: each slice's own,
+    for ``benchmarks/decision_rules.py``).
     """
     rows, cols = body_box(image[0])
     crop = image[None, :, rows, cols]
@@ -159,7 +161,21 @@ def box_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta
     if meta.tta_flip:  # RAS: the first in-plane axis runs right to left
         mirrored = slice_probabilities(network, torch.flip(crop, dims=[2]), roi, sw_batch_size, device)[0].cpu()
         probs = (probs + torch.flip(mirrored, dims=[1])[mirror_channels(meta.labels)]) / 2
-    return probs, (rows, cols)
+    return (neighbour_average(probs) if averaged else probs), (rows, cols)
+
+
+def neighbour_average(probs: torch.Tensor) -> torch.Tensor:
+    """Each axial slice's probabilities ``(C, h, w, D)`` averaged with its two neighbours' (the
+    first and last slices count themselves twice).
+
+    The network sees one slice at a time; averaging its answers for adjacent slices is the
+    cheapest way to make a contour agree with the slices above and below it. Chosen on the inner
+    split of the shipped recipes (README, *The network's probabilities on the CT's grid*).
+    """
+    if probs.shape[-1] < 2:
+        return probs
+    padded = torch.cat([probs[..., :1], probs, probs[..., -1:]], dim=-1)
+    return (padded[..., :-2] + padded[..., 1:-1] + padded[..., 2:]) / 3
 
 
 def model_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta, device: str | torch.device = "cpu",
@@ -306,16 +322,26 @@ def contour(network: ContourUNet, meta: ModelMeta, data: dict, pre: Compose, lar
 
     This is the one inference path: the app serves it, and the fine-tuning engine's model
     selection, the retraining gate, ``contourcl evaluate`` and the benchmarks score it.
-    :func:`box_probabilities` (the body's box), put on the CT's grid by :func:`argmax_on_grid`
+    :func:`box_probabilities` (the body's box), put on the CT's grid by :func:`label_on_grid`
     (probabilities interpolated linearly, each structure its largest connected component when
-    ``largest_component``). A CT whose grid is rotated against the model's is contoured on the
-    model's grid and put back by MONAI's general inverse of the preprocessing (nearest neighbour).
+    ``largest_component``).
     Returns the label map (model numbering) and timings (``infer``, ``invert``) in seconds.
     """
     t1 = time.perf_counter()
-    image = data["image"]
-    probs, (rows, cols) = box_probabilities(network, image, meta, device, sw_batch_size)
+    probs, box = box_probabilities(network, data["image"], meta, device, sw_batch_size)
     t2 = time.perf_counter()
+    label = label_on_grid(probs, box, meta, data, pre, largest_component)
+    return label, {"infer": t2 - t1, "invert": time.perf_counter() - t2}
+
+
+def label_on_grid(probs: torch.Tensor, box: tuple[slice, slice], meta: ModelMeta, data: dict, pre: Compose,
+                  largest_component: bool) -> np.ndarray:
+    """The label map on the CT's own grid of :func:`box_probabilities`' ``(probs, box)`` for a CT
+    preprocessed by :meth:`Contourer.preprocess`: :func:`argmax_on_grid`, or for a CT whose grid
+    is rotated against the model's, the label on the model's grid put back by MONAI's general
+    inverse of the preprocessing (nearest neighbour)."""
+    image = data["image"]
+    rows, cols = box
     affine, shape = data["grid"]
     # one voxel of background around the box (where the grid goes on): what the box's edge is interpolated with
     top, left = int(rows.start > 0), int(cols.start > 0)
@@ -325,16 +351,16 @@ def contour(network: ContourUNet, meta: ModelMeta, data: dict, pre: Compose, lar
     box_affine = np.asarray(image.affine, dtype=np.float64) @ _translation(rows.start - top, cols.start - left)
     label = argmax_on_grid(padded, box_affine, affine, shape, largest_component and len(meta.labels) > 0)
     if label is None:  # an oblique grid: the label on the model's grid, MONAI's general inverse
-        box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
+        on_box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
         if largest_component and len(meta.labels):
-            box = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(box)
+            on_box = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(on_box)
         pred = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
-        pred[:, rows, cols] = torch.as_tensor(box)
+        pred[:, rows, cols] = torch.as_tensor(on_box)
         data = dict(data)
         data["pred"] = MetaTensor(pred.float(), affine=image.affine, meta=dict(image.meta))
         inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
         label = np.rint(inverted[0].cpu().numpy()).astype(np.uint8)
-    return label, {"infer": t2 - t1, "invert": time.perf_counter() - t2}
+    return label
 
 
 def _translation(rows: int, cols: int) -> np.ndarray:
