@@ -26,7 +26,7 @@ from contourcl.evaluation import case_mean, contour_metrics, prepare_cases
 from contourcl.inference import Contourer, box_probabilities, label_on_grid, neighbour_average
 
 WEIGHTS = (0.5, 0.7, 1.4, 2.0, 3.0)
-SMOOTHING = {"none (each slice its own)": (0.0, 1.0, 0.0), "1-2-1": (0.25, 0.5, 0.25), "1-1-1 (served)": (1 / 3, 1 / 3, 1 / 3)}
+SMOOTHING = {"none (each slice its own)": (0.0, 1.0, 0.0), "1-2-1": (1.0, 2.0, 1.0), "1-1-1 (served)": (1.0, 1.0, 1.0)}
 
 
 def scores(cases, meta, keep: bool, rule) -> dict:
@@ -44,14 +44,6 @@ def weighted(weights: np.ndarray):
     """The rule multiplying each channel by its weight (the probabilities renormalised)."""
     w = torch.as_tensor(weights, dtype=torch.float32)[:, None, None, None]
     return lambda p: (p * w) / (p * w).sum(dim=0, keepdim=True)
-
-
-def smoothed(kernel):
-    """The rule averaging each slice's probabilities with its neighbours' (ends repeated)."""
-    def rule(p):
-        padded = torch.cat([p[..., :1], p, p[..., -1:]], dim=-1)
-        return kernel[0] * padded[..., :-2] + kernel[1] * padded[..., 1:-1] + kernel[2] * padded[..., 2:]
-    return rule
 
 
 def structure_dice(result: dict, name: str) -> float:
@@ -79,7 +71,7 @@ def main() -> None:
     print(f"{args.model} on {len(raw)} cases of {args.data}\n")
     print("| rule | mean Dice | mean surface Dice |\n|---|---|---|")
     for name, kernel in SMOOTHING.items():
-        print(f"| slices averaged {name} | {summary(scores(raw, meta, keep, smoothed(kernel)))} |")
+        print(f"| slices averaged {name} | {summary(scores(raw, meta, keep, lambda p: neighbour_average(p, kernel)))} |")
     cases = [(c, neighbour_average(p), box) for c, p, box in raw]
     served = scores(cases, meta, keep, lambda p: p)
     weights = np.ones(len(names) + 1)

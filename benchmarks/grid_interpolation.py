@@ -17,22 +17,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from monai.transforms import KeepLargestConnectedComponent
 
 from bench_serving import KBP, MODEL, ct_sized_volume
 from contourcl.data.volumes import read_ras, to_ras
-from contourcl.inference import Contourer, box_probabilities, contour, grid_mapping
+from contourcl.inference import Contourer, box_probabilities, contour, grid_mapping, label_on_model_grid
 from contourcl.plots import contour_overlay
 
 
 def nearest_label(network, meta, data: dict) -> np.ndarray:
     """The earlier path: labels on the network's grid, each CT voxel its nearest network voxel's."""
     image = data["image"]
-    probs, (rows, cols) = box_probabilities(network, image, meta, averaged=False)
-    grid = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
-    box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
-    grid[:, rows, cols] = torch.as_tensor(KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(box))
+    probs, box = box_probabilities(network, image, meta, averaged=False)
+    grid = label_on_model_grid(probs, box, image.shape[1:], meta, largest_component=True)
     affine, shape = data["grid"]
     mapping = grid_mapping(np.asarray(image.affine, dtype=np.float64), affine, shape)
     padded = np.pad(np.asarray(grid[0]), 1)  # outside the network's grid: background

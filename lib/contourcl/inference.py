@@ -164,18 +164,20 @@ def box_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta
     return (neighbour_average(probs) if averaged else probs), (rows, cols)
 
 
-def neighbour_average(probs: torch.Tensor) -> torch.Tensor:
-    """Each axial slice's probabilities ``(C, h, w, D)`` averaged with its two neighbours' (the
-    first and last slices count themselves twice).
+def neighbour_average(probs: torch.Tensor, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Each axial slice's probabilities ``(C, h, w, D)`` averaged with its two neighbours', weighted
+    ``(below, itself, above)`` (the first and last slices stand in for their missing neighbour).
 
     The network sees one slice at a time; averaging its answers for adjacent slices is the
-    cheapest way to make a contour agree with the slices above and below it. Chosen on the inner
-    split of the shipped recipes (README, *The network's probabilities on the CT's grid*).
+    cheapest way to make a contour agree with the slices above and below it. Served with equal
+    weights, chosen on the inner split of the shipped recipes (README, *The network's
+    probabilities on the CT's grid*; ``benchmarks/decision_rules.py`` scores other weights).
     """
     if probs.shape[-1] < 2:
         return probs
     padded = torch.cat([probs[..., :1], probs, probs[..., -1:]], dim=-1)
-    return (padded[..., :-2] + padded[..., 1:-1] + padded[..., 2:]) / 3
+    below, itself, above = weights
+    return (below * padded[..., :-2] + itself * padded[..., 1:-1] + above * padded[..., 2:]) / sum(weights)
 
 
 def model_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta, device: str | torch.device = "cpu",
@@ -237,7 +239,8 @@ def argmax_on_grid(probs: torch.Tensor, affine: np.ndarray, out_affine: np.ndarr
                    largest_component: bool) -> np.ndarray | None:
     """The label map on the output grid of probabilities ``(C, h, w, D)`` on ``affine``: at each
     output voxel, the argmax of the probabilities linearly interpolated there (background outside
-    ``probs``' grid). ``None`` for grids rotated against each other.
+    ``probs``' grid). ``None`` for grids rotated against each other. ``probs`` is used as working
+    space (changed).
 
     Interpolating the probabilities, not the label, keeps what the network says between its
     voxels: on a finer CT grid the contour runs where the probabilities cross instead of in steps
@@ -322,9 +325,9 @@ def contour(network: ContourUNet, meta: ModelMeta, data: dict, pre: Compose, lar
 
     This is the one inference path: the app serves it, and the fine-tuning engine's model
     selection, the retraining gate, ``contourcl evaluate`` and the benchmarks score it.
-    :func:`box_probabilities` (the body's box), put on the CT's grid by :func:`label_on_grid`
-    (probabilities interpolated linearly, each structure its largest connected component when
-    ``largest_component``).
+    :func:`box_probabilities` (the body's box, each slice averaged with its neighbours), put on the
+    CT's grid by :func:`label_on_grid` (probabilities interpolated linearly, each structure its
+    largest connected component when ``largest_component``).
     Returns the label map (model numbering) and timings (``infer``, ``invert``) in seconds.
     """
     t1 = time.perf_counter()
@@ -343,24 +346,35 @@ def label_on_grid(probs: torch.Tensor, box: tuple[slice, slice], meta: ModelMeta
     image = data["image"]
     rows, cols = box
     affine, shape = data["grid"]
+    largest_component = largest_component and bool(meta.labels)
     # one voxel of background around the box (where the grid goes on): what the box's edge is interpolated with
     top, left = int(rows.start > 0), int(cols.start > 0)
     bottom, right = int(rows.stop < image.shape[1]), int(cols.stop < image.shape[2])
     padding = (0, 0, left, right, top, bottom)
     padded = torch.cat([torch.nn.functional.pad(probs[:1], padding, value=1.0), torch.nn.functional.pad(probs[1:], padding)])
     box_affine = np.asarray(image.affine, dtype=np.float64) @ _translation(rows.start - top, cols.start - left)
-    label = argmax_on_grid(padded, box_affine, affine, shape, largest_component and len(meta.labels) > 0)
+    label = argmax_on_grid(padded, box_affine, affine, shape, largest_component)
     if label is None:  # an oblique grid: the label on the model's grid, MONAI's general inverse
-        on_box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
-        if largest_component and len(meta.labels):
-            on_box = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(on_box)
-        pred = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
-        pred[:, rows, cols] = torch.as_tensor(on_box)
+        pred = label_on_model_grid(probs, box, image.shape[1:], meta, largest_component)
         data = dict(data)
         data["pred"] = MetaTensor(pred.float(), affine=image.affine, meta=dict(image.meta))
         inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
         label = np.rint(inverted[0].cpu().numpy()).astype(np.uint8)
     return label
+
+
+def label_on_model_grid(probs: torch.Tensor, box: tuple[slice, slice], size: tuple[int, ...], meta: ModelMeta,
+                        largest_component: bool) -> torch.Tensor:
+    """The ``(1, *size)`` label map on the model's grid of :func:`box_probabilities`' ``(probs,
+    box)``: their argmax, each structure its largest connected component when
+    ``largest_component``, background outside the box (what :func:`label_on_grid` puts back on an
+    oblique CT's grid)."""
+    on_box = torch.argmax(probs, dim=0, keepdim=True).to(torch.uint8)
+    if largest_component:
+        on_box = KeepLargestConnectedComponent(applied_labels=sorted(meta.labels.values()), independent=True)(on_box)
+    pred = torch.zeros((1, *size), dtype=torch.uint8)
+    pred[(slice(None), *box)] = torch.as_tensor(on_box)
+    return pred
 
 
 def _translation(rows: int, cols: int) -> np.ndarray:
