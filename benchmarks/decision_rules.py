@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from contourcl.data.datasets import labeled_cases
-from contourcl.evaluation import case_mean, contour_metrics, prepare_cases
+from contourcl.evaluation import case_mean, prepare_cases
 from contourcl.inference import Contourer, box_probabilities, label_on_grid, neighbour_average
 
 WEIGHTS = (0.5, 0.7, 1.4, 2.0, 3.0)
@@ -35,8 +35,7 @@ def scores(cases, meta, keep: bool, rule) -> dict:
     out = {}
     for case, probs, box in cases:
         label = case.scored(label_on_grid(rule(probs), box, meta, case.data, case.pre, keep))
-        spacing = np.linalg.norm(case.data["grid"][0][:3, :3], axis=0)
-        out[case.id] = contour_metrics(label, case.reference, meta.labels, spacing, metrics=("dice", "surface_dice"))
+        out[case.id] = case.metrics(label, meta.labels, metrics=("dice", "surface_dice"))
     return out
 
 

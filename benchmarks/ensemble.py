@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 from tqdm import tqdm
 
 from contourcl.data.datasets import labeled_cases
-from contourcl.evaluation import METRICS, contour_metrics, prepare_cases, preparation, summarise
+from contourcl.evaluation import evaluation_record, prepare_cases, preparation, summarise
 from contourcl.inference import Contourer, box_probabilities, label_on_grid
 
 
@@ -37,18 +36,19 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.models) < 2:
         parser.error("give at least two model files")
-    loaded = [Contourer(m).model()[1:] for m in args.models]
+    contourers = [Contourer(m) for m in args.models]
+    loaded = [c.model()[1:] for c in contourers]
     meta = loaded[0][1]
     for path, (_, other) in zip(args.models, loaded):
         if preparation(other) != preparation(meta) or dict(other.labels) != dict(meta.labels):
             raise SystemExit(f"{path}: prepared or numbered unlike {args.models[0]} ({preparation(other)} vs {preparation(meta)})")
-    keep = Contourer(args.models[0]).keeps_largest_component(meta)
-    ids = [i.strip() for i in args.ids.split(",") if i.strip()]
-    cases = [c for c in labeled_cases(args.data, meta.model) if str(c["id"]) in set(ids)]
+    keep = contourers[0].keeps_largest_component(meta)
+    ids = {i.strip() for i in args.ids.split(",") if i.strip()}
+    cases = [c for c in labeled_cases(args.data, meta.model) if str(c["id"]) in ids]
     names = [*(f"{k}" for k in range(len(args.models))), "ensemble"]
     per_case: dict[str, dict] = {n: {} for n in names}
+    set_aside = {}
     for case in tqdm(prepare_cases(cases, meta), desc="cases"):
-        spacing = np.linalg.norm(case.data["grid"][0][:3, :3], axis=0)
         probs = []
         for network, m in loaded:
             p, box = box_probabilities(network, case.data["image"], m)
@@ -56,7 +56,9 @@ def main() -> None:
         mean = sum(probs) / len(probs)
         for name, p in zip(names, [*probs, mean]):
             label = case.scored(label_on_grid(p, box, meta, case.data, case.pre, keep))
-            per_case[name][case.id] = contour_metrics(label, case.reference, meta.labels, spacing)
+            per_case[name][case.id] = case.metrics(label, meta.labels)
+        if case.set_aside:
+            set_aside[case.id] = case.set_aside
     structures = list(meta.labels)
     summaries = {n: summarise([per_case[n]], structures) for n in names}
     print(f"on {len(cases)} cases of {args.data}; Dice, mean over patients")
@@ -71,8 +73,7 @@ def main() -> None:
         for name in names:
             source = args.models[int(name)] if name != "ensemble" else " + ".join(args.models)
             with open(f"{args.json}-{name}.json", "w") as f:
-                json.dump({"model": source, "data": str(args.data), "mean": {m: summaries[name][("mean", m)]["mean"] for m in METRICS},
-                           "cases": per_case[name]}, f, indent=1)
+                json.dump(evaluation_record(source, args.data, per_case[name], structures, set_aside=set_aside), f, indent=1)
 
 
 if __name__ == "__main__":

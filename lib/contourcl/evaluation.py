@@ -124,6 +124,13 @@ class EvaluationCase:
 
         return blank_slices(label, self.data["imaged_slices"])[0]
 
+    def metrics(self, scored: np.ndarray, labels: Mapping[str, int], tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+                metrics: Sequence[str] = METRICS) -> dict[str, dict[str, float]]:
+        """:func:`contour_metrics` of a label map made :meth:`scored` against the reference, with the
+        CT's voxel spacing."""
+        spacing = np.linalg.norm(self.data["grid"][0][:3, :3], axis=0)
+        return contour_metrics(scored, self.reference, labels, spacing, tolerance_mm, metrics)
+
 
 def preparation(meta: ModelMeta) -> tuple:
     """What an :class:`EvaluationCase` depends on in a model: its label numbering (the model kind),
@@ -191,8 +198,7 @@ def evaluate_network(network: torch.nn.Module, meta: ModelMeta, cases: Sequence[
         label = case.scored(contour(network, meta, case.data, case.pre, largest_component, device)[0])
         if labels is not None:
             labels[case.id] = label
-        spacing = np.linalg.norm(case.data["grid"][0][:3, :3], axis=0)
-        out[case.id] = contour_metrics(label, case.reference, meta.labels, spacing, tolerance_mm, metrics)
+        out[case.id] = case.metrics(label, meta.labels, tolerance_mm, metrics)
     return out
 
 
@@ -221,6 +227,16 @@ def evaluate_model_file(model_path: str | Path, cases: Sequence[Mapping], tolera
     prepared = [c if isinstance(c, EvaluationCase) else next(raw) for c in cases]
     return evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device,
                             labels=labels)
+
+
+def evaluation_record(model: str, data: str, per_case: Mapping[str, Mapping[str, Mapping[str, float]]], structures: Sequence[str],
+                      tolerance_mm: float = DEFAULT_TOLERANCE_MM, set_aside: Mapping[str, Mapping[str, str]] | None = None) -> dict:
+    """What ``contourcl evaluate --json`` writes (and ``contourcl benchmark paired`` reads): the
+    model and data, each case's figures, their patient-wise means, and the reference structures
+    set aside per case."""
+    summary = summarise([per_case], structures)
+    return {"model": str(model), "data": str(data), "tolerance_mm": tolerance_mm,
+            "mean": {m: summary[("mean", m)]["mean"] for m in METRICS}, "cases": dict(per_case), "set_aside": dict(set_aside or {})}
 
 
 def mean_dice(scores: Mapping[str, Mapping[str, Mapping[str, float]]], structures: Sequence[str]) -> float:

@@ -8,7 +8,7 @@ import json
 from contourcl.data.datasets import dicom_cases, labeled_cases
 from contourcl.errors import InvalidImageError
 from contourcl.data.volumes import MIN_IMAGED_AREA_CM2
-from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, format_figure, prepare_cases, summarise
+from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, evaluation_record, format_figure, prepare_cases, summarise
 from contourcl.models.checkpoint import read_meta
 from contourcl.serving.config import default_largest_component
 
@@ -114,8 +114,6 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
         for path in overlays(args.model, cases, prepared, per_case, labels, structures, args.overlays):
             print(f"overlay: {path}")
     if args.json:
-        means = {m: summary[("mean", m)]["mean"] for m in METRICS}
         with open(args.json, "w") as f:
-            json.dump({"model": str(args.model), "data": str(args.data), "tolerance_mm": args.tolerance, "mean": means, "cases": per_case,
-                       "set_aside": set_aside}, f, indent=1)
+            json.dump(evaluation_record(args.model, args.data, per_case, structures, args.tolerance, set_aside), f, indent=1)
     return 0
