@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from contourcl.errors import ConfigError
-from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, save_finetuned
+from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, return_freed_memory, save_finetuned
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def select_and_refit(train: list[dict], val: list[dict], cfg: FinetuneConfig, ou
                   "tta_flip": selected.tta_flip, "choices": selected.choices, "seconds": round(selected.seconds, 1),
                   "history": selected.history}
         chosen_file.write_text(json.dumps(chosen, indent=1))
+        del selected
+        return_freed_memory()  # stage 1's cache, before the refit caches every case
     # the raw weights won the comparison with the average: refit without it
     use_ema = cfg.ema if chosen["choices"].get("kept", "ema") == "ema" else None
     refit_cfg = replace(cfg, max_epochs=max(1, int(chosen["best_epoch"])), tta_flip=bool(chosen["tta_flip"]), ema=use_ema)
