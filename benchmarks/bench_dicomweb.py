@@ -63,15 +63,22 @@ def resampled_ct(src: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, np
     return out, affine
 
 
-def vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident memory (``VmHWM``) of a live process, in MB."""
+def proc_status_kb(pid: int, field: str) -> int | None:
+    """A memory figure of a live process from ``/proc/PID/status``, in kB: ``VmHWM`` (its peak
+    resident memory), ``VmRSS`` (its resident memory now). None when the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident memory (``VmHWM``) of a live process, in MB."""
+    kb = proc_status_kb(pid, "VmHWM")
+    return None if kb is None else kb / 1024
 
 
 def start_server(root: Path, dicomweb: str) -> tuple[subprocess.Popen, str]:

@@ -23,16 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def rss_gb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1e6
-    except OSError:
-        return None
-    return None
+from bench_dicomweb import proc_status_kb
 
 
 def main() -> None:
@@ -60,11 +51,11 @@ def main() -> None:
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
             peaks, stage, t0 = [0.0, 0.0], 0, time.perf_counter()
             while child.poll() is None:
-                rss = rss_gb(child.pid)
+                rss = proc_status_kb(child.pid, "VmRSS")
                 if stage == 0 and (Path(f"{out}.state") / "selection.json").is_file():
                     stage = 1
                 if rss is not None:
-                    peaks[stage] = max(peaks[stage], rss)
+                    peaks[stage] = max(peaks[stage], rss / 1e6)
                 time.sleep(0.5)
             seconds = time.perf_counter() - t0
             log.seek(0)
