@@ -4,6 +4,8 @@ Usage::
 
     python benchmarks/structure_extent.py apps/radonc/model/oar.pt --data ../shared/data/openkbp/validation-pats \
         --structure SpinalCord [--short 10]
+    python benchmarks/structure_extent.py apps/radonc/model/oar.pt --data ../shared/data/openkbp/validation-pats \
+        --summary [--ids pt_1,pt_2]
 
 For every labeled case that contours the structure: the axial slices it spans in the reference
 and in the served label map (:class:`contourcl.inference.Contourer`, the server's path), on the
@@ -11,6 +13,14 @@ CT's own grid, on the slices ``contourcl evaluate`` scores (those that image the
 each case whose prediction spans more than ``--short`` fewer slices than the reference, and how
 many cases do. A low Dice with a large HD95 can be a contour that is right
 where it is drawn but stops early; this tells the two apart.
+
+``--summary``: for every structure, how much Dice the prediction loses along the body axis, on
+slices beyond where the reference draws it. Beside the Dice as scored (``contourcl evaluate``'s):
+the Dice of the same label map with each structure cut to the reference's slices (as if every
+contour stopped where the reference stops; slices where the prediction stops short stay missed),
+and the length along the body axis, in mm, of the reference (median and range over the cases) and
+of the prediction (median). Patient-wise means as ``contourcl evaluate`` takes them. The cut
+figure is not a model: it lends the prediction the reference's own extent, right or truncated.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import logging
 import numpy as np
 
 from contourcl.data.datasets import labeled_cases
-from contourcl.evaluation import prepare_cases
+from contourcl.evaluation import prepare_cases, summarise
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import read_meta
 
@@ -32,22 +42,75 @@ def axial_range(mask: np.ndarray) -> tuple[int, int] | None:
     return (int(z[0]), int(z[-1])) if z.size else None
 
 
+def cut_to_reference_extent(label: np.ndarray, reference: np.ndarray, values) -> np.ndarray:
+    """``label`` with each structure in ``values`` kept only on the axial slices where
+    ``reference`` draws it (structures the reference does not draw are left as they are)."""
+    cut = label.copy()
+    for value in values:
+        extent = axial_range(reference == value)
+        if extent is None:
+            continue
+        for block in (cut[..., : extent[0]], cut[..., extent[1] + 1:]):  # views: set in place
+            block[block == value] = 0
+    return cut
+
+
+def extent_summary(contourer: Contourer, meta, cases: list[dict]) -> None:
+    """Print ``--summary``'s table (module docstring)."""
+    scored, cut, lengths = {}, {}, {name: ([], []) for name in meta.labels}
+    for case in cases:
+        (prepared,) = prepare_cases([case], meta)
+        label = prepared.scored(contourer.predict(prepared.data, prepared.pre).label)
+        scored[prepared.id] = prepared.metrics(label, meta.labels, metrics=("dice",))
+        cut[prepared.id] = prepared.metrics(cut_to_reference_extent(label, prepared.reference, meta.labels.values()),
+                                            meta.labels, metrics=("dice",))
+        slice_mm = float(np.linalg.norm(prepared.data["grid"][0][:3, 2]))
+        for name, value in meta.labels.items():
+            ref, pred = axial_range(prepared.reference == value), axial_range(label == value)
+            if ref is not None:
+                lengths[name][0].append((ref[1] - ref[0] + 1) * slice_mm)
+                lengths[name][1].append(0.0 if pred is None else (pred[1] - pred[0] + 1) * slice_mm)
+    names = list(meta.labels)
+    as_scored, as_cut = summarise([scored], names), summarise([cut], names)
+    print(f"{len(cases)} cases: Dice as scored, and with each structure cut to the reference's slices (patient-wise means)")
+    print("| structure | patients | Dice | Dice, cut to the reference's extent | difference "
+          "| length, mm: reference, median [range] | prediction, median |")
+    print("|---|---|---|---|---|---|---|")
+    for name in [*names, "mean"]:
+        a, b = as_scored[(name, "dice")], as_cut[(name, "dice")]
+        ref, pred = lengths.get(name, ([], []))
+        length = f"{np.median(ref):.0f} [{min(ref):.0f}-{max(ref):.0f}] | {np.median(pred):.0f}" if ref else " | "
+        print(f"| {name} | {a['patients']} | {a['mean']:.3f} | {b['mean']:.3f} | {b['mean'] - a['mean']:+.3f} | {length} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
     parser.add_argument("--data", required=True)
     parser.add_argument("--structure", default="SpinalCord")
     parser.add_argument("--short", type=int, default=10, help="report predictions this many slices shorter or more")
+    parser.add_argument("--summary", action="store_true", help="every structure: the Dice its extent along the body axis costs")
+    parser.add_argument("--ids", help="only these cases (comma-separated ids)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     meta = read_meta(args.model)
+    cases = labeled_cases(args.data, meta.model)
+    if args.ids:
+        wanted = {i.strip() for i in args.ids.split(",") if i.strip()}
+        if wanted - {c["id"] for c in cases}:
+            raise SystemExit(f"--ids: no labeled {meta.model} case {sorted(wanted - {c['id'] for c in cases})} in {args.data}")
+        cases = [c for c in cases if c["id"] in wanted]
+    if args.summary:
+        print(f"{args.model} on {args.data}")
+        extent_summary(Contourer(args.model), meta, cases)
+        return
     if args.structure not in meta.labels:
         raise SystemExit(f"{args.model} has no structure {args.structure!r} (it has {', '.join(meta.labels)})")
     value = meta.labels[args.structure]
     contourer = Contourer(args.model)
     rows = []
-    for case in labeled_cases(args.data, meta.model):
+    for case in cases:
         (prepared,) = prepare_cases([case], meta)  # as `contourcl evaluate` reads it: the CT's grid, the model's numbering
         ref = axial_range(prepared.reference == value)
         if ref is None:
