@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="2.5D: this many neighbouring slices on each side as input channels (default 0: 2D); a 2D pretraining checkpoint's first convolution is inflated")
     parser.add_argument("--deep-supervision", type=int, default=0, metavar="LEVELS",
                         help="deep supervision: a loss on this many coarser decoder outputs too, weighted 1/2, 1/4, ... (default 0: none; training only)")
+    parser.add_argument("--ce-weight", type=float, default=0.1,
+                        help="weight of the cross-entropy beside the Dice in the marginal loss (default %(default)s)")
     parser.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
     parser.add_argument("--val-interval", type=int, default=1, help="validate every this many epochs (default %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up before the cosine decay (default %(default)s)")
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
         largest_component=default_largest_component(args.model), val_interval=args.val_interval, warmup_steps=args.warmup_steps,
         ema=args.ema, tta_flip={"off": False, "on": True, "auto": None}[args.tta_flip], context=args.context,
-        deep_supervision=args.deep_supervision,
+        deep_supervision=args.deep_supervision, ce_weight=args.ce_weight,
     )
     if args.spacing:
         cfg = replace(cfg, spacing=(args.spacing, args.spacing))
