@@ -131,7 +131,8 @@ def test_run_tasks_order_failures_and_resume(tmp_path):
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def openkbp_like(tmp_path_factory):
-    """An OpenKBP-shaped folder (pt_*/ct, oar, target) of small synthetic phantoms."""
+    """An OpenKBP-shaped folder (pt_*/ct, oar, target) of small synthetic phantoms. pt_11's spinal
+    cord is drawn 7 voxels (2.8 cm) square: a reference the check sets aside."""
     from contourcl.data.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("openkbp")
@@ -139,6 +140,11 @@ def openkbp_like(tmp_path_factory):
         cases = []
         for seed in seeds:
             ct, lab, affine = make_phantom(seed, shape=(64, 64, 16), spacing=(4.0, 4.0, 8.0))
+            if seed == 11:
+                for z in np.nonzero((lab == 2).any(axis=(0, 1)))[0]:
+                    x, y = np.argwhere(lab[..., z] == 2).mean(axis=0).round().astype(int)
+                    block = lab[x - 3: x + 4, y - 3: y + 4, z]
+                    block[block == 0] = 2
             d = root / split / f"pt_{seed}"
             d.mkdir(parents=True)
             write_nifti(d / "ct.nii.gz", ct, affine)
@@ -200,6 +206,10 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
     assert run["init"].endswith("simclr.pt") and len(run["train_cases"]) == 2
     assert set(run["cases"]) == {"pt_10", "pt_11"}  # evaluated on the validation cases only
     assert set(run["cases"]["pt_10"]) == {"Brainstem", "SpinalCord", "Parotid_R", "Parotid_L", "Mandible", "Larynx", "Esophagus"}
+    # the reference check's set-aside structures: named in the record, not scored
+    assert list(run["set_aside"]) == ["pt_11"] and list(run["set_aside"]["pt_11"]) == ["SpinalCord"]
+    assert "median cross-section" in run["set_aside"]["pt_11"]["SpinalCord"]
+    assert np.isnan(run["cases"]["pt_11"]["SpinalCord"]["dice"]) and not np.isnan(run["cases"]["pt_10"]["SpinalCord"]["dice"])
     md = (out / "results.md").read_text()
     assert "| simclr |" in md and "surface Dice at 4 mm" in md
     assert (out / "dice-vs-labeled-oar.png").stat().st_size > 0
@@ -222,13 +232,13 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
     current = json.loads(record_path.read_text())
     assert current["scored_on"] == le.SCORED_ON
     # a run scored on the imaged slices before the reference check needs no model: the check is
-    # applied to its figures (the fixture's references are all plausible: they stay)
+    # applied to its figures (pt_11's cord is set aside, as the fresh record already has it)
     checked_path = out / "runs" / "oar" / "voxel-siamese" / "n01-d0.json"
     checked = json.loads(checked_path.read_text())
     checked_path.write_text(json.dumps({**checked, "scored_on": le.IMAGED_SLICES_ONLY}))
     (out / "models" / "oar-voxel-siamese-n01-d0.pt").unlink()
     old = {**current, "cases": {cid: {s: {**m, "dice": -1.0} for s, m in per.items()} for cid, per in current["cases"].items()}}
-    del old["scored_on"]
+    del old["scored_on"], old["set_aside"]  # as recorded before either rule
     record_path.write_text(json.dumps(old))
     (out / "models" / "gtv-simclr-n01-d0.pt").unlink()  # a run whose model is gone cannot be scored again
     gone = out / "runs" / "gtv" / "simclr" / "n01-d0.json"
@@ -239,9 +249,10 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
     upgraded = json.loads(checked_path.read_text())
     assert upgraded["scored_on"] == le.SCORED_ON
     assert json.dumps(upgraded["cases"], sort_keys=True) == json.dumps(checked["cases"], sort_keys=True)
-    assert upgraded["set_aside"] == {}
+    assert upgraded["set_aside"] == checked["set_aside"] and list(upgraded["set_aside"]) == ["pt_11"]
     assert json.dumps(again["cases"], sort_keys=True) == json.dumps(current["cases"], sort_keys=True)
     assert json.dumps(again["cases_every_slice"], sort_keys=True) == json.dumps(old["cases"], sort_keys=True)
+    assert again["set_aside"] == current["set_aside"]  # scored again from its model: the check's findings recorded
     assert (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns == stamp  # already scored so: untouched
     # the command that states a model's figures, on the same validation cases
     import subprocess

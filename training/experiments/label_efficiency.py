@@ -55,7 +55,8 @@ from tqdm.auto import tqdm
 
 from contourcl.data.datasets import labeled_cases
 from contourcl.data.labels import model_labels
-from contourcl.evaluation import DEFAULT_TOLERANCE_MM, evaluate_model_file
+from contourcl.evaluation import DEFAULT_TOLERANCE_MM, evaluate_model_file, prepare_cases
+from contourcl.models.checkpoint import read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +223,14 @@ SCORED_ON = "imaged slices, reference check"
 IMAGED_SLICES_ONLY = "imaged slices"
 
 
-def _score(spec: dict) -> dict:
-    """A run's saved model scored on its validation cases, as ``contourcl evaluate`` scores it."""
-    return evaluate_model_file(Path(spec["model_path"]), spec["validation"], spec["tolerance_mm"], keep_preprocessed=True)
+def _score(spec: dict) -> tuple[dict, dict]:
+    """A run's saved model scored on its validation cases, as ``contourcl evaluate`` scores it:
+    the per-case figures, and the reference structures the check set aside (``{case: {structure:
+    reason}}``, the cases with any)."""
+    model_path = Path(spec["model_path"])
+    prepared = prepare_cases(spec["validation"], read_meta(model_path), keep_preprocessed=True)
+    metrics = evaluate_model_file(model_path, prepared, spec["tolerance_mm"])
+    return metrics, {c.id: c.set_aside for c in prepared if c.set_aside}
 
 
 def finetune_task(spec: dict) -> dict:
@@ -242,7 +248,7 @@ def finetune_task(spec: dict) -> dict:
         # the result is kept; only the weights a later pretraining reads were remade (Task.also)
         return {"result": spec["result"]}
     t0 = time.perf_counter()
-    metrics = _score(spec)
+    metrics, set_aside = _score(spec)
     record = {
         "model": cfg.model,
         "method": spec["method"],
@@ -256,6 +262,7 @@ def finetune_task(spec: dict) -> dict:
         "seconds": {"finetune": result.seconds, "evaluate": time.perf_counter() - t0},
         "history": result.history,
         "cases": metrics,
+        "set_aside": set_aside,
         "scored_on": SCORED_ON,
     }
     _write_json(Path(spec["result"]), record)
@@ -305,7 +312,7 @@ def rescore(p: Plan, progress: bool = True) -> list[str]:
             continue
         else:
             record["cases_every_slice"] = record["cases"]
-            record["cases"] = _score(t.spec)
+            record["cases"], record["set_aside"] = _score(t.spec)
         record["scored_on"] = SCORED_ON
         record.setdefault("seconds", {})["rescore"] = time.perf_counter() - t0
         _write_json(t.output, record)
