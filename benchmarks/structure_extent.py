@@ -30,7 +30,7 @@ import logging
 
 import numpy as np
 
-from contourcl.data.datasets import labeled_cases
+from contourcl.data.datasets import labeled_cases, only_ids
 from contourcl.evaluation import prepare_cases, summarise
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import read_meta
@@ -97,10 +97,10 @@ def main() -> None:
     meta = read_meta(args.model)
     cases = labeled_cases(args.data, meta.model)
     if args.ids:
-        wanted = {i.strip() for i in args.ids.split(",") if i.strip()}
-        if wanted - {c["id"] for c in cases}:
-            raise SystemExit(f"--ids: no labeled {meta.model} case {sorted(wanted - {c['id'] for c in cases})} in {args.data}")
-        cases = [c for c in cases if c["id"] in wanted]
+        try:
+            cases = only_ids(cases, args.ids, meta.model, args.data)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     if args.summary:
         print(f"{args.model} on {args.data}")
         extent_summary(Contourer(args.model), meta, cases)

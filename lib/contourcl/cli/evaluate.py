@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from contourcl.data.datasets import dicom_cases, labeled_cases
+from contourcl.data.datasets import dicom_cases, labeled_cases, only_ids
 from contourcl.errors import InvalidImageError
 from contourcl.data.volumes import MIN_IMAGED_AREA_CM2
 from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, evaluation_record, format_figure, prepare_cases, summarise
@@ -84,11 +84,7 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
     except InvalidImageError:  # no volume files: DICOM series with their RTSTRUCTs?
         cases = dicom_cases(args.data, meta.model, tmp)
     if args.ids:
-        wanted = [i.strip() for i in args.ids.split(",") if i.strip()]
-        missing = sorted(set(wanted) - {c["id"] for c in cases})
-        if missing:
-            raise ValueError(f"--ids: no labeled {meta.model} case {missing} in {args.data}")
-        cases = [c for c in cases if c["id"] in wanted]
+        cases = only_ids(cases, args.ids, meta.model, args.data)
     cases = cases[: args.max_cases]
     if not cases:
         raise SystemExit(f"no labeled {meta.model} cases in {args.data}")

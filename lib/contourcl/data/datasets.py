@@ -105,6 +105,16 @@ def labeled_cases(folder: str | Path, model: str) -> list[dict]:
     return cases
 
 
+def only_ids(cases: list[dict], ids: str, model: str, folder: str | Path) -> list[dict]:
+    """The :func:`labeled_cases` entries whose id is in ``ids`` (comma-separated, as ``--ids``
+    takes them), in their order; a ValueError names the ids ``folder`` has no labeled case of."""
+    wanted = {i.strip() for i in ids.split(",") if i.strip()}
+    missing = sorted(wanted - {c["id"] for c in cases})
+    if missing:
+        raise ValueError(f"--ids: no labeled {model} case {missing} in {folder}")
+    return [c for c in cases if c["id"] in wanted]
+
+
 def read_label(case: Mapping) -> tuple[np.ndarray, np.ndarray]:
     """A case's label map in the stored numbering, and its affine (as nibabel reads it)."""
     from contourcl.data.volumes import read_nifti
