@@ -22,7 +22,6 @@ import hmac
 import http.server
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -32,16 +31,17 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
+from conftest import free_port, start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import sandbox
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
-from conftest import free_port, start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(400)
 
 ADMIN, REVIEWER, ANNOTATOR, USER = "monailabel-admin", "monailabel-reviewer", "monailabel-annotator", "monailabel-user"
 CASE = "synthetic_hn_000"  # labeled in sample-data
+VIEWER = "http://viewer.example"  # the browser origin the auth server grants (--conf cors_origins)
 STARTUP_S = 240  # generous: the three servers start together on a 2-core machine
 
 
@@ -84,10 +84,7 @@ def realm():
 def _start(root: Path, name: str, host: str, conf: dict, env: dict, scoring: bool = False) -> dict:
     """``monailabel start_server`` on copies of the app and the sample data, logging to a file."""
     base = root / name
-    studies = base / "studies"
-    shutil.copytree(REPO / "sample-data", studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "original", "README.md", ".contourcl"))
-    app = base / "radonc"
-    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "synthetic"))
+    app, studies = sandbox(base, REPO)
     tmp = base / "tmp"
     tmp.mkdir()
     full_env = {"MONAI_LABEL_AUTH_ENABLE": None, "MONAI_LABEL_AUTH_REALM_URI": None, "TMPDIR": str(tmp), **env}
@@ -106,7 +103,7 @@ def servers(tmp_path_factory, realm):
     auth_env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm["uri"]}
     started = {}
     try:
-        started["auth"] = _start(root, "auth", "127.0.0.1", {"max_upload_mb": 1, "max_model_mb": 2}, auth_env)
+        started["auth"] = _start(root, "auth", "127.0.0.1", {"max_upload_mb": 1, "max_model_mb": 2, "cors_origins": VIEWER}, auth_env)
         started["refused"] = _start(root, "refused", "0.0.0.0", {}, {}, scoring=True)  # as a user starts it
         started["insecure"] = _start(root, "insecure", "0.0.0.0", {"insecure": "true"}, {})
         deadline = time.time() + STARTUP_S
@@ -174,20 +171,19 @@ FAMILIES = [
     ("GET", "/model/liver", {}, REVIEWER, {404}),
     ("GET", "/datastore/dataset?limit_cases=1", {}, REVIEWER, {200}),
     ("GET", "/scoring/", {}, REVIEWER, {200, 404}),  # 404: no scoring run yet
-    ("GET", "/batch/infer", {}, REVIEWER, {200, 404}),  # 404: no batch run yet
     ("GET", "/logs/?lines=5", {}, REVIEWER, {200}),
     ("PUT", "/model/oar", {}, ADMIN, {422}),
     ("DELETE", "/model/liver", {}, ADMIN, {404}),
     ("DELETE", "/datastore/label?id=no_such_case&tag=final", {}, ADMIN, None),
     ("PUT", f"/datastore/label/info?label={CASE}&tag=final", {}, ADMIN, None),
-    ("GET", "/session/no-such-session", {}, ADMIN, {404}),
-    ("GET", "/ohif/", {}, ADMIN, None),  # not in the table: admin
-    ("GET", "/no/such/path", {}, ADMIN, {404}),
-    # checked for refusals only (an admin call would reload the app or proxy a datastore)
-    ("POST", "/reload", {}, ADMIN, "skip"),
+    ("GET", "/ohif/", {}, USER, None),  # the viewer's files: any signed-in user
+    # checked for refusals only (an admin call would proxy a datastore)
     ("GET", "/proxy/dicom/qido/studies", {}, ADMIN, "skip"),
 ]
-BELOW = {ANNOTATOR: [USER], REVIEWER: [USER, ANNOTATOR], ADMIN: [USER, ANNOTATOR, REVIEWER]}
+BELOW = {USER: [], ANNOTATOR: [USER], REVIEWER: [USER, ANNOTATOR], ADMIN: [USER, ANNOTATOR, REVIEWER]}
+#: routes MONAI Label mounts that this server does not serve: 404 to everyone, token or not
+NOT_SERVED = [("PUT", "/session/"), ("GET", "/session/no-such-session"), ("POST", "/reload"), ("POST", "/infer/wsi/oar"),
+              ("POST", "/infer/wsi_v2/oar"), ("GET", "/batch/infer"), ("POST", "/batch/infer/oar"), ("GET", "/no/such/path")]
 
 
 def test_public_endpoints_need_no_token(servers):
@@ -195,10 +191,21 @@ def test_public_endpoints_need_no_token(servers):
     for path in ("/", "/docs", "/openapi.json", "/favicon.ico", "/static/favicon.ico"):
         assert _call(url, "GET", path).status_code == 200, path
     assert _call(url, "GET", "/auth/").json()["enabled"] is True
-    # a browser's CORS preflight is answered without a token (the gateway sits inside CORS)
-    r = requests.options(f"{url}/info/", headers={"Origin": "http://viewer.example", "Access-Control-Request-Method": "GET",
-                                                  "Access-Control-Request-Headers": "authorization"}, timeout=30)
-    assert r.status_code == 200 and r.headers.get("access-control-allow-origin")
+    # a browser's CORS preflight from the granted origin is answered without a token (the gateway
+    # sits inside CORS); any other origin gets no grant
+    for origin, granted in ((VIEWER, True), ("http://evil.example", False)):
+        r = requests.options(f"{url}/info/", headers={"Origin": origin, "Access-Control-Request-Method": "GET",
+                                                      "Access-Control-Request-Headers": "authorization"}, timeout=30)
+        assert (r.status_code == 200 and r.headers.get("access-control-allow-origin") == origin) is granted, (origin, r.status_code)
+
+
+def test_routes_not_served_answer_404_to_everyone(servers, realm):
+    url = servers["auth"]["url"]
+    admin = _token(realm, [ADMIN])
+    for method, path in NOT_SERVED:
+        for token in (None, admin):
+            r = _call(url, method, path, token)
+            assert r.status_code == 404, (method, path, bool(token), r.status_code, r.text)
 
 
 def test_every_family_refuses_without_a_token(servers):
@@ -208,7 +215,7 @@ def test_every_family_refuses_without_a_token(servers):
         assert r.status_code == 401, (method, path, r.status_code, r.text)
         assert r.headers.get("www-authenticate") == "Bearer" and role in r.json()["detail"]
     # refusals carry CORS headers, so that a browser client can read them
-    r = requests.get(f"{url}/info/", headers={"Origin": "http://viewer.example"}, timeout=30)
+    r = requests.get(f"{url}/info/", headers={"Origin": VIEWER}, timeout=30)
     assert r.status_code == 401 and r.headers.get("access-control-allow-origin")
 
 
@@ -342,9 +349,8 @@ def test_unreachable_realm_answers_503_not_a_pass(monkeypatch, realm):
     """In-process: a realm that cannot be reached refuses every token (503 from the gateway)."""
     import asyncio
 
-    from monailabel.config import settings
-
     from contourcl.serving import security
+    from monailabel.config import settings
 
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_REALM_URI", f"http://127.0.0.1:{free_port()}/realms/monailabel")

@@ -125,6 +125,39 @@ def start_monailabel(app: str | Path, studies: str | Path, conf: Mapping[str, ob
     return proc, f"http://127.0.0.1:{port}"
 
 
+#: what a copy of the app leaves behind: the server's own writings and, unless asked, other weights
+APP_IGNORE = ("history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache", "logs")
+#: what a copy of the sample data leaves behind: the server's own writings there
+STUDIES_IGNORE = ("datastore_v2.json", ".lock", "original", "README.md", ".contourcl", "logs")
+
+
+def sandbox(base: str | Path, repo: str | Path, weights: tuple[str, ...] = ("oar.pt", "gtv.pt"), studies: bool = True) -> tuple[Path, Path]:
+    """Copies of ``apps/radonc`` (``base/radonc``) and of ``sample-data`` (``base/studies``) for a
+    server a test may break. ``weights``: the model files (and weight folders, e.g. ``synthetic``)
+    of ``apps/radonc/model`` to copy; the others are left out. Returns (app, studies)."""
+    base, repo = Path(base), Path(repo)
+    app, folder = base / "radonc", base / "studies"
+    model = repo / "apps" / "radonc" / "model"
+    skip = [p.name for p in model.iterdir() if p.name not in weights and (p.suffix == ".pt" or p.is_dir())]
+    shutil.copytree(repo / "apps" / "radonc", app, ignore=_ignore_in(model, skip, APP_IGNORE))
+    if studies:
+        shutil.copytree(repo / "sample-data", folder, ignore=shutil.ignore_patterns(*STUDIES_IGNORE))
+    return app, folder
+
+
+def _ignore_in(folder: Path, names: list[str], patterns: tuple[str, ...]):
+    """``shutil.copytree``'s ignore: ``patterns`` anywhere, ``names`` only inside ``folder``."""
+    by_pattern = shutil.ignore_patterns(*patterns)
+
+    def ignore(path, entries):
+        skipped = set(by_pattern(path, entries))
+        if Path(path).resolve() == folder.resolve():
+            skipped |= {e for e in entries if e in names}
+        return skipped
+
+    return ignore
+
+
 def find_orthanc() -> str | None:
     """Orthanc's executable (Debian puts it in /usr/sbin, off a user's PATH), or None."""
     return shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")

@@ -27,6 +27,7 @@ from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.security import install as install_security
 from contourcl.serving.series import ingest_series, refused_series
 from contourcl.serving.security import status as security_status
+from contourcl.serving.slots import InferenceSlots
 from contourcl.serving.strategy import RandomStrategy, UncertaintyStrategy
 from contourcl.serving.train import RetrainTask
 
@@ -77,6 +78,7 @@ class ContourApp(MONAILabelApp):
             raise ValueError(f"{type(self).__name__} has no model configs: the app's main.py sets configs from its lib/configs/")
         self.model_dir = model_dir(app_dir, conf or {})
         self.models = _models(conf or {}, self.configs)
+        self.infer_slots = InferenceSlots.from_conf(conf or {})  # how many inferences run at once
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name=name, description=description, version="0.1.0")
 
     def init_datastore(self):
@@ -154,7 +156,7 @@ class ContourApp(MONAILabelApp):
         self.datastore().refresh_studies()
         meta = super().info()
         meta["studies"] = self.studies_status()
-        meta["security"] = security_status(self)
+        meta["security"] = {**security_status(self), **self.infer_slots.status()}
         # images in the studies folder that are not usable CTs: skipped by next-sample and training
         meta["unusable_images"] = {i: e["reason"] for i, e in self.datastore().unusable().items()}
         # DICOM series in the studies folder that could not become images, with why
@@ -192,6 +194,9 @@ class ContourApp(MONAILabelApp):
         never any other path on the server."""
         request = dict(request)
         upload = request.pop("_upload", None)
+        request.pop("label_tag", None)
+        if request.get("save_label"):
+            request["label_tag"] = "original"  # an infer keeps its proposal, never a final label
         self._check_model(request.get("model"), self._infers)
         task = self._infers[request["model"]]
         if not task.is_valid():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import zipfile
@@ -34,12 +35,19 @@ from requests_toolbelt import MultipartEncoder
 
 from contourcl.ids import check_id
 from contourcl.serving.errors import http_errors
+from contourcl.serving.routes import listing
 from contourcl.serving.security import limits
+from contourcl.training.finetune.engine import return_freed_memory
 
 logger = logging.getLogger(__name__)
 
 #: The image formats the datastore takes (as MONAI Label's local datastore: by file name).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+#: How deep a request's ``params`` may nest (Slicer's are 3 levels deep)
+MAX_PARAMS_DEPTH = 32
+#: Request keys an infer request may not set: what is contoured, by which model, the upload marker,
+#: and where a result is stored (an infer keeps its proposal as ``original``, never as ``final``)
+INFER_RESERVED = ("image", "model", "label_tag")
 
 
 def _suffix(filename: str | None, allowed=IMAGE_SUFFIXES, default: str = ".nii.gz") -> str:
@@ -68,14 +76,40 @@ def _save_upload(upload: UploadFile, folder: Path, name: str, limit_mb: float) -
     return path
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def _params(text: str) -> dict:
+    """The ``params`` form field: a JSON object of finite numbers, nested at most 32 deep."""
     try:
-        value = json.loads(text) if text else {}
+        value = json.loads(text, parse_float=_finite, parse_constant=_no_constant) if text else {}
+    except RecursionError:
+        raise HTTPException(422, "params is nested too deeply") from None
     except ValueError as err:
         raise HTTPException(422, f"params is not JSON: {err}") from err
     if not isinstance(value, dict):
         raise HTTPException(422, "params must be a JSON object")
+    if _depth(value) > MAX_PARAMS_DEPTH:
+        raise HTTPException(422, f"params is nested more than {MAX_PARAMS_DEPTH} levels deep")
     return value
+
+
+def _depth(value, level: int = 0) -> int:
+    if level > MAX_PARAMS_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
 
 
 def _result_response(result: dict, output: str | None) -> Response:
@@ -101,11 +135,13 @@ def _result_response(result: dict, output: str | None) -> Response:
     return Response(content=body.to_string(), media_type=body.content_type)
 
 
-def build_router(instance, prefix: str = "") -> APIRouter:
-    """The routes, bound to the running ``ContourApp`` ``instance``."""
+def build_router(instance, prefix: str = "", server=None) -> APIRouter:
+    """The routes, bound to the running ``ContourApp`` ``instance`` (and, for ``GET /info/routes``,
+    the FastAPI ``server`` that serves them)."""
     router = APIRouter(prefix=prefix)
     limit = limits(instance.conf or {})
     upload_mb, model_mb = limit["max_upload_mb"], limit["max_model_mb"]
+    slots = instance.infer_slots
 
     # -- datastore --------------------------------------------------------------------------
     def add_image(image: Optional[str] = None, params: str = Form("{}"), file: UploadFile = File(...)):
@@ -159,14 +195,18 @@ def build_router(instance, prefix: str = "") -> APIRouter:
             raise HTTPException(422, f"output {output!r} is not supported; use image, json or all")
         if not file and not image:
             raise HTTPException(422, "no image: send a datastore image id (?image=ID) or an image file")
-        # keys a client may not set: what is contoured, with which model, and the upload marker
-        request = {k: v for k, v in _params(params).items() if k not in ("image", "model") and not k.startswith("_")}
+        request = {k: v for k, v in _params(params).items() if k not in INFER_RESERVED and not k.startswith("_")}
         request.update(model=model, image=image)
         with tempfile.TemporaryDirectory(prefix="contourcl-infer-") as tmp:
             if file:
                 path = _save_upload(file, Path(tmp), f"image{_suffix(file.filename)}", upload_mb)
                 request.update(image=str(path), _upload=str(path))
-            result = instance.infer(request)
+            with slots.slot():
+                try:
+                    result = instance.infer(request)
+                finally:
+                    if slots.status()["running"] <= 1:
+                        return_freed_memory()  # the volume's copies, freed in this thread's arena
             if result is None:
                 raise HTTPException(500, "inference gave no result")
             return _result_response(result, output)
@@ -186,6 +226,10 @@ def build_router(instance, prefix: str = "") -> APIRouter:
             entry = instance.withdraw_model(model)
         return {"model": model, "withdrawn": True, "kept_as_version": entry["version"]}
 
+    def route_list():
+        return {"routes": listing(server) if server is not None else [], "infer": slots.status()}
+
+    router.add_api_route("/info/routes", route_list, methods=["GET"])
     router.add_api_route("/datastore/image", add_image, methods=["PUT"])
     router.add_api_route("/datastore/", add_image, methods=["PUT"], include_in_schema=False)
     router.add_api_route("/datastore/label", save_label, methods=["PUT"])
@@ -201,6 +245,6 @@ def install(server, app) -> None:
     (Starlette matches routes in order, so the first match answers)."""
     from monailabel.config import settings
 
-    router = build_router(app, settings.MONAI_LABEL_API_STR or "")
+    router = build_router(app, settings.MONAI_LABEL_API_STR or "", server)
     server.router.routes[:0] = router.routes
     logger.info("ContourCL handlers answer: %s", ", ".join(f"{'/'.join(sorted(r.methods))} {r.path}" for r in router.routes))

@@ -19,6 +19,7 @@ import contextvars
 import io
 import ipaddress
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -33,7 +34,10 @@ from monailabel.config import settings
 from monailabel.endpoints.user import auth as ml_auth
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
+
+from contourcl.serving import browsers
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +46,29 @@ REVIEWER = settings.MONAI_LABEL_AUTH_ROLE_REVIEWER
 ANNOTATOR = settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
 USER = settings.MONAI_LABEL_AUTH_ROLE_USER
 PUBLIC = None  # no token needed
+NOT_SERVED = "not served"  # a route this server does not answer (404 for everyone)
 
-# Who may do what, first match wins; anything that matches no row needs ADMIN (deny by default).
-# A row is (methods, path, role): methods "*" is any method, and HEAD counts as GET; a path that
-# ends in "/*" matches that path and everything below it, any other path matches exactly.
+# Every route this server answers, and who may call it; first match wins. A row is (methods, path,
+# role): methods "*" is any method, and HEAD counts as GET; a path that ends in "/*" matches that
+# path and everything below it, any other path matches exactly. NOT_SERVED rows name what MONAI
+# Label mounts and ContourCL does not serve; they, and anything that matches no row, answer 404
+# (contourcl.serving.routes also takes them off the router). The same table is the allowlist with
+# authentication off: a web page in the clinician's browser cannot reach a route that is not here.
 ROUTE_ROLES: tuple[tuple[str, str, str | None], ...] = (
+    # not served: they bypass the datastore's path rule (wsi), unpack archives and run code
+    # (session, reload), or fail on a CPU (batch infer)
+    ("*", "/infer/wsi/*", NOT_SERVED),
+    ("*", "/infer/wsi_v2/*", NOT_SERVED),
+    ("*", "/batch/*", NOT_SERVED),
+    ("*", "/session/*", NOT_SERVED),
+    ("*", "/reload", NOT_SERVED),
     ("GET", "/", PUBLIC),  # the API docs page
     ("GET", "/docs", PUBLIC),
     ("GET", "/openapi.json", PUBLIC),
     ("GET", "/favicon.ico", PUBLIC),
     ("GET", "/static/*", PUBLIC),
-    ("*", "/auth/*", PUBLIC),  # MONAI Label's login endpoints (mounted only with auth on)
+    ("GET POST", "/auth/*", PUBLIC),  # MONAI Label's login endpoints (mounted only with auth on)
+    ("GET", "/ohif/*", USER),  # the OHIF viewer's own files (its data come through the routes below)
     # annotators: see the app, get the next sample, auto-contour, submit labels and images
     ("GET", "/info/*", ANNOTATOR),
     ("POST", "/activelearning/*", ANNOTATOR),
@@ -65,19 +81,20 @@ ROUTE_ROLES: tuple[tuple[str, str, str | None], ...] = (
     ("GET", "/datastore/image/info", ANNOTATOR),
     ("GET", "/datastore/label", ANNOTATOR),
     ("GET", "/datastore/label/info", ANNOTATOR),
-    # reviewers: train, download models and the whole dataset, scoring, batch jobs, logs
+    # reviewers: train, download models and the whole dataset, scoring, logs
     ("GET POST DELETE", "/train/*", REVIEWER),
     ("GET", "/model/*", REVIEWER),
     ("GET", "/datastore/dataset", REVIEWER),
-    ("*", "/scoring/*", REVIEWER),
-    ("*", "/batch/*", REVIEWER),
+    ("GET POST DELETE", "/scoring/*", REVIEWER),
     ("GET", "/logs/*", REVIEWER),
-    # admins: replace or delete models, delete from the datastore, reload, proxy, sessions
+    # admins: replace or delete models, change image and label info, delete from the datastore,
+    # the DICOMweb proxy (OHIF with a PACS)
     ("PUT DELETE", "/model/*", ADMIN),
+    ("PUT", "/datastore/image/info", ADMIN),
+    ("PUT", "/datastore/label/info", ADMIN),
+    ("PUT", "/datastore/updatelabelinfo", ADMIN),
     ("DELETE", "/datastore/*", ADMIN),
-    ("*", "/reload", ADMIN),
-    ("*", "/proxy/*", ADMIN),
-    ("*", "/session/*", ADMIN),
+    ("GET POST", "/proxy/*", ADMIN),
 )
 
 # a role includes the roles below it
@@ -104,7 +121,8 @@ class RealmUnavailable(jwt.InvalidTokenError):
 
 # -- the policy ---------------------------------------------------------------------------------
 def required_role(method: str, path: str) -> str | None:
-    """The role :data:`ROUTE_ROLES` asks of ``method path`` (``None``: public)."""
+    """The role :data:`ROUTE_ROLES` asks of ``method path`` (``None``: public; :data:`NOT_SERVED`:
+    this server does not answer it, whoever asks)."""
     method = "GET" if method.upper() == "HEAD" else method.upper()
     for methods, pattern, role in ROUTE_ROLES:
         if methods != "*" and method not in methods.split():
@@ -115,7 +133,7 @@ def required_role(method: str, path: str) -> str | None:
                 return role
         elif path == pattern:
             return role
-    return ADMIN
+    return NOT_SERVED
 
 
 def has_role(roles, role: str | None) -> bool:
@@ -212,6 +230,7 @@ def status(app) -> dict:
         out["realm"] = settings.MONAI_LABEL_AUTH_REALM_URI
         out["client_id"] = settings.MONAI_LABEL_AUTH_CLIENT_ID
     out.update(limits(conf))
+    out.update(browsers.status(conf, is_loopback(host)))
     return out
 
 
@@ -389,31 +408,33 @@ class Gateway:
             return
 
         method, path = scope["method"], _route_path(scope)
+        role = required_role(method, path)
+        if role == NOT_SERVED:
+            await _answer(scope, receive, send, 404, f"this server does not serve {method} {path} (see GET /info/routes)")
+            return
         verified_token = None
-        if settings.MONAI_LABEL_AUTH_ENABLE:
-            role = required_role(method, path)
-            if role is not PUBLIC:
-                token = _bearer(scope)
-                if token is None:
-                    await _answer(scope, receive, send, 401, f"authentication required: send 'Authorization: Bearer <token>' of a user with the role {role!r}")
-                    return
-                try:
-                    if _key_cached(settings.MONAI_LABEL_AUTH_REALM_URI):
-                        user = verify_token(token)
-                    else:  # the first fetch of the realm's key is a blocking HTTP call
-                        user = await anyio.to_thread.run_sync(verify_token, token)
-                except RealmUnavailable as err:
-                    logger.error(str(err))
-                    await _answer(scope, receive, send, 503, "the authentication realm cannot be reached; try again later")
-                    return
-                except jwt.InvalidTokenError as err:
-                    logger.info(f"{method} {path}: token refused: {err}")
-                    await _answer(scope, receive, send, 401, f"invalid token: {err}")
-                    return
-                if not has_role(user.roles, role):
-                    await _answer(scope, receive, send, 403, f"role {role!r} is required for {method} {path}; user {user.username!r} has {sorted(user.roles)}")
-                    return
-                verified_token = _VERIFIED.set((token, user))
+        if settings.MONAI_LABEL_AUTH_ENABLE and role is not PUBLIC:
+            token = _bearer(scope)
+            if token is None:
+                await _answer(scope, receive, send, 401, f"authentication required: send 'Authorization: Bearer <token>' of a user with the role {role!r}")
+                return
+            try:
+                if _key_cached(settings.MONAI_LABEL_AUTH_REALM_URI):
+                    user = verify_token(token)
+                else:  # the first fetch of the realm's key is a blocking HTTP call
+                    user = await anyio.to_thread.run_sync(verify_token, token)
+            except RealmUnavailable as err:
+                logger.error(str(err))
+                await _answer(scope, receive, send, 503, "the authentication realm cannot be reached; try again later")
+                return
+            except jwt.InvalidTokenError as err:
+                logger.info(f"{method} {path}: token refused: {err}")
+                await _answer(scope, receive, send, 401, f"invalid token: {err}")
+                return
+            if not has_role(user.roles, role):
+                await _answer(scope, receive, send, 403, f"role {role!r} is required for {method} {path}; user {user.username!r} has {sorted(user.roles)}")
+                return
+            verified_token = _VERIFIED.set((token, user))
 
         try:
             await self._limited(scope, receive, send, method, path)
@@ -473,17 +494,52 @@ async def _answer(scope, receive, send, status_code: int, detail: str):
     await JSONResponse({"detail": detail}, status_code=status_code, headers=headers)(scope, receive, send)
 
 
+# -- logs -------------------------------------------------------------------------------------------
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class EscapeControlCharacters(logging.Filter):
+    """A log handler's filter: control characters in a message (a request path or id with
+    ``%0D%0A``) are written escaped (``\\r\\n``), so a client cannot forge a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 (a bad format string: the handler reports it)
+            return True
+        clean = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def escape_logs() -> None:
+    """Put :class:`EscapeControlCharacters` on every log handler there is now."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    for handler in {h for lg in loggers for h in getattr(lg, "handlers", [])}:
+        if not any(isinstance(f, EscapeControlCharacters) for f in handler.filters):
+            handler.addFilter(EscapeControlCharacters())
+
+
 # -- install ------------------------------------------------------------------------------------
 def install(server, app) -> None:
     """Check the host, fix token verification, and put the gateway around every route of the
     running FastAPI ``server`` (inside CORS, so error answers carry CORS headers and preflights
     are answered)."""
     state = check_host(app)
+    escape_logs()
     ml_auth.from_token = from_token
     ml_auth.RBAC.__call__ = _rbac_call
     if any(m.cls is Gateway for m in server.user_middleware):
         return
-    server.user_middleware.append(Middleware(Gateway, max_upload_mb=state["max_upload_mb"], max_model_mb=state["max_model_mb"]))
+    # MONAI Label's CORS grant (any origin, with credentials) is replaced by the browser rules of
+    # contourcl.serving.browsers; the gateway sits inside them, so preflights never reach it
+    server.user_middleware[:] = [m for m in server.user_middleware if m.cls is not CORSMiddleware]
+    server.user_middleware += [*browsers.middleware(app.conf or {}, state["loopback"]),
+                               Middleware(Gateway, max_upload_mb=state["max_upload_mb"], max_model_mb=state["max_model_mb"])]
+    from contourcl.serving import routes  # it reads this module's table
+
+    routes.prune(server)
     # Starlette built the stack on the lifespan call; it is rebuilt from the same router, so
     # routes added to server.router later are served through the gateway too
     server.middleware_stack = server.build_middleware_stack()
