@@ -19,6 +19,11 @@ client threads that each send their next request as soon as their previous one i
 Throughput is requests / wall time of the level; latency is per request, p50 and p95 by linear
 interpolation. All of it is repeated ``--runs`` times; the table shows the medians over runs.
 A request that is not answered 200 counts as an error (and in the latency).
+
+Memory: the server's resident set (RSS, its process only, ``/proc/<pid>/status`` ``VmRSS``) once it
+serves and before any request, after each run, and after ``--idle-s`` seconds without requests at
+the end (``--conf max_concurrent_infer`` bounds how many inferences hold their volumes at once;
+the server hands the C heap's freed pages back after each inference).
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import requests
-
-from contourcl.testing import log_tail, start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import (
+    log_tail,
+    start_monailabel,
+    stop_process,
+    wait_until_serving,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +96,13 @@ class Server:
         """Stop the server and its process group by its PID (SIGTERM, SIGKILL after 20 s); remove its folder."""
         stop_process(self.proc, timeout=20)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def rss_mb(self) -> float:
+        """The server process's resident set now, in MB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
 
     def torch_threads(self) -> int:
         """``torch.get_num_threads()`` in the server's environment (the same interpreter and variables)."""
@@ -152,6 +168,7 @@ def main() -> None:
     parser.add_argument("--levels", default="1,4,8", help="concurrent clients, comma-separated")
     parser.add_argument("--omp-threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: inherited)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
+    parser.add_argument("--idle-s", type=float, default=30, help="seconds without requests before the last memory reading")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
 
@@ -163,6 +180,7 @@ def main() -> None:
             raise SystemExit(f"no *.nii.gz image in {args.studies}")
         threads = server.torch_threads()
         load_before = os.getloadavg()
+        rss = {"serving, before any request": server.rss_mb()}
         runs: list[list[dict]] = []
         for run in range(args.runs):
             rows = []
@@ -172,13 +190,16 @@ def main() -> None:
                       f"p95 {r['p95']:.2f} s, errors {r['errors']}", flush=True)
                 rows.append(r)
             runs.append(rows)
+            rss[f"after run {run + 1}"] = server.rss_mb()
+        time.sleep(args.idle_s)
+        rss[f"idle {args.idle_s:g} s after the last run"] = server.rss_mb()
         load_after = os.getloadavg()
         temp_left = sorted(str(p.relative_to(server.tmp)) for p in server.tmp.rglob("*"))
     finally:
         server.stop()
 
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "levels": levels, "requests": args.requests}, indent=1))
+        args.json.write_text(json.dumps({"runs": runs, "levels": levels, "requests": args.requests, "rss_mb": rss}, indent=1))
     print()
     print(f"Machine: {os.cpu_count()} CPUs ({_cpu_model()}), torch threads in the server's environment: {threads}, "
           f"server OMP_NUM_THREADS={server.env.get('OMP_NUM_THREADS', 'unset')}; load average (1 min) {load_before[0]:.1f} before, "
@@ -192,6 +213,7 @@ def main() -> None:
         per = [rows[i] for rows in runs]
         print(f"| {c} | {statistics.median(r['throughput'] for r in per):.3f} | {statistics.median(r['p50'] for r in per):.2f} | "
               f"{statistics.median(r['p95'] for r in per):.2f} | {sum(r['errors'] for r in per)} |")
+    print("\nServer memory (RSS, MB): " + "; ".join(f"{k} {v:.0f}" for k, v in rss.items()))
 
 
 if __name__ == "__main__":
