@@ -1,12 +1,35 @@
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
-
 from contourcl.data.labels import model_labels
-from contourcl.models.checkpoint import ModelMeta, load_model, read_meta, save_model
+from contourcl.errors import ContourCLError, InvalidModelError
+from contourcl.files import FAULTS_ENV
+from contourcl.models.checkpoint import (
+    ModelMeta,
+    check_model_file,
+    load_model,
+    read_meta,
+    save_model,
+)
 from contourcl.models.networks import NetConfig, build_network
-from contourcl.serving.model_store import ModelStore
+from contourcl.serving.lifecycle import TrainerBusyError
+from contourcl.serving.model_store import (
+    FOUND_SERVED,
+    ModelBusyError,
+    ModelStore,
+    ModelStoreError,
+    sha256_of,
+)
+
+pytestmark = pytest.mark.timeout(300)
 
 
 def tiny_model_file(path, fill: float, dice: float = 0.5):
@@ -75,3 +98,279 @@ def test_info_summary_is_valid_json_for_a_model_without_validation_figures(tmp_p
     summary = served_summary(store)
     assert summary["val_dice"] is None
     json.dumps(summary, allow_nan=False)  # what MONAI Label's /info/ does with it
+
+
+# -- the shipped weights -------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "apps" / "radonc" / "model").rglob("*.pt"))
+
+
+def test_every_shipped_model_file_passes_the_servers_model_check():
+    assert len(SHIPPED) >= 4, SHIPPED  # model/{oar,gtv}.pt and model/synthetic/{oar,gtv}.pt
+    failed = {}
+    for path in SHIPPED:
+        try:
+            check_model_file(path, path.stem)
+        except InvalidModelError as err:
+            failed[str(path.relative_to(REPO))] = str(err)
+    assert not failed, failed
+
+
+def test_half_precision_keeps_a_buffer_float16_cannot_hold_in_float32(tmp_path):
+    net = build_network(NetConfig(out_channels=2, encoder="resnet10", width=8))
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_var[0] = 1e5  # above float16's 65504: would be stored as inf
+    meta = ModelMeta(model="gtv", labels=model_labels("gtv"), net=net.config.to_dict())
+    save_model(tmp_path / "h.pt", net, meta, half=True)
+    check_model_file(tmp_path / "h.pt", "gtv")  # no inf: the file is servable
+    state = torch.load(tmp_path / "h.pt", weights_only=True)["state_dict"]
+    kept = [k for k, v in state.items() if v.dtype == torch.float32]
+    assert len(kept) == 1 and kept[0].endswith("running_var"), kept
+    assert sum(v.dtype == torch.float16 for v in state.values()) > 10  # the rest is still half
+
+
+# -- publishing survives a kill at every step -----------------------------------------------------
+PUBLISH = """
+import sys
+from pathlib import Path
+from contourcl.serving.model_store import ModelStore
+store = ModelStore(sys.argv[1], "gtv")
+store.consider(Path(sys.argv[2]), 0.9, 0.5)
+"""
+
+
+def _archives(store) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(store.root.glob("v*.pt"))}
+
+
+def _check_consistent(store, before: dict[str, bytes]) -> None:
+    """The served file is recorded by sha256, no archive was overwritten, every archive has an
+    entry, and every entry can be restored."""
+    served = store.served_entry()
+    assert served is not None and served["sha256"] == sha256_of(store.served)
+    after = _archives(store)
+    assert all(after[name] == data for name, data in before.items()), "an archived file was overwritten"
+    entries = store.entries()
+    assert sorted(e["file"] for e in entries) == sorted(after), "every archived file has exactly one entry"
+    assert len({e["version"] for e in entries}) == len(entries), "a version number was used twice"
+    for e in entries:
+        assert store.restore(e["version"])["version"] == e["version"]
+        assert store.served.read_bytes() == (store.root / e["file"]).read_bytes()
+        assert store.served_entry()["version"] == e["version"]
+
+
+@pytest.mark.parametrize("point", ["model-archived", "model-history-written", "model-published"])
+def test_a_publish_killed_at_each_step_loses_no_model(tmp_path, point):
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0)  # the shipped model
+    store.consider(tiny_model_file(tmp_path / "c1.pt", 1.0), 0.5, 0.4)  # v0 (shipped), v1 served
+    before, served_before = _archives(store), store.served.read_bytes()
+    candidate = tiny_model_file(tmp_path / "c2.pt", 2.0)
+
+    script = tmp_path / "publish.py"
+    script.write_text(PUBLISH)
+    env = {**os.environ, FAULTS_ENV: f"{point}=kill"}
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), str(candidate)], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == -signal.SIGKILL, f"not killed at {point}: rc {run.returncode}\n{run.stderr[-2000:]}"
+
+    assert store.served.read_bytes() == (candidate.read_bytes() if point == "model-published" else served_before)
+    notes = ModelStore(tmp_path, "gtv").reconcile()  # what the server does at start-up
+    assert bool(notes) == (point == "model-archived" or point == "model-history-written"), notes
+    assert store.served_entry()["version"] == (2 if point == "model-published" else 1)
+    _check_consistent(store, before)
+    # the next publish takes a new number, above the interrupted one
+    entry = store.consider(tiny_model_file(tmp_path / "c3.pt", 3.0), 0.95, 0.5)
+    assert entry["version"] == 3 and entry["published"]
+    _check_consistent(store, {**before, **_archives(store)})
+
+
+def test_a_served_model_missing_from_the_history_is_never_overwritten(tmp_path):
+    """The issue's case: killed (by the old code) after publishing and before writing the
+    history: the served file is v0003.pt, which the history does not name."""
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0)
+    for i in (1, 2):
+        store.consider(tiny_model_file(tmp_path / f"c{i}.pt", float(i)), 0.5 + i / 10, 0.4)
+    b = tiny_model_file(tmp_path / "b.pt", 7.0)
+    shutil.copyfile(b, store.root / "v0003.pt")
+    shutil.copyfile(b, store.served)
+    before = _archives(store)
+
+    entry = store.consider(tiny_model_file(tmp_path / "upload.pt", 8.0), 0.1, 0.9)  # a worse upload
+    assert entry["version"] == 4 and not entry["published"]
+    assert (store.root / "v0003.pt").read_bytes() == b.read_bytes()
+    assert store.served.read_bytes() == b.read_bytes() and store.served_entry()["version"] == 3
+    _check_consistent(store, before)
+
+
+def test_a_served_file_the_history_does_not_know_is_archived_at_start_up(tmp_path):
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0)
+    store.consider(tiny_model_file(tmp_path / "c1.pt", 1.0), 0.5, 0.4)
+    tiny_model_file(store.served, 5.0)  # copied in by hand
+    notes = store.reconcile()
+    entry = store.served_entry()
+    assert entry["version"] == 2 and entry["origin"] == FOUND_SERVED and head_bias(store.root / entry["file"]) == 5.0
+    assert any("not in the history" in n for n in notes) and sum(e["served"] for e in store.entries()) == 1
+    assert store.reconcile() == []  # nothing left to fix
+
+
+# -- the gate compares with what is served when it publishes ----------------------------------------
+def test_candidate_is_gated_again_when_the_served_model_changed_meanwhile(tmp_path):
+    """The issue's case: v0 served (0.414) when the retrain gated; v1 (0.563) restored meanwhile;
+    the candidate (0.486) must not be published over v1."""
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0)
+    store.consider(tiny_model_file(tmp_path / "v1.pt", 1.0), 0.563, 0.414)
+    store.restore(0)
+    gated_sha = sha256_of(store.served)  # the retrain gates against v0 ...
+    store.restore(1)  # ... while v1 is restored
+    figures = {sha256_of(store.root / "v0000.pt"): 0.414, sha256_of(store.root / "v0001.pt"): 0.563}
+    asked = []
+
+    def regate(path):
+        asked.append(sha256_of(path))
+        return figures[asked[-1]]
+
+    candidate = tiny_model_file(tmp_path / "cand.pt", 2.0)
+    entry = store.consider(candidate, 0.486, 0.414, served_sha=gated_sha, regate=regate)
+    assert asked == [sha256_of(store.root / "v0001.pt")], "regated against the file served now"
+    assert not entry["published"] and entry["served_val_dice"] == 0.563 and "gated again" in entry["reason"]
+    assert store.served_entry()["version"] == 1 and head_bias(store.served) == 1.0
+
+    better = store.consider(tiny_model_file(tmp_path / "cand2.pt", 3.0), 0.6, 0.414, served_sha=gated_sha, regate=regate)
+    assert better["published"] and head_bias(store.served) == 3.0
+    unchecked = store.consider(tiny_model_file(tmp_path / "cand3.pt", 4.0), 0.99, 0.414, served_sha=gated_sha)
+    assert not unchecked["published"] and head_bias(store.served) == 3.0  # changed, and no way to gate it again
+
+
+def test_retrain_gates_against_the_model_served_when_it_publishes(tmp_path, monkeypatch):
+    """retrain() end to end, with the training and the gate's figures faked: a restore while it
+    trains makes it gate the candidate against the restored model."""
+    from contourcl.serving import retrain as rt
+
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0)
+    store.consider(tiny_model_file(tmp_path / "v1.pt", 1.0), 0.563, 0.414)
+    store.restore(0)
+    candidate = tiny_model_file(tmp_path / "cand.pt", 2.0)
+    figures = {sha256_of(store.root / "v0000.pt"): 0.414, sha256_of(store.root / "v0001.pt"): 0.563, sha256_of(candidate): 0.486}
+
+    def fake_finetune(train, val, cfg, start_from=None, progress=False):
+        store.restore(1)  # a clinician restores v1 while the retrain trains
+        return types.SimpleNamespace(best_epoch=1, skipped=[], seconds=0.0)
+
+    monkeypatch.setattr(rt, "usable_cases", lambda cases: (cases, {}))
+    monkeypatch.setattr(rt, "contoured_cases", lambda model, cases: cases)
+    monkeypatch.setattr(rt, "finetune", fake_finetune)
+    monkeypatch.setattr(rt, "save_finetuned", lambda path, *a, **k: shutil.copyfile(candidate, path) and Path(path))
+    monkeypatch.setattr(rt, "gate_dice", lambda path, val, lc=True: (figures[sha256_of(path)], {}))
+    cases = [{"id": f"c{i}", "image": "-", "label": "-"} for i in range(4)]
+    entry = rt.retrain("gtv", cases, store, {"max_epochs": 1})
+    assert entry["served_val_dice"] == 0.563 and not entry["published"], entry["reason"]
+    assert store.served_entry()["version"] == 1 and head_bias(store.served) == 1.0
+
+
+def test_an_upload_is_refused_while_the_model_trains(tmp_path):
+    from contourcl.serving.retrain import consider_model_file
+
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0)
+    lock = store.root / "train.lock"  # RetrainTask.lock(): where a trainer of gtv holds its TrainLock
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_TRAIN_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TrainerBusyError, match=rf"being retrained.*pid {holder.pid}") as err:
+            consider_model_file("gtv", tiny_model_file(tmp_path / "up.pt", 1.0), store, [], origin="upload")
+        assert isinstance(err.value, ContourCLError)  # answered as a client error, not a 500
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.entries() == [] and head_bias(store.served) == 0.0  # nothing archived, nothing served changed
+    entry = consider_model_file("gtv", tiny_model_file(tmp_path / "up.pt", 1.0), store, [], origin="upload")
+    assert entry["version"] == 1  # accepted once the trainer is gone (not published: no validation case)
+
+
+HOLD_TRAIN_LOCK = """
+import sys, time
+from contourcl.serving.lifecycle import TrainLock
+TrainLock(sys.argv[1], "the gtv model").acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_changes_of_one_model_wait_for_each_other(tmp_path):
+    first, second = ModelStore(tmp_path, "gtv"), ModelStore(tmp_path, "gtv")
+    with first.locked(), first.locked(), pytest.raises(ModelBusyError, match="model.lock"), second.locked(timeout=0.3):  # re-entrant in one thread
+        pass
+    with second.locked(timeout=0.3):
+        pass
+
+
+# -- broken files never stop the server ---------------------------------------------------------------
+def test_an_unreadable_history_is_moved_aside_and_rebuilt(tmp_path):
+    from contourcl.serving.retrain import served_summary
+
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0, dice=0.4)
+    store.consider(tiny_model_file(tmp_path / "c1.pt", 1.0, dice=0.6), 0.6, 0.4)
+    store.consider(tiny_model_file(tmp_path / "c2.pt", 2.0, dice=0.3), 0.3, 0.6)
+    history = store.root / "history.json"
+    history.write_bytes(history.read_bytes()[:40])  # truncated
+
+    entries = store.entries()
+    assert [e["version"] for e in entries] == [0, 1, 2] and [e["served"] for e in entries] == [False, True, False]
+    assert [e["val_dice"] for e in entries] == [0.4, 0.6, 0.3]  # from the files' own metadata
+    aside = list(store.root.glob("history.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].stat().st_size == 40
+    summary = served_summary(store)
+    assert summary["version"] == 1 and "history.json" in summary["warning"] and aside[0].name in summary["warning"]
+    json.dumps(summary, allow_nan=False)
+    assert store.withdraw()["version"] == 1 and store.restore(1)["version"] == 1
+    history.write_text('{"not": "a list"}')
+    assert [e["version"] for e in store.entries()] == [0, 1, 2] and len(list(store.root.glob("history.json.corrupt-*"))) == 2
+
+
+def test_a_broken_served_model_is_reported_not_raised(tmp_path):
+    from contourcl.serving.retrain import served_summary
+
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0)
+    store.consider(tiny_model_file(tmp_path / "c1.pt", 1.0), 0.6, 0.4)
+    store.served.write_bytes(store.served.read_bytes()[:5000])  # truncated (a full disk)
+
+    summary = served_summary(store)
+    assert str(store.served) in summary["warning"] and "--restore" in summary["warning"]
+    json.dumps(summary, allow_nan=False)
+    from contourcl.serving.infer import ContourInferTask, ServedModelError
+
+    task = ContourInferTask("gtv", store.served, "GTV")
+    assert not task.is_valid() and str(store.served) in task.unavailable_reason()
+    assert not task.contourer.is_available()  # the uncertainty scoring skips it
+    with pytest.raises(ServedModelError, match="PUT /model/gtv"):
+        task({"image": str(tmp_path / "ct.nii.gz")})
+    store.restore(1)
+    assert task.is_valid() and "warning" not in served_summary(store)
+
+
+@pytest.mark.parametrize("bad", ["../../outside.pt", "v0001.pt.bak", "/etc/hostname", "truncated"])
+def test_restore_refuses_a_file_that_is_not_a_good_archive(tmp_path, bad):
+    store = ModelStore(tmp_path, "gtv")
+    tiny_model_file(store.served, 0.0)
+    store.consider(tiny_model_file(tmp_path / "c1.pt", 1.0), 0.6, 0.4)
+    entries = store.entries()
+    if bad == "truncated":
+        archive = store.root / "v0000.pt"
+        archive.write_bytes(archive.read_bytes()[:3000])
+        entries[0].pop("sha256", None)  # an archive from before the history recorded its sha256
+    else:
+        if not Path(bad).is_absolute():  # a valid model file there: only its name is wrong
+            tiny_model_file(store.root / bad, 9.0)
+        entries[0]["file"] = bad
+    (store.root / "history.json").write_text(json.dumps(entries))
+    served = store.served.read_bytes()
+    with pytest.raises(ModelStoreError, match="nothing was changed|not an archived file"):
+        store.restore(0)
+    assert store.served.read_bytes() == served and store.served_entry()["version"] == 1

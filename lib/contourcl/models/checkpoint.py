@@ -13,6 +13,7 @@ cannot run anything when it is loaded (:func:`check_model_file` validates one fu
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ from contourcl.errors import InvalidModelError
 from contourcl.models.networks import ContourUNet, NetConfig, build_network
 
 FORMAT = "contourcl-model/1"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,12 +63,14 @@ def save_model(path: str | Path, network: ContourUNet, meta: ModelMeta, half: bo
     """Write ``network`` and ``meta`` atomically (a temporary file, then ``os.replace``).
 
     ``half=True`` stores the weights as float16 (half the file; they are cast back to float32
-    on load): used for the weights shipped in the repository.
+    on load): used for the weights shipped in the repository. A tensor with a value float16
+    cannot hold (above 65504, e.g. a BatchNorm running variance) stays float32 (:func:`_half`):
+    cast, it would become infinite and the file would fail :func:`check_model_file`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%S")
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in network.state_dict().items()}
+    state = {k: (_half(k, v) if half and v.is_floating_point() else v).detach().cpu() for k, v in network.state_dict().items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         torch.save({"format": FORMAT, "meta": meta.to_dict(), "state_dict": state}, f)
@@ -73,6 +78,15 @@ def save_model(path: str | Path, network: ContourUNet, meta: ModelMeta, half: bo
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def _half(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as float16, or unchanged when float16 would turn a finite value infinite."""
+    half = tensor.half()
+    if bool(torch.isfinite(half).all()) or not bool(torch.isfinite(tensor).all()):
+        return half
+    logger.info("%s keeps float32: its values reach %.4g, beyond float16's %.0f", name, float(tensor.abs().max()), torch.finfo(torch.float16).max)
+    return tensor
 
 
 def read_meta(path: str | Path) -> ModelMeta:

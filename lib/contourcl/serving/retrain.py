@@ -106,26 +106,29 @@ def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | No
     train = [c for c in cases if c["id"] not in val_ids]
     val = [c for c in cases if c["id"] in val_ids]
 
-    served_net = None
-    if store.served.is_file():
-        served_net, meta = load_model(store.served)
-        cfg = replace(following(FinetuneConfig(model=model, largest_component=largest_component), meta), tta_flip=meta.tta_flip)
-    else:
-        cfg = FinetuneConfig(model=model, init=init, largest_component=largest_component)
-    cfg = replace(
-        cfg, max_epochs=int(req["max_epochs"]), lr=float(req["lr"]), batch_size=int(req["train_batch_size"]),
-        samples_per_volume=int(req["samples_per_volume"]), seed=int(req["seed"]),
-    )
-    served_dice = gate_dice(store.served, val, largest_component)[0] if served_net is not None else None
-    logger.info("%s: %d training, %d validation cases %s; served model's validation Dice %s",
-                model, len(train), len(val), sorted(val_ids), "-" if served_dice is None else f"{served_dice:.4f}")
-
-    result = finetune(train, val, cfg, start_from=served_net, progress=progress)
     with tempfile.TemporaryDirectory(dir=store.served.parent) as tmp:
+        # the served file as it is now: trained from, gated, and named by its sha256 to the
+        # store, which gates the candidate again if a restore or an upload replaced it meanwhile
+        served, served_sha = store.snapshot_served(Path(tmp) / "served.pt")
+        served_net = None
+        if served is not None:
+            served_net, meta = load_model(served)
+            cfg = replace(following(FinetuneConfig(model=model, largest_component=largest_component), meta), tta_flip=meta.tta_flip)
+        else:
+            cfg = FinetuneConfig(model=model, init=init, largest_component=largest_component)
+        cfg = replace(
+            cfg, max_epochs=int(req["max_epochs"]), lr=float(req["lr"]), batch_size=int(req["train_batch_size"]),
+            samples_per_volume=int(req["samples_per_volume"]), seed=int(req["seed"]),
+        )
+        served_dice = gate_dice(served, val, largest_component)[0] if served_net is not None else None
+        logger.info("%s: %d training, %d validation cases %s; served model's validation Dice %s",
+                    model, len(train), len(val), sorted(val_ids), "-" if served_dice is None else f"{served_dice:.4f}")
+
+        result = finetune(train, val, cfg, start_from=served_net, progress=progress)
         candidate = save_finetuned(Path(tmp) / "candidate.pt", cfg, result, trained_on=[c["id"] for c in train], validated_on=sorted(val_ids))
         candidate_dice, per_structure = gate_dice(candidate, val, largest_component)
         entry = store.consider(
-            candidate, candidate_dice, served_dice,
+            candidate, candidate_dice, served_dice, served_sha=served_sha, regate=lambda path: gate_dice(path, val, largest_component)[0],
             per_structure=per_structure, best_epoch=result.best_epoch, epochs=cfg.max_epochs,
             train_ids=[c["id"] for c in train], val_ids=sorted(val_ids), gate_cases=len(val), gate_note=_gate_note(len(val)),
             excluded=excluded or None, skipped_steps=result.skipped or None, seconds=round(result.seconds, 1),
@@ -141,19 +144,26 @@ def consider_model_file(model: str, path: str | Path, store: ModelStore, cases: 
     (``largest_component``: the rule for a model file without one).
 
     Raises :class:`~contourcl.errors.InvalidModelError` (nothing archived, nothing served changes)
-    when the file is not a valid ``model`` file.
+    when the file is not a valid ``model`` file, and
+    :class:`~contourcl.serving.model_store.ModelBusyError` (a ``TrainerBusyError``, naming the
+    trainer's pid) while a training of ``model`` runs: its candidate is gated against what is
+    served, and an upload landing meanwhile would make the two race.
     """
+    store.refuse_while_training()
     check_model_file(path, model)
     cases, excluded = usable_cases(contoured_cases(model, cases))
     val_ids = set(store.validation_ids([c["id"] for c in cases]))
     val = [c for c in cases if c["id"] in val_ids]
-    if val:
-        candidate_dice, per_structure = gate_dice(path, val, largest_component)
-        served_dice = gate_dice(store.served, val, largest_component)[0] if store.served.is_file() else None
-    else:  # no validation case: consider() refuses to replace a served model without a figure
-        candidate_dice, per_structure, served_dice = float("nan"), {}, (None if not store.served.is_file() else float("nan"))
+    with tempfile.TemporaryDirectory(dir=store.served.parent) as tmp:
+        served, served_sha = store.snapshot_served(Path(tmp) / "served.pt")
+        if val:
+            candidate_dice, per_structure = gate_dice(path, val, largest_component)
+            served_dice = gate_dice(served, val, largest_component)[0] if served is not None else None
+            regate = lambda current: gate_dice(current, val, largest_component)[0]
+        else:  # no validation case: consider() refuses to replace a served model without a figure
+            candidate_dice, per_structure, served_dice, regate = float("nan"), {}, (None if served is None else float("nan")), None
     return store.consider(
-        Path(path), candidate_dice, served_dice, origin=origin, per_structure=per_structure,
+        Path(path), candidate_dice, served_dice, origin=origin, served_sha=served_sha, regate=regate, per_structure=per_structure,
         val_ids=[c["id"] for c in val], gate_cases=len(val), gate_note=_gate_note(len(val)), excluded=excluded or None,
     )
 
@@ -166,16 +176,32 @@ def _finite(value):
 
 
 def served_summary(store: ModelStore) -> dict:
-    """What ``/info/`` reports for a model: the served version and its validation figures."""
+    """What ``/info/`` reports for a model: the served version and its validation figures, and
+    ``"warning"``/``"problems"`` naming a file that cannot be used (an unreadable served model or
+    history) and what to do. Never raises: a broken file must not take ``/info/`` down."""
     out: dict = {"model_file": str(store.served.name)}
-    if store.served.is_file():
-        meta = read_meta(store.served)
-        out.update(val_dice=_finite(meta.metrics.get("val_dice")), trained=meta.created)
-    entry = store.served_entry()
+    problems = store.problems()
+    if store.served.is_file() and not store.served_problem():
+        try:
+            meta = read_meta(store.served)
+            out.update(val_dice=_finite(meta.metrics.get("val_dice")), trained=meta.created)
+        except Exception as err:  # noqa: BLE001 -- replaced or broken since it was checked
+            problems.append(f"{store.served}: {err}")
+    try:
+        entries = store.entries()
+    except Exception as err:  # e.g. a history folder that cannot be read at all
+        logger.exception("%s: the model history cannot be read", store.name)
+        entries = []
+        problems.append(f"the history of {store.name} ({store.root}) cannot be read: {err}; tell the administrator of this server")
+    served = [e for e in entries if e.get("served")]
+    entry = served[-1] if served else None
     if entry:
         out.update(version=entry["version"], val_dice=_finite(entry.get("val_dice")))
-    if entry and entry.get("gate_note"):
-        out["warning"] = entry["gate_note"]
+    warnings = problems + ([entry["gate_note"]] if entry and entry.get("gate_note") else [])
+    if warnings:
+        out["warning"] = " | ".join(warnings)
+    if problems:
+        out["problems"] = problems
     out["history"] = [{k: _finite(e.get(k)) for k in ("version", "time", "origin", "val_dice", "served_val_dice", "gate_cases", "gate_note", "published", "reason")}
-                      for e in store.entries()]
+                      for e in entries]
     return out

@@ -40,7 +40,7 @@ class RetrainTask(TrainTask):
 
     def lock(self) -> TrainLock:
         """The lock held while this model trains: ``<model_dir>/history/<model>/train.lock``."""
-        return TrainLock(self.store.root / "train.lock", f"the {self.model} model")
+        return self.store.train_lock()
 
     def __call__(self, request, datastore: Datastore):
         if in_task_subprocess():  # not when the server runs it in-process (run_sync)
