@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from contourcl.cli.models import default_app, resolve_model_dir
+from contourcl.cli.models import resolve_model_dir
+from contourcl.serving.config import default_app
 from contourcl.data.labels import model_labels
 from contourcl.models.checkpoint import ModelMeta, load_model, save_model
 from contourcl.models.networks import NetConfig, build_network
@@ -88,8 +89,37 @@ def test_where_the_model_folder_comes_from(app, tmp_path):
 
 
 def test_no_app_found_asks_for_app(monkeypatch):
-    import contourcl.cli.models as models_cli
+    from contourcl.serving import config
 
-    monkeypatch.setattr(models_cli, "default_app", lambda: None)
+    monkeypatch.setattr(config, "default_app", lambda: None)
     with pytest.raises(FileNotFoundError, match="pass --app PATH"):
         resolve_model_dir(None, None)
+
+
+def test_contour_works_from_an_empty_folder_with_no_model_given(tmp_path):
+    """Issue 29: the CLI finds the app shipped with the package; nothing is relative to the cwd."""
+    work = tmp_path / "empty"
+    work.mkdir()
+    run = contourcl("contour", REPO / "sample-data" / "synthetic_hn_003.nii.gz", "--out", "pred.nii.gz", cwd=work)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (work / "pred.nii.gz").stat().st_size > 0
+    assert '"Mandible"' in run.stdout  # the oar model answered
+
+
+def test_unknown_models_are_named_from_the_apps_registry(app, tmp_path):
+    run = contourcl("models", "liver", "--app", app, cwd=tmp_path)
+    assert run.returncode == 2 and "unknown model 'liver'; the app serves ['oar', 'gtv']" in run.stderr, run.stderr
+    run = contourcl("finetune", "--model", "liver", "--data", tmp_path, "--out", tmp_path / "x.pt", cwd=tmp_path)
+    assert run.returncode == 2 and "the app serves ['oar', 'gtv']" in run.stderr, run.stderr
+
+
+def test_reading_an_apps_configs_leaves_sys_path_and_modules_alone(app):
+    import sys
+
+    from contourcl.serving.config import ModelConfig, app_configs
+
+    path, modules = list(sys.path), set(sys.modules)
+    configs = app_configs(app)
+    assert list(configs) == ["oar", "gtv"] and all(isinstance(c, ModelConfig) for c in configs.values())
+    assert sys.path == path
+    assert not [m for m in set(sys.modules) - modules if m == "lib" or m.startswith(("lib.", "contourcl_app_config"))]

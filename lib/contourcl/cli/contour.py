@@ -20,12 +20,13 @@ from contourcl.data.volumes import read_ras
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import read_meta
 from contourcl.plots import contour_overlay
-from contourcl.serving.config import default_largest_component
+from contourcl.serving.config import default_app, default_largest_component, resolve_app
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="a CT: a volume file (NIfTI or NRRD) or a folder holding one DICOM CT series")
-    parser.add_argument("--model", default="apps/radonc/model/oar.pt", help="model file")
+    parser.add_argument("--model", help="model file (default: the app's served oar model, <app>/model/oar.pt)")
+    parser.add_argument("--app", help="the app folder whose models and rules to use (default: the app shipped with the package)")
     parser.add_argument("--out", help="label map to write (.nii.gz), on the image's grid")
     parser.add_argument("--rtstruct", help="for a DICOM series: also write the contours as an RT Structure Set (.dcm)")
     parser.add_argument("--seg", help="for a DICOM series: also write the contours as a DICOM Segmentation (.dcm)")
@@ -41,8 +42,12 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--rtstruct", args.rtstruct), ("--seg", args.seg)):
         if value and not series:
             raise ValueError(f"{option} needs a DICOM series folder as the image; {args.image} is a file")
-    meta = read_meta(args.model)
-    contourer = Contourer(args.model, largest_component=default_largest_component(meta.model))
+    app = resolve_app(args.app) if (args.app or not args.model) else default_app()
+    model = args.model or app / "model" / "oar.pt"
+    if not Path(model).is_file():
+        raise FileNotFoundError(f"no model file at {model}: give --model FILE (see 'Shipped weights' in the docs)")
+    meta = read_meta(model)
+    contourer = Contourer(model, largest_component=default_largest_component(meta.model, app))
     with tempfile.TemporaryDirectory(prefix="contourcl-contour-") as tmp:
         image = write_nifti_from_series(args.image, Path(tmp) / "ct.nii.gz", args.series_uid) if series else Path(args.image)
         prediction = contourer(image)

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cases", type=int, help="only the first N cases")
     parser.add_argument("--ids", help="only these cases (comma-separated ids), e.g. a model's validation cases")
     parser.add_argument("--json", help="also write the per-case figures to this file")
+    parser.add_argument("--app", help="the app folder whose largest-component rules to use (default: the app shipped with the package)")
     parser.add_argument("--overlays", help="write one picture per structure to this folder: its best, median and worst case by Dice")
     parser.add_argument("--no-reference-check", action="store_true",
                         help="score every reference, also those the reference check sets aside (contourcl.data.reference_check)")
@@ -90,7 +91,7 @@ def _run(args: argparse.Namespace, tmp: str) -> int:
         raise SystemExit(f"no labeled {meta.model} cases in {args.data}")
     prepared = prepare_cases(cases, meta, check_references=not args.no_reference_check)
     labels: dict = {}  # the label maps as scored, for --overlays (a few MB per CT)
-    per_case = evaluate_model_file(args.model, prepared, args.tolerance, largest_component=default_largest_component(meta.model),
+    per_case = evaluate_model_file(args.model, prepared, args.tolerance, largest_component=default_largest_component(meta.model, args.app),
                                    labels=labels if args.overlays else None)
     structures = list(meta.labels)
     print(f"{args.model} ({meta.model}) on {len(cases)} cases of {args.data}; mean ± standard error over patients; "

@@ -13,7 +13,7 @@ from contourcl.data.datasets import labeled_cases
 from contourcl.errors import ConfigError
 from contourcl.models.checkpoint import load_model
 from contourcl.plots import training_curves
-from contourcl.serving.config import default_largest_component
+from contourcl.serving.config import check_model_name
 from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, following, save_finetuned
 from contourcl.training.finetune.refit import select_and_refit
 
@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=["oar", "gtv"], required=True)
+    parser.add_argument("--model", required=True, help="a model of the app (oar, gtv, or one its lib/configs/ adds)")
+    parser.add_argument("--app", help="the app folder whose models and rules to use (default: the app shipped with the package)")
     parser.add_argument("--data", required=True, help="a MONAI Label studies folder (labels/final) or OpenKBP's train-pats")
     parser.add_argument("--val-data", help="validation cases (same layouts); default: a fraction of --data")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="without --val-data: this fraction of --data validates (0: none; the last epoch is kept)")
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = check_model_name(args.model, args.app)  # the app's models (and any it adds) are known from here on
     cases = labeled_cases(args.data, args.model)
     if args.val_data:
         train, val = cases, labeled_cases(args.val_data, args.model)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, roi=(args.roi, args.roi),
         lr=args.lr, batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, seed=args.seed, init=args.init,
         voxel_siamese=args.voxel_siamese, voxel_siamese_lambda=args.voxel_siamese_lambda,
-        largest_component=default_largest_component(args.model), val_interval=args.val_interval, warmup_steps=args.warmup_steps,
+        largest_component=config.largest_component, val_interval=args.val_interval, warmup_steps=args.warmup_steps,
         ema=args.ema, tta_flip={"off": False, "on": True, "auto": None}[args.tta_flip], context=args.context,
         deep_supervision=args.deep_supervision, ce_weight=args.ce_weight,
     )

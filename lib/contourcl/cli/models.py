@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from contourcl.ids import check_id
-from contourcl.serving.config import default_app
+from contourcl.serving.config import check_model_name, resolve_app
 from contourcl.serving.model_store import ModelStore
 
 
@@ -26,16 +26,7 @@ def resolve_model_dir(app: str | Path | None, model_dir: str | Path | None, weig
         if not folder.is_dir():
             raise FileNotFoundError(f"--model-dir {folder}: no such folder")
         return folder
-    if app is None:
-        app = default_app()
-        if app is None:
-            raise FileNotFoundError(
-                "no app folder: pass --app PATH (the app folder with main.py, e.g. apps/radonc) or --model-dir PATH "
-                "(the contourcl package is not installed from a repository with apps/radonc)"
-            )
-    app = Path(app)
-    if not (app / "main.py").is_file():
-        raise FileNotFoundError(f"--app {app}: not a MONAI Label app folder (no main.py)")
+    app = resolve_app(app)
     folder = app / "model"
     if weights:
         folder = folder / check_id(weights, "--weights")
@@ -45,7 +36,7 @@ def resolve_model_dir(app: str | Path | None, model_dir: str | Path | None, weig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", choices=["oar", "gtv"])
+    parser.add_argument("model", help="a model of the app (oar, gtv, or one its lib/configs/ adds)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--app", metavar="PATH", help="the app folder (with main.py) whose model/ to use; default: the repository's apps/radonc")
     where.add_argument("--model-dir", metavar="PATH", help="the model folder itself (instead of --app)")
@@ -55,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     folder = resolve_model_dir(args.app, args.model_dir, args.weights)
+    if args.model_dir is None:
+        check_model_name(args.model, folder.parents[1] if args.weights else folder.parent)
+    else:
+        check_id(args.model, "model")
     store = ModelStore(folder, args.model)
     if args.restore is not None:
         versions = [e["version"] for e in store.entries()]
