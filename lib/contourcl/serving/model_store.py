@@ -333,7 +333,7 @@ class ModelStore:
             matches = [e for e in entries if e.get("sha256") == served_sha]
             chosen = next((e for e in reversed(matches) if e.get("served")), matches[-1] if matches else None)
             if chosen is None:
-                chosen = self._record(self.served, entries, origin=served_origin, published=True, **(served_figures or {}))
+                chosen = self._record(self.served, entries, origin=served_origin, published=True, served=True, **(served_figures or {}))
                 notes.append(f"{self.served.name} was served but not in the history: archived as version {chosen['version']} ({served_origin})")
         now_served = f"version {chosen['version']}" if chosen else "absent"
         for e in entries:
