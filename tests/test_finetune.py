@@ -181,3 +181,27 @@ def test_refit_returns_stage_one_memory_before_caching_every_case(tmp_path, monk
     refit.select_and_refit(data[:2], data[2:], tiny_config(max_epochs=1), tmp_path / "oar.pt", tmp_path / "state")
     assert calls == ["finetune on 2 cases", "memory returned", "finetune on 3 cases"]
     assert isinstance(return_freed_memory(), bool)
+
+
+def test_the_shipped_recipes_are_the_shipped_commands():
+    """``--recipe oar`` is the 17-flag command the shipped oar.pt was trained with; the command line wins over it."""
+    import argparse
+
+    from contourcl.cli import finetune as cli
+
+    def parsed(*argv):
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser)
+        return cli.apply_recipe(parser.parse_args(list(argv)))
+
+    common = ["--data", "D", "--out", "O"]
+    for model, epochs, interval in (("oar", "48", "8"), ("gtv", "24", "2")):
+        flags = parsed(*common, "--model", model, "--val-fraction", "0.12", "--seed", "0", "--encoder", "resnet18", "--width", "32",
+                       "--roi", "96", "--epochs", epochs, "--steps-per-epoch", "250", "--batch-size", "16", "--samples-per-volume", "4",
+                       "--lr", "1e-3", "--warmup-steps", "200", "--val-interval", interval, "--ema", "0.999", "--tta-flip", "auto",
+                       "--deep-supervision", "2", "--spacing", "3", "--refit", "--half")
+        recipe = parsed(*common, "--recipe", model)
+        assert {k: v for k, v in vars(recipe).items() if k != "recipe"} == {k: v for k, v in vars(flags).items() if k != "recipe"}
+    assert parsed(*common, "--recipe", "oar", "--epochs", "3").epochs == 3
+    with pytest.raises(FileNotFoundError, match="one of"):
+        parsed(*common, "--recipe", "liver")

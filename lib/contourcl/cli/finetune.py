@@ -16,12 +16,15 @@ from contourcl.plots import training_curves
 from contourcl.serving.config import check_model_name
 from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, following, save_finetuned
 from contourcl.training.finetune.refit import select_and_refit
+from contourcl.training.recipes import load_recipe
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a model of the app (oar, gtv, or one its lib/configs/ adds)")
+    parser.add_argument("--recipe", help="a recipe: a shipped one by name (oar, gtv: the shipped weights' settings) or a .yaml file; "
+                        "options given here win over it (contourcl.training.recipes)")
+    parser.add_argument("--model", help="a model of the app (oar, gtv, or one its lib/configs/ adds); required unless the recipe names it")
     parser.add_argument("--app", help="the app folder whose models and rules to use (default: the app shipped with the package)")
     parser.add_argument("--data", required=True, help="a MONAI Label studies folder (labels/final) or OpenKBP's train-pats")
     parser.add_argument("--val-data", help="validation cases (same layouts); default: a fraction of --data")
@@ -60,9 +63,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="choose epochs, average and flip on the validation split, then train again on every case with those choices "
                              "(resumable: the state is kept in OUT.state/; run the same command again to resume)")
     parser.add_argument("--state", help="resumable training state file (default with --refit: OUT.state/)")
+    _DEFAULTS.update({a.dest: a.default for a in parser._actions if a.dest != "help"})
+
+
+#: the options' defaults, to tell what the command line set from what a recipe may set
+_DEFAULTS: dict = {}
+#: what a recipe may not hold: they depend on the machine
+_NOT_IN_RECIPES = ("data", "val_data", "out", "state", "recipe", "app")
+
+
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``--recipe``'s options filled in where the command line left the default."""
+    if not args.recipe:
+        return args
+    recipe = load_recipe(args.recipe)
+    unknown = sorted(k for k in recipe if k not in _DEFAULTS or k in _NOT_IN_RECIPES)
+    if unknown:
+        raise ValueError(f"recipe {args.recipe}: {unknown} are not recipe options (the data and output files go on the command line)")
+    for key, value in recipe.items():
+        if getattr(args, key) == _DEFAULTS[key]:
+            setattr(args, key, value)
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
+    args = apply_recipe(args)
+    if not args.model:
+        raise ValueError("--model is required (or a --recipe that names it)")
     config = check_model_name(args.model, args.app)  # the app's models (and any it adds) are known from here on
     cases = labeled_cases(args.data, args.model)
     if args.val_data:
