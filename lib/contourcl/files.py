@@ -9,12 +9,15 @@ answer (:func:`contourcl.serving.errors.http_errors` makes it a 507 or 503).
 
 :func:`fault` marks the places where a crash or a full disk would hurt most. It does nothing unless
 the environment variable ``CONTOURCL_FAULTS`` names that place; the fault tests set it to kill the
-server (``kill -9``, the signal no code can catch) or fail the write exactly there.
+server (``kill -9``, the signal no code can catch) or fail the write exactly there. A test that
+changes the faults of a running server names a file in ``CONTOURCL_FAULTS_FILE`` instead: it is
+read at every fault point, so the test switches faults on and off without restarting the server.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import signal
@@ -24,12 +27,21 @@ from pathlib import Path
 #: ``CONTOURCL_FAULTS="name=action,..."``; actions: ``kill`` (SIGKILL this process), ``enospc``,
 #: ``erofs``, ``eio`` (raise that ``OSError``)
 FAULTS_ENV = "CONTOURCL_FAULTS"
+#: a file holding the same ``name=action,...`` text, read at every fault point (tests of a running server)
+FAULTS_FILE_ENV = "CONTOURCL_FAULTS_FILE"
 _ERRNOS = {"enospc": errno.ENOSPC, "erofs": errno.EROFS, "eio": errno.EIO}
 
 
 def fault(name: str) -> None:
-    """A fault point: kill this process or raise an ``OSError`` here if ``CONTOURCL_FAULTS`` asks to."""
-    spec = os.environ.get(FAULTS_ENV)
+    """A fault point: kill this process or raise an ``OSError`` here if ``CONTOURCL_FAULTS`` (or the
+    file named by ``CONTOURCL_FAULTS_FILE``) asks to."""
+    spec = os.environ.get(FAULTS_ENV) or ""
+    spec_file = os.environ.get(FAULTS_FILE_ENV)
+    if spec_file:
+        try:
+            spec = ",".join(s for s in (spec, Path(spec_file).read_text().strip()) if s)
+        except OSError:
+            pass
     if not spec:
         return
     for item in spec.split(","):
@@ -61,8 +73,45 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def _replace_with(path: Path, write, point: str | None) -> Path:
-    """Write a temporary file next to ``path`` with ``write(file)``, sync it and rename it over ``path``."""
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`temporary_name`'s."""
+    parts = name.split(".")
+    return name.startswith(".") and name.endswith(".tmp") and len(parts) >= 5 and parts[-3].isdigit() and parts[-2].isdigit()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the :func:`temporary_name` files in ``folder`` (not below it) whose writer process is
+    gone (killed mid-write); returns what was removed. A live process's files are left alone."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if is_temporary(name) and not _alive(int(name.split(".")[-3])):
+            path = Path(folder) / name
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def write_temporary(path: str | Path, write) -> Path:
+    """A :func:`temporary_name` next to ``path`` holding what ``write(file)`` wrote, synced to the
+    disk: ready to be renamed over ``path``. Nothing is left behind if the write fails."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
@@ -70,6 +119,16 @@ def _replace_with(path: Path, write, point: str | None) -> Path:
             write(out)
             out.flush()
             os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _replace_with(path: Path, write, point: str | None) -> Path:
+    """Write a temporary file next to ``path`` with ``write(file)``, sync it and rename it over ``path``."""
+    tmp = write_temporary(path, write)
+    try:
         if point:
             fault(point)
         os.replace(tmp, path)
@@ -95,3 +154,12 @@ def atomic_copy(src: str | Path, dst: str | Path, point: str | None = None) -> P
     """Replace ``dst`` with a copy of ``src`` whole."""
     with open(src, "rb") as source:
         return _replace_with(Path(dst), lambda out: shutil.copyfileobj(source, out, 1024 * 1024), point)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's content (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -9,10 +9,20 @@ produces (served label maps, stored labels, phantoms), with the affine as both q
 impossible spacing or field of view) *before* any voxel is read or resampled: a 100 KB file may
 claim 100 mm voxels or a billion of them. :func:`check_ct_values` refuses what no CT holds
 (NaN or infinite values, a constant image).
+
+Files in, never files out: :func:`check_plain_file` refuses, before the file is opened, anything but
+a regular file (a FIFO would hang the reader for ever, a device or socket is no image) and, in
+:func:`read_volume`, a symbolic link; :func:`check_attached_data` refuses a header whose voxels live
+in another file (NRRD ``data file:``/``datafile:``, a NIfTI-1 ``.hdr``/``.img`` pair): an upload
+must never make the server read, and then contour or serve, a file of the server's choosing.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +62,74 @@ class CTBounds:
 CT_BOUNDS = CTBounds()
 
 
+#: the most of a NRRD header read to look for a detached data file (a real header is a few hundred bytes)
+NRRD_HEADER_BYTES = 64 * 1024
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def check_plain_file(path: str | Path, what: str = "image", name: str | None = None, follow_links: bool = True) -> None:
+    """Raise :class:`InvalidImageError` unless ``path`` is a regular file, judged before it is
+    opened (``stat``, or ``lstat`` with ``follow_links=False``, which also refuses a symbolic link)."""
+    name = name or Path(path).name
+    try:
+        mode = (os.stat if follow_links else os.lstat)(path).st_mode
+    except FileNotFoundError as err:
+        raise InvalidImageError(f"cannot read the {what} {name!r}: the file does not exist") from err
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+        raise InvalidImageError(f"the {what} {name!r} is {kind}, not a regular file: refused without reading it")
+
+
+def _nrrd_data_file(head: bytes) -> str | None:
+    """The ``data file``/``datafile`` field of a NRRD header (``head``: the file's first bytes), or None."""
+    for raw in head.split(b"\n")[1:]:  # the first line is the magic, NRRD000x
+        line = raw.strip(b"\r")
+        if not line:
+            return None  # the blank line ends the header: the data is attached
+        key, sep, value = line.partition(b":")
+        if line.startswith(b"#") or not sep or value.startswith(b"="):  # a comment, or a key:=value pair
+            continue
+        if key.replace(b" ", b"").lower() == b"datafile":
+            return value.strip().decode("latin-1")
+    return None
+
+
+def _nifti1_detached(path: Path) -> bool:
+    """Whether a NIfTI-1 header says its voxels are in a separate ``.img`` file (magic ``ni1``)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        try:
+            header = (gzip.GzipFile(fileobj=f) if head == b"\x1f\x8b" else f).read(348)
+        except (OSError, EOFError):  # not gzip after all: the readers say what is wrong
+            return False
+    return len(header) == 348 and header[344:348] == b"ni1\x00"
+
+
+def check_attached_data(path: str | Path, what: str = "image", name: str | None = None) -> None:
+    """Raise :class:`InvalidImageError` if ``path`` is a header whose voxels live in another file:
+    a NRRD with ``data file:`` (or ``datafile:``), or a NIfTI-1 header with magic ``ni1``."""
+    name = name or Path(path).name
+    with open(path, "rb") as f:
+        head = f.read(NRRD_HEADER_BYTES)
+    if head.startswith(b"NRRD"):
+        target = _nrrd_data_file(head)
+        if target is not None:
+            raise InvalidImageError(f"the {what} {name!r} is a NRRD header whose voxels are in another file (data file: {target[:200]!r}): "
+                                    "only NRRD files with their data attached are accepted")
+        return
+    if _nifti1_detached(Path(path)):
+        raise InvalidImageError(f"the {what} {name!r} is a NIfTI header whose voxels are in a separate .img file: send a single-file NIfTI")
+
+
 def check_header(path: str | Path, what: str = "image", name: str | None = None, bounds: CTBounds = CT_BOUNDS) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """``(size, spacing)`` from ``path``'s header alone; raise :class:`InvalidImageError` when
-    the file cannot be read or its grid is outside ``bounds``."""
+    the file is not a regular file, keeps its voxels in another file (:func:`check_attached_data`),
+    cannot be read or its grid is outside ``bounds``."""
     name = name or Path(path).name
+    check_plain_file(path, what, name)
+    check_attached_data(path, what, name)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -92,11 +166,13 @@ def check_ct_values(array, name: str) -> None:
 def read_volume(path: str | Path, what: str = "image", name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(array, affine)`` of a 3D volume (NIfTI, NRRD, ... via MONAI's readers).
 
-    Raises :class:`InvalidImageError` for a file that cannot be read, whose header is outside
+    Raises :class:`InvalidImageError` for a symbolic link or anything but a regular file
+    (:func:`check_plain_file`), a file that cannot be read, whose header is outside
     :data:`CT_BOUNDS` (checked before the voxels are read) or that is not a 3D volume (a
     trailing singleton dimension is allowed and dropped).
     """
     name = name or Path(path).name
+    check_plain_file(path, what, name, follow_links=False)
     check_header(path, what, name)
     try:
         img = LoadImage(image_only=True)(str(path))
@@ -195,6 +271,12 @@ def read_ras(path: str | Path) -> np.ndarray:
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write ``array`` (its own dtype) as NIfTI with ``affine`` as qform and sform (code 1, scanner) in mm."""
+    nib.save(_nifti(array, affine), str(path))
+    return Path(path)
+
+
+def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """``array`` (its own dtype) as NIfTI with ``affine`` as qform and sform (code 1, scanner) in mm."""
     array = np.asanyarray(array)
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(array, affine)
@@ -202,10 +284,18 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     img.set_data_dtype(array.dtype)
-    nib.save(img, str(path))
-    return Path(path)
+    return img
 
 
 def write_label(path: str | Path, label: np.ndarray, affine: np.ndarray) -> Path:
     """Write a label map (uint8) on ``affine``: :func:`write_nifti`."""
     return write_nifti(path, np.asarray(label).astype(np.uint8), affine)
+
+
+def label_bytes(label: np.ndarray, affine: np.ndarray) -> bytes:
+    """What :func:`write_label` writes to a ``.nii.gz`` file, as bytes (gzip without a time stamp,
+    so the same label always gives the same bytes): for a file written whole, atomically."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as out:
+        out.write(_nifti(np.asarray(label).astype(np.uint8), affine).to_bytes())
+    return buffer.getvalue()
