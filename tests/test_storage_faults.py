@@ -19,7 +19,7 @@ test is skipped, saying why. The server's faults (:func:`contourcl.files.fault`)
   step of a label save and an image upload: 507/503 naming the disk, the label and its info as
   they were, no temporary file, no history copy or journal entry, no image registered; the same
   upload succeeds once the disk takes writes again.
-- :func:`test_concurrent_saves_keep_every_submission`: 4 threads x 4 rounds of simultaneous saves
+- :func:`test_concurrent_saves_keep_every_submission`: 4 threads x 10 rounds of simultaneous saves
   on one image: every submission is the current label or in the history, none is 0 bytes, and
   the current file and its info agree.
 - :func:`test_detached_nrrd_and_special_files_are_refused`: a NRRD header whose voxels are in
@@ -286,9 +286,9 @@ def test_full_or_read_only_disk_at_each_step(srv):
 
 def test_concurrent_saves_keep_every_submission(srv):
     _ensure_running(srv)
-    threads, rounds = 4, 4
+    threads, rounds = 4, 10
     known = set(srv.history_files())
-    first = 4  # submissions 4..19: that many marker voxels each, all distinct
+    first = 4  # submissions 4..43: that many marker voxels each, all distinct
     barrier = threading.Barrier(threads)
 
     def submit(t: int) -> list[tuple[int, int]]:
@@ -306,8 +306,9 @@ def test_concurrent_saves_keep_every_submission(srv):
     new_history = [p for p in srv.history_files() if p not in known]
     empty = [p.name for p in new_history if p.stat().st_size == 0]
     assert not empty, f"0-byte history copies: {empty}"
-    found = {srv.which(p) for p in new_history} | {srv.assert_consistent()}
+    found = {srv.which(p) for p in new_history} | {srv.which(srv.final)}
     assert submitted <= found, f"submissions in neither the current label nor the history: {sorted(submitted - found)}"
+    assert srv.assert_consistent() in submitted
 
 
 def test_detached_nrrd_and_special_files_are_refused(srv):
@@ -317,8 +318,8 @@ def test_detached_nrrd_and_special_files_are_refused(srv):
     outside.write_bytes(ct.tobytes(order="F"))
     for field in ("data file", "datafile"):
         header = srv.work / "detached.nrrd"
-        header.write_text(f"NRRD0004\ntype: short\ndimension: 3\nsizes: {' '.join(map(str, ct.shape))}\nspacings: 2 2 2.5\n"
-                          f"encoding: raw\nendian: little\n{field}: {outside}\n\n")
+        header.write_text(f"NRRD0004\ntype: short\ndimension: 3\nsizes: {' '.join(map(str, ct.shape))}\nspace: left-posterior-superior\n"
+                          f"space directions: (2,0,0) (0,2,0) (0,0,2.5)\nspace origin: (0,0,0)\nencoding: raw\nendian: little\n{field}: {outside}\n\n")
         with open(header, "rb") as f:
             r = requests.put(f"{srv.url}/datastore/image", params={"image": "detached"}, files={"file": ("detached.nrrd", f)}, timeout=120)
         assert r.status_code == 422 and "data file" in r.json()["detail"], (field, r.status_code, r.text[:300])
