@@ -308,11 +308,14 @@ class ModelStore:
         """Make the history agree with the files (after an interrupted publish, or an old layout).
 
         Call it once at server start-up (:class:`~contourcl.serving.infer.ContourInferTask` does);
-        :meth:`consider`, :meth:`restore` and :meth:`withdraw` run it first. Returns what it fixed
+        :meth:`consider`, :meth:`restore` and :meth:`withdraw` run it first. Without any history
+        (no ``history.json``, no ``vNNNN.pt``) it does nothing. Returns what it fixed
         (each also logged): archives with no entry are recorded; entries get the sha256 of their
         file; the served file is matched to its entry by sha256, or archived as a new version
         (``FOUND_SERVED``); the entries' ``served`` flags are set to match.
         """
+        if not (self.root / "history.json").is_file() and not self._archived_files():
+            return []  # no history yet: the first change archives the served file (nothing to lose before)
         with self.locked():
             notes: list[str] = []
             self._reconcile_locked(self.entries(), FOUND_SERVED, notes=notes)
