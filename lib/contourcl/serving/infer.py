@@ -95,7 +95,8 @@ class ContourInferTask(InferTask):
         if reason:
             raise ServedModelError(reason)
         prediction = self.contourer(request["image"], largest_component=override)
-        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.model}_", delete=False).name
+        with tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.model}_", delete=False) as f:
+            out = f.name
         prediction.save(out)
         t = prediction.timings
         return out, {

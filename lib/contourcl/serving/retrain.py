@@ -33,7 +33,12 @@ from contourcl.errors import InvalidImageError
 from contourcl.evaluation import evaluate_model_file, summarise
 from contourcl.models.checkpoint import check_model_file, load_model, read_meta
 from contourcl.serving.model_store import MIN_GATE_CASES, ModelStore
-from contourcl.training.finetune.engine import FinetuneConfig, finetune, following, save_finetuned
+from contourcl.training.finetune.engine import (
+    FinetuneConfig,
+    finetune,
+    following,
+    save_finetuned,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,12 @@ from pathlib import Path
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from contourcl.serving.lifecycle import TrainLock, die_with_parent, in_task_subprocess, note_server_process
+from contourcl.serving.lifecycle import (
+    TrainLock,
+    die_with_parent,
+    in_task_subprocess,
+    note_server_process,
+)
 from contourcl.serving.model_store import ModelStore
 from contourcl.serving.retrain import DEFAULTS, retrain, served_summary
 
