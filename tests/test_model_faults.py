@@ -78,7 +78,8 @@ def test_server_starts_and_names_the_broken_files(broken):
         assert r.status_code == 200 and r.json().get("id", "").startswith("synthetic_hn_"), (strategy, r.status_code, r.text[-1000:])
 
     r = requests.post(f"{url}/infer/oar", params={"image": "synthetic_hn_003"}, timeout=120)
-    assert r.status_code in (404, 422, 503) and "oar.pt" in r.text, (r.status_code, r.text[-1000:])
+    assert r.status_code == 503 and "oar.pt" in r.text and "missing" not in r.text, (r.status_code, r.text[-1000:])
+    assert "--restore" in r.text or "PUT /model" in r.text, "it says what to do"
 
 
 def test_uploads_and_withdrawals_answer_on_a_broken_history(broken):

@@ -375,3 +375,15 @@ def test_restore_refuses_a_file_that_is_not_a_good_archive(tmp_path, bad):
     with pytest.raises(ModelStoreError, match="nothing was changed|not an archived file"):
         store.restore(0)
     assert store.served.read_bytes() == served and store.served_entry()["version"] == 1
+
+
+def test_a_busy_model_answers_409():
+    """An upload or withdrawal while the model trains is a conflict, not bad input (serving.errors)."""
+    from fastapi import HTTPException
+
+    from contourcl.serving.errors import http_errors
+    from contourcl.serving.model_store import ModelBusyError
+
+    with pytest.raises(HTTPException) as caught, http_errors():
+        raise ModelBusyError("another trainer of the oar model is running (pid 1)")
+    assert caught.value.status_code == 409 and "pid 1" in caught.value.detail

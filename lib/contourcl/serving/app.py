@@ -200,7 +200,10 @@ class ContourApp(MONAILabelApp):
         self._check_model(request.get("model"), self._infers)
         task = self._infers[request["model"]]
         if not task.is_valid():
-            raise HTTPException(404, f"model {request['model']!r} has no weights yet ({task.model_path} is missing): submit labels and train it, or see README 'Shipped weights'")
+            if not task.model_path.is_file():
+                raise HTTPException(404, f"model {request['model']!r} has no weights yet ({task.model_path} is missing): submit labels "
+                                         "and train it, or see docs/models/ (how the shipped weights are made)")
+            raise HTTPException(503, task.unavailable_reason() or f"model {request['model']!r} cannot be used now")  # it says what to do
         image = request.get("image")
         image_id = None
         if not (upload and image == upload):

@@ -10,6 +10,7 @@ import logging
 from fastapi import HTTPException
 
 from contourcl.errors import ContourCLError, UnknownModelError, UnsafeIdError
+from contourcl.serving.lifecycle import TrainerBusyError
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,8 @@ DISK_ERRORS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EROFS: 503, errno.EAC
 
 
 def status_of(err: ContourCLError) -> int:
+    if isinstance(err, TrainerBusyError):  # a retrain of that model runs, or another change holds it
+        return 409
     if isinstance(err, UnknownModelError):
         return 404
     if isinstance(err, UnsafeIdError):
