@@ -387,3 +387,30 @@ def test_a_busy_model_answers_409():
     with pytest.raises(HTTPException) as caught, http_errors():
         raise ModelBusyError("another trainer of the oar model is running (pid 1)")
     assert caught.value.status_code == 409 and "pid 1" in caught.value.detail
+
+
+def test_an_image_removed_while_training_is_named_in_the_history(tmp_path, monkeypatch):
+    from contourcl.serving import retrain as rt
+
+    store = ModelStore(tmp_path / "model", "gtv")
+    tiny_model_file(store.served, 0.0)
+    images = []
+    for i in range(4):
+        images.append(tmp_path / f"c{i}.nii.gz")
+        images[-1].write_bytes(b"x")
+    candidate = tiny_model_file(tmp_path / "cand.pt", 2.0)
+
+    def fake_finetune(train, val, cfg, start_from=None, progress=False):
+        Path(train[0]["image"]).unlink()  # DELETE /datastore/image while the retrain trains
+        return types.SimpleNamespace(best_epoch=1, skipped=[], seconds=0.0)
+
+    monkeypatch.setattr(rt, "usable_cases", lambda cases: (cases, {}))
+    monkeypatch.setattr(rt, "contoured_cases", lambda model, cases: cases)
+    monkeypatch.setattr(rt, "finetune", fake_finetune)
+    monkeypatch.setattr(rt, "save_finetuned", lambda path, *a, **k: shutil.copyfile(candidate, path) and Path(path))
+    monkeypatch.setattr(rt, "gate_dice", lambda path, val, lc=True: (0.5, {}))
+    cases = [{"id": f"c{i}", "image": str(images[i]), "label": "-"} for i in range(4)]
+    entry = rt.retrain("gtv", cases, store, {"max_epochs": 1})
+    removed = [c["id"] for c in cases if not Path(c["image"]).exists()]
+    assert len(removed) == 1 and entry["removed_during_training"] == removed
+    assert store.entries()[-1]["removed_during_training"] == removed

@@ -132,11 +132,17 @@ def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | No
         result = finetune(train, val, cfg, start_from=served_net, progress=progress)
         candidate = save_finetuned(Path(tmp) / "candidate.pt", cfg, result, trained_on=[c["id"] for c in train], validated_on=sorted(val_ids))
         candidate_dice, per_structure = gate_dice(candidate, val, largest_component)
+        # an image removed from the datastore while this trained: it was trained on, so it is named
+        # (its labels are kept in the datastore's label history, contourcl.serving.datastore)
+        removed = sorted(c["id"] for c in train + val if not Path(c["image"]).is_file())
+        if removed:
+            logger.warning("%s: trained on images removed from the datastore meanwhile: %s", model, removed)
         entry = store.consider(
             candidate, candidate_dice, served_dice, served_sha=served_sha, regate=lambda path: gate_dice(path, val, largest_component)[0],
             per_structure=per_structure, best_epoch=result.best_epoch, epochs=cfg.max_epochs,
             train_ids=[c["id"] for c in train], val_ids=sorted(val_ids), gate_cases=len(val), gate_note=_gate_note(len(val)),
             excluded=excluded or None, skipped_steps=result.skipped or None, seconds=round(result.seconds, 1),
+            removed_during_training=removed or None,
         )
     logger.info("%s: %s", model, entry["reason"])
     return {**entry, "model": model}
