@@ -19,6 +19,8 @@ test is skipped, saying why. The server's faults (:func:`contourcl.files.fault`)
   step of a label save and an image upload: 507/503 naming the disk, the label and its info as
   they were, no temporary file, no history copy or journal entry, no image registered; the same
   upload succeeds once the disk takes writes again.
+- :func:`test_a_removed_image_keeps_its_labels`: ``DELETE /datastore/image`` first copies the
+  image's final label into the label history; refused with a full disk (507), it removes nothing.
 - :func:`test_concurrent_saves_keep_every_submission`: 4 threads x 10 rounds of simultaneous saves
   on one image: every submission is the current label or in the history, none is 0 bytes, and
   the current file and its info agree.
@@ -133,10 +135,10 @@ class Server:
         names = [*structures, "Brainstem"]
         return path, {"label_info": [{"name": n, "idx": STORED_LABELS[n]} for n in names]}
 
-    def put_label(self, number: int, structures: tuple[str, ...] = ("Mandible",), timeout: float = 120) -> requests.Response:
+    def put_label(self, number: int, structures: tuple[str, ...] = ("Mandible",), timeout: float = 120, image: str = IMAGE) -> requests.Response:
         path, params = self.label_file(number, structures)
         with open(path, "rb") as f:
-            return requests.put(f"{self.url}/datastore/label", params={"image": IMAGE, "tag": "final"},
+            return requests.put(f"{self.url}/datastore/label", params={"image": image, "tag": "final"},
                                 files={"label": (path.name, f)}, data={"params": json.dumps(params)}, timeout=timeout)
 
     @property
@@ -282,6 +284,30 @@ def test_full_or_read_only_disk_at_each_step(srv):
     with open(source, "rb") as f:
         r = requests.put(f"{srv.url}/datastore/image", params={"image": "faulty_upload"}, files={"file": ("faulty_upload.nii.gz", f)}, timeout=120)
     assert r.ok, f"the upload fails once the disk takes writes again: {r.status_code} {r.text[:300]}"
+
+
+def test_a_removed_image_keeps_its_labels(srv):
+    _ensure_running(srv)
+    with open(srv.studies / f"{IMAGE}.nii.gz", "rb") as f:  # a copy of IMAGE: the same grid as its labels
+        assert requests.put(f"{srv.url}/datastore/image", params={"image": "removable"}, files={"file": ("removable.nii.gz", f)}, timeout=120).ok
+    assert srv.put_label(7, image="removable").ok
+    label = srv.studies / "labels" / "final" / "removable.nii.gz"
+    stored = label.read_bytes()
+    srv.faults.write_text("image-labels-kept=enospc")
+    try:
+        r = requests.delete(f"{srv.url}/datastore/image", params={"id": "removable"}, timeout=60)
+    finally:
+        srv.faults.write_text("")
+    assert r.status_code == 507 and "the disk is full" in r.json()["detail"], (r.status_code, r.text[:300])
+    assert label.read_bytes() == stored and (srv.studies / "removable.nii.gz").is_file(), "a refused removal removed files"
+    assert not list(srv.history.glob("removable.*")), "a refused removal left copies in the label history"
+    assert requests.get(f"{srv.url}/datastore/image", params={"image": "removable"}, timeout=60).ok
+    r = requests.delete(f"{srv.url}/datastore/image", params={"id": "removable"}, timeout=60)
+    assert r.ok, r.text[:300]
+    assert not label.exists() and not (srv.studies / "removable.nii.gz").exists()
+    assert requests.get(f"{srv.url}/datastore/image", params={"image": "removable"}, timeout=60).status_code == 404
+    kept = [p.read_bytes() for p in srv.history.glob("removable.*.nii.gz")]
+    assert stored in kept, "the final label of the removed image is not in the label history"
 
 
 def test_concurrent_saves_keep_every_submission(srv):

@@ -40,7 +40,7 @@ journal entry written), ``label-renamed`` (the new label in place, its info not 
 ``label-info-written`` (``datastore_v2.json`` written, the journal entry not yet removed); an image
 upload: ``image-temp-written`` (copied and synced under a temporary name in the studies folder),
 ``image-renamed`` (in place, not registered yet), ``image-registered`` (``datastore_v2.json``
-written); removing an image: ``image-labels-kept`` (its labels copied to the history);
+written); removing an image or a label: ``image-labels-kept`` (its labels copied to the history);
 ``datastore-file-temp-written`` (any write of ``datastore_v2.json``, before its rename).
 """
 
@@ -353,30 +353,45 @@ class SafeDatastore(LocalDatastore):
 
     def remove_image(self, image_id):
         """Remove an image and its labels; every label is first copied to the label history. The
-        datastore file is written first: if the disk refuses that, nothing is removed."""
+        datastore file is written before any file is removed: if the disk refuses a copy or that
+        write, nothing is removed (and the copies made are removed again)."""
         with http_errors("removing the image"):
             check_id(image_id)
             with self._image_lock(image_id), self._model_lock:
                 obj = self._datastore.objects.get(image_id)
                 if obj is None:
                     raise HTTPException(404, f"image {image_id!r} is not in the datastore; nothing was removed")
-                labels = {tag: LocalDatastore.get_label_uri(self, image_id, tag) for tag in obj.labels}
-                for tag, path in labels.items():
-                    if path and os.path.isfile(path):
-                        self._keep_in_history(path, image_id, tag, why="removed")
-                fault("image-labels-kept")
+                labels = [LocalDatastore.get_label_uri(self, image_id, tag) for tag in obj.labels]
                 image_path = super().get_image_uri(image_id)
-                self._datastore.objects.pop(image_id)
-                try:
-                    self._update_datastore_file()
-                except BaseException:
-                    self._datastore.objects[image_id] = obj
-                    raise
-                for path in [*labels.values(), image_path]:
+                with self._kept_until_done(image_id, list(obj.labels)):
+                    self._datastore.objects.pop(image_id)
+                    try:
+                        self._update_datastore_file()
+                    except BaseException:
+                        self._datastore.objects[image_id] = obj
+                        raise
+                for path in [*labels, image_path]:
                     if path:
                         Path(path).unlink(missing_ok=True)
                 self._usable.pop(image_id, None)
         logger.info("image %s removed (its labels are kept in the label history)", image_id)
+
+    @contextlib.contextmanager
+    def _kept_until_done(self, image_id: str, tags: list[str]):
+        """Copy the ``tags`` labels of ``image_id`` to the label history, then run the block; if the
+        block (or a copy) fails, the copies are removed again: the labels are still in place."""
+        kept = []
+        try:
+            for tag in tags:
+                path = LocalDatastore.get_label_uri(self, image_id, tag)
+                if path and os.path.isfile(path):
+                    kept.append(self._keep_in_history(path, image_id, tag, why="removed"))
+            fault("image-labels-kept")
+            yield
+        except BaseException:
+            for copy_path in kept:
+                copy_path.unlink(missing_ok=True)
+            raise
 
     def get_image_uri(self, image_id):
         with http_errors():
@@ -442,14 +457,13 @@ class SafeDatastore(LocalDatastore):
                 if obj is None or label_tag not in obj.labels:
                     raise HTTPException(404, f"no {label_tag!r} label of image {label_id!r} in the datastore; nothing was removed")
                 path = super().get_label_uri(label_id, label_tag)
-                if path and os.path.isfile(path):
-                    self._keep_in_history(path, label_id, label_tag, why="removed")
-                label = obj.labels.pop(label_tag)
-                try:
-                    self._update_datastore_file()
-                except BaseException:
-                    obj.labels[label_tag] = label
-                    raise
+                with self._kept_until_done(label_id, [label_tag]):
+                    label = obj.labels.pop(label_tag)
+                    try:
+                        self._update_datastore_file()
+                    except BaseException:
+                        obj.labels[label_tag] = label
+                        raise
                 if path:
                     Path(path).unlink(missing_ok=True)
 
