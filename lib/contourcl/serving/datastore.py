@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -533,8 +534,7 @@ class SafeDatastore(LocalDatastore):
             fault("label-pending-written")
             with self._model_lock:
                 if dest.exists():
-                    old = temporary_name(dest)  # the label now in place, to put back if the info cannot be stored
-                    os.link(dest, old)
+                    old = self._second_name(dest)  # the label now in place, to put back if the info cannot be stored
                 os.replace(tmp, dest)
                 renamed = True
                 fsync_dir(label_dir)
@@ -557,6 +557,24 @@ class SafeDatastore(LocalDatastore):
         fsync_dir(pending.parent)
         if existing and os.path.realpath(existing) != str(dest):  # the old label had another file type
             Path(existing).unlink(missing_ok=True)
+
+    @staticmethod
+    def _second_name(path: Path) -> Path:
+        """A second (temporary) name for ``path``'s content: a hard link (no space needed, the file is
+        never written again: labels are replaced by rename), or a copy where the file system has
+        no hard links."""
+        second = temporary_name(path)
+        try:
+            os.link(path, second)
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
+            try:
+                shutil.copy2(path, second)
+            except BaseException:
+                second.unlink(missing_ok=True)
+                raise
+        return second
 
     def _set_label_info(self, image_id: str, tag: str, info: dict) -> None:
         """Store a label's info in ``datastore_v2.json``; the in-memory info is unchanged if that fails."""
