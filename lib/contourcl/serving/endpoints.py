@@ -67,7 +67,7 @@ def _save_upload(upload: UploadFile, folder: Path, name: str, limit_mb: float) -
     path = folder / name
     limit = int(limit_mb * 1024 * 1024)
     written = 0
-    with open(path, "wb") as out:
+    with http_errors("receiving the upload"), open(path, "wb") as out:  # a full temporary folder: 507
         while chunk := upload.file.read(1024 * 1024):
             written += len(chunk)
             if written > limit:
