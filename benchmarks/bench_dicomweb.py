@@ -1,9 +1,11 @@
 """DICOMweb benchmark: from "infer" to an RTSTRUCT stored in the PACS (Orthanc), on CPU.
 
-    python benchmarks/bench_dicomweb.py [--runs 5] [--size ct|small] [--keep]
+    CONTOURCL_OPENKBP=../shared/data/openkbp python benchmarks/bench_dicomweb.py [--runs 5] [--size ct|small] [--keep]
 
-Builds a CT series once in a temporary folder (``--size ct``: OpenKBP pt_1 resampled to
-512 x 512 x 150, as ``bench_serving.py`` does; ``--size small``: 128 x 128 x 60, to try the
+``--data DIR`` names the OpenKBP folder (``train-pats/``, ``validation-pats/``) where
+``CONTOURCL_OPENKBP`` does not. Builds a CT series once in a temporary folder (``--size ct``:
+OpenKBP pt_1 resampled to 512 x 512 x 150, as ``bench_serving.py`` does,
+``contourcl.testing.resampled_ct``; ``--size small``: 128 x 128 x 60, to try the
 script quickly), starts a real Orthanc with its DICOMweb plugin on 127.0.0.1 (a free port, its own
 storage in the temporary folder), uploads the series, and starts the real MONAI Label server on
 ``--studies http://127.0.0.1:<port>/dicom-web`` with the shipped ``oar`` model (default weights;
@@ -39,40 +41,12 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from contourcl.testing import start_monailabel, start_orthanc, stop_process, wait_for
+from contourcl.data.datasets import openkbp_root
+from contourcl.errors import DataNotFoundError
+from contourcl.testing import BENCH_CT, REPO, proc_status_kb, resampled_ct, start_monailabel, start_orthanc, stop_process, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
-KBP = REPO.parent / "shared" / "data" / "openkbp" / "train-pats" / "pt_1" / "ct.nii.gz"
 SIZES = {"ct": (512, 512, 150), "small": (128, 128, 60)}
 MODEL = "oar"
-
-
-def resampled_ct(src: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``src`` resampled (linear) to ``shape``, with its affine scaled to match (as in
-    ``bench_serving.ct_sized_volume``)."""
-    import nibabel as nib
-    from scipy.ndimage import zoom
-
-    img = nib.load(src)
-    data = np.asanyarray(img.dataobj).astype(np.float32)
-    factors = tuple(n / s for n, s in zip(shape, data.shape))
-    out = zoom(data, factors, order=1)
-    affine = img.affine.copy()
-    for i in range(3):
-        affine[:3, i] /= factors[i]
-    return out, affine
-
-
-def proc_status_kb(pid: int, field: str) -> int | None:
-    """A memory figure of a live process from ``/proc/PID/status``, in kB: ``VmHWM`` (its peak
-    resident memory), ``VmRSS`` (its resident memory now). None when the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def vm_hwm_mb(pid: int) -> float | None:
@@ -154,11 +128,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size", choices=sorted(SIZES), default="ct", help="ct: 512x512x150 (default); small: 128x128x60")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (series, Orthanc storage, logs)")
+    parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs: at least 1")
-    if not KBP.is_file():
-        sys.exit(f"the OpenKBP case {KBP} is needed to make the CT series")
+    try:
+        kbp = openkbp_root(args.data) / BENCH_CT
+    except DataNotFoundError as err:
+        parser.error(str(err))
+    if not kbp.is_file():
+        sys.exit(f"the OpenKBP case {kbp} is needed to make the CT series")
 
     from monailabel.client import MONAILabelClient
     from pydicom.uid import generate_uid
@@ -173,7 +152,7 @@ def main() -> None:
     try:
         t = time.perf_counter()
         shape = SIZES[args.size]
-        ct, affine = resampled_ct(KBP, shape)
+        ct, affine = resampled_ct(kbp, shape)
         study_uid, series_uid = generate_uid(), generate_uid()
         files = write_ct_series(ct, affine, root / "series", patient_id="bench_pt_1", study_uid=study_uid, series_uid=series_uid)
         del ct

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python benchmarks/bench_pretrain.py [--cases 3] [--steps 5] [--batch-size 8] [--workers 2]
+    python benchmarks/bench_pretrain.py --data ../shared/data/openkbp [--cases 3] [--steps 5] [--batch-size 8] [--workers 2]
 
-Data: the first ``--cases`` CTs of /work/shared/data/openkbp/train-pats when it exists (or
-``--images DIR``), else synthetic volumes. Prints Markdown tables:
+Data: the first ``--cases`` CTs of ``--images DIR``, else of ``train-pats/`` in the OpenKBP folder
+(``--data DIR`` or the environment variable ``CONTOURCL_OPENKBP``), else synthetic volumes. Prints Markdown tables:
 
 - SIS: slices per second (slices that contain body; SLIC + region index), serial and with
   ``--workers`` processes, median of ``--repeats`` builds without cache;
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contourcl.data.datasets import find_ct_images
+from contourcl.data.datasets import find_ct_images, openkbp_root
 from contourcl.models.networks import ResNetEncoder
 from contourcl.training.pretrain.base import PretrainConfig, RunContext, to_device
 from contourcl.data.transforms import DEFAULT_SPACING
@@ -37,12 +37,14 @@ from contourcl.training.pretrain.separeg import PAPER_REGION_AREA_MM2, build_reg
 from contourcl.training.pretrain.trainer import available_methods, get_method
 from contourcl.training.pretrain.volumes import load_volumes, write_synthetic_cts
 
-OPENKBP = Path("/work/shared/data/openkbp/train-pats")
 
 
 def get_volumes(args, tmp: Path):
-    if args.images or OPENKBP.is_dir():
-        source = args.images or str(OPENKBP)
+    """The CTs to time on (module docstring: ``--images``, OpenKBP, else synthetic), loaded and
+    preprocessed as pretraining loads them; returns them, what they are, and the seconds taken."""
+    openkbp = openkbp_root(args.data, required=False)
+    if args.images or openkbp is not None:
+        source = args.images or str(openkbp / "train-pats")
         paths = find_ct_images(source)[: args.cases]
         label = f"{len(paths)} case(s) of {source}"
     else:
@@ -127,7 +129,8 @@ def bench_method(name: str, vols, args, cache: Path, options: dict | None = None
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", help="folder of CTs (default: OpenKBP train-pats if present, else synthetic)")
+    p.add_argument("--images", help="folder of CTs (default: OpenKBP train-pats if given, else synthetic)")
+    p.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     p.add_argument("--cases", type=int, default=3)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--repeats", type=int, default=3)

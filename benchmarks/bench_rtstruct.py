@@ -2,10 +2,11 @@
 
 Usage::
 
-    python benchmarks/bench_rtstruct.py [--case ../shared/data/openkbp/validation-pats/pt_201]
-                                        [--inplane-factor 1] [--repeats 3]
+    python benchmarks/bench_rtstruct.py --data ../shared/data/openkbp [--inplane-factor 1] [--repeats 3]
+    python benchmarks/bench_rtstruct.py --case ../shared/data/openkbp/validation-pats/pt_201
 
-Turns an OpenKBP case (ct.nii.gz, oar.nii.gz, target.nii.gz; RAS affine, see that folder's
+Turns an OpenKBP case (``--case DIR``; default: ``validation-pats/pt_201`` of the OpenKBP folder,
+``--data DIR`` or the environment variable ``CONTOURCL_OPENKBP``) (ct.nii.gz, oar.nii.gz, target.nii.gz; RAS affine, see that folder's
 README) into a DICOM CT series in a temporary folder, as a scanner stores an axial head-first
 CT (ImageOrientationPatient [1,0,0,0,1,0]: the NIfTI's first two axes swapped, nothing
 resampled), reads it back with ``read_series`` (checked equal), writes the OARs and PTV70 (as
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from contourcl.data.datasets import openkbp_root
+from contourcl.errors import DataNotFoundError
 from contourcl.data.dicom_series import (
     read_series,
     read_series_geometry,
@@ -52,7 +55,8 @@ from skimage.measure import find_contours
 
 #: ContourCL's stored numbering
 STRUCTURES = dict(STORED_LABELS)
-DEFAULT_CASE = Path(__file__).resolve().parents[2] / "shared/data/openkbp/validation-pats/pt_201"
+#: the case timed by default, relative to the OpenKBP folder
+DEFAULT_CASE = Path("validation-pats") / "pt_201"
 
 
 def traced_area(mask2d: np.ndarray, level: float) -> float:
@@ -69,10 +73,16 @@ def traced_area(mask2d: np.ndarray, level: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", type=Path, default=DEFAULT_CASE)
+    parser.add_argument("--case", type=Path, help=f"an OpenKBP case folder (default: {DEFAULT_CASE} of the OpenKBP folder)")
+    parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     parser.add_argument("--inplane-factor", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.case is None:
+        try:
+            args.case = openkbp_root(args.data) / DEFAULT_CASE
+        except DataNotFoundError as err:
+            parser.error(f"{err} (or give --case)")
 
     ct_img = nib.load(args.case / "ct.nii.gz")
     ct = np.asarray(ct_img.dataobj).astype(np.int16)

@@ -1,13 +1,13 @@
 """Serving benchmarks on CPU: inference time and memory, and the retraining turnaround.
 
-    python benchmarks/bench_serving.py [--runs 5] [--skip-retrain] [--model FILE ...]
+    CONTOURCL_OPENKBP=../shared/data/openkbp python benchmarks/bench_serving.py [--runs 5] [--skip-retrain] [--model FILE ...]
 
 Prints, as a Markdown table, medians over ``--runs`` runs:
 
 - inference wall time and peak resident memory (RSS) of the served ``oar`` model, each run in a
-  fresh process (so the peak is that run's), for a 128^3 OpenKBP case (read in place from
-  ../shared/data/openkbp) and a 512 x 512 x 150 CT-sized volume (that case resampled to
-  0.98 mm in-plane and 150 slices, written to a temporary folder);
+  fresh process (so the peak is that run's), for a 128^3 OpenKBP case (pt_1, read in place from
+  the OpenKBP folder: ``--data DIR`` or ``CONTOURCL_OPENKBP``) and a 512 x 512 x 150 CT-sized
+  volume (that case resampled to 0.98 mm in-plane and 150 slices, written to a temporary folder);
 - the retrain turnaround: from submitting a label to the real server (``PUT
   /datastore/label``) to the first inference answered by the new model, for a 3-epoch update
   on 5 labeled synthetic cases.
@@ -29,13 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from contourcl.testing import start_monailabel, stop_process, wait_until_serving
-
-REPO = Path(__file__).resolve().parents[1]
-KBP = REPO.parent / "shared" / "data" / "openkbp" / "train-pats" / "pt_1" / "ct.nii.gz"
-MODEL = REPO / "apps" / "radonc" / "model" / "oar.pt"
+from contourcl.data.datasets import openkbp_root
+from contourcl.errors import DataNotFoundError
+from contourcl.testing import BENCH_CT, REPO, ct_sized_volume, start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import SHIPPED_OAR as MODEL
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -49,22 +46,6 @@ t2 = time.perf_counter()
 print(json.dumps({"load_s": t1 - t0, "infer_s": t2 - t1, "timings": p.timings, "shape": list(p.label.shape),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def ct_sized_volume(src: Path, out: Path) -> Path:
-    """``src`` resampled to 512 x 512 x 150 (a typical planning CT's grid)."""
-    import nibabel as nib
-    from scipy.ndimage import zoom
-
-    img = nib.load(src)
-    data = np.asanyarray(img.dataobj).astype(np.float32)
-    factors = (512 / data.shape[0], 512 / data.shape[1], 150 / data.shape[2])
-    big = zoom(data, factors, order=1).astype(np.int16)
-    affine = img.affine.copy()
-    for i in range(3):
-        affine[:3, i] /= factors[i]
-    nib.save(nib.Nifti1Image(big, affine), str(out))
-    return out
 
 
 def bench_inference(image: Path, runs: int, model: Path = MODEL) -> dict:
@@ -95,7 +76,7 @@ def bench_retrain(runs: int) -> dict:
         proc, url = start_monailabel(app, studies, {"models": "oar"}, root / "server.log", new_session=True)
         try:
             wait_until_serving(proc, url, root / "server.log")
-            unlabeled = sorted(set(p.name[:-7] for p in studies.glob("*.nii.gz")) - set(p.name[:-7] for p in (studies / "labels" / "final").glob("*.nii.gz")))[0]
+            unlabeled = min({p.name[:-7] for p in studies.glob("*.nii.gz")} - {p.name[:-7] for p in (studies / "labels" / "final").glob("*.nii.gz")})
             before = requests.post(f"{url}/infer/oar", params={"image": unlabeled, "output": "json"}).json()["model_version"]
             # the fifth labeled case: the phantom's truth, submitted as a clinician would
             from contourcl.data.phantom import make_phantom
@@ -129,20 +110,25 @@ def main() -> None:
     parser.add_argument("--retrain-runs", type=int, default=3)
     parser.add_argument("--skip-retrain", action="store_true")
     parser.add_argument("--model", type=Path, action="append", help="time this model file's inference (repeatable; default: the shipped oar.pt)")
+    parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     args = parser.parse_args()
+    try:
+        kbp = openkbp_root(args.data) / BENCH_CT
+    except DataNotFoundError as err:
+        parser.error(str(err))
     models = args.model or [MODEL]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if KBP.is_file():
-            big = ct_sized_volume(KBP, Path(tmp) / "ct512.nii.gz")
+        if kbp.is_file():
+            big = ct_sized_volume(kbp, Path(tmp) / "ct512.nii.gz")
             for model in models:
                 name = "" if model == MODEL else f" ({model})"
-                for image, what in ((KBP, "OpenKBP pt_1 {}"), (big, "{} CT-sized")):
+                for image, what in ((kbp, "OpenKBP pt_1 {}"), (big, "{} CT-sized")):
                     r = bench_inference(image, args.runs, model)
                     rows.append((f"inference{name}, " + what.format("x".join(map(str, r["shape"]))), f"{r['infer_s']:.2f} s",
                                  f"{r['peak_rss_mb']:.0f} MB", "<= 3 s, <= 3 GB"))
         else:
-            print(f"(no OpenKBP case at {KBP}: inference rows skipped)")
+            print(f"(no OpenKBP case at {kbp}: inference rows skipped)")
     if not args.skip_retrain:
         r = bench_retrain(args.retrain_runs)
         served = all(t["new_model_served"] for t in r["runs"])

@@ -3,6 +3,10 @@
 Usage::
 
     python benchmarks/finetune_memory.py --data ../shared/data/openkbp/train-pats --spacing 3
+    CONTOURCL_OPENKBP=../shared/data/openkbp python benchmarks/finetune_memory.py --spacing 3
+
+``--data`` names the training cases; without it, ``train-pats/`` of the OpenKBP folder that
+``CONTOURCL_OPENKBP`` names.
 
 Runs the README's ``oar`` command with its data settings (every training case cached, the inner
 split scored through the served path and the moving average compared with the raw weights, then
@@ -23,12 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_dicomweb import proc_status_kb
+from contourcl.data.datasets import openkbp_root
+from contourcl.errors import DataNotFoundError
+from contourcl.testing import proc_status_kb
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="../shared/data/openkbp/train-pats")
+    parser.add_argument("--data", help="the training cases (default: train-pats/ of $CONTOURCL_OPENKBP)")
     parser.add_argument("--model", default="oar", choices=["oar", "gtv"])
     parser.add_argument("--spacing", type=float, default=3.0)
     parser.add_argument("--max-cases", type=int, help="only this many cases (default: all, as the command)")
@@ -36,6 +42,11 @@ def main() -> None:
     args = parser.parse_args()
     if not Path("/proc/self/status").is_file():
         sys.exit("this benchmark reads /proc (Linux)")
+    if args.data is None:
+        try:
+            args.data = str(openkbp_root(option="--data (the training cases)") / "train-pats")
+        except DataNotFoundError as err:
+            parser.error(str(err))
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{args.model}.pt"

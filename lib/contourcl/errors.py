@@ -35,3 +35,7 @@ class InvalidModelError(ContourCLError):
 
 class ConfigError(ContourCLError):
     """A training setting that is unknown or has a wrong value."""
+
+
+class DataNotFoundError(ContourCLError):
+    """A data set that a command needs was not given, or is not where it was said to be."""

@@ -1,10 +1,11 @@
 """Local processes for ContourCL's tests and benchmarks: a free port, the MONAI Label server started
 as a user starts it, a throw-away Orthanc, waiting for a server, and stopping what was started, by
-its PID.
+its PID; and what they measure with: a process's memory and a planning-CT-sized test volume.
 
-The end-to-end tests (``tests/``) and the benchmarks (``benchmarks/``) start the same real servers
-(``monailabel start_server``, Orthanc with its DICOMweb plugin) on 127.0.0.1; this module is the one
-place that knows how.
+The end-to-end tests (``tests/``), the benchmarks (``benchmarks/``) and the analyses
+(``contourcl.training.experiments``) start the same real servers (``monailabel start_server``,
+Orthanc with its DICOMweb plugin) on 127.0.0.1 and share these helpers; this module is the one
+place that knows how. Scripts never import each other.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
 
 import requests
+
+#: the source checkout this package runs from (an editable install: ``lib/contourcl`` in it)
+REPO = Path(__file__).resolve().parents[2]
+#: the shipped ``oar`` model file of the checkout
+SHIPPED_OAR = REPO / "apps" / "radonc" / "model" / "oar.pt"
+#: the OpenKBP CT the serving benchmarks resample, relative to the OpenKBP root
+#: (:func:`contourcl.data.datasets.openkbp_root`)
+BENCH_CT = Path("train-pats") / "pt_1" / "ct.nii.gz"
+#: a typical planning CT's grid
+CT_SIZED = (512, 512, 150)
 
 #: where Debian/Ubuntu's ``orthanc-dicomweb`` package (or a local build) puts the plugin
 ORTHANC_PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so*",
@@ -203,3 +213,44 @@ def start_orthanc(root: str | Path, name: str = "ContourCL test PACS", timeout: 
         stop_process(proc)
         raise
     return proc, url
+
+
+def proc_status_kb(pid: int, field: str) -> int | None:
+    """A memory figure of a live process from ``/proc/PID/status``, in kB: ``VmHWM`` (its peak
+    resident memory), ``VmRSS`` (its resident memory now). None when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def resampled_ct(src: str | Path, shape: tuple[int, int, int]):
+    """``src`` resampled (linear) to ``shape``, with its affine scaled to match: a real CT's
+    anatomy on another grid, for timings that depend on the grid's size. Returns ``(float32
+    array, affine)``."""
+    import nibabel as nib
+    import numpy as np
+    from scipy.ndimage import zoom
+
+    img = nib.load(src)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    factors = tuple(n / s for n, s in zip(shape, data.shape))
+    out = zoom(data, factors, order=1)
+    affine = img.affine.copy()
+    for i in range(3):
+        affine[:3, i] /= factors[i]
+    return out, affine
+
+
+def ct_sized_volume(src: str | Path, out: str | Path) -> Path:
+    """``src`` resampled to 512 x 512 x 150 (:data:`CT_SIZED`, a typical planning CT's grid),
+    written as int16 NIfTI to ``out``."""
+    import nibabel as nib
+    import numpy as np
+
+    data, affine = resampled_ct(src, CT_SIZED)
+    nib.save(nib.Nifti1Image(data.astype(np.int16), affine), str(out))
+    return Path(out)

@@ -4,8 +4,9 @@ Two layouts are understood:
 
 - a MONAI Label studies folder: ``DIR/<id>.nii.gz`` with ``DIR/labels/final/<id>.nii.gz`` in the
   stored numbering (:data:`contourcl.data.labels.STORED_LABELS`), as ``sample-data/``;
-- OpenKBP as converted in ``../shared/data/openkbp``: ``DIR/pt_*/ct.nii.gz`` with
-  ``oar.nii.gz`` (OARs, stored numbering) and ``target.nii.gz`` (1 = PTV70, the ``gtv`` target).
+- OpenKBP as converted (``DIR/pt_*/ct.nii.gz`` with ``oar.nii.gz``, OARs in the stored
+  numbering, and ``target.nii.gz``, 1 = PTV70, the ``gtv`` target); :func:`openkbp_root` finds
+  its root folder (``train-pats/``, ``validation-pats/``).
 
 Each case is a dict ``{"id", "image", "label"}`` that
 :func:`contourcl.training.finetune.engine.finetune` takes. A label file not in the stored
@@ -24,13 +25,37 @@ from typing import NamedTuple
 import numpy as np
 
 from contourcl.data.labels import GTV_NAME, STORED_LABELS, model_labels, to_model, to_stored
-from contourcl.errors import InvalidImageError
+from contourcl.errors import DataNotFoundError, InvalidImageError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 #: names that mark a label/structure file, never an image
 LABEL_WORDS = ("label", "mask", "seg", "oar", "target", "gtv", "ptv", "ctv", "struct", "dose", "possible")
 #: file names of the CT inside a per-case folder (OpenKBP: pt_*/ct.nii.gz)
 CASE_IMAGE_NAMES = ("ct", "image", "img", "ct_image")
+#: the environment variable naming the OpenKBP root folder (holding train-pats/, validation-pats/)
+OPENKBP_ENV = "CONTOURCL_OPENKBP"
+
+
+def openkbp_root(given: str | os.PathLike | None = None, option: str = "--data", required: bool = True) -> Path | None:
+    """The OpenKBP root folder (``train-pats/``, ``validation-pats/``): ``given`` (a script's
+    ``option``) when set, else the environment variable ``CONTOURCL_OPENKBP``.
+
+    The one place that knows where OpenKBP lies, so that no script hard-codes a machine's path.
+    With neither, a :class:`~contourcl.errors.DataNotFoundError` names both (``required``), or
+    None (a caller with a fallback, e.g. synthetic volumes). A folder that does not exist is an
+    error either way: a mistyped path must not pass for absent data.
+    """
+    value = given if given not in (None, "") else os.environ.get(OPENKBP_ENV) or None
+    if value is None:
+        if not required:
+            return None
+        raise DataNotFoundError(f"the OpenKBP data are needed: give {option} or set {OPENKBP_ENV} to the OpenKBP folder "
+                                "(the one holding train-pats/ and validation-pats/)")
+    root = Path(value)
+    if not root.is_dir():
+        source = option if given not in (None, "") else OPENKBP_ENV
+        raise DataNotFoundError(f"{source}: no folder {root} (the OpenKBP folder holding train-pats/ and validation-pats/)")
+    return root
 
 
 def _strip_suffix(name: str) -> str:
