@@ -3,7 +3,7 @@ slice's probabilities with its neighbours' (none, 1-2-1, or 1-1-1 as served) and
 served average, each structure's weight on its probability (a bias for or against it; for a
 one-target model, its threshold).
 
-    python benchmarks/decision_rules.py MODEL --data ../shared/data/openkbp/train-pats --ids <ids>
+    python -m contourcl.training.experiments.decision_rules MODEL --data ../shared/data/openkbp/train-pats --ids <ids>
 
 Score it on cases the model did not train on and that are not the final validation (the `finetune
 --refit` selection's inner split: ``OUT.state/selected.pt`` and the ids of ``OUT.state/config.json``).
@@ -57,7 +57,7 @@ def summary(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, help="labeled cases (e.g. OpenKBP's train-pats/)")
     parser.add_argument("--ids", required=True, help="comma-separated case ids")
     args = parser.parse_args()
     contourer = Contourer(args.model)
@@ -70,7 +70,8 @@ def main() -> None:
     print(f"{args.model} on {len(raw)} cases of {args.data}\n")
     print("| rule | mean Dice | mean surface Dice |\n|---|---|---|")
     for name, kernel in SMOOTHING.items():
-        print(f"| slices averaged {name} | {summary(scores(raw, meta, keep, lambda p: neighbour_average(p, kernel)))} |")
+        # the rule is used up before the loop moves on, so it sees this kernel
+        print(f"| slices averaged {name} | {summary(scores(raw, meta, keep, lambda p: neighbour_average(p, kernel)))} |")  # noqa: B023
     cases = [(c, neighbour_average(p), box) for c, p, box in raw]
     served = scores(cases, meta, keep, lambda p: p)
     weights = np.ones(len(names) + 1)

@@ -1,7 +1,8 @@
 """Several model files' probabilities averaged (an ensemble), against each file alone, scored
 through the served path.
 
-    python benchmarks/ensemble.py MODEL MODEL [MODEL ...] --data ../shared/data/openkbp/train-pats --ids <ids> [--json PREFIX]
+    python -m contourcl.training.experiments.ensemble MODEL MODEL [MODEL ...] --data ../shared/data/openkbp/train-pats \
+        --ids <ids> [--json [PREFIX]]
 
 Score it on cases none of the models trained on and that are not the final validation (the
 `finetune --refit` selections' inner split: ``OUT.state/selected.pt`` of runs with the same
@@ -12,13 +13,15 @@ mean. Each label map is made and scored as ``contourcl evaluate`` does
 (:func:`contourcl.inference.label_on_grid`, the first file's largest-component rule; Dice, HD95
 and surface Dice at 4 mm on the slices that image the patient). ``--json PREFIX`` writes
 ``PREFIX-<k>.json`` per file and ``PREFIX-ensemble.json`` in ``contourcl evaluate --json``'s form,
-for ``contourcl benchmark paired``.
+for ``contourcl benchmark paired``; ``--json`` alone writes them to ``results/ensemble/`` (prefix
+``results/ensemble/ensemble``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -26,13 +29,17 @@ from contourcl.data.datasets import labeled_cases
 from contourcl.evaluation import evaluation_record, prepare_cases, preparation, summarise
 from contourcl.inference import Contourer, box_probabilities, label_on_grid
 
+#: where ``--json`` without a prefix writes (relative to the working folder, the repository root)
+DEFAULT_PREFIX = Path("results") / "ensemble" / "ensemble"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--data", required=True)
     parser.add_argument("--ids", required=True, help="comma-separated case ids")
-    parser.add_argument("--json", help="write PREFIX-<k>.json per file and PREFIX-ensemble.json")
+    parser.add_argument("--json", nargs="?", const=str(DEFAULT_PREFIX), metavar="PREFIX",
+                        help=f"write PREFIX-<k>.json per file and PREFIX-ensemble.json (PREFIX: {DEFAULT_PREFIX} when left out)")
     args = parser.parse_args()
     if len(args.models) < 2:
         parser.error("give at least two model files")
@@ -70,6 +77,7 @@ def main() -> None:
         print(f"| {s} | " + " | ".join(f"{summaries[n][(s, 'dice')]['mean']:.4f}" for n in names) + " |")
     print("| mean surface Dice | " + " | ".join(f"{summaries[n][('mean', 'surface_dice')]['mean']:.4f}" for n in names) + " |")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         for name in names:
             source = args.models[int(name)] if name != "ensemble" else " + ".join(args.models)
             with open(f"{args.json}-{name}.json", "w") as f:

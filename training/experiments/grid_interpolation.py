@@ -1,13 +1,17 @@
 """The served label map (probabilities averaged over neighbouring slices and interpolated onto the
 CT's grid) against the earlier nearest network voxel's label, on a planning-CT-sized grid: how many voxels differ, and a picture.
 
-    python benchmarks/grid_interpolation.py [--model apps/radonc/model/oar.pt] [--png docs/shipped/oar-grid-interpolation.png]
+    python -m contourcl.training.experiments.grid_interpolation --data ../shared/data/openkbp \
+        [--model apps/radonc/model/oar.pt] [--png [docs/shipped/oar-grid-interpolation.png]]
 
-The CT is OpenKBP's pt_1 resampled to 512 x 512 x 150 (as in ``bench_serving.py``). The nearest
+The CT is OpenKBP's pt_1 (in the OpenKBP folder: ``--data DIR`` or the environment variable
+``CONTOURCL_OPENKBP``) resampled to 512 x 512 x 150 (:func:`contourcl.testing.ct_sized_volume`,
+as ``benchmarks/bench_serving.py`` times it). The nearest
 label is the earlier serving path: each slice's own probabilities (no neighbour average), their
 argmax and each structure's largest connected component on the network's 3 mm grid, then each CT
 voxel given the label of its nearest network voxel.
-Prints, per structure, the voxels of each label map and the Dice between them.
+Prints, per structure, the voxels of each label map and the Dice between them. ``--png`` alone
+writes the picture to ``results/grid_interpolation/<model>-grid-interpolation.png``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_serving import KBP, MODEL, ct_sized_volume
+from contourcl.data.datasets import openkbp_root
 from contourcl.data.volumes import read_ras, to_ras
+from contourcl.errors import DataNotFoundError
 from contourcl.inference import Contourer, box_probabilities, contour, grid_mapping, label_on_model_grid
 from contourcl.plots import contour_overlay
+from contourcl.testing import BENCH_CT, ct_sized_volume
+from contourcl.testing import SHIPPED_OAR as MODEL
+
+#: where ``--png`` without a file writes (relative to the working folder, the repository root)
+RESULTS = Path("results") / "grid_interpolation"
 
 
 def nearest_label(network, meta, data: dict) -> np.ndarray:
@@ -39,22 +49,31 @@ def nearest_label(network, meta, data: dict) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=MODEL)
-    parser.add_argument("--png", type=Path, help="write the picture here")
+    parser.add_argument("--png", type=Path, nargs="?", const=RESULTS, metavar="FILE",
+                        help=f"write the picture here (alone: {RESULTS}/<model>-grid-interpolation.png)")
+    parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     args = parser.parse_args()
+    try:
+        kbp = openkbp_root(args.data) / BENCH_CT
+    except DataNotFoundError as err:
+        parser.error(str(err))
+    if args.png == RESULTS:
+        args.png = RESULTS / f"{args.model.stem}-grid-interpolation.png"
     with tempfile.TemporaryDirectory() as tmp:
-        ct_path = ct_sized_volume(KBP, Path(tmp) / "ct512.nii.gz")
+        ct_path = ct_sized_volume(kbp, Path(tmp) / "ct512.nii.gz")
         contourer = Contourer(args.model)
         _, network, meta = contourer.model()
         data, pre = contourer.preprocess(ct_path, meta)
         served = contour(network, meta, data, pre, contourer.keeps_largest_component(meta))[0]
         nearest = nearest_label(network, meta, data)
-        print(f"{args.model} on {KBP.parent.name} resampled to {'x'.join(map(str, served.shape))}")
+        print(f"{args.model} on {kbp.parent.name} resampled to {'x'.join(map(str, served.shape))}")
         print("| structure | voxels, interpolated | voxels, nearest | Dice between them |\n|---|---|---|---|")
         for name, v in meta.labels.items():
             a, b = served == v, nearest == v
             dice = 2 * (a & b).sum() / max(1, a.sum() + b.sum())
             print(f"| {name} | {a.sum()} | {b.sum()} | {dice:.3f} |")
         if args.png:
+            args.png.parent.mkdir(parents=True, exist_ok=True)
             affine = data["grid"][0]
             contour_overlay(read_ras(ct_path), to_ras(served, affine), meta.labels, args.png, truth=to_ras(nearest, affine), slices=3,
                             title=f"{meta.model} on a 512 x 512 x 150 grid",

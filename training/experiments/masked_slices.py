@@ -2,7 +2,9 @@
 
 Usage::
 
-    python benchmarks/masked_slices.py --data ../shared/data/openkbp
+    python -m contourcl.training.experiments.masked_slices --data ../shared/data/openkbp
+
+``--data`` names the OpenKBP folder; without it, the environment variable ``CONTOURCL_OPENKBP``.
 
 Per split (``train-pats``, ``validation-pats``): the cases with contours on such slices
 (:func:`contourcl.data.volumes.imaged_slices`) and, per structure, the share of its voxels that lie
@@ -12,18 +14,22 @@ there and in how many cases. These voxels are neither trained on nor scored.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
-from contourcl.data.datasets import labeled_cases, read_scored_reference
+from contourcl.data.datasets import labeled_cases, openkbp_root, read_scored_reference
 from contourcl.data.labels import model_labels
+from contourcl.errors import DataNotFoundError
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="the OpenKBP folder (train-pats/, validation-pats/)")
+    parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     args = parser.parse_args()
+    try:
+        root = openkbp_root(args.data)
+    except DataNotFoundError as err:
+        parser.error(str(err))
     for split in ("train-pats", "validation-pats"):
         for model in ("oar", "gtv"):
             names = list(model_labels(model))
@@ -31,7 +37,7 @@ def main() -> None:
             masked = np.zeros(len(names) + 1)
             cases_with = np.zeros(len(names) + 1, dtype=int)
             any_case = 0
-            for case in labeled_cases(Path(args.data) / split, model):
+            for case in labeled_cases(root / split, model):
                 reference = read_scored_reference(case, model)
                 label, kept = reference.full, reference.label
                 any_case += bool(np.any(label != kept))

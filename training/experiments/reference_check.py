@@ -2,13 +2,17 @@
 
 Usage::
 
-    python benchmarks/reference_check.py --data ../shared/data/openkbp [--overlays docs/reference-check --model apps/radonc/model/oar.pt]
+    python -m contourcl.training.experiments.reference_check --data ../shared/data/openkbp \
+        [--overlays [docs/reference-check] --model apps/radonc/model/oar.pt]
+
+``--data`` names the OpenKBP folder; without it, the environment variable ``CONTOURCL_OPENKBP``.
 
 Per structure of the ``oar`` model, over the patients that contour it on the slices that image the
 patient: the median and the largest share of air (solid organs) and median axial cross-section
 (every structure), the largest among the structures kept, and then every structure the checks set
 aside, with the reason. Set-aside structures are neither trained on nor scored. ``--overlays``:
-per structure, a picture of each set-aside reference (dashed) with ``--model``'s contour (solid).
+per structure, a picture of each set-aside reference (dashed) with ``--model``'s contour (solid);
+``--overlays`` alone writes them to ``results/reference_check/overlays/``.
 """
 
 from __future__ import annotations
@@ -18,25 +22,34 @@ from pathlib import Path
 
 import numpy as np
 
-from contourcl.data.datasets import labeled_cases, read_label
+from contourcl.data.datasets import labeled_cases, openkbp_root, read_label
 from contourcl.data.labels import model_labels, to_model
 from contourcl.data.reference_check import MAX_AIR_FRACTION, SOLID, structure_figures
 from contourcl.data.reference_check import faults as reference_faults
 from contourcl.data.volumes import imaged_slices, read_nifti, to_ras
+from contourcl.errors import DataNotFoundError
+
+#: where ``--overlays`` without a folder writes (relative to the working folder, the repository root)
+OVERLAYS = Path("results") / "reference_check" / "overlays"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="the OpenKBP folder (train-pats/, validation-pats/)")
-    parser.add_argument("--overlays", help="write a picture per structure of its set-aside references to this folder")
+    parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
+    parser.add_argument("--overlays", nargs="?", const=str(OVERLAYS), metavar="DIR",
+                        help=f"write a picture per structure of its set-aside references to this folder (alone: {OVERLAYS})")
     parser.add_argument("--model", default="apps/radonc/model/oar.pt", help="the model whose contours the pictures show")
     args = parser.parse_args()
+    try:
+        root = openkbp_root(args.data)
+    except DataNotFoundError as err:
+        parser.error(str(err))
     labels = model_labels("oar")
     figures: dict[str, list[tuple[float, float, str]]] = {name: [] for name in labels}
     set_aside: list[tuple[str, str, str]] = []
     pictures: dict[str, list] = {}  # structure -> overlay rows
     for split in ("train-pats", "validation-pats"):
-        for case in labeled_cases(Path(args.data) / split, "oar"):
+        for case in labeled_cases(root / split, "oar"):
             ct, affine = read_nifti(case["image"])
             ct = np.asarray(ct)
             label = to_model(read_label(case)[0], "oar")

@@ -2,9 +2,10 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_slic_regions.py [--cases 3] [--every 4]
+    OMP_NUM_THREADS=1 python -m contourcl.training.experiments.slic_regions --data ../shared/data/openkbp [--cases 3] [--every 4]
 
-Data: the first ``--cases`` CTs of /work/shared/data/openkbp/train-pats (or ``--images DIR``),
+Data: the first ``--cases`` CTs of ``--images DIR``, else of ``train-pats/`` in the OpenKBP folder
+(``--data DIR`` or the environment variable ``CONTOURCL_OPENKBP``),
 loaded as pretraining loads them (RAS, 4 mm in-plane, window -500..800 HU, body mask); every
 ``--every``-th slice with at least 64 body pixels (SepaReg's ``min_body_pixels``). Each setting
 runs :func:`contourcl.training.pretrain.separeg.slic_slice` on those slices; its regions are
@@ -28,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from contourcl.data.datasets import find_ct_images
+from contourcl.data.datasets import find_ct_images, openkbp_root
+from contourcl.errors import DataNotFoundError
 from contourcl.training.pretrain.separeg import PAPER_REGION_AREA_MM2, regions_of_slice, slic_slice
 from contourcl.training.pretrain.volumes import load_volume
 
-OPENKBP = Path("/work/shared/data/openkbp/train-pats")
 GRID_MM = 4.0  #: the pretraining grid (PretrainConfig.spacing)
 IMAGE_SIZE = 128  #: the region images' side (PretrainConfig.image_size)
 
@@ -90,10 +91,15 @@ def row(name, grid_mm, areas_px, sides_px, per_slice, seconds, slices) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", help="CT files or a folder (default: OpenKBP train-pats)")
+    p.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     p.add_argument("--cases", type=int, default=3)
     p.add_argument("--every", type=int, default=4, help="measure every N-th body slice")
     args = p.parse_args()
-    paths = find_ct_images(args.images or str(OPENKBP))[: args.cases]
+    try:
+        images = args.images or str(openkbp_root(args.data) / "train-pats")
+    except DataNotFoundError as err:
+        p.error(f"{err} (or give --images)")
+    paths = find_ct_images(images)[: args.cases]
     volumes = [load_volume(path, spacing=(GRID_MM, GRID_MM)) for path in paths]
     slices = [(v.image[..., z], v.body[..., z]) for v in volumes
               for z in [z for z in range(v.num_slices) if v.body[..., z].sum() >= 64][:: args.every]]

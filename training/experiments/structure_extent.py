@@ -2,10 +2,10 @@
 
 Usage::
 
-    python benchmarks/structure_extent.py apps/radonc/model/oar.pt --data ../shared/data/openkbp/validation-pats \
-        --structure SpinalCord [--short 10]
-    python benchmarks/structure_extent.py apps/radonc/model/oar.pt --data ../shared/data/openkbp/validation-pats \
-        --summary [--ids pt_1,pt_2]
+    python -m contourcl.training.experiments.structure_extent apps/radonc/model/oar.pt \
+        --data ../shared/data/openkbp/validation-pats --structure SpinalCord [--short 10]
+    python -m contourcl.training.experiments.structure_extent apps/radonc/model/oar.pt \
+        --data ../shared/data/openkbp/validation-pats --summary [--ids pt_1,pt_2]
 
 For every labeled case that contours the structure: the axial slices it spans in the reference
 and in the served label map (:class:`contourcl.inference.Contourer`, the server's path), on the
@@ -86,7 +86,7 @@ def extent_summary(contourer: Contourer, meta, cases: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, help="labeled cases (e.g. OpenKBP's validation-pats/)")
     parser.add_argument("--structure", default="SpinalCord")
     parser.add_argument("--short", type=int, default=10, help="report predictions this many slices shorter or more")
     parser.add_argument("--summary", action="store_true", help="every structure: the Dice its extent along the body axis costs")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/voxel_shift.py --data ../shared/data/openkbp/validation-pats --model oar
+    python -m contourcl.training.experiments.voxel_shift --data ../shared/data/openkbp/validation-pats --model oar
 
 Per structure, over the cases that contour it (on the slices that are scored,
 :func:`contourcl.data.volumes.imaged_slices`): the reference's Dice against itself moved by one
