@@ -11,6 +11,10 @@ gate and model store). Each of the three unlabeled phantoms is the newly labeled
 store puts it in validation. Prints the gate's Dice of the served model, every epoch's validation
 Dice and the candidate's gate Dice. ``--reinit-head`` re-initialises the output layer first (the
 end-to-end test's setup before 2026-11-27).
+
+A model-quality analysis, not a timing; it stays in ``benchmarks/`` rather than
+``contourcl.training.experiments`` because it drives the serving layer's retraining, and
+``contourcl.training`` must not import ``contourcl.serving`` (``tests/test_architecture.py``).
 """
 
 from __future__ import annotations
@@ -29,8 +33,7 @@ from contourcl.data.phantom import make_phantom
 from contourcl.models.checkpoint import load_model, save_model
 from contourcl.serving.model_store import ModelStore
 from contourcl.serving.retrain import retrain
-
-REPO = Path(__file__).resolve().parents[1]
+from contourcl.testing import REPO
 
 
 def run(model_file: Path, new_case: str, request: dict, reinit_head: bool) -> dict:
