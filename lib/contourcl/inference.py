@@ -152,7 +152,7 @@ def box_probabilities(network: ContourUNet, image: torch.Tensor, meta: ModelMeta
     Whole axial slices of the box and, when the model file says ``tta_flip``, the mean with the
     prediction of the left-right mirrored CT, its ``*_R``/``*_L`` channels swapped back; then
     :func:`neighbour_average` along the slices (as served; ``averaged=False``: each slice's own,
-    for ``benchmarks/decision_rules.py``).
+    for ``contourcl.training.experiments.decision_rules``).
     """
     rows, cols = body_box(image[0])
     crop = image[None, :, rows, cols]
@@ -171,7 +171,7 @@ def neighbour_average(probs: torch.Tensor, weights: tuple[float, float, float] =
     The network sees one slice at a time; averaging its answers for adjacent slices is the
     cheapest way to make a contour agree with the slices above and below it. Served with equal
     weights, chosen on the inner split of the shipped recipes (README, *The network's
-    probabilities on the CT's grid*; ``benchmarks/decision_rules.py`` scores other weights).
+    probabilities on the CT's grid*; ``contourcl.training.experiments.decision_rules`` scores other weights).
     """
     if probs.shape[-1] < 2:
         return probs

@@ -20,7 +20,7 @@ image the patient (:func:`contourcl.data.volumes.imaged_slices`):
    the medians over the 203 patients are 1.3 and 1.5 cm², the largest others 2.8 and 2.3 cm²).
    That structure alone is set aside.
 
-``python benchmarks/reference_check.py --data ../shared/data/openkbp`` prints both figures for
+``python -m contourcl.training.experiments.reference_check --data ../shared/data/openkbp`` prints both figures for
 every OpenKBP patient and what is set aside.
 """
 
