@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from contourcl.data.datasets import openkbp_root
 from contourcl.evaluation import DEFAULT_TOLERANCE_MM
 from contourcl.serving.config import default_largest_component
 from contourcl.training.experiments.label_efficiency import DEFAULT_METHODS, METHODS, MODELS, SCALES, Scale, plan, run_benchmark
@@ -18,7 +19,7 @@ from contourcl.training.experiments.label_efficiency import DEFAULT_METHODS, MET
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     p = sub.add_parser("label-efficiency", help="pretraining methods vs number of labeled cases, on OpenKBP")
-    p.add_argument("--data", default="../shared/data/openkbp", help="the OpenKBP folder (train-pats/, validation-pats/)")
+    p.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     p.add_argument("--out", default="results/label-efficiency", help="results folder (runs are resumed from it)")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu (default, 2 cores), gpu (the oar table in minutes on one GPU) or paper (the seeds' sizes, GPU)")
     p.add_argument("--models", nargs="+", choices=MODELS, help="default: the scale's (both for cpu and paper)")
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     models = args.models or list(scale.models or MODELS)
     methods = args.methods or list(scale.methods or DEFAULT_METHODS)
     rules = {m: default_largest_component(m) for m in models}
-    p = plan(args.data, args.out, scale, models, methods, args.tolerance, args.seed, args.device, rules)
+    p = plan(str(openkbp_root(args.data)), args.out, scale, models, methods, args.tolerance, args.seed, args.device, rules)
     paths, failed = run_benchmark(p, args.jobs, args.threads, args.report_only, args.rescore)
     print("\n".join(str(x) for x in paths))
     if failed:
