@@ -44,13 +44,12 @@ from pathlib import Path
 import numpy as np
 import requests
 from contourcl.testing import (
+    REPO,
     log_tail,
     start_monailabel,
     stop_process,
     wait_until_serving,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cpu_model() -> str:
