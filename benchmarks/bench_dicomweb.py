@@ -43,7 +43,16 @@ import requests
 
 from contourcl.data.datasets import openkbp_root
 from contourcl.errors import DataNotFoundError
-from contourcl.testing import BENCH_CT, REPO, proc_status_kb, resampled_ct, start_monailabel, start_orthanc, stop_process, wait_for
+from contourcl.testing import (
+    BENCH_CT,
+    REPO,
+    proc_status_kb,
+    resampled_ct,
+    start_monailabel,
+    start_orthanc,
+    stop_process,
+    wait_for,
+)
 
 SIZES = {"ct": (512, 512, 150), "small": (128, 128, 60)}
 MODEL = "oar"

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+
 from contourcl.testing import (
     REPO,
     log_tail,

@@ -30,13 +30,12 @@ import numpy as np
 import torch
 
 from contourcl.data.datasets import find_ct_images, openkbp_root
+from contourcl.data.transforms import DEFAULT_SPACING
 from contourcl.models.networks import ResNetEncoder
 from contourcl.training.pretrain.base import PretrainConfig, RunContext, to_device
-from contourcl.data.transforms import DEFAULT_SPACING
 from contourcl.training.pretrain.separeg import PAPER_REGION_AREA_MM2, build_region_set
 from contourcl.training.pretrain.trainer import available_methods, get_method
 from contourcl.training.pretrain.volumes import load_volumes, write_synthetic_cts
-
 
 
 def get_volumes(args, tmp: Path):
@@ -64,7 +63,7 @@ def bench_sis(vols, workers: int, repeats: int, region_area_mm2: float | None = 
         rs = build_region_set(vols, num_workers=workers, **options)  # no cache_dir: built every time
         times.append(time.perf_counter() - t)
         regions = len(rs)
-    slices = len({(int(c), int(z)) for c, z in zip(rs.index["case"], rs.index["slice"])})
+    slices = len({(int(c), int(z)) for c, z in zip(rs.index["case"], rs.index["slice"], strict=False)})
     return slices / statistics.median(times), slices, regions
 
 

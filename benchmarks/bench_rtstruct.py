@@ -37,8 +37,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from skimage.measure import find_contours
+
 from contourcl.data.datasets import openkbp_root
-from contourcl.errors import DataNotFoundError
 from contourcl.data.dicom_series import (
     read_series,
     read_series_geometry,
@@ -51,7 +52,7 @@ from contourcl.data.rtstruct import (
     read_rtstruct,
     write_rtstruct,
 )
-from skimage.measure import find_contours
+from contourcl.errors import DataNotFoundError
 
 #: ContourCL's stored numbering
 STRUCTURES = dict(STORED_LABELS)

@@ -24,11 +24,10 @@ import requests
 import torch
 from monailabel.client import MONAILabelClient
 
+from conftest import CodePayload, start_monailabel, stop_process, wait_until_serving
 from contourcl.data.labels import STORED_LABELS, to_model
 from contourcl.data.phantom import make_phantom
 from contourcl.inference import model_version
-
-from conftest import CodePayload, start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)

@@ -3,6 +3,7 @@ against a hand computation, and a trained model file that is the plain U-Net."""
 
 import pytest
 import torch
+from test_finetune import cases, tiny_config
 
 from contourcl.errors import ConfigError
 from contourcl.models.checkpoint import load_model
@@ -10,8 +11,6 @@ from contourcl.models.networks import NetConfig, build_network
 from contourcl.training.finetune.deep_supervision import DeepSupervisedNet, PartialLabelDeepSupervisionLoss
 from contourcl.training.finetune.engine import finetune, save_finetuned
 from contourcl.training.finetune.partial_label_loss import PartialLabelDiceCELoss
-
-from test_finetune import cases, tiny_config
 
 
 def test_outputs_are_the_network_s_own_then_halving_resolutions():

@@ -63,8 +63,8 @@ def test_rtstruct_needs_a_series_and_something_to_write(tmp_path, capsys):
 def test_evaluate_on_dicom_series_with_their_rtstructs(tmp_path, capsys):
     """``contourcl evaluate --data`` a folder of patients as a PACS exports them (CT series + the
     clinician's RTSTRUCT) gives the figures of the same patients as NIfTI files."""
-    from contourcl.data.rtstruct import write_rtstruct
     from contourcl.data.labels import STORED_LABELS
+    from contourcl.data.rtstruct import write_rtstruct
 
     dicom, nifti = tmp_path / "dicom", tmp_path / "nifti"
     (nifti / "labels" / "final").mkdir(parents=True)

@@ -116,7 +116,7 @@ def test_head_first_and_feet_first_are_the_same_world(tmp_path):
     ijk = np.array([[3, 10, 1, 1], [20, 40, 5, 1], [39, 0, 6, 1]]).T
     world = aff_a @ ijk
     ijk_b = np.rint(np.linalg.solve(aff_b, world)).astype(int)
-    for (i, j, k), (ib, jb, kb) in zip(ijk[:3].T, ijk_b[:3].T):
+    for (i, j, k), (ib, jb, kb) in zip(ijk[:3].T, ijk_b[:3].T, strict=False):
         assert a[i, j, k] == b[ib, jb, kb]
     np.testing.assert_allclose(np.linalg.solve(aff_b, world)[:3], ijk_b[:3], atol=1e-6)
 

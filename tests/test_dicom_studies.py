@@ -17,15 +17,13 @@ import pydicom
 import pytest
 from monailabel.client import MONAILabelClient
 
+from conftest import start_monailabel, stop_process, wait_until_serving
 from contourcl.data.dicom_series import read_series_geometry, write_ct_series
-from contourcl.data.labels import STORED_LABELS, from_model
+from contourcl.data.labels import STORED_LABELS, from_model, values_in
 from contourcl.data.phantom import make_phantom
-from contourcl.data.labels import values_in
 from contourcl.data.rtstruct import read_rtstruct, to_series_grid, write_rtstruct
 from contourcl.data.seg import read_seg
 from contourcl.serving.series import ingest_series, refused_series
-
-from conftest import start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)

@@ -31,6 +31,7 @@ from monailabel.client import MONAILabelClient
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
+from conftest import free_port, start_monailabel, stop_process, wait_until_serving
 from contourcl.data.dicom_series import read_series_geometry, write_ct_series
 from contourcl.data.labels import STORED_LABELS, to_model
 from contourcl.data.phantom import make_phantom
@@ -39,8 +40,6 @@ from contourcl.data.seg import read_seg
 from contourcl.inference import model_version
 from contourcl.models.checkpoint import load_model, save_model
 from contourcl.testing import find_orthanc, start_orthanc
-
-from conftest import free_port, start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 ORTHANC = find_orthanc()

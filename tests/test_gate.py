@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CodePayload
 from contourcl.data.labels import model_labels
 from contourcl.data.phantom import write_phantom
 from contourcl.errors import InvalidModelError
@@ -19,8 +20,6 @@ from contourcl.models.checkpoint import FORMAT, ModelMeta, check_model_file, sav
 from contourcl.models.networks import NetConfig, build_network
 from contourcl.serving.model_store import ModelStore
 from contourcl.serving.retrain import consider_model_file, gate_dice, retrain
-
-from conftest import CodePayload
 
 pytestmark = pytest.mark.timeout(600)
 

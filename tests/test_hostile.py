@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+
 from conftest import start_monailabel, stop_process, wait_until_serving
 from contourcl.data.labels import STORED_LABELS, model_labels
 from contourcl.serving.security import NOT_SERVED, ROUTE_ROLES, EscapeControlCharacters

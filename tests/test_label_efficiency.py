@@ -11,11 +11,10 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import write_nifti
 from contourcl.evaluation import contour_metrics, mean_se
 from contourcl.training.experiments import label_efficiency as le
 from contourcl.training.experiments.report import aggregate
-
-from conftest import write_nifti
 
 
 # ------------------------------------------------------------------------------ metrics

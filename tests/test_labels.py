@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from contourcl.data.labels import OAR_NAMES, STORED_LABELS, from_model, model_labels, remap_by_name, stored_label_info, to_model
+from contourcl.data.labels import (
+    OAR_NAMES,
+    STORED_LABELS,
+    from_model,
+    model_labels,
+    remap_by_name,
+    stored_label_info,
+    to_model,
+)
 from contourcl.errors import UnknownLabelError, UnknownModelError
 
 

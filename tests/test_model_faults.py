@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from conftest import start_monailabel, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]

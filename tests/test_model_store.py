@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from contourcl.data.labels import model_labels
 from contourcl.errors import ContourCLError, InvalidModelError
 from contourcl.files import FAULTS_ENV

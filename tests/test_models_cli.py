@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from contourcl.cli.models import resolve_model_dir
-from contourcl.serving.config import default_app
 from contourcl.data.labels import model_labels
 from contourcl.models.checkpoint import ModelMeta, load_model, save_model
 from contourcl.models.networks import NetConfig, build_network
+from contourcl.serving.config import default_app
 from contourcl.serving.model_store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]

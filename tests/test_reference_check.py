@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from monai.transforms import Compose
 
+from conftest import constant_oar_model, write_nifti
 from contourcl.cli import main as cli
 from contourcl.data.datasets import labeled_cases, read_scored_reference
 from contourcl.data.labels import model_labels
@@ -17,8 +18,6 @@ from contourcl.data.reference_check import MAX_TUBE_CM2, checked_reference, impl
 from contourcl.evaluation import evaluate_model_file, prepare_cases, summarise
 from contourcl.models.checkpoint import read_meta
 from contourcl.training.finetune.engine import FinetuneConfig, preprocessing
-
-from conftest import constant_oar_model, write_nifti
 
 OAR = model_labels("oar")
 KBP = Path(__file__).resolve().parents[2] / "shared" / "data" / "openkbp"

@@ -47,11 +47,10 @@ import pytest
 import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
+from conftest import start_monailabel, wait_until_serving
 from contourcl.data.labels import STORED_LABELS
 from contourcl.data.phantom import make_phantom
 from contourcl.models.checkpoint import load_model
-
-from conftest import start_monailabel, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)  # per test; about 1-3 minutes for the file here

@@ -9,6 +9,9 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
 from contourcl.data.dicom_series import (
     read_series,
     read_series_geometry,
@@ -26,8 +29,6 @@ from contourcl.data.rtstruct import (
     write_rtstruct,
 )
 from contourcl.errors import LabelMismatchError, UnknownLabelError
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 #: ContourCL's stored numbering
 STRUCTURES = dict(STORED_LABELS)
@@ -75,7 +76,7 @@ def _every_value(ds) -> None:
             for item in elem.value:
                 _every_value(item)
         else:
-            elem.value
+            _ = elem.value  # reading it decodes it: a malformed value raises here
 
 
 def dice(a, b) -> float:
@@ -149,7 +150,7 @@ def test_rtstruct_holds_what_a_planning_system_needs(series, monkeypatch):
     types = {o.ReferencedROINumber: o.RTROIInterpretedType for o in ds.RTROIObservationsSequence}
     assert types == {STRUCTURES[n]: ("GTV" if n == "GTV" else "ORGAN") for n in names}
 
-    depth = {uid: float(p @ geo.normal) for uid, p in zip(geo.sop_instance_uids, geo.positions)}
+    depth = {uid: float(p @ geo.normal) for uid, p in zip(geo.sop_instance_uids, geo.positions, strict=False)}
     n_contours = {}
     for rc in ds.ROIContourSequence:
         n_contours[rc.ReferencedROINumber] = len(rc.ContourSequence)

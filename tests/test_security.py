@@ -31,10 +31,11 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
-from conftest import free_port, start_monailabel, stop_process, wait_until_serving
-from contourcl.testing import sandbox
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from conftest import free_port, start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(400)
@@ -349,8 +350,9 @@ def test_unreachable_realm_answers_503_not_a_pass(monkeypatch, realm):
     """In-process: a realm that cannot be reached refuses every token (503 from the gateway)."""
     import asyncio
 
-    from contourcl.serving import security
     from monailabel.config import settings
+
+    from contourcl.serving import security
 
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_REALM_URI", f"http://127.0.0.1:{free_port()}/realms/monailabel")

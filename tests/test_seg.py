@@ -7,13 +7,13 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
+from test_rtstruct import FEET_FIRST, SHAPE, make_label
+
 from contourcl.data.dicom_series import write_ct_series
 from contourcl.data.labels import STORED_LABELS
 from contourcl.data.seg import read_seg, write_seg
 from contourcl.errors import UnknownLabelError
-from pydicom.uid import generate_uid
-
-from test_rtstruct import FEET_FIRST, SHAPE, make_label
 
 
 @pytest.fixture

@@ -26,7 +26,14 @@ from contourcl.training.pretrain.separeg import (
 )
 from contourcl.training.pretrain.simsiam import SimSiamModel
 from contourcl.training.pretrain.trainer import pretrain
-from contourcl.training.pretrain.volumes import Volume, body_mask, load_volumes, synthetic_ct, window_value, write_synthetic_cts
+from contourcl.training.pretrain.volumes import (
+    Volume,
+    body_mask,
+    load_volumes,
+    synthetic_ct,
+    window_value,
+    write_synthetic_cts,
+)
 
 torch.set_num_threads(1)
 
@@ -71,7 +78,7 @@ def test_sis_workers_match_serial_and_cache_is_reused(tmp_path, monkeypatch):
     serial = build_region_set(vols, n_segments=16, chunk_slices=2)
     parallel = build_region_set(vols, n_segments=16, chunk_slices=2, num_workers=2, cache_dir=tmp_path)
     assert np.array_equal(serial.index, parallel.index)
-    assert all(np.array_equal(a, b) for a, b in zip(serial.labels, parallel.labels))
+    assert all(np.array_equal(a, b) for a, b in zip(serial.labels, parallel.labels, strict=False))
 
     def boom(*a, **k):
         raise AssertionError("SIS recomputed instead of read from the cache")

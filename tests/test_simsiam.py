@@ -115,7 +115,7 @@ def test_augment_is_seeded_by_torch_and_differs_between_workers():
     a = [aug(x) for _ in range(3)]
     torch.manual_seed(3)
     b = [aug(x) for _ in range(3)]
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=False))
 
     class Same(torch.utils.data.Dataset):
         def __len__(self):
@@ -129,7 +129,7 @@ def test_augment_is_seeded_by_torch_and_differs_between_workers():
         return [torch.cat(pair) for pair in loader]
 
     first, again = views(0), views(0)
-    assert all(torch.equal(u, v) for u, v in zip(first, again)), "same seed, same views"
+    assert all(torch.equal(u, v) for u, v in zip(first, again, strict=False)), "same seed, same views"
     assert not torch.allclose(first[0], first[1]), "each worker draws its own views"
 
 

@@ -51,6 +51,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+
 from conftest import start_monailabel, stop_process, wait_until_serving
 from contourcl.data.labels import STORED_LABELS, stored_label_info
 

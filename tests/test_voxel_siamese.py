@@ -163,12 +163,12 @@ def test_decoder_placement_is_an_explicit_option():
     with torch.no_grad():
         feats = decoder_features(net, net.encoder(x))
         logits, feats2 = forward_with_decoder_features(net, x)
-        assert [tuple(f.shape) for f in feats] == [(2, c, s, s) for c, s in zip(net.config.decoder_channels[-3:], (16, 32, 64))]
+        assert [tuple(f.shape) for f in feats] == [(2, c, s, s) for c, s in zip(net.config.decoder_channels[-3:], (16, 32, 64), strict=False)]
         assert torch.allclose(feats[-1], net.decode(net.encoder(x)))
         assert torch.allclose(logits, net(x))
-        assert all(torch.equal(a, b) for a, b in zip(feats, feats2))
+        assert all(torch.equal(a, b) for a, b in zip(feats, feats2, strict=False))
         _, feats3 = forward_with_features(net, x, placement="decoder")
-        assert all(torch.equal(a, b) for a, b in zip(feats, feats3))
+        assert all(torch.equal(a, b) for a, b in zip(feats, feats3, strict=False))
     aux = VoxelSiameseLoss.for_network(net, hidden=16, placement="decoder")
     assert [h.projector[0].in_features for h in aux.heads] == list(net.config.decoder_channels[-3:])
 

@@ -11,10 +11,9 @@ synthetic phantoms of ``sample-data``.
 
 from monailabel.interfaces.app import MONAILabelApp
 
+import lib.configs  # MONAI Label puts the app folder first on sys.path while it loads this file
 from contourcl.serving import app
 from contourcl.serving.config import model_configs
-
-import lib.configs  # MONAI Label puts the app folder first on sys.path while it loads this file
 
 
 # MONAI Label instantiates the class of main.py that names MONAILabelApp among its own bases

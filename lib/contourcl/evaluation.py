@@ -46,7 +46,7 @@ def _crop(pred: np.ndarray, ref: np.ndarray, margin: int = 2) -> tuple[np.ndarra
         return pred, ref
     lo = np.maximum(fg.min(0) - margin, 0)
     hi = fg.max(0) + margin + 1
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=False))
     return pred[box], ref[box]
 
 

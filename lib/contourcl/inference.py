@@ -316,7 +316,7 @@ def argmax_on_grid(probs: torch.Tensor, affine: np.ndarray, out_affine: np.ndarr
 
 def _grown(box: tuple[slice, ...], size: tuple[int, ...], by: tuple[int, ...]) -> tuple[slice, ...]:
     """``box`` grown by ``by`` voxels on each side, inside a grid of ``size``."""
-    return tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, n, g in zip(box, size, by))
+    return tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, n, g in zip(box, size, by, strict=False))
 
 
 def contour(network: ContourUNet, meta: ModelMeta, data: dict, pre: Compose, largest_component: bool,

@@ -7,6 +7,13 @@ from pathlib import Path
 import numpy as np
 
 
+def _radiological(a: np.ndarray, box: tuple[int, int, int, int], z: int) -> np.ndarray:
+    """Axial slice ``z`` of a RAS array, cropped to ``box`` (x0, x1, y0, y1), as a radiologist views
+    it: rows anterior to posterior, columns the patient's right to left."""
+    x0, x1, y0, y1 = box
+    return np.flip(a[x0:x1, y0:y1, z].T, axis=(0, 1))
+
+
 def _pyplot():
     import matplotlib
 
@@ -32,11 +39,13 @@ def contour_overlay(ct: np.ndarray, label: np.ndarray, names: dict[str, int], ou
     (x0, y0), (x1, y1) = (body.min(0), body.max(0) + 1) if len(body) else ((0, 0), ct.shape[:2])
     colours = {v: plt.cm.tab10((v - 1) % 10) for v in names.values()}
     fig, axes = plt.subplots(1, len(zs), figsize=(4 * len(zs), 4.4), squeeze=False)
-    for ax, z in zip(axes[0], zs):
+    for ax, z in zip(axes[0], zs, strict=False):
         # RAS array: x runs to the patient's right, y anterior. Radiological view: rows = anterior->posterior, columns = right->left
-        view = lambda a: np.flip(a[x0:x1, y0:y1, z].T, axis=(0, 1))  # noqa: E731
+        def view(a, z=z):
+            return _radiological(a, (x0, x1, y0, y1), z)
+
         ax.imshow(np.clip(view(ct), *window), cmap="gray", interpolation="nearest")
-        for name, v in names.items():
+        for v in names.values():
             if truth is not None and (view(truth) == v).any():
                 ax.contour(view(truth) == v, [0.5], colors=[colours[v]], linewidths=1.0, linestyles="dashed")
             if (view(label) == v).any():
@@ -64,7 +73,7 @@ def training_curves(history: list[dict], out: str | Path, title: str = "") -> Pa
     val = [(h["epoch"], h["val_dice"]) for h in history if "val_dice" in h]
     if val:
         ax2 = ax.twinx()
-        handles += ax2.plot(*zip(*val), label="validation Dice", color="tab:orange")
+        handles += ax2.plot(*zip(*val, strict=False), label="validation Dice", color="tab:orange")
         ax2.set_ylabel("mean Dice")
         ax2.set_ylim(0, 1)
     ax.set_title(title, fontsize=10)
@@ -98,7 +107,9 @@ def structure_overlays(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]
             if c >= len(zs):
                 continue
             z = zs[c]
-            view = lambda a: np.flip(a[x0:x1, y0:y1, z].T, axis=(0, 1))  # noqa: E731
+            def view(a, box=(x0, x1, y0, y1), z=z):
+                return _radiological(a, box, z)
+
             ax.imshow(np.clip(view(ct), *window), cmap="gray", interpolation="nearest")
             if (view(ref) == value).any():
                 ax.contour(view(ref) == value, [0.5], colors=["tab:orange"], linewidths=1.2, linestyles="dashed")

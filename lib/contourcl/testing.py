@@ -237,7 +237,7 @@ def resampled_ct(src: str | Path, shape: tuple[int, int, int]):
 
     img = nib.load(src)
     data = np.asanyarray(img.dataobj).astype(np.float32)
-    factors = tuple(n / s for n, s in zip(shape, data.shape))
+    factors = tuple(n / s for n, s in zip(shape, data.shape, strict=False))
     out = zoom(data, factors, order=1)
     affine = img.affine.copy()
     for i in range(3):

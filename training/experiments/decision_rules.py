@@ -85,7 +85,7 @@ def main() -> None:
             best = max(best, (dice, w))
         weights[k] = best[1]
         rows.append(f"| {name} | {structure_dice(served, name):.4f} | {best[1]:g} | {best[0]:.4f} |")
-    print(f"| served, each structure's best weight ({', '.join(f'{n} {w:g}' for n, w in zip(names, weights[1:]))}) | "
+    print(f"| served, each structure's best weight ({', '.join(f'{n} {w:g}' for n, w in zip(names, weights[1:], strict=False))}) | "
           f"{summary(scores(cases, meta, keep, weighted(weights)))} |\n")
     print("| structure | Dice as served | best weight (of 1, " + ", ".join(map(str, WEIGHTS)) + ") | Dice with it |\n|---|---|---|---|")
     print("\n".join(rows))

@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from contourcl.data.datasets import labeled_cases
-from contourcl.evaluation import evaluation_record, prepare_cases, preparation, summarise
+from contourcl.evaluation import evaluation_record, preparation, prepare_cases, summarise
 from contourcl.inference import Contourer, box_probabilities, label_on_grid
 
 #: where ``--json`` without a prefix writes (relative to the working folder, the repository root)
@@ -46,7 +46,7 @@ def main() -> None:
     contourers = [Contourer(m) for m in args.models]
     loaded = [c.model()[1:] for c in contourers]
     meta = loaded[0][1]
-    for path, (_, other) in zip(args.models, loaded):
+    for path, (_, other) in zip(args.models, loaded, strict=False):
         if preparation(other) != preparation(meta) or dict(other.labels) != dict(meta.labels):
             raise SystemExit(f"{path}: prepared or numbered unlike {args.models[0]} ({preparation(other)} vs {preparation(meta)})")
     keep = contourers[0].keeps_largest_component(meta)
@@ -61,7 +61,7 @@ def main() -> None:
             p, box = box_probabilities(network, case.data["image"], m)
             probs.append(p)
         mean = sum(probs) / len(probs)
-        for name, p in zip(names, [*probs, mean]):
+        for name, p in zip(names, [*probs, mean], strict=False):
             label = case.scored(label_on_grid(p, box, meta, case.data, case.pre, keep))
             per_case[name][case.id] = case.metrics(label, meta.labels)
         if case.set_aside:

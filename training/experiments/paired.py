@@ -123,7 +123,7 @@ def compare_all(runs: Sequence[Mapping], model: str, methods: Sequence[str], siz
     found = [c for n in sizes for m in methods if m != baseline
              for c in [compare(runs, model, m, n, baseline, metric, reps)] if c is not None]
     adjusted = holm([c.p_wilcoxon for c in found]) if found else []
-    return [PairedComparison(**{**c.__dict__, "p_holm": p}) for c, p in zip(found, adjusted)]
+    return [PairedComparison(**{**c.__dict__, "p_holm": p}) for c, p in zip(found, adjusted, strict=False)]
 
 
 def compare_evaluations(a: Mapping, b: Mapping, metric: str = "dice", reps: int = 10000, seed: int = 0) -> list[dict]:
@@ -137,7 +137,7 @@ def compare_evaluations(a: Mapping, b: Mapping, metric: str = "dice", reps: int 
     structures = list(dict.fromkeys(s for run in (a, b) for case in run["cases"].values() for s in case))  # first-seen order
     rows = []
     for scope in ["mean", *structures]:
-        def only(run: Mapping) -> dict:
+        def only(run: Mapping, scope: str = scope) -> dict:
             if scope == "mean":
                 return {"draw": 0, "cases": run["cases"]}
             return {"draw": 0, "cases": {c: {scope: v[scope]} for c, v in run["cases"].items() if scope in v}}

@@ -74,7 +74,7 @@ def _draws(scale: dict) -> str:
     draws = scale["draws"]
     if isinstance(draws, int):
         return f"{draws} draws of labeled cases per size"
-    return "draws of labeled cases: " + ", ".join(f"{d} at \\|X_tr\\| = {n}" for n, d in zip(scale["sizes"], draws))
+    return "draws of labeled cases: " + ", ".join(f"{d} at \\|X_tr\\| = {n}" for n, d in zip(scale["sizes"], draws, strict=False))
 
 
 def _paired_cell(c: PairedComparison | None) -> str:
@@ -152,7 +152,7 @@ def markdown(rows: list[dict], settings: dict, comparisons: list[PairedCompariso
             n = sizes[-1]
             lines += [f"**{model}: Dice per structure, \\|X_tr\\| = {n}** (in brackets: validation patients whose reference contours it)", ""]
             counts = [index.get((model, methods[0], n, st, "dice"), {}).get("patients", 0) for st in structures]
-            lines.append("| pretraining | " + " | ".join(f"{st} ({c})" for st, c in zip(structures, counts)) + " |")
+            lines.append("| pretraining | " + " | ".join(f"{st} ({c})" for st, c in zip(structures, counts, strict=False)) + " |")
             lines.append("|---|" + "---|" * len(structures))
             for m in methods:
                 lines.append(f"| {m} | " + " | ".join(_fmt(index.get((model, m, n, st, "dice")), "dice") for st in structures) + " |")
@@ -169,7 +169,7 @@ def plot_dice(rows: list[dict], model: str, methods: list[str], out: Path) -> Pa
                      if r["model"] == model and r["method"] == m and r["structure"] == "mean" and r["metric"] == "dice")
         if not pts:
             continue
-        n, mean, se = (np.array(v, dtype=float) for v in zip(*pts))
+        n, mean, se = (np.array(v, dtype=float) for v in zip(*pts, strict=False))
         ax.errorbar(n, mean, yerr=np.nan_to_num(se), marker="o", capsize=3, label=m, linestyle="--" if m == "random" else "-")
     ax.set_xscale("log")
     sizes = sorted({r["n_labeled"] for r in rows if r["model"] == model})

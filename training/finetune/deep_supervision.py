@@ -61,7 +61,7 @@ class PartialLabelDeepSupervisionLoss(DeepSupervisionLoss):
     def forward(self, outputs: list[torch.Tensor], target: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         weights = self.get_weights(levels=len(outputs))
         total = outputs[0].new_zeros((), dtype=torch.float32)
-        for w, logits in zip(weights, outputs):
+        for w, logits in zip(weights, outputs, strict=False):
             y = target if logits.shape[2:] == target.shape[2:] else F.interpolate(target.float(), size=logits.shape[2:], mode=self.interp_mode)
             total = total + w * self.loss(logits.float(), y, present)
         return total

@@ -55,7 +55,6 @@ from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
 from contourcl.data.labels import model_labels
-from contourcl.errors import ConfigError
 from contourcl.data.transforms import (
     DEFAULT_SPACING,
     DEFAULT_WINDOW,
@@ -64,6 +63,7 @@ from contourcl.data.transforms import (
     StructurePresenced,
     ct_preprocessing,
 )
+from contourcl.errors import ConfigError
 from contourcl.evaluation import EvaluationCase, evaluate_network, prepare_cases, summarise
 from contourcl.models.checkpoint import ModelMeta, save_model
 from contourcl.models.encoder_checkpoint import load_encoder
@@ -276,7 +276,7 @@ def recalibrate_batchnorm(network: ContourUNet, batches: Sequence[torch.Tensor],
     with torch.no_grad():
         for x in batches:
             network(x.to(device))
-    for m, (momentum, training) in zip(norms, saved):
+    for m, (momentum, training) in zip(norms, saved, strict=False):
         m.momentum = momentum
         m.train(training)
 

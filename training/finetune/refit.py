@@ -19,7 +19,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from contourcl.errors import ConfigError
-from contourcl.training.finetune.engine import FinetuneConfig, FinetuneResult, finetune, return_freed_memory, save_finetuned
+from contourcl.training.finetune.engine import (
+    FinetuneConfig,
+    FinetuneResult,
+    finetune,
+    return_freed_memory,
+    save_finetuned,
+)
 
 logger = logging.getLogger(__name__)
 

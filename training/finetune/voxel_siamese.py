@@ -239,7 +239,7 @@ def voxel_siamese_layer_loss(
     if not weighted:
         weights = torch.ones_like(weights)
     loss = p.new_zeros(())
-    for c, w in zip(classes, weights):
+    for c, w in zip(classes, weights, strict=False):
         sel = labels == c
         pc, zc = p[sel], z[sel]
         # sum_i sum_j p_i . z_j = (sum_i p_i) . (sum_j z_j)
@@ -318,7 +318,7 @@ class VoxelSiameseLoss(nn.Module):
             ignore = lab == self.ignore_index
             ok = ~ignore if ok is None else ok & ~ignore
         total = features[0].new_zeros(())
-        for feat, head, w_f in zip(features, self.heads, self.layer_weights):
+        for feat, head, w_f in zip(features, self.heads, self.layer_weights, strict=False):
             size = feat.shape[-2:]
             lab_l, prd_l = _to_grid(lab, size), _to_grid(prd, size)
             ok_l = None if ok is None else _to_grid(ok.long(), size).bool()

@@ -263,11 +263,11 @@ class AGCLPatchDataset(Dataset):
         self.values = [label_names.STORED_LABELS[label_names.canonical_name(t)] for t in self.targets]
         self.size = size
         self.augment = augment or PairedAugment(size)
-        names = sorted({_case_modality(v, modalities or {}) for v, lab in zip(self.volumes, self.labels) if lab is not None})
+        names = sorted({_case_modality(v, modalities or {}) for v, lab in zip(self.volumes, self.labels, strict=False) if lab is not None})
         self.modality_names = names or [UNKNOWN_MODALITY]
         self.case_modality = [
             self.modality_names.index(_case_modality(v, modalities or {})) if lab is not None else -1
-            for v, lab in zip(self.volumes, self.labels)
+            for v, lab in zip(self.volumes, self.labels, strict=False)
         ]
         rows = []
         for vi, lab in enumerate(self.labels):
@@ -407,7 +407,7 @@ class AGCL(PretrainMethod):
     def build_dataset(self, volumes: Sequence, device: torch.device | None = None) -> AGCLPatchDataset:
         o = self.options
         labels = load_coarse_labels(volumes, self.config, o, device)
-        missing = [v.case for v, lab in zip(volumes, labels) if lab is None]
+        missing = [v.case for v, lab in zip(volumes, labels, strict=False) if lab is None]
         if missing:
             logger.warning("AGCL: no coarse segmentation for %d case(s), skipped: %s", len(missing), missing[:10])
         ds = AGCLPatchDataset(

@@ -27,7 +27,7 @@ def mlp_head(dims: Sequence[int], batch_norm: bool = True, last_bn: bool = False
     if len(dims) < 2:
         raise ValueError(f"a head needs an input and an output width, not {dims}")
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
         last = i == len(dims) - 2
         bn = last_bn if last else batch_norm
         layers.append(nn.Linear(d_in, d_out, bias=not bn))

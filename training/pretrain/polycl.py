@@ -277,7 +277,7 @@ class PolyCLOrgan(_PolyCL):
                 raise ConfigError(f"organ {o['organ']!r} is not among the organs {organs}")
             organ = organs.index(name)
         labels = load_coarse_labels(volumes, self.config, o, device)
-        labeled = [v for v, lab in zip(volumes, labels) if lab is not None]
+        labeled = [v for v, lab in zip(volumes, labels, strict=False) if lab is not None]
         if not labeled:
             raise ConfigError("PolyCL-O needs organ labels: give label files (option 'labels') or 'coarse_model'")
         if len(labeled) < len(volumes):

@@ -130,7 +130,7 @@ def slic_slice(image: np.ndarray, body: np.ndarray, n_segments: int = 32, compac
         return body.astype(np.int64)
     img, mask = np.asarray(image, dtype=np.float64), body
     if slic_spacing:
-        shape = tuple(max(1, round(n * float(s) / float(slic_spacing))) for n, s in zip(body.shape, pixel_mm))
+        shape = tuple(max(1, round(n * float(s) / float(slic_spacing))) for n, s in zip(body.shape, pixel_mm, strict=False))
         img = resize(img, shape, order=1, anti_aliasing=False)
         mask = resize(body, shape, order=0, anti_aliasing=False).astype(bool)
         if not mask.any():
@@ -532,7 +532,7 @@ def stage_budget(iterations: int, options: dict) -> dict[str, int]:
     shares = options["stage_shares"]
     if len(shares) != len(BUDGET_GROUPS):
         raise ConfigError(f"stage_shares needs {len(BUDGET_GROUPS)} weights ({', '.join(BUDGET_GROUPS)}), not {shares}")
-    plan = dict(zip(BUDGET_GROUPS, split_steps(int(iterations), shares)))
+    plan = dict(zip(BUDGET_GROUPS, split_steps(int(iterations), shares), strict=False))
     if plan["inter"] < 1 or plan["distill"] < 1 or plan["intra"] < k:
         raise ConfigError(f"{iterations} steps split as {plan}: need at least 1 step for inter and distill and {k} for intra")
     return plan
@@ -703,7 +703,7 @@ class SepaRegMethod(PretrainMethod):
         per_model = split_steps(self.budget["intra"], [1] * len(trained)) if trained else []
         if o["budget"] == "per-stage":
             per_model = [self.budget["intra"] // len(self.intra)] * len(trained)
-        for k, steps in zip(trained, per_model):
+        for k, steps in zip(trained, per_model, strict=False):
             if steps < 1:
                 logger.warning("intra-organ model %d gets no step of the budget: it stays untrained", k)
                 continue

@@ -13,7 +13,15 @@ from pathlib import Path
 from contourcl.data.datasets import openkbp_root
 from contourcl.evaluation import DEFAULT_TOLERANCE_MM
 from contourcl.serving.config import default_largest_component
-from contourcl.training.experiments.label_efficiency import DEFAULT_METHODS, METHODS, MODELS, SCALES, Scale, plan, run_benchmark
+from contourcl.training.experiments.label_efficiency import (
+    DEFAULT_METHODS,
+    METHODS,
+    MODELS,
+    SCALES,
+    Scale,
+    plan,
+    run_benchmark,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

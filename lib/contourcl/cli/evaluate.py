@@ -6,9 +6,17 @@ import argparse
 import json
 
 from contourcl.data.datasets import dicom_cases, labeled_cases, only_ids
-from contourcl.errors import InvalidImageError
 from contourcl.data.volumes import MIN_IMAGED_AREA_CM2
-from contourcl.evaluation import DEFAULT_TOLERANCE_MM, METRICS, evaluate_model_file, evaluation_record, format_figure, prepare_cases, summarise
+from contourcl.errors import InvalidImageError
+from contourcl.evaluation import (
+    DEFAULT_TOLERANCE_MM,
+    METRICS,
+    evaluate_model_file,
+    evaluation_record,
+    format_figure,
+    prepare_cases,
+    summarise,
+)
 from contourcl.models.checkpoint import read_meta
 from contourcl.serving.config import default_largest_component
 

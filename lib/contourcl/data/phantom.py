@@ -400,7 +400,7 @@ def make_phantom(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING):
     if sl is not None:
         x, y, r = X[sl], Y[sl], REL[sl]
         lob = 0.15 * tex[2][sl]
-        for g, name, hu in zip(p["parotids"], ("Parotid_R", "Parotid_L"), p["parotid"]):
+        for g, name, hu in zip(p["parotids"], ("Parotid_R", "Parotid_L"), p["parotid"], strict=False):
             t = np.clip((r - g["cz"]) / g["az"], -1, 1)
             w = np.sqrt(np.clip(1 - t**2, 0, None)) * (1 + 0.3 * t) + 1e-3
             m = (np.abs(r - g["cz"]) < g["az"]) & (_ell2(x, y, g["cx"], g["cy"], g["ax"] * w, g["ay"] * w) < 1 + lob)

@@ -149,7 +149,7 @@ def outline_polygons(mask) -> list[np.ndarray]:
     start_arr = np.concatenate(starts)
     dir_arr = np.concatenate(dirs)
     outgoing: dict[int, list[int]] = {}
-    for v, d in zip(start_arr.tolist(), dir_arr.tolist()):
+    for v, d in zip(start_arr.tolist(), dir_arr.tolist(), strict=False):
         outgoing.setdefault(v, []).append(d)
     delta = [dy * width + dx for dy, dx in _STEPS]
 

@@ -148,7 +148,7 @@ def check_header(path: str | Path, what: str = "image", name: str | None = None,
             f"the {what} {name!r} has voxel spacing {tuple(round(s, 4) for s in spacing)} mm: a CT's spacing lies within "
             f"{bounds.min_spacing_mm}-{bounds.max_spacing_mm} mm"
         )
-    extent = [n * s for n, s in zip(size[:3], spacing[:3])]
+    extent = [n * s for n, s in zip(size[:3], spacing[:3], strict=False)]
     if max(extent) > bounds.max_extent_mm:
         raise InvalidImageError(f"the {what} {name!r} spans {tuple(round(e) for e in extent)} mm: more than a CT (at most {bounds.max_extent_mm:g} mm)")
     return size, spacing

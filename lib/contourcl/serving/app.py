@@ -25,8 +25,8 @@ from contourcl.serving.model_store import ModelStore
 from contourcl.serving.retrain import consider_model_file
 from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.security import install as install_security
-from contourcl.serving.series import ingest_series, refused_series
 from contourcl.serving.security import status as security_status
+from contourcl.serving.series import ingest_series, refused_series
 from contourcl.serving.slots import InferenceSlots
 from contourcl.serving.strategy import RandomStrategy, UncertaintyStrategy
 from contourcl.serving.train import RetrainTask

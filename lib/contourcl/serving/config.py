@@ -46,7 +46,10 @@ def register(config: ModelConfig) -> ModelConfig:
     """Make ``config``'s model known to the label registry
     (:func:`contourcl.data.labels.register_model` for a model of new structures); an unknown model
     without structures is refused, naming the known ones."""
-    from contourcl.data.labels import model_labels, register_model  # numpy: imported when an app is loaded, not by `contourcl models`
+    from contourcl.data.labels import (  # numpy: imported when an app is loaded, not by `contourcl models`
+        model_labels,
+        register_model,
+    )
 
     if config.structures is not None:
         register_model(config.name, config.structures)

@@ -325,7 +325,7 @@ class PacsMirror:
         if failed:
             reasons = ", ".join(f"{item.get('ReferencedSOPInstanceUID', '?')}: 0x{int(item.get('FailureReason', 0)):04X}" for item in failed)
             raise PacsError(f"the DICOMweb server {self.url} refused to store {reasons} (STOW-RS)")
-        return {Path(f).name: str(ds.SOPInstanceUID) for f, ds in zip(files, datasets)}
+        return {Path(f).name: str(ds.SOPInstanceUID) for f, ds in zip(files, datasets, strict=False)}
 
     def _pending_file(self) -> Path:
         return self._dir / "pending.json"

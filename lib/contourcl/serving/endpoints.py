@@ -27,7 +27,6 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -144,7 +143,7 @@ def build_router(instance, prefix: str = "", server=None) -> APIRouter:
     slots = instance.infer_slots
 
     # -- datastore --------------------------------------------------------------------------
-    def add_image(image: Optional[str] = None, params: str = Form("{}"), file: UploadFile = File(...)):
+    def add_image(image: str | None = None, params: str = Form("{}"), file: UploadFile = File(...)):
         suffix = _suffix(file.filename)
         image_id = image or os.path.basename(file.filename or "")[: -len(suffix)]
         with http_errors():
@@ -162,7 +161,7 @@ def build_router(instance, prefix: str = "", server=None) -> APIRouter:
             label_id = instance.datastore().save_label(image, str(path), tag or "final", info)
         return {**(instance.on_save_label(image, label_id) or {}), "image": image, "label": label_id}
 
-    def download_dataset(limit_cases: Optional[int] = None):
+    def download_dataset(limit_cases: int | None = None):
         datalist = instance.datastore().datalist()
         if not datalist:
             raise HTTPException(404, "no labeled cases: the dataset archive would be empty")
@@ -186,7 +185,7 @@ def build_router(instance, prefix: str = "", server=None) -> APIRouter:
 
     # -- inference --------------------------------------------------------------------------
     def infer(model: str, image: str = "", session_id: str = "", params: str = Form("{}"), file: UploadFile = File(None),
-              label: UploadFile = File(None), output: Optional[str] = None):
+              label: UploadFile = File(None), output: str | None = None):
         if label is not None:
             raise HTTPException(422, f"model {model!r} takes no label input")
         if session_id:

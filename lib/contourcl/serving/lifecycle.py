@@ -39,7 +39,7 @@ SERVER_PID_ENV = "CONTOURCL_SERVER_PID"
 TASK_MODULE = "monailabel.interfaces.utils.app"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-_watchdog: "ParentWatchdog | None" = None
+_watchdog: ParentWatchdog | None = None
 
 
 class TrainerBusyError(RuntimeError):
@@ -202,7 +202,7 @@ class TrainLock:
             return None
         return int(text) if text.isdigit() else None
 
-    def acquire(self) -> "TrainLock":
+    def acquire(self) -> TrainLock:
         import fcntl
 
         if self._fd is not None:
@@ -247,7 +247,7 @@ class TrainLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "TrainLock":
+    def __enter__(self) -> TrainLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -34,7 +34,13 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from contourcl.active_learning import mc_dropout_entropy
 from contourcl.files import atomic_write_text
 from contourcl.inference import Contourer, model_version
-from contourcl.serving.lifecycle import TrainerBusyError, TrainLock, die_with_parent, in_task_subprocess, note_server_process
+from contourcl.serving.lifecycle import (
+    TrainerBusyError,
+    TrainLock,
+    die_with_parent,
+    in_task_subprocess,
+    note_server_process,
+)
 
 logger = logging.getLogger(__name__)
 
