@@ -140,3 +140,35 @@ def correction_effort(proposed: np.ndarray, final: np.ndarray, labels: Mapping[s
             **structure_effort(proposed == value, final == value, spacing, axis, tolerance_mm),
         }
     return out
+
+
+def _spread(values: list[float]) -> dict | None:
+    """Median and inter-quartile range of ``values`` (``None`` for none)."""
+    if not values:
+        return None
+    q1, median, q3 = (float(v) for v in np.percentile(values, [25, 50, 75]))
+    return {"median": round(median, 3), "iqr": [round(q1, 3), round(q3, 3)], "n": len(values)}
+
+
+def summarise_effort(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """``{model: {model_version: {"images", "structures": {name: {"added_path_length_mm",
+    "surface_dice"}}}}}`` over effort records (:mod:`contourcl.serving.effort_record`): how many
+    images the clinicians corrected after that version proposed, and the median and IQR of each
+    structure's added path length and surface Dice. Records without figures are left out."""
+    grouped: dict[str, dict[str, list[dict]]] = {}
+    for record in records:
+        if record.get("model") and record.get("structures") is not None:
+            grouped.setdefault(record["model"], {}).setdefault(str(record.get("model_version")), []).append(record)
+    out: dict[str, dict[str, dict]] = {}
+    for model, versions in grouped.items():
+        for version, rows in versions.items():
+            names = list(dict.fromkeys(name for row in rows for name in row["structures"]))
+            out.setdefault(model, {})[version] = {
+                "images": len({row["image"] for row in rows}),
+                "structures": {name: {
+                    "added_path_length_mm": _spread([row["structures"][name]["added_path_length_mm"] for row in rows if name in row["structures"]]),
+                    "surface_dice": _spread([row["structures"][name]["surface_dice"] for row in rows
+                                             if name in row["structures"] and row["structures"][name]["surface_dice"] is not None]),
+                } for name in names},
+            }
+    return out

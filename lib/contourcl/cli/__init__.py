@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("contourcl.cli.evaluate", "Dice, HD95 and surface Dice of a model file on labeled CTs"),
     "benchmark": ("contourcl.cli.benchmark", "benchmarks on real CT: label-efficiency (pretraining methods vs labeled cases, OpenKBP)"),
     "models": ("contourcl.cli.models", "list a served model's history, or restore an earlier version"),
+    "effort": ("contourcl.cli.effort", "what the clinicians changed in the server's proposals, per model version (added path length, surface Dice)"),
 }
 
 

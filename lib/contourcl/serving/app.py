@@ -12,11 +12,13 @@ from pathlib import Path
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 
+from contourcl.effort import summarise_effort
 from contourcl.errors import InvalidImageError
 from contourcl.ids import check_id
 from contourcl.serving.config import ModelConfig
 from contourcl.serving.datastore import SafeDatastore
 from contourcl.serving.dicomweb import is_dicomweb, open_pacs
+from contourcl.serving.effort_record import EffortRecord
 from contourcl.serving.endpoints import install as install_endpoints
 from contourcl.serving.errors import http_errors
 from contourcl.serving.infer import ContourInferTask
@@ -90,13 +92,19 @@ class ContourApp(MONAILabelApp):
             store = open_pacs(self.studies_url, self.app_dir, self.conf, offline=in_task_subprocess(),
                               extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True, dicom_export=export)
             self.studies = str(store.mirror.cache)
-            return store
+            return self._with_effort(store)
         if "://" in str(self.studies):
             raise ValueError(f"--studies {self.studies}: only http:// and https:// DICOMweb servers are supported; "
                              "give such a URL or a local folder (NIfTI/NRRD files, or DICOM CT series in subfolders)")
         self.studies_url = None
         ingest_series(self.studies)  # DICOM CT series in subfolders become images (contourcl.serving.series)
-        return SafeDatastore(self.studies, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True, dicom_export=export)
+        return self._with_effort(SafeDatastore(self.studies, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=True, dicom_export=export))
+
+    def _with_effort(self, store):
+        """Every final label stored is scored against the models' proposals (the effort record)."""
+        self.effort = EffortRecord(self.studies)
+        store.final_label_listeners.append(self.effort.score_final)
+        return store
 
     def init_infers(self):
         return {m: ContourInferTask(m, self.model_dir / f"{m}.pt", self.configs[m].description, self.configs[m].largest_component) for m in self.models}
@@ -161,6 +169,8 @@ class ContourApp(MONAILabelApp):
         meta["unusable_images"] = {i: e["reason"] for i, e in self.datastore().unusable().items()}
         # DICOM series in the studies folder that could not become images, with why
         meta["refused_series"] = refused_series(self.studies)
+        # what the clinicians changed, per model and model version (contourcl.effort.summarise_effort)
+        meta["correction_effort"] = summarise_effort(self.effort.latest())
         return meta
 
     def studies_status(self) -> dict:
@@ -213,11 +223,18 @@ class ContourApp(MONAILabelApp):
                 raise HTTPException(404, f"image {image_id!r} is not in the datastore")
         with http_errors():
             try:
-                return super().infer(request, datastore)
+                result = super().infer(request, datastore)
             except InvalidImageError as err:  # a CT in the studies folder that cannot be contoured
                 if image_id:
                     self.datastore().mark_unusable(image_id, str(err))
                 raise
+        if image_id and result and result.get("file"):
+            # every answer for a datastore image is remembered: the proposal a final label is scored against
+            try:
+                self.effort.keep_proposal(image_id, request["model"], result["file"], result.get("params") or {}, request)
+            except OSError as err:
+                logger.warning("the proposal of %s for %s could not be kept: %s", request["model"], image_id, err)
+        return result
 
     # -- the served models: uploads and withdrawal go the way of a retrained model ------------
     def consider_uploaded_model(self, model: str, path) -> dict:

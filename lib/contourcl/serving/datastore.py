@@ -108,6 +108,9 @@ class SafeDatastore(LocalDatastore):
         self._model_lock = threading.RLock()
         self._image_locks: dict[str, threading.Lock] = {}  # image id -> held while one of its labels is saved
         self._image_locks_guard = threading.Lock()
+        #: called as ``listener(image_id, label_path)`` after a final label is stored (the app scores
+        #: the correction effort there, contourcl.serving.effort_record); a listener's error is logged
+        self.final_label_listeners: list = []
         super().__init__(*args, **kwargs)
         if not in_task_subprocess():  # the server owns the journal; a training subprocess only reads
             self.recover()
@@ -502,7 +505,19 @@ class SafeDatastore(LocalDatastore):
                     extra = self.export_final(image_id, stored, affine, label_info)
                     if extra:
                         self.update_label_info(image_id, label_tag, extra)
+                if label_tag == "final":
+                    self._tell_listeners(image_id)
         return image_id
+
+    def _tell_listeners(self, image_id: str) -> None:
+        """Call :attr:`final_label_listeners` with the just-stored final label; the label is stored
+        already, so a listener's failure is logged, never raised."""
+        path = super().get_label_uri(image_id, "final")
+        for listener in self.final_label_listeners:
+            try:
+                listener(image_id, path)
+            except Exception as err:  # noqa: BLE001
+                logger.warning("final label of %s stored; a listener failed on it: %s", image_id, err)
 
     def _store_label(self, image_id: str, tag: str, data: bytes, info: dict) -> None:
         """Put ``data`` in place as the ``tag`` label of ``image_id`` with ``info``: both or neither.
