@@ -41,8 +41,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from contourcl.data.datasets import openkbp_root
-from contourcl.errors import DataNotFoundError
+from contourcl.data.datasets import openkbp_or_exit
 from contourcl.testing import (
     BENCH_CT,
     REPO,
@@ -141,10 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs: at least 1")
-    try:
-        kbp = openkbp_root(args.data) / BENCH_CT
-    except DataNotFoundError as err:
-        parser.error(str(err))
+    kbp = openkbp_or_exit(parser, args.data) / BENCH_CT
     if not kbp.is_file():
         sys.exit(f"the OpenKBP case {kbp} is needed to make the CT series")
 

@@ -29,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from contourcl.data.datasets import openkbp_root
-from contourcl.errors import DataNotFoundError
+from contourcl.data.datasets import openkbp_or_exit
 from contourcl.testing import BENCH_CT, REPO, ct_sized_volume, start_monailabel, stop_process, wait_until_serving
 from contourcl.testing import SHIPPED_OAR as MODEL
 
@@ -112,10 +111,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, action="append", help="time this model file's inference (repeatable; default: the shipped oar.pt)")
     parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     args = parser.parse_args()
-    try:
-        kbp = openkbp_root(args.data) / BENCH_CT
-    except DataNotFoundError as err:
-        parser.error(str(err))
+    kbp = openkbp_or_exit(parser, args.data) / BENCH_CT
     models = args.model or [MODEL]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

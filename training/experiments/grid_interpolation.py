@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contourcl.data.datasets import openkbp_root
+from contourcl.data.datasets import openkbp_or_exit
 from contourcl.data.volumes import read_ras, to_ras
-from contourcl.errors import DataNotFoundError
 from contourcl.inference import Contourer, box_probabilities, contour, grid_mapping, label_on_model_grid
 from contourcl.plots import contour_overlay
 from contourcl.testing import BENCH_CT, ct_sized_volume
@@ -53,10 +52,7 @@ def main() -> None:
                         help=f"write the picture here (alone: {RESULTS}/<model>-grid-interpolation.png)")
     parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     args = parser.parse_args()
-    try:
-        kbp = openkbp_root(args.data) / BENCH_CT
-    except DataNotFoundError as err:
-        parser.error(str(err))
+    kbp = openkbp_or_exit(parser, args.data) / BENCH_CT
     if args.png == RESULTS:
         args.png = RESULTS / f"{args.model.stem}-grid-interpolation.png"
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,19 +17,15 @@ import argparse
 
 import numpy as np
 
-from contourcl.data.datasets import labeled_cases, openkbp_root, read_scored_reference
+from contourcl.data.datasets import labeled_cases, openkbp_or_exit, read_scored_reference
 from contourcl.data.labels import model_labels
-from contourcl.errors import DataNotFoundError
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="the OpenKBP folder (train-pats/, validation-pats/; default: $CONTOURCL_OPENKBP)")
     args = parser.parse_args()
-    try:
-        root = openkbp_root(args.data)
-    except DataNotFoundError as err:
-        parser.error(str(err))
+    root = openkbp_or_exit(parser, args.data)
     for split in ("train-pats", "validation-pats"):
         for model in ("oar", "gtv"):
             names = list(model_labels(model))

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from contourcl.data.datasets import labeled_cases, openkbp_root, read_label
+from contourcl.data.datasets import labeled_cases, openkbp_or_exit, read_label
 from contourcl.data.labels import model_labels, to_model
 from contourcl.data.reference_check import MAX_AIR_FRACTION, SOLID, structure_figures
 from contourcl.data.reference_check import faults as reference_faults
 from contourcl.data.volumes import imaged_slices, read_nifti, to_ras
-from contourcl.errors import DataNotFoundError
 
 #: where ``--overlays`` without a folder writes (relative to the working folder, the repository root)
 OVERLAYS = Path("results") / "reference_check" / "overlays"
@@ -40,10 +39,7 @@ def main() -> None:
                         help=f"write a picture per structure of its set-aside references to this folder (alone: {OVERLAYS})")
     parser.add_argument("--model", default="apps/radonc/model/oar.pt", help="the model whose contours the pictures show")
     args = parser.parse_args()
-    try:
-        root = openkbp_root(args.data)
-    except DataNotFoundError as err:
-        parser.error(str(err))
+    root = openkbp_or_exit(parser, args.data)
     labels = model_labels("oar")
     figures: dict[str, list[tuple[float, float, str]]] = {name: [] for name in labels}
     set_aside: list[tuple[str, str, str]] = []

@@ -58,6 +58,15 @@ def openkbp_root(given: str | os.PathLike | None = None, option: str = "--data",
     return root
 
 
+def openkbp_or_exit(parser, given: str | os.PathLike | None, option: str = "--data") -> Path:
+    """:func:`openkbp_root` for a script's ``argparse`` ``parser``: missing data are its usage
+    error (the message names the option and the environment variable; exit code 2)."""
+    try:
+        return openkbp_root(given, option)
+    except DataNotFoundError as err:
+        parser.error(str(err))
+
+
 def _strip_suffix(name: str) -> str:
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
