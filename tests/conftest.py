@@ -1,70 +1,41 @@
-"""Shared fixtures: small volumes written to disk, tiny networks, one thread per test process."""
+"""Shared fixtures: small volumes written to disk, copies of the app, one thread per test process;
+and the ``integration`` marker on every test under ``tests/integration/``.
+
+The helpers the tests import (``blob_case``, ``write_nifti``, ``constant_oar_model``, ``CodePayload``,
+the server helpers) live in :mod:`contourcl.testing`, a real module: a test imports nothing from
+this file.
+"""
 
 from __future__ import annotations
 
-import nibabel as nib
-import numpy as np
+from functools import partial
+from pathlib import Path
+
 import pytest
 import torch
 
-from contourcl.testing import free_port, start_monailabel, stop_process, wait_until_serving  # noqa: F401  (the tests import them from here)
+from contourcl.testing import REPO, blob_case, sandbox, write_nifti
 
 torch.set_num_threads(1)
 
-
-class CodePayload:
-    """Unpickling this runs ``touch marker``: what an attacker's model file would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
+INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
-def constant_oar_model(path, channel: int, spacing: float = 3.0):
-    """A tiny ``oar`` model file (``spacing`` mm in-plane) whose output is class ``channel`` everywhere."""
-    from contourcl.data.labels import model_labels
-    from contourcl.models.checkpoint import ModelMeta, save_model
-    from contourcl.models.networks import NetConfig, build_network
-
-    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
-    with torch.no_grad():
-        net.head[0].weight.zero_()
-        net.head[0].bias.fill_(-10.0)
-        net.head[0].bias[channel] = 10.0
-    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), spacing=(spacing, spacing)))
+def pytest_collection_modifyitems(config, items):
+    """Every test under ``tests/integration/`` is marked ``integration`` (``-m "not integration"``
+    leaves them out)."""
+    for item in items:
+        if INTEGRATION in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
-def write_nifti(path, array, affine) -> str:
-    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
-
-
-def blob_case(shape=(40, 40, 8), spacing=(4.0, 4.0, 3.0), seed=0):
-    """A tiny CT-like volume (air, a body disc, two 'organs') and its stored-numbering label."""
-    rng = np.random.default_rng(seed)
-    x, y = np.mgrid[: shape[0], : shape[1]]
-    cx, cy = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
-    body = (x - cx) ** 2 + (y - cy) ** 2 < (0.4 * shape[0]) ** 2
-    organ1 = (x - cx + 6) ** 2 + (y - cy) ** 2 < 9  # Brainstem (1)
-    organ2 = (x - cx - 6) ** 2 + (y - cy) ** 2 < 9  # Mandible (5), bright
-    ct = np.full(shape, -1000.0)
-    lab = np.zeros(shape, np.uint8)
-    ct[body] = 40
-    ct[organ1] = 120
-    ct[organ2] = 900
-    lab[organ1] = 1
-    lab[organ2] = 5
-    ct = ct + rng.normal(0, 10, shape)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [-shape[0] * spacing[0] / 2, -shape[1] * spacing[1] / 2, 0]
-    return ct.astype(np.int16), lab, affine
+@pytest.fixture(scope="session")
+def app_sandbox():
+    """:func:`contourcl.testing.sandbox` on this checkout: ``app_sandbox(base, weights=(...),
+    studies=True, studies_ignore=...)`` copies ``apps/radonc`` to ``base/radonc`` (with the named
+    weights only) and ``sample-data`` to ``base/studies``; returns (app, studies). Session-scoped,
+    so fixtures of any scope can use it."""
+    return partial(sandbox, repo=REPO)
 
 
 @pytest.fixture

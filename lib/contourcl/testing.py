@@ -1,6 +1,9 @@
 """Local processes for ContourCL's tests and benchmarks: a free port, the MONAI Label server started
 as a user starts it, a throw-away Orthanc, waiting for a server, and stopping what was started, by
 its PID; and what they measure with: a process's memory and a planning-CT-sized test volume.
+Also the small things the tests build their inputs from: copies of the app and the sample data
+(:func:`sandbox`), tiny volumes (:func:`blob_case`, :func:`write_nifti`), a tiny model file
+(:func:`constant_oar_model`) and a hostile pickle (:class:`CodePayload`).
 
 The end-to-end tests (``tests/``), the benchmarks (``benchmarks/``) and the analyses
 (``contourcl.training.experiments``) start the same real servers (``monailabel start_server``,
@@ -33,6 +36,8 @@ SHIPPED_OAR = REPO / "apps" / "radonc" / "model" / "oar.pt"
 BENCH_CT = Path("train-pats") / "pt_1" / "ct.nii.gz"
 #: a typical planning CT's grid
 CT_SIZED = (512, 512, 150)
+#: where CI keeps OpenKBP: ``../shared/data/openkbp`` beside the checkout
+OPENKBP_BESIDE = REPO.parent / "shared" / "data" / "openkbp"
 
 #: where Debian/Ubuntu's ``orthanc-dicomweb`` package (or a local build) puts the plugin
 ORTHANC_PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so*",
@@ -141,17 +146,21 @@ APP_IGNORE = ("history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache", "l
 STUDIES_IGNORE = ("datastore_v2.json", ".lock", "original", "README.md", ".contourcl", "logs")
 
 
-def sandbox(base: str | Path, repo: str | Path, weights: tuple[str, ...] = ("oar.pt", "gtv.pt"), studies: bool = True) -> tuple[Path, Path]:
+def sandbox(base: str | Path, repo: str | Path = REPO, weights: tuple[str, ...] | None = ("oar.pt", "gtv.pt"), studies: bool = True,
+            studies_ignore: tuple[str, ...] = STUDIES_IGNORE) -> tuple[Path, Path]:
     """Copies of ``apps/radonc`` (``base/radonc``) and of ``sample-data`` (``base/studies``) for a
     server a test may break. ``weights``: the model files (and weight folders, e.g. ``synthetic``)
-    of ``apps/radonc/model`` to copy; the others are left out. Returns (app, studies)."""
+    of ``apps/radonc/model`` to copy; the others are left out (``()``: none; ``None``: all of them).
+    ``studies``: whether
+    to copy the sample data, into ``base/studies`` even where that folder exists already (a mount
+    point), leaving out ``studies_ignore``. Returns (app, studies)."""
     base, repo = Path(base), Path(repo)
     app, folder = base / "radonc", base / "studies"
     model = repo / "apps" / "radonc" / "model"
-    skip = [p.name for p in model.iterdir() if p.name not in weights and (p.suffix == ".pt" or p.is_dir())]
+    skip = [p.name for p in model.iterdir() if weights is not None and p.name not in weights and (p.suffix == ".pt" or p.is_dir())]
     shutil.copytree(repo / "apps" / "radonc", app, ignore=_ignore_in(model, skip, APP_IGNORE))
     if studies:
-        shutil.copytree(repo / "sample-data", folder, ignore=shutil.ignore_patterns(*STUDIES_IGNORE))
+        shutil.copytree(repo / "sample-data", folder, ignore=shutil.ignore_patterns(*studies_ignore), dirs_exist_ok=True)
     return app, folder
 
 
@@ -166,6 +175,18 @@ def _ignore_in(folder: Path, names: list[str], patterns: tuple[str, ...]):
         return skipped
 
     return ignore
+
+
+def openkbp_for_tests() -> Path | None:
+    """The OpenKBP root for tests that read the real data: ``CONTOURCL_OPENKBP``
+    (:func:`contourcl.data.datasets.openkbp_root`), else ``../shared/data/openkbp`` beside the
+    checkout (:data:`OPENKBP_BESIDE`, as CI has it), else None (the tests skip)."""
+    from contourcl.data.datasets import openkbp_root
+
+    root = openkbp_root(None, required=False)
+    if root is None and OPENKBP_BESIDE.is_dir():
+        root = OPENKBP_BESIDE
+    return root
 
 
 def find_orthanc() -> str | None:
@@ -254,3 +275,94 @@ def ct_sized_volume(src: str | Path, out: str | Path) -> Path:
     data, affine = resampled_ct(src, CT_SIZED)
     nib.save(nib.Nifti1Image(data.astype(np.int16), affine), str(out))
     return Path(out)
+
+
+class CodePayload:
+    """Unpickling this runs ``touch marker``: what an attacker's model file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def constant_oar_model(path: str | Path, channel: int, spacing: float = 3.0) -> Path:
+    """A tiny ``oar`` model file (``spacing`` mm in-plane) whose output is class ``channel`` everywhere."""
+    import torch
+
+    from contourcl.data.labels import model_labels
+    from contourcl.models.checkpoint import ModelMeta, save_model
+    from contourcl.models.networks import NetConfig, build_network
+
+    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
+    with torch.no_grad():
+        net.head[0].weight.zero_()
+        net.head[0].bias.fill_(-10.0)
+        net.head[0].bias[channel] = 10.0
+    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), spacing=(spacing, spacing)))
+
+
+def write_nifti(path: str | Path, array, affine) -> str:
+    """``array`` as NIfTI at ``path``, its qform and sform both ``affine`` (code 1); returns the path."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, str(path))
+    return str(path)
+
+
+def write_dicom_studies(root: str | Path) -> Path:
+    """``root/studies``: a studies folder of DICOM CT series of phantoms (96 x 80 x 14 at 4 x 4 x 5
+    mm): ``patient_a`` (HFS) and ``patient_b`` (FFS); ``patient_c`` with an approved plan's
+    RTSTRUCT (ROI names as a planning system writes them: "Parotid R", "Mandible", "BODY"), which
+    becomes its final label; ``patient_gap``, a series missing a slice (not a regular grid)."""
+    import numpy as np
+
+    from contourcl.data.dicom_series import write_ct_series
+    from contourcl.data.phantom import make_phantom
+    from contourcl.data.rtstruct import write_rtstruct
+
+    studies = Path(root) / "studies"
+    for seed, name, position in ((11, "patient_a", "HFS"), (12, "patient_b", "FFS")):
+        ct, _, affine = make_phantom(seed, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
+        write_ct_series(ct, affine, studies / name / "CT", patient_id=name, patient_position=position)
+    # patient_c: an approved plan's export, the CT series and its RTSTRUCT (ROI names as a planning
+    # system writes them); it becomes a final label
+    ct, truth, affine = make_phantom(14, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
+    write_ct_series(ct, affine, studies / "patient_c" / "CT", patient_id="patient_c")
+    names = {"Parotid R": 3, "Mandible": 5, "BODY": 99}
+    plan = np.zeros_like(truth)
+    plan[truth == 3], plan[truth == 5], plan[(truth == 0) & (ct > -500)] = 3, 5, 99
+    write_rtstruct(plan, affine, names, studies / "patient_c" / "CT", studies / "patient_c" / "RS_plan.dcm")
+    ct, _, affine = make_phantom(13, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
+    files = write_ct_series(ct, affine, studies / "patient_gap")
+    files[7].unlink()  # a missing slice: not a regular grid
+    return studies
+
+
+def blob_case(shape=(40, 40, 8), spacing=(4.0, 4.0, 3.0), seed=0):
+    """A tiny CT-like volume (air, a body disc, two 'organs') and its stored-numbering label:
+    ``(int16 CT, uint8 label, affine)``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x, y = np.mgrid[: shape[0], : shape[1]]
+    cx, cy = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
+    body = (x - cx) ** 2 + (y - cy) ** 2 < (0.4 * shape[0]) ** 2
+    organ1 = (x - cx + 6) ** 2 + (y - cy) ** 2 < 9  # Brainstem (1)
+    organ2 = (x - cx - 6) ** 2 + (y - cy) ** 2 < 9  # Mandible (5), bright
+    ct = np.full(shape, -1000.0)
+    lab = np.zeros(shape, np.uint8)
+    ct[body] = 40
+    ct[organ1] = 120
+    ct[organ2] = 900
+    lab[organ1] = 1
+    lab[organ2] = 5
+    ct = ct + rng.normal(0, 10, shape)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-shape[0] * spacing[0] / 2, -shape[1] * spacing[1] / 2, 0]
+    return ct.astype(np.int16), lab, affine

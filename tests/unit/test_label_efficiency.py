@@ -3,16 +3,14 @@ end-to-end run of ``contourcl benchmark label-efficiency`` on an OpenKBP-like fo
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import write_nifti
 from contourcl.evaluation import contour_metrics, mean_se
+from contourcl.testing import write_nifti
 from contourcl.training.experiments import label_efficiency as le
 from contourcl.training.experiments.report import aggregate
 
@@ -187,87 +185,6 @@ def test_plan_masks_come_from_the_same_draw(openkbp_like, tmp_path):
         le.plan(openkbp_like, tmp_path, scale, methods=["nope"])
 
 
-def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
-    from contourcl.cli import main
-
-    out = tmp_path / "results"
-    argv = ["benchmark", "label-efficiency", "--data", str(openkbp_like), "--out", str(out),
-            "--methods", "random", "simclr", "voxel-siamese", "--sizes", "1", "2", "--draws", "1", "--pool", "0",
-            "--pretrain-iterations", "2", "--finetune-steps", "4", "--jobs", "1", "--threads", "1"]
-    assert main(argv) == 0
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    for model in ("oar", "gtv"):
-        for method in ("random", "simclr", "voxel-siamese"):
-            for n in ("1", "2"):
-                r = [x for x in rows if (x["model"], x["method"], x["n_labeled"], x["structure"], x["metric"]) == (model, method, n, "mean", "dice")]
-                assert len(r) == 1 and 0.0 <= float(r[0]["mean"]) <= 1.0 and r[0]["patients"] in ("1", "2")
-    run = json.loads((out / "runs" / "oar" / "simclr" / "n02-d0.json").read_text())
-    assert run["init"].endswith("simclr.pt") and len(run["train_cases"]) == 2
-    assert set(run["cases"]) == {"pt_10", "pt_11"}  # evaluated on the validation cases only
-    assert set(run["cases"]["pt_10"]) == {"Brainstem", "SpinalCord", "Parotid_R", "Parotid_L", "Mandible", "Larynx", "Esophagus"}
-    # the reference check's set-aside structures: named in the record, not scored
-    assert list(run["set_aside"]) == ["pt_11"] and list(run["set_aside"]["pt_11"]) == ["SpinalCord"]
-    assert "median cross-section" in run["set_aside"]["pt_11"]["SpinalCord"]
-    assert np.isnan(run["cases"]["pt_11"]["SpinalCord"]["dice"]) and not np.isnan(run["cases"]["pt_10"]["SpinalCord"]["dice"])
-    md = (out / "results.md").read_text()
-    assert "| simclr |" in md and "surface Dice at 4 mm" in md
-    assert (out / "dice-vs-labeled-oar.png").stat().st_size > 0
-    assert list((out / "overlays").glob("oar-*.png"))
-    # the results folder moved elsewhere (another working copy): its report is rebuilt with the overlays
-    moved = tmp_path / "elsewhere" / "results"
-    shutil.copytree(out, moved)
-    shutil.rmtree(moved / "overlays")
-    (out / "models").rename(out / "models-away")  # the paths the records hold no longer exist
-    assert main([str(moved) if a == str(out) else a for a in argv] + ["--report-only"]) == 0
-    assert sorted(p.name for p in (moved / "overlays").glob("oar-*.png")) == sorted(p.name for p in (out / "overlays").glob("oar-*.png"))
-    (out / "models-away").rename(out / "models")
-    shutil.rmtree(moved)
-    # a second call resumes: nothing is redone
-    stamp = (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns
-    assert main(argv) == 0
-    assert (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns == stamp
-    # --rescore scores runs recorded before the masked-slice rule again, from their saved models
-    record_path = out / "runs" / "oar" / "simclr" / "n01-d0.json"
-    current = json.loads(record_path.read_text())
-    assert current["scored_on"] == le.SCORED_ON
-    # a run scored on the imaged slices before the reference check needs no model: the check is
-    # applied to its figures (pt_11's cord is set aside, as the fresh record already has it)
-    checked_path = out / "runs" / "oar" / "voxel-siamese" / "n01-d0.json"
-    checked = json.loads(checked_path.read_text())
-    checked_path.write_text(json.dumps({**checked, "scored_on": le.IMAGED_SLICES_ONLY}))
-    (out / "models" / "oar-voxel-siamese-n01-d0.pt").unlink()
-    old = {**current, "cases": {cid: {s: {**m, "dice": -1.0} for s, m in per.items()} for cid, per in current["cases"].items()}}
-    del old["scored_on"], old["set_aside"]  # as recorded before either rule
-    record_path.write_text(json.dumps(old))
-    (out / "models" / "gtv-simclr-n01-d0.pt").unlink()  # a run whose model is gone cannot be scored again
-    gone = out / "runs" / "gtv" / "simclr" / "n01-d0.json"
-    gone.write_text(json.dumps({k: v for k, v in json.loads(gone.read_text()).items() if k != "scored_on"}))
-    assert main(argv + ["--rescore"]) == 1  # says which run it could not score
-    again = json.loads(record_path.read_text())
-    assert again["scored_on"] == le.SCORED_ON
-    upgraded = json.loads(checked_path.read_text())
-    assert upgraded["scored_on"] == le.SCORED_ON
-    assert json.dumps(upgraded["cases"], sort_keys=True) == json.dumps(checked["cases"], sort_keys=True)
-    assert upgraded["set_aside"] == checked["set_aside"] and list(upgraded["set_aside"]) == ["pt_11"]
-    assert json.dumps(again["cases"], sort_keys=True) == json.dumps(current["cases"], sort_keys=True)
-    assert json.dumps(again["cases_every_slice"], sort_keys=True) == json.dumps(old["cases"], sort_keys=True)
-    assert again["set_aside"] == current["set_aside"]  # scored again from its model: the check's findings recorded
-    assert (out / "runs" / "oar" / "random" / "n01-d0.json").stat().st_mtime_ns == stamp  # already scored so: untouched
-    # the command that states a model's figures, on the same validation cases
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    cli = Path(sys.executable).parent / "contourcl"
-    res = subprocess.run([str(cli), "evaluate", str(out / "models" / "oar-random-n02-d0.pt"), "--data", str(openkbp_like / "validation-pats"),
-                          "--json", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "| Mandible |" in res.stdout and "| mean |" in res.stdout
-    per_case = json.loads((tmp_path / "eval.json").read_text())["cases"]
-    # the same figures as the benchmark's run (compared as JSON: NaN marks skipped structures)
-    assert json.dumps(per_case, sort_keys=True) == json.dumps(run_random_n2(out)["cases"], sort_keys=True)
-
-
 def test_rescore_marks_set_aside_references_not_contoured():
     """A stored run's figures under the reference check: the set-aside structures become not
     contoured (NaN), every other figure stays (its contour and reference did not change)."""
@@ -278,10 +195,6 @@ def test_rescore_marks_set_aside_references_not_contoured():
     assert all(np.isnan(v) for v in out["pt_1"]["SpinalCord"].values())
     assert out["pt_1"]["Mandible"] == cases["pt_1"]["Mandible"] and out["pt_2"]["SpinalCord"] == cases["pt_2"]["SpinalCord"]
     assert cases["pt_1"]["SpinalCord"]["dice"] == 0.07  # the stored figures are not changed in place
-
-
-def run_random_n2(out):
-    return json.loads((out / "runs" / "oar" / "random" / "n02-d0.json").read_text())
 
 
 def test_paper_scale_is_the_seeds_configuration(openkbp_like, tmp_path):

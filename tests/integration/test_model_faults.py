@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import REPO, start_monailabel, stop_process, wait_until_serving
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -37,14 +36,13 @@ def _history(gtv: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def broken(tmp_path_factory):
+def broken(tmp_path_factory, app_sandbox):
     root = tmp_path_factory.mktemp("model-faults")
     studies = root / "studies"
     studies.mkdir()
     for name in ("synthetic_hn_003.nii.gz", "synthetic_hn_004.nii.gz"):  # two unlabeled CTs
         shutil.copyfile(REPO / "sample-data" / name, studies / name)
-    app = root / "radonc"
-    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp"))
+    app, _ = app_sandbox(root, weights=None, studies=False)  # the studies: two CTs of the sample data
     models = app / "model" / "synthetic"
     oar = models / "oar.pt"
     oar.write_bytes(oar.read_bytes()[:100_000])

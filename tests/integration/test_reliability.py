@@ -33,7 +33,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -47,12 +46,11 @@ import pytest
 import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from conftest import start_monailabel, wait_until_serving
 from contourcl.data.labels import STORED_LABELS
 from contourcl.data.phantom import make_phantom
 from contourcl.models.checkpoint import load_model
+from contourcl.testing import sandbox, start_monailabel, wait_until_serving
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)  # per test; about 1-3 minutes for the file here
 
 #: a retraining that is as small as the app allows
@@ -112,9 +110,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.log_path = root / "server-0.log"
-        shutil.copytree(REPO / "sample-data", self.studies,
-                        ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "original", "README.md", ".contourcl"))
-        shutil.copytree(REPO / "apps" / "radonc", self.app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "synthetic"))
+        sandbox(root, weights=("oar.pt", "gtv.pt"))  # self.app, self.studies; not the synthetic weights
         self.tmp.mkdir()
         self.work.mkdir()
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_case, write_nifti
 from contourcl.data.transforms import SlabToChannelsd, neighbouring_slices
 from contourcl.errors import InvalidModelError
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import check_model_file, load_model, save_model
 from contourcl.models.encoder_checkpoint import load_encoder, save_encoder
 from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.testing import blob_case, write_nifti
 from contourcl.training.finetune.engine import FinetuneConfig, finetune, following, save_finetuned
 
 

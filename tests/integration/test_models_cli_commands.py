@@ -1,8 +1,9 @@
-"""``contourcl models`` from any working directory: list, restore, and one-line errors (exit 2)."""
+"""``contourcl models``, ``contour`` and ``finetune`` started as a user starts them (about 8 s each on
+2 cores). The rest: ``tests/unit/test_models_cli.py``.
+"""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from contourcl.cli.models import resolve_model_dir
 from contourcl.data.labels import model_labels
 from contourcl.models.checkpoint import ModelMeta, load_model, save_model
 from contourcl.models.networks import NetConfig, build_network
-from contourcl.serving.config import default_app
 from contourcl.serving.model_store import ModelStore
+from contourcl.testing import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONTOURCL = str(Path(sys.executable).parent / "contourcl")
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,10 +33,9 @@ def head_bias(path: Path) -> float:
 
 
 @pytest.fixture
-def app(tmp_path):
+def app(tmp_path, app_sandbox):
     """A copy of the app folder whose oar model has a history: v0 (the shipped one), v1 (published)."""
-    app = tmp_path / "some" / "where" / "radonc"
-    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("*.pt", "history", "__pycache__"))
+    app, _ = app_sandbox(tmp_path / "some" / "where", weights=(), studies=False)
     store = ModelStore(app / "model", "oar")
     tiny_model(store.served, 0.0)
     store.consider(tiny_model(tmp_path / "cand.pt", 1.0), 0.6, 0.5)
@@ -62,40 +60,6 @@ def test_list_and_restore_from_another_directory(app, tmp_path):
     assert ModelStore(app / "model", "oar").served_entry()["version"] == 0
 
 
-def test_unknown_version_is_one_line_listing_the_versions_with_exit_2(app, tmp_path):
-    run = contourcl("models", "oar", "--model-dir", app / "model", "--restore", "7", cwd=tmp_path)
-    assert run.returncode == 2
-    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
-    assert errors == ["contourcl models: error: oar has no archived version 7 in "
-                      f"{app / 'model' / 'history' / 'oar'}; versions: [0, 1]"]
-    assert "Traceback" not in run.stderr
-    assert head_bias(app / "model" / "oar.pt") == 1.0, "nothing was changed"
-
-
-def test_where_the_model_folder_comes_from(app, tmp_path):
-    # in process (no subprocess): the resolution rules
-    assert resolve_model_dir(app, None) == app / "model"
-    assert resolve_model_dir(None, app / "model") == app / "model"
-    (app / "model" / "synthetic").mkdir(exist_ok=True)
-    assert resolve_model_dir(app, None, "synthetic") == app / "model" / "synthetic"
-    assert default_app() == REPO / "apps" / "radonc"  # the repository this package is installed from
-    assert resolve_model_dir(None, None) == REPO / "apps" / "radonc" / "model"
-    with pytest.raises(FileNotFoundError, match="no main.py"):
-        resolve_model_dir(tmp_path, None)
-    with pytest.raises(ValueError, match="not allowed"):
-        resolve_model_dir(app, None, "../x")
-    with pytest.raises(FileNotFoundError, match="no such model folder"):
-        resolve_model_dir(app, None, "nope")
-
-
-def test_no_app_found_asks_for_app(monkeypatch):
-    from contourcl.serving import config
-
-    monkeypatch.setattr(config, "default_app", lambda: None)
-    with pytest.raises(FileNotFoundError, match="pass --app PATH"):
-        resolve_model_dir(None, None)
-
-
 def test_contour_works_from_an_empty_folder_with_no_model_given(tmp_path):
     """Issue 29: the CLI finds the app shipped with the package; nothing is relative to the cwd."""
     work = tmp_path / "empty"
@@ -111,15 +75,3 @@ def test_unknown_models_are_named_from_the_apps_registry(app, tmp_path):
     assert run.returncode == 2 and "unknown model 'liver'; the app serves ['oar', 'gtv']" in run.stderr, run.stderr
     run = contourcl("finetune", "--model", "liver", "--data", tmp_path, "--out", tmp_path / "x.pt", cwd=tmp_path)
     assert run.returncode == 2 and "the app serves ['oar', 'gtv']" in run.stderr, run.stderr
-
-
-def test_reading_an_apps_configs_leaves_sys_path_and_modules_alone(app):
-    import sys
-
-    from contourcl.serving.config import ModelConfig, app_configs
-
-    path, modules = list(sys.path), set(sys.modules)
-    configs = app_configs(app)
-    assert list(configs) == ["oar", "gtv"] and all(isinstance(c, ModelConfig) for c in configs.values())
-    assert sys.path == path
-    assert not [m for m in set(sys.modules) - modules if m == "lib" or m.startswith(("lib.", "contourcl_app_config"))]

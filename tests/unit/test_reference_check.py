@@ -4,23 +4,20 @@
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
 from monai.transforms import Compose
 
-from conftest import constant_oar_model, write_nifti
 from contourcl.cli import main as cli
 from contourcl.data.datasets import labeled_cases, read_scored_reference
 from contourcl.data.labels import model_labels
 from contourcl.data.reference_check import MAX_TUBE_CM2, checked_reference, implausible_structures
 from contourcl.evaluation import evaluate_model_file, prepare_cases, summarise
 from contourcl.models.checkpoint import read_meta
+from contourcl.testing import constant_oar_model, write_nifti
 from contourcl.training.finetune.engine import FinetuneConfig, preprocessing
 
 OAR = model_labels("oar")
-KBP = Path(__file__).resolve().parents[2] / "shared" / "data" / "openkbp"
 
 
 def _neck(cord_side: int = 4, parotid_in_air: bool = False, esophagus_side: int = 0):
@@ -124,15 +121,3 @@ def test_set_aside_structures_are_not_scored_and_are_named(tmp_path, capsys):
     every = json.loads((tmp_path / "all.json").read_text())
     assert 0.0 < every["cases"]["pt"]["SpinalCord"]["dice"] < 0.5 and every["set_aside"] == {}
     assert every["cases"]["unregistered"]["SpinalCord"]["dice"] > 0.0
-
-
-@pytest.mark.skipif(not KBP.is_dir(), reason="needs ../shared/data/openkbp")
-def test_openkbp_references_set_aside():
-    """The OpenKBP references the checks set aside, read from the real files (the README lists them)."""
-    cases = {c["id"]: c for c in labeled_cases(KBP / "validation-pats", "oar")}
-    assert set(read_scored_reference(cases["pt_221"], "oar").set_aside) == {"Brainstem", "SpinalCord", "Parotid_R", "Parotid_L"}
-    assert set(read_scored_reference(cases["pt_216"], "oar").set_aside) == {"SpinalCord", "Esophagus"}
-    assert set(read_scored_reference(cases["pt_215"], "oar").set_aside) == {"SpinalCord"}
-    assert read_scored_reference(cases["pt_201"], "oar").set_aside == {}
-    train = {c["id"]: c for c in labeled_cases(KBP / "train-pats", "oar")}
-    assert set(read_scored_reference(train["pt_67"], "oar").set_aside) == {"Esophagus"}

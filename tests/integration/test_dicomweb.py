@@ -14,7 +14,6 @@ only where the Orthanc binary is not installed (CI installs it: ``.ci/run``).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ from monailabel.client import MONAILabelClient
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
-from conftest import free_port, start_monailabel, stop_process, wait_until_serving
 from contourcl.data.dicom_series import read_series_geometry, write_ct_series
 from contourcl.data.labels import STORED_LABELS, to_model
 from contourcl.data.phantom import make_phantom
@@ -39,9 +37,16 @@ from contourcl.data.rtstruct import read_rtstruct, to_series_grid
 from contourcl.data.seg import read_seg
 from contourcl.inference import model_version
 from contourcl.models.checkpoint import load_model, save_model
-from contourcl.testing import find_orthanc, start_orthanc
+from contourcl.testing import (
+    REPO,
+    find_orthanc,
+    free_port,
+    start_monailabel,
+    start_orthanc,
+    stop_process,
+    wait_until_serving,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 ORTHANC = find_orthanc()
 pytestmark = [
     pytest.mark.timeout(900),
@@ -128,7 +133,7 @@ def _truth_on(image: nib.Nifti1Image, name: str) -> np.ndarray:
     return to_series_grid(truth, affine, grid).astype(np.uint8)
 
 
-def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
+def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
     timings = {}
     started = time.time()
     series = _series(tmp_path / "series")
@@ -136,8 +141,7 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path):
     by_uid = {geo.series_uid: name for name, geo in geometry.items()}
     _upload(orthanc["url"], sorted(series["plain"].iterdir()) + sorted(series["j2k"].iterdir()))
 
-    app = tmp_path / "radonc"
-    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache"))
+    app, _ = app_sandbox(tmp_path, weights=None, studies=False)  # the studies are the PACS
     # in the copy only: the served oar model is the synthetic one with its output layer
     # re-initialised (its Dice drops to about 0), so that a short retrain on the truth is better
     network, meta = load_model(REPO / "apps" / "radonc" / "model" / "synthetic" / "oar.pt")
@@ -330,10 +334,9 @@ def test_a_failed_send_is_answered_and_retried(orthanc, tmp_path):
     assert len([ds for ds in _qido(orthanc["dicomweb"], f"studies/{geo.study_uid}/series") if ds.Modality == "SEG"]) == 2
 
 
-def test_server_start_names_a_pacs_that_does_not_answer(tmp_path):
+def test_server_start_names_a_pacs_that_does_not_answer(tmp_path, app_sandbox):
     """A PACS that does not answer stops the start with an error naming its URL (not an empty datastore)."""
-    app = tmp_path / "radonc"
-    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "train_*", "dicomweb-cache", "*.pt"))
+    app, _ = app_sandbox(tmp_path, weights=(), studies=False)
     pacs = f"http://127.0.0.1:{free_port()}/dicom-web"
     log = tmp_path / "server.log"
     proc, _ = start_monailabel(app, pacs, {"models": "oar"}, log, cwd=tmp_path, env=ONE_THREAD)

@@ -1,7 +1,6 @@
 """The app's configuration: ``--conf weights`` (which model folder is served) and the models of
 ``lib/configs/`` (one file per model, found as MONAI Label loads the app)."""
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -10,8 +9,9 @@ import pytest
 from contourcl.errors import UnknownModelError, UnsafeIdError
 from contourcl.serving.app import _models, model_dir
 from contourcl.serving.config import app_configs
+from contourcl.testing import REPO
 
-APP = Path(__file__).resolve().parents[1] / "apps" / "radonc"
+APP = REPO / "apps" / "radonc"
 
 
 def test_default_weights_are_the_model_folder():
@@ -53,10 +53,9 @@ def test_the_app_serves_the_models_of_its_config_files():
     assert app_configs(APP) == configs  # what commands run outside the server read
 
 
-def test_a_config_file_is_a_model(tmp_path, monkeypatch):
+def test_a_config_file_is_a_model(tmp_path, monkeypatch, app_sandbox):
     monkeypatch.setattr(sys, "path", list(sys.path))  # MONAI Label leaves the app folder there when loading fails
-    app_dir = tmp_path / "app"
-    shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("*.pt", "history", "__pycache__"))
+    app_dir, _ = app_sandbox(tmp_path, weights=(), studies=False)
     (app_dir / "lib" / "configs" / "gtv.py").unlink()
     configs = load_app_class(app_dir).configs
     assert list(configs) == ["oar"]
@@ -87,7 +86,7 @@ def test_the_model_file_rule_wins_over_the_config_default(tmp_path):
             assert contourer.keeps_largest_component(meta, override=not default) is (not default)
 
 
-def test_a_new_model_is_one_config_file(tmp_path, monkeypatch):
+def test_a_new_model_is_one_config_file(tmp_path, monkeypatch, app_sandbox):
     """A model of new structures is added where a MONAI Label user expects it: one config file
     naming its structures; its model files are then checked against them like oar's."""
     from contourcl.data import labels
@@ -97,8 +96,7 @@ def test_a_new_model_is_one_config_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(labels, "MODEL_LABELS", dict(labels.MODEL_LABELS))  # the registry is restored afterwards
-    app_dir = tmp_path / "app"
-    shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("*.pt", "history", "__pycache__"))
+    app_dir, _ = app_sandbox(tmp_path, weights=(), studies=False)
     (app_dir / "lib" / "configs" / "parotids.py").write_text(
         "from contourcl.serving.config import ModelConfig\n"
         "config = ModelConfig(name='parotids', description='both parotid glands', largest_component=True,\n"

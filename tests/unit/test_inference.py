@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_case, constant_oar_model, write_nifti
 from contourcl.errors import InvalidImageError
 from contourcl.inference import Contourer
 from contourcl.models.networks import NetConfig, build_network
+from contourcl.testing import blob_case, constant_oar_model, write_nifti
 
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -2,10 +2,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import write_nifti
 from contourcl.data.volumes import CT_BOUNDS, check_header, check_label_geometry, read_ct, read_volume
 from contourcl.errors import InvalidImageError, LabelMismatchError, UnsafeIdError
 from contourcl.ids import check_id
+from contourcl.testing import write_nifti
 
 
 @pytest.mark.parametrize("bad", ["../x", "..", "a/b", "/etc/passwd", "a\\b", "", ".hidden", "a..b", "x" * 200, None])

@@ -1,9 +1,9 @@
-"""The shipped weights on real patients: OpenKBP validation CTs (``../shared/data/openkbp``).
+"""The shipped weights on real patients: OpenKBP validation CTs (``CONTOURCL_OPENKBP``, else
+``../shared/data/openkbp`` beside the repository, as CI has them).
 
-Skipped where the data are not beside the repository (CI has them).
+Skipped where the data are absent.
 """
 
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,12 +13,13 @@ from contourcl.data.datasets import labeled_cases
 from contourcl.evaluation import case_mean, evaluate_model_file
 from contourcl.inference import Contourer
 from contourcl.serving.config import app_configs
+from contourcl.testing import REPO, openkbp_for_tests
 
-REPO = Path(__file__).resolve().parents[1]
-OPENKBP = REPO.parent / "shared" / "data" / "openkbp"
+OPENKBP = openkbp_for_tests()
 APP = REPO / "apps" / "radonc"
 MODELS = APP / "model"
-pytestmark = pytest.mark.skipif(not (OPENKBP / "validation-pats").is_dir(), reason="OpenKBP is not beside the repository")
+pytestmark = pytest.mark.skipif(OPENKBP is None or not (OPENKBP / "validation-pats").is_dir(),
+                                reason="needs the OpenKBP data (CONTOURCL_OPENKBP, or ../shared/data/openkbp beside the repository)")
 
 
 def _case(model: str, case_id: str = "pt_201") -> dict:

@@ -40,7 +40,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -52,10 +51,9 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import start_monailabel, stop_process, wait_until_serving
 from contourcl.data.labels import STORED_LABELS, stored_label_info
+from contourcl.testing import sandbox, start_monailabel, stop_process, wait_until_serving
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(400)
 IMAGE = "synthetic_hn_000"
 #: the stored value marking which submission a label is: that many voxels along one corner line
@@ -80,9 +78,8 @@ class Server:
         self.faults = root / "faults"
         self.studies.mkdir()
         self.tmpfs, self.tmpfs_reason = self._mount_tmpfs()
-        shutil.copytree(REPO / "sample-data", self.studies, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "README.md", ".contourcl"))
-        shutil.copytree(REPO / "apps" / "radonc", self.app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp", "synthetic"))
+        # self.app and, into the (maybe mounted) self.studies, the sample data with any "original" folder
+        sandbox(root, weights=("oar.pt", "gtv.pt"), studies_ignore=("datastore_v2.json", ".lock", "README.md", ".contourcl"))
         self.work.mkdir()
         self.faults.write_text("")
         self.procs: list[subprocess.Popen] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,8 +13,8 @@ from contourcl.cli import main as cli_main
 from contourcl.data.dicom_series import read_series_geometry, write_ct_series
 from contourcl.data.labels import from_model
 from contourcl.data.phantom import make_phantom
+from contourcl.testing import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "apps" / "radonc" / "model" / "synthetic" / "oar.pt"
 
 

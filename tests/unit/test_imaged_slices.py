@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from monai.transforms import Compose
 
-from conftest import constant_oar_model, write_nifti
 from contourcl.data.datasets import labeled_cases, read_scored_reference
 from contourcl.data.labels import model_labels
 from contourcl.data.volumes import MIN_IMAGED_AREA_CM2, imaged_slices
 from contourcl.evaluation import evaluate_model_file, prepare_cases
 from contourcl.inference import Contourer
 from contourcl.models.checkpoint import read_meta
+from contourcl.testing import constant_oar_model, write_nifti
 from contourcl.training.finetune.engine import FinetuneConfig, preprocessing
 
 CORD = model_labels("oar")["SpinalCord"]

@@ -12,7 +12,8 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from contourcl.testing import REPO
+
 #: package -> its folder (setup.cfg's package_dir)
 ROOTS = {"contourcl": REPO / "lib" / "contourcl", "contourcl.training": REPO / "training"}
 #: layer -> the layers it must not import

@@ -25,7 +25,6 @@ from contourcl.serving.lifecycle import SERVER_PID_ENV
 from contourcl.serving.scoring import UncertaintyScoring, read_scores, request_scoring, scores_path, write_scores
 from contourcl.serving.strategy import UncertaintyStrategy
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPE = (48, 48, 16)
 LABELED = ["case0", "case1"]
 UNLABELED = ["case2", "case3", "case4"]
@@ -204,14 +203,13 @@ def test_scoring_is_started_only_for_methods_with_work_and_not_twice(setup, monk
     assert request_scoring(app) == []  # nothing left to score
 
 
-def test_unknown_strategy_is_a_404_naming_the_known_ones(setup, tmp_path, monkeypatch):
+def test_unknown_strategy_is_a_404_naming_the_known_ones(setup, tmp_path, monkeypatch, app_sandbox):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
     from monailabel.endpoints import activelearning
     from monailabel.utils.others.class_utils import get_class_of_subclass_from_file
 
-    app_dir = tmp_path / "app"
-    shutil.copytree(REPO / "apps" / "radonc", app_dir, ignore=shutil.ignore_patterns("*.pt", "history", "__pycache__"))
+    app_dir, _ = app_sandbox(tmp_path, weights=(), studies=False)
     tiny_oar_model(app_dir / "model" / "oar.pt")
     app_class = get_class_of_subclass_from_file("main", str(app_dir / "main.py"), "MONAILabelApp")  # as MONAI Label loads main.py
     app = app_class(str(app_dir), str(setup["studies"]), {"models": "oar", "skip_trainers": "true"})

@@ -13,7 +13,6 @@ served and retrained Dice with each of the three unlabeled phantoms as the valid
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -24,12 +23,11 @@ import requests
 import torch
 from monailabel.client import MONAILabelClient
 
-from conftest import CodePayload, start_monailabel, stop_process, wait_until_serving
 from contourcl.data.labels import STORED_LABELS, to_model
 from contourcl.data.phantom import make_phantom
 from contourcl.inference import model_version
+from contourcl.testing import CodePayload, start_monailabel, stop_process, wait_until_serving
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -43,12 +41,9 @@ def _dice(a: np.ndarray, b: np.ndarray, labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, app_sandbox):
     root = tmp_path_factory.mktemp("e2e")
-    studies = root / "studies"
-    shutil.copytree(REPO / "sample-data", studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "original", "README.md", ".contourcl"))
-    app = root / "radonc"
-    shutil.copytree(REPO / "apps" / "radonc", app, ignore=shutil.ignore_patterns("history", "__pycache__", "*.tmp"))
+    app, studies = app_sandbox(root, weights=None)  # every weight the checkout ships
 
     server_tmp = root / "server-tmp"  # the server's temporary folder: no request may leave a file in it
     server_tmp.mkdir()
