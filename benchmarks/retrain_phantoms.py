@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/retrain_phantoms.py --model apps/radonc/model/oar.pt --epochs 4
 
-What ``tests/test_app_e2e.py`` does through the server, without it: the sample data's three
+What ``tests/integration/test_app_e2e.py`` does through the server, without it: the sample data's three
 labeled phantoms plus one more, labeled with its truth (as the test submits it), retrained with
 :func:`contourcl.serving.retrain.retrain` from ``--model`` (the app's retraining, its quality
 gate and model store). Each of the three unlabeled phantoms is the newly labeled one in turn; the
@@ -14,7 +14,7 @@ end-to-end test's setup before 2026-11-27).
 
 A model-quality analysis, not a timing; it stays in ``benchmarks/`` rather than
 ``contourcl.training.experiments`` because it drives the serving layer's retraining, and
-``contourcl.training`` must not import ``contourcl.serving`` (``tests/test_architecture.py``).
+``contourcl.training`` must not import ``contourcl.serving`` (``tests/unit/test_architecture.py``).
 """
 
 from __future__ import annotations
