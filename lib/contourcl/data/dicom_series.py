@@ -3,7 +3,7 @@
 :func:`read_series` gives what MONAI's ITK/nibabel readers give for a NIfTI: a 3D array indexed
 ``(i, j, k)`` = (column, row, slice) in Hounsfield units and a 4 x 4 RAS affine in mm, from the
 headers alone (slices sorted along the slice normal, never by InstanceNumber or file name; the
-geometry SimpleITK's ``ImageSeriesReader`` gives, checked in ``tests/test_dicom_series.py``).
+geometry SimpleITK's ``ImageSeriesReader`` gives, checked in ``tests/unit/test_dicom_series.py``).
 
 What a grid cannot hold is refused with :class:`~contourcl.errors.InvalidImageError` naming the
 problem: several series in the folder (unless ``series_uid`` picks one), a modality other than CT
@@ -452,7 +452,7 @@ def read_series(folder: str | Path, series_uid: str | None = None, *, allow_non_
       column ``j`` the column cosine times the row spacing (``PixelSpacing[0]``), column ``k`` the
       normal times the slice spacing, and the origin is the first sorted slice's
       ImagePositionPatient; all in DICOM's LPS, then turned to RAS (x and y negated). That is what
-      SimpleITK's ``ImageSeriesReader`` gives (LPS), checked in ``tests/test_dicom_series.py``.
+      SimpleITK's ``ImageSeriesReader`` gives (LPS), checked in ``tests/unit/test_dicom_series.py``.
 
     Decoders: JPEG 2000 by pylibjpeg-openjpeg; JPEG-LS and the JPEG lossless processes by
     pylibjpeg-libjpeg; RLE lossless and deflated explicit VR little endian by pydicom itself.
