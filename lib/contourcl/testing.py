@@ -366,3 +366,128 @@ def blob_case(shape=(40, 40, 8), spacing=(4.0, 4.0, 3.0), seed=0):
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-shape[0] * spacing[0] / 2, -shape[1] * spacing[1] / 2, 0]
     return ct.astype(np.int16), lab, affine
+
+
+# -- small model files and labeled folders the unit and integration tests share ---------------------
+def tiny_model_file(path: str | Path, model: str = "gtv", bias: float | None = None, seed: int | None = None,
+                    dice: float | None = 0.5, roi: tuple[int, int] | None = None) -> Path:
+    """A tiny model file of ``model`` (ResNet-10 encoder, width 8): its output layer's bias filled with
+    ``bias`` (tells files apart, see :func:`head_bias`), or weights drawn with ``seed``; ``dice`` is
+    the validation figure it records."""
+    import torch
+
+    from contourcl.data.labels import model_labels
+    from contourcl.models.checkpoint import ModelMeta, save_model
+    from contourcl.models.networks import NetConfig, build_network
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    labels = model_labels(model)
+    net = build_network(NetConfig(out_channels=len(labels) + 1, encoder="resnet10", width=8))
+    if bias is not None:
+        with torch.no_grad():
+            net.head[0].bias.fill_(bias)
+    extra = {"roi": roi} if roi else {}
+    meta = ModelMeta(model=model, labels=labels, net=net.config.to_dict(), metrics={"val_dice": dice} if dice is not None else {}, **extra)
+    return save_model(path, net, meta)
+
+
+def head_bias(path: str | Path) -> float:
+    """The first output bias of a model file made by :func:`tiny_model_file`."""
+    from contourcl.models.checkpoint import load_model
+
+    return float(load_model(path)[0].head[0].bias[0])
+
+
+def final_cases(root: str | Path) -> list[dict]:
+    """``{"id", "image", "label"}`` of every image of a studies folder with its ``labels/final/`` file."""
+    root = Path(root)
+    return [{"id": p.name.removesuffix(".nii.gz"), "image": str(p), "label": str(root / "labels" / "final" / p.name)}
+            for p in sorted(root.glob("*.nii.gz"))]
+
+
+def write_gate_studies(root: str | Path) -> Path:
+    """Four labeled phantoms, one of them (case3) with NaN voxels written into the CT."""
+    import nibabel as nib
+    import numpy as np
+
+    from contourcl.data.phantom import write_phantom
+
+    root = Path(root)
+    for i in range(4):
+        write_phantom(root, f"case{i}", i, shape=(64, 64, 16), spacing=(4.0, 4.0, 8.0))
+    bad = root / "case3.nii.gz"
+    img = nib.load(bad)
+    ct = np.asarray(img.dataobj).astype(np.float32)
+    ct[10:20, 10:20, 3] = np.nan
+    nib.save(nib.Nifti1Image(ct, img.affine), str(bad))
+    return root
+
+
+def write_openkbp_like(root: str | Path) -> Path:
+    """An OpenKBP-shaped folder (pt_*/ct, oar, target) of small synthetic phantoms. pt_11's spinal
+    cord is drawn 7 voxels (2.8 cm) square: a reference the check sets aside."""
+    import numpy as np
+
+    from contourcl.data.phantom import make_phantom
+
+    root = Path(root)
+    for split, seeds in (("train-pats", range(4)), ("validation-pats", range(10, 12))):
+        cases = []
+        for seed in seeds:
+            ct, lab, affine = make_phantom(seed, shape=(64, 64, 16), spacing=(4.0, 4.0, 8.0))
+            if seed == 11:
+                for z in np.nonzero((lab == 2).any(axis=(0, 1)))[0]:
+                    x, y = np.argwhere(lab[..., z] == 2).mean(axis=0).round().astype(int)
+                    block = lab[x - 3: x + 4, y - 3: y + 4, z]
+                    block[block == 0] = 2
+            d = root / split / f"pt_{seed}"
+            d.mkdir(parents=True)
+            write_nifti(d / "ct.nii.gz", ct, affine)
+            write_nifti(d / "oar.nii.gz", np.where(lab <= 7, lab, 0).astype(np.uint8), affine)
+            write_nifti(d / "target.nii.gz", (lab == 8).astype(np.uint8), affine)
+            cases.append({"case": f"pt_{seed}", "has_target": bool((lab == 8).any())})
+        (root / split / "manifest.json").write_text(json.dumps({"cases": cases}))
+    return root
+
+
+def run_contourcl(*args, cwd: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``contourcl ARGS`` of this interpreter's environment, run in ``cwd``, output captured."""
+    exe = Path(sys.executable).parent / "contourcl"
+    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def app_with_history(base: str | Path, tmp: str | Path) -> Path:
+    """A copy of the app (no weights, no studies) whose oar model has a history: v0 (head bias 0,
+    the model served before), v1 (bias 1, published and served)."""
+    from contourcl.serving.model_store import ModelStore
+
+    app, _ = sandbox(base, weights=(), studies=False)
+    store = ModelStore(app / "model", "oar")
+    tiny_model_file(store.served, "oar", bias=0.0)
+    store.consider(tiny_model_file(Path(tmp) / "cand.pt", "oar", bias=1.0), 0.6, 0.5)
+    assert head_bias(store.served) == 1.0
+    return app
+
+
+def model_archives(store) -> dict[str, bytes]:
+    """``{file name: bytes}`` of a model store's archived versions."""
+    return {p.name: p.read_bytes() for p in sorted(store.root.glob("v*.pt"))}
+
+
+def check_store_consistent(store, before: dict[str, bytes]) -> None:
+    """The served file is recorded by sha256, no archive of ``before`` was overwritten, every archive
+    has one entry, no version number is used twice, and every entry can be restored."""
+    from contourcl.serving.model_store import sha256_of
+
+    served = store.served_entry()
+    assert served is not None and served["sha256"] == sha256_of(store.served)
+    after = model_archives(store)
+    assert all(after[name] == data for name, data in before.items()), "an archived file was overwritten"
+    entries = store.entries()
+    assert sorted(e["file"] for e in entries) == sorted(after), "every archived file has exactly one entry"
+    assert len({e["version"] for e in entries}) == len(entries), "a version number was used twice"
+    for e in entries:
+        assert store.restore(e["version"])["version"] == e["version"]
+        assert store.served.read_bytes() == (store.root / e["file"]).read_bytes()
+        assert store.served_entry()["version"] == e["version"]

@@ -4,47 +4,29 @@ from __future__ import annotations
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
-from contourcl.data.labels import model_labels
-from contourcl.data.phantom import write_phantom
 from contourcl.errors import InvalidModelError
-from contourcl.models.checkpoint import FORMAT, ModelMeta, check_model_file, save_model
-from contourcl.models.networks import NetConfig, build_network
+from contourcl.models.checkpoint import FORMAT, check_model_file
 from contourcl.serving.model_store import ModelStore
 from contourcl.serving.retrain import consider_model_file
-from contourcl.testing import CodePayload
+from contourcl.testing import CodePayload, final_cases, tiny_model_file, write_gate_studies
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def tiny_oar(path, seed=0):
-    torch.manual_seed(seed)
-    net = build_network(NetConfig(out_channels=len(model_labels("oar")) + 1, encoder="resnet10", width=8))
-    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), roi=(64, 64)))
+    return tiny_model_file(path, "oar", seed=seed, dice=None, roi=(64, 64))
 
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
     """Four labeled phantoms, one of them with NaN voxels written into the CT."""
-    import nibabel as nib
-
-    root = tmp_path_factory.mktemp("studies")
-    for i in range(4):
-        write_phantom(root, f"case{i}", i, shape=(64, 64, 16), spacing=(4.0, 4.0, 8.0))
-    bad = root / "case3.nii.gz"
-    img = nib.load(bad)
-    ct = np.asarray(img.dataobj).astype(np.float32)
-    ct[10:20, 10:20, 3] = np.nan
-    nib.save(nib.Nifti1Image(ct, img.affine), str(bad))
-    return root
+    return write_gate_studies(tmp_path_factory.mktemp("studies"))
 
 
-def cases(root):
-    return [{"id": p.name.removesuffix(".nii.gz"), "image": str(p), "label": str(root / "labels" / "final" / p.name)}
-            for p in sorted(root.glob("*.nii.gz"))]
+cases = final_cases
 
 
 def test_a_model_file_that_runs_code_is_refused_unrun(tmp_path):

@@ -3,14 +3,13 @@ end-to-end run of ``contourcl benchmark label-efficiency`` on an OpenKBP-like fo
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 
 from contourcl.evaluation import contour_metrics, mean_se
-from contourcl.testing import write_nifti
+from contourcl.testing import write_openkbp_like
 from contourcl.training.experiments import label_efficiency as le
 from contourcl.training.experiments.report import aggregate
 
@@ -128,28 +127,7 @@ def test_run_tasks_order_failures_and_resume(tmp_path):
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def openkbp_like(tmp_path_factory):
-    """An OpenKBP-shaped folder (pt_*/ct, oar, target) of small synthetic phantoms. pt_11's spinal
-    cord is drawn 7 voxels (2.8 cm) square: a reference the check sets aside."""
-    from contourcl.data.phantom import make_phantom
-
-    root = tmp_path_factory.mktemp("openkbp")
-    for split, seeds in (("train-pats", range(4)), ("validation-pats", range(10, 12))):
-        cases = []
-        for seed in seeds:
-            ct, lab, affine = make_phantom(seed, shape=(64, 64, 16), spacing=(4.0, 4.0, 8.0))
-            if seed == 11:
-                for z in np.nonzero((lab == 2).any(axis=(0, 1)))[0]:
-                    x, y = np.argwhere(lab[..., z] == 2).mean(axis=0).round().astype(int)
-                    block = lab[x - 3: x + 4, y - 3: y + 4, z]
-                    block[block == 0] = 2
-            d = root / split / f"pt_{seed}"
-            d.mkdir(parents=True)
-            write_nifti(d / "ct.nii.gz", ct, affine)
-            write_nifti(d / "oar.nii.gz", np.where(lab <= 7, lab, 0).astype(np.uint8), affine)
-            write_nifti(d / "target.nii.gz", (lab == 8).astype(np.uint8), affine)
-            cases.append({"case": f"pt_{seed}", "has_target": bool((lab == 8).any())})
-        (root / split / "manifest.json").write_text(json.dumps({"cases": cases}))
-    return root
+    return write_openkbp_like(tmp_path_factory.mktemp("openkbp"))
 
 
 def test_plan_masks_come_from_the_same_draw(openkbp_like, tmp_path):

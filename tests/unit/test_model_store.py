@@ -26,21 +26,16 @@ from contourcl.serving.model_store import (
     ModelStoreError,
     sha256_of,
 )
-from contourcl.testing import REPO
+from contourcl.testing import REPO, check_store_consistent, head_bias, model_archives
+from contourcl.testing import tiny_model_file as make_tiny_model_file
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def tiny_model_file(path, fill: float, dice: float = 0.5):
-    net = build_network(NetConfig(out_channels=2, encoder="resnet10", width=8))
-    with torch.no_grad():
-        net.head[0].bias.fill_(fill)
-    meta = ModelMeta(model="gtv", labels=model_labels("gtv"), net=net.config.to_dict(), metrics={"val_dice": dice})
-    return save_model(path, net, meta)
+    return make_tiny_model_file(path, "gtv", bias=fill, dice=dice)
 
 
-def head_bias(path):
-    return float(load_model(path)[0].head[0].bias[0])
 
 
 def test_model_file_round_trip_and_half_precision(tmp_path):
@@ -128,24 +123,10 @@ def test_half_precision_keeps_a_buffer_float16_cannot_hold_in_float32(tmp_path):
     assert sum(v.dtype == torch.float16 for v in state.values()) > 10  # the rest is still half
 
 
-def _archives(store) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(store.root.glob("v*.pt"))}
+_archives = model_archives
 
 
-def _check_consistent(store, before: dict[str, bytes]) -> None:
-    """The served file is recorded by sha256, no archive was overwritten, every archive has an
-    entry, and every entry can be restored."""
-    served = store.served_entry()
-    assert served is not None and served["sha256"] == sha256_of(store.served)
-    after = _archives(store)
-    assert all(after[name] == data for name, data in before.items()), "an archived file was overwritten"
-    entries = store.entries()
-    assert sorted(e["file"] for e in entries) == sorted(after), "every archived file has exactly one entry"
-    assert len({e["version"] for e in entries}) == len(entries), "a version number was used twice"
-    for e in entries:
-        assert store.restore(e["version"])["version"] == e["version"]
-        assert store.served.read_bytes() == (store.root / e["file"]).read_bytes()
-        assert store.served_entry()["version"] == e["version"]
+_check_consistent = check_store_consistent
 
 
 def test_a_served_model_missing_from_the_history_is_never_overwritten(tmp_path):

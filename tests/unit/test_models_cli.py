@@ -2,49 +2,28 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from contourcl.cli.models import resolve_model_dir
-from contourcl.data.labels import model_labels
-from contourcl.models.checkpoint import ModelMeta, load_model, save_model
-from contourcl.models.networks import NetConfig, build_network
 from contourcl.serving.config import default_app
-from contourcl.serving.model_store import ModelStore
-from contourcl.testing import REPO
+from contourcl.testing import REPO, head_bias
 
 CONTOURCL = str(Path(sys.executable).parent / "contourcl")
+from contourcl.testing import app_with_history, run_contourcl
+
 pytestmark = pytest.mark.timeout(180)
 
 
-def tiny_model(path: Path, bias: float) -> Path:
-    net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
-    with torch.no_grad():
-        net.head[0].bias.fill_(bias)
-    return save_model(path, net, ModelMeta(model="oar", labels=model_labels("oar"), net=net.config.to_dict(), metrics={"val_dice": 0.5}))
-
-
-def head_bias(path: Path) -> float:
-    return float(load_model(path)[0].head[0].bias[0])
-
-
 @pytest.fixture
-def app(tmp_path, app_sandbox):
-    """A copy of the app folder whose oar model has a history: v0 (the shipped one), v1 (published)."""
-    app, _ = app_sandbox(tmp_path / "some" / "where", weights=(), studies=False)
-    store = ModelStore(app / "model", "oar")
-    tiny_model(store.served, 0.0)
-    store.consider(tiny_model(tmp_path / "cand.pt", 1.0), 0.6, 0.5)
-    assert head_bias(store.served) == 1.0
-    return app
+def app(tmp_path):
+    """A copy of the app folder whose oar model has a history: v0, v1 (published)."""
+    return app_with_history(tmp_path / "some" / "where", tmp_path)
 
 
-def contourcl(*args, cwd):
-    return subprocess.run([CONTOURCL, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+contourcl = run_contourcl
 
 
 def test_unknown_version_is_one_line_listing_the_versions_with_exit_2(app, tmp_path):
