@@ -13,7 +13,7 @@ from contourcl.files import FAULTS_ENV
 from contourcl.serving.model_store import (
     ModelStore,
 )
-from contourcl.testing import check_store_consistent, model_archives
+from contourcl.serving.testing import check_store_consistent, model_archives
 from contourcl.testing import tiny_model_file as make_tiny_model_file
 
 pytestmark = pytest.mark.timeout(300)

@@ -26,7 +26,8 @@ from contourcl.serving.model_store import (
     ModelStoreError,
     sha256_of,
 )
-from contourcl.testing import REPO, check_store_consistent, head_bias, model_archives
+from contourcl.serving.testing import check_store_consistent, model_archives
+from contourcl.testing import REPO, head_bias
 from contourcl.testing import tiny_model_file as make_tiny_model_file
 
 pytestmark = pytest.mark.timeout(300)

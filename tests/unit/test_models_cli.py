@@ -12,7 +12,8 @@ from contourcl.serving.config import default_app
 from contourcl.testing import REPO, head_bias
 
 CONTOURCL = str(Path(sys.executable).parent / "contourcl")
-from contourcl.testing import app_with_history, run_contourcl
+from contourcl.serving.testing import app_with_history
+from contourcl.testing import run_contourcl
 
 pytestmark = pytest.mark.timeout(180)
 
