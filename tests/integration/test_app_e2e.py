@@ -6,7 +6,7 @@ The server is started as a user starts it (``monailabel start_server --app ... -
 train, infer again. The served ``oar`` model is the shipped one, trained on real CT: on the
 synthetic phantoms of the sample data it scores about 0.3 mean Dice, and retraining on the
 submitted phantom labels adapts it to them within a few CPU epochs, as retraining adapts it to a
-department's own contours (``python benchmarks/retrain_phantoms.py --model <oar.pt>`` prints the
+department's own contours (``python -m contourcl.serving.retrain_phantoms --model <oar.pt>`` prints the
 served and retrained Dice with each of the three unlabeled phantoms as the validation case).
 """
 

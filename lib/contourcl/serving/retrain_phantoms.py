@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/retrain_phantoms.py --model apps/radonc/model/oar.pt --epochs 4
+    python -m contourcl.serving.retrain_phantoms --model apps/radonc/model/oar.pt --epochs 4
 
 What ``tests/integration/test_app_e2e.py`` does through the server, without it: the sample data's three
 labeled phantoms plus one more, labeled with its truth (as the test submits it), retrained with
@@ -12,8 +12,8 @@ store puts it in validation. Prints the gate's Dice of the served model, every e
 Dice and the candidate's gate Dice. ``--reinit-head`` re-initialises the output layer first (the
 end-to-end test's setup before 2026-11-27).
 
-A model-quality analysis, not a timing; it stays in ``benchmarks/`` rather than
-``contourcl.training.experiments`` because it drives the serving layer's retraining, and
+A model-quality analysis of the serving layer's retraining, not a timing: it lives here rather than
+in ``contourcl.training.experiments`` (where the other analyses are) because
 ``contourcl.training`` must not import ``contourcl.serving`` (``tests/unit/test_architecture.py``).
 """
 
