@@ -10,6 +10,7 @@ import torch
 
 from contourcl.data.labels import model_labels
 from contourcl.errors import ContourCLError, InvalidModelError
+from contourcl.files import sha256_file
 from contourcl.models.checkpoint import (
     ModelMeta,
     check_model_file,
@@ -24,7 +25,6 @@ from contourcl.serving.model_store import (
     ModelBusyError,
     ModelStore,
     ModelStoreError,
-    sha256_of,
 )
 from contourcl.serving.testing import check_store_consistent, model_archives
 from contourcl.testing import REPO, head_bias
@@ -169,18 +169,18 @@ def test_candidate_is_gated_again_when_the_served_model_changed_meanwhile(tmp_pa
     tiny_model_file(store.served, 0.0)
     store.consider(tiny_model_file(tmp_path / "v1.pt", 1.0), 0.563, 0.414)
     store.restore(0)
-    gated_sha = sha256_of(store.served)  # the retrain gates against v0 ...
+    gated_sha = sha256_file(store.served)  # the retrain gates against v0 ...
     store.restore(1)  # ... while v1 is restored
-    figures = {sha256_of(store.root / "v0000.pt"): 0.414, sha256_of(store.root / "v0001.pt"): 0.563}
+    figures = {sha256_file(store.root / "v0000.pt"): 0.414, sha256_file(store.root / "v0001.pt"): 0.563}
     asked = []
 
     def regate(path):
-        asked.append(sha256_of(path))
+        asked.append(sha256_file(path))
         return figures[asked[-1]]
 
     candidate = tiny_model_file(tmp_path / "cand.pt", 2.0)
     entry = store.consider(candidate, 0.486, 0.414, served_sha=gated_sha, regate=regate)
-    assert asked == [sha256_of(store.root / "v0001.pt")], "regated against the file served now"
+    assert asked == [sha256_file(store.root / "v0001.pt")], "regated against the file served now"
     assert not entry["published"] and entry["served_val_dice"] == 0.563 and "gated again" in entry["reason"]
     assert store.served_entry()["version"] == 1 and head_bias(store.served) == 1.0
 
@@ -200,7 +200,7 @@ def test_retrain_gates_against_the_model_served_when_it_publishes(tmp_path, monk
     store.consider(tiny_model_file(tmp_path / "v1.pt", 1.0), 0.563, 0.414)
     store.restore(0)
     candidate = tiny_model_file(tmp_path / "cand.pt", 2.0)
-    figures = {sha256_of(store.root / "v0000.pt"): 0.414, sha256_of(store.root / "v0001.pt"): 0.563, sha256_of(candidate): 0.486}
+    figures = {sha256_file(store.root / "v0000.pt"): 0.414, sha256_file(store.root / "v0001.pt"): 0.563, sha256_file(candidate): 0.486}
 
     def fake_finetune(train, val, cfg, start_from=None, progress=False):
         store.restore(1)  # a clinician restores v1 while the retrain trains
@@ -210,7 +210,7 @@ def test_retrain_gates_against_the_model_served_when_it_publishes(tmp_path, monk
     monkeypatch.setattr(rt, "contoured_cases", lambda model, cases: cases)
     monkeypatch.setattr(rt, "finetune", fake_finetune)
     monkeypatch.setattr(rt, "save_finetuned", lambda path, *a, **k: shutil.copyfile(candidate, path) and Path(path))
-    monkeypatch.setattr(rt, "gate_dice", lambda path, val, lc=True: (figures[sha256_of(path)], {}))
+    monkeypatch.setattr(rt, "gate_dice", lambda path, val, lc=True: (figures[sha256_file(path)], {}))
     cases = [{"id": f"c{i}", "image": "-", "label": "-"} for i in range(4)]
     entry = rt.retrain("gtv", cases, store, {"max_epochs": 1})
     assert entry["served_val_dice"] == 0.563 and not entry["published"], entry["reason"]

@@ -39,7 +39,6 @@ An unreadable ``history.json`` never stops the server: it is moved aside
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ from contourcl.files import (
     atomic_write_text,
     fault,
     fsync_dir,
+    sha256_file,
     temporary_name,
 )
 from contourcl.serving.lifecycle import TrainerBusyError, TrainLock
@@ -84,15 +84,6 @@ class ModelBusyError(TrainerBusyError, ContourCLError):
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def sha256_of(path: str | Path) -> str:
-    """The sha256 (hex) of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def archive_version(name: str) -> int | None:
@@ -225,7 +216,7 @@ class ModelStore:
             os.replace(path, aside)
             entries = []
             for version, file in self._archived_files():
-                entry = {"version": version, "file": file.name, "sha256": sha256_of(file),
+                entry = {"version": version, "file": file.name, "sha256": sha256_file(file),
                          "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(file.stat().st_mtime)),
                          "origin": f"rebuilt from {file.name}: {aside.name} was unreadable", "published": None, "served": False}
                 try:
@@ -265,7 +256,7 @@ class ModelStore:
                 shutil.copyfileobj(source, out, 1 << 20)
                 out.flush()
                 os.fsync(out.fileno())
-            sha = sha256_of(tmp)
+            sha = sha256_file(tmp)
             while True:
                 dst = self.root / f"v{version:04d}.pt"
                 try:
@@ -301,7 +292,7 @@ class ModelStore:
         except FileNotFoundError:
             dst.unlink(missing_ok=True)
             return None, None
-        return dst, sha256_of(dst)
+        return dst, sha256_file(dst)
 
     # -- start-up repair --------------------------------------------------------------------
     def reconcile(self) -> list[str]:
@@ -328,9 +319,9 @@ class ModelStore:
         self._record_orphans(entries, notes)
         for e in entries:
             if not e.get("sha256") and (self.root / e["file"]).is_file() and archive_version(e["file"]) is not None:
-                e["sha256"] = sha256_of(self.root / e["file"])
+                e["sha256"] = sha256_file(self.root / e["file"])
                 notes.append(f"v{e['version']:04d}: recorded the sha256 of {e['file']}")
-        served_sha = sha256_of(self.served) if self.served.is_file() else None
+        served_sha = sha256_file(self.served) if self.served.is_file() else None
         chosen = None
         if served_sha is not None:
             matches = [e for e in entries if e.get("sha256") == served_sha]
@@ -358,7 +349,7 @@ class ModelStore:
         for version, file in self._archived_files():
             if file.name in named:
                 continue
-            entry = {"version": version, "file": file.name, "sha256": sha256_of(file),
+            entry = {"version": version, "file": file.name, "sha256": sha256_file(file),
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(file.stat().st_mtime)),
                      "origin": "found in the history folder with no entry (an interrupted publish)", "published": False,
                      "reason": "not recorded when it was archived; restore it to serve it"}
@@ -409,7 +400,7 @@ class ModelStore:
         """
         with self.locked():
             entries = self.entries()
-            current_sha = sha256_of(self.served) if self.served.is_file() else None
+            current_sha = sha256_file(self.served) if self.served.is_file() else None
             if served_sha == "unchecked":
                 served_sha = current_sha
             same = current_sha == served_sha
@@ -498,7 +489,7 @@ class ModelStore:
                 raise ModelStoreError(f"{self.name} has no archived version {version}; versions: {[e['version'] for e in entries]}")
             entry = match[-1]
             path = self._archive_path(entry)
-            if entry.get("sha256") and sha256_of(path) != entry["sha256"]:
+            if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
                 raise ModelStoreError(f"{self.name} version {version}: {path.name} has changed since it was archived (its sha256 "
                                       "differs from the history's): not served; restore another version or upload a model file")
             try:

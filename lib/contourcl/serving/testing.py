@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contourcl.serving.model_store import ModelStore, sha256_of
+from contourcl.files import sha256_file
+from contourcl.serving.model_store import ModelStore
 from contourcl.testing import head_bias, sandbox, tiny_model_file
 
 
@@ -30,7 +31,7 @@ def check_store_consistent(store, before: dict[str, bytes]) -> None:
     """The served file is recorded by sha256, no archive of ``before`` was overwritten, every archive
     has one entry, no version number is used twice, and every entry can be restored."""
     served = store.served_entry()
-    assert served is not None and served["sha256"] == sha256_of(store.served)
+    assert served is not None and served["sha256"] == sha256_file(store.served)
     after = model_archives(store)
     assert all(after[name] == data for name, data in before.items()), "an archived file was overwritten"
     entries = store.entries()
