@@ -56,6 +56,7 @@ class EffortRecord:
         self.records_file = self.root / "records.jsonl"
         self.tolerance_mm = float(tolerance_mm)
         self._lock = threading.Lock()
+        self._read: tuple[tuple, list[dict]] = ((), [])  # (the record file's state, its records): /info/ reads it often
 
     # -- proposals ----------------------------------------------------------------------------
     def _proposal_paths(self, image_id: str, model: str) -> tuple[Path, Path]:
@@ -156,8 +157,13 @@ class EffortRecord:
     def records(self) -> list[dict]:
         """Every record, oldest first; lines that cannot be read are skipped and logged; a file that
         is not text at all is set aside (``records.jsonl.corrupt-<time>``) and a new one begun."""
-        if not self.records_file.is_file():
+        try:
+            st = self.records_file.stat()
+        except FileNotFoundError:
             return []
+        state = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._read[0] == state:
+            return list(self._read[1])
         try:
             text = self.records_file.read_text()
         except UnicodeDecodeError:
@@ -173,7 +179,8 @@ class EffortRecord:
                 out.append(json.loads(line))
             except ValueError:
                 logger.warning("effort record %s: line %d cannot be read (a write cut short?): skipped", self.records_file, number)
-        return out
+        self._read = (state, out)
+        return list(out)
 
     def latest(self) -> list[dict]:
         """The records that count: the latest per image and model."""
