@@ -44,9 +44,9 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 #: How deep a request's ``params`` may nest (Slicer's are 3 levels deep)
 MAX_PARAMS_DEPTH = 32
-#: Request keys an infer request may not set: what is contoured, by which model, the upload marker,
-#: and where a result is stored (an infer keeps its proposal as ``original``, never as ``final``)
-INFER_RESERVED = ("image", "model", "label_tag")
+#: Request keys an infer request may not set: what is contoured, by which model, and the upload
+#: marker (where a result is stored, ``label_tag``, is the app's: ContourApp.infer keeps ``original``)
+INFER_RESERVED = ("image", "model")
 
 
 def _suffix(filename: str | None, allowed=IMAGE_SUFFIXES, default: str = ".nii.gz") -> str:
