@@ -57,9 +57,14 @@ def test_validation_cases_stay_fixed_across_retrains(tmp_path):
     first = store.validation_ids([f"c{i}" for i in range(10)], fraction=0.2)
     assert len(first) == 2
     grown = store.validation_ids([f"c{i}" for i in range(25)], fraction=0.2)
-    assert grown == first  # new cases go to training; validation does not move
-    gone = store.validation_ids([c for c in (f"c{i}" for i in range(25)) if c != first[0]], fraction=0.2)
-    assert gone == first[1:]
+    # validation keeps its cases and grows back to the fraction from the new cases only: the
+    # first 10 could have been trained on and never become validation cases
+    assert set(first) < set(grown) and len(grown) == 5
+    assert not (set(grown) - set(first)) & {f"c{i}" for i in range(10)}
+    again = store.validation_ids([f"c{i}" for i in range(26)], fraction=0.2)
+    assert again == grown  # 5 of 26 is the fraction: c25 goes to training
+    gone = store.validation_ids([c for c in (f"c{i}" for i in range(26)) if c != first[0]], fraction=0.2)
+    assert gone == [i for i in grown if i != first[0]]  # c0..c9 and c25 were seen: none replaces it
     assert ModelStore(tmp_path / "other", "oar").validation_ids(["only"]) == []
 
 

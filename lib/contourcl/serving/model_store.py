@@ -166,23 +166,33 @@ class ModelStore:
     def validation_ids(self, labeled_ids: list[str], fraction: float = 0.2, seed: int = 0) -> list[str]:
         """The validation cases among ``labeled_ids``, fixed across retrains (MONAILabel #1752).
 
-        Chosen once (a seeded draw of ``fraction`` of the cases, at least one when there are
-        two or more), then kept: new cases go to training. Cases whose label was removed drop
-        out; when none is left a new draw is made.
+        A case never moves between training and validation: a validation case stays one, and a
+        case that could have been trained on never becomes one. The first draw is a seeded
+        ``fraction`` of the cases (at least one when there are two or more). As labels arrive the
+        set grows back to ``fraction`` from the cases labeled since the last call only (no model
+        has trained on those yet), so the gate of a department that began with 5 labels does not
+        decide on 1 case forever. Cases whose label was removed drop out; when none is left a
+        new draw is made.
         """
         path = self.root / "validation.json"
         labeled = sorted(set(labeled_ids))
         kept: list[str] = []
+        seen: set[str] | None = None  # the labeled cases at the last call (None: a file from before this was kept)
         if path.is_file():
             try:
-                kept = [i for i in json.loads(path.read_text()).get("ids", []) if i in labeled]
+                data = json.loads(path.read_text())
+                kept = [i for i in data.get("ids", []) if i in labeled]
+                seen = set(data["seen"]) if isinstance(data.get("seen"), list) else None
             except (ValueError, AttributeError) as err:  # unreadable: a new draw (logged), not a failed request
                 logger.warning("%s: %s is unreadable (%s); drawing the validation cases again", self.name, path, err)
-        if not kept and len(labeled) >= 2:
-            n = min(len(labeled) - 1, max(1, round(fraction * len(labeled))))
-            kept = sorted(random.Random(seed).sample(labeled, n))
+        want = min(len(labeled) - 1, max(1, round(fraction * len(labeled)))) if len(labeled) >= 2 else 0
+        if not kept and want:
+            kept = sorted(random.Random(seed).sample(labeled, want))
+        elif kept and seen is not None and len(kept) < want:
+            new = [i for i in labeled if i not in seen and i not in kept]
+            kept = sorted(kept + random.Random(f"{seed}:{len(labeled)}").sample(new, min(len(new), want - len(kept))))
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"ids": kept, "fraction": fraction, "updated": now()}, indent=1))
+        atomic_write_text(path, json.dumps({"ids": kept, "fraction": fraction, "seen": labeled, "updated": now()}, indent=1))
         return kept
 
     # -- history ------------------------------------------------------------------------
