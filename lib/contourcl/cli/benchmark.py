@@ -1,7 +1,8 @@
 """``contourcl benchmark label-efficiency``: pretraining methods against the number of labeled cases
 (:mod:`contourcl.training.experiments.label_efficiency`); ``contourcl benchmark paired``: two model
 files' ``contourcl evaluate --json`` figures on the same cases, paired by patient
-(:func:`contourcl.training.experiments.paired.compare_evaluations`)."""
+(:func:`contourcl.training.experiments.paired.compare_evaluations`); ``contourcl benchmark clinic``: a
+department's learning curve replayed through the real server (:mod:`contourcl.serving.clinic`)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("a", type=Path, help="evaluate --json of model A")
     q.add_argument("b", type=Path, help="evaluate --json of model B (the reference)")
     q.add_argument("--metric", choices=("dice", "surface_dice", "hd95"), default="dice")
+    c = sub.add_parser("clinic", help="a department's learning curve: the validation patients in order through the real server, "
+                                      "correction effort per patient, retraining every k finals")
+    c.add_argument("--data", help="the OpenKBP folder (validation-pats/ is replayed; default: $CONTOURCL_OPENKBP)")
+    c.add_argument("--out", default="results/clinic", help="results folder (finished arms are kept and not run again)")
+    c.add_argument("--app", default="apps/radonc", help="the app whose served model starts the replay (copied; never changed)")
+    c.add_argument("--model", default="oar", help="the model to replay (default %(default)s)")
+    c.add_argument("--departments", nargs="+", choices=("openkbp", "shifted"), default=["openkbp", "shifted"])
+    c.add_argument("--every", type=int, default=5, help="retrain after every K final labels (default %(default)s)")
+    c.add_argument("--max-epochs", type=int, help="the retrain request's max_epochs (default: the server's)")
+    c.add_argument("--lr", type=float, help="the retrain request's lr (default: the server's)")
+    c.add_argument("--limit", type=int, help="only the first N patients (a quick check)")
+    c.add_argument("--last", type=int, default=10, help="patients compared at the end (default %(default)s)")
+    c.add_argument("--work", help="where the servers' copies of the app and studies go (default: a temporary folder, removed)")
+    c.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from the finished arms")
 
 
 def scale_from_args(args: argparse.Namespace) -> Scale:
@@ -96,9 +111,30 @@ def paired(args: argparse.Namespace) -> int:
     return 0
 
 
+def clinic(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from contourcl.serving.clinic import report, run_clinic
+
+    out = Path(args.out)
+    if args.report_only:
+        paths = report(out, args.last)
+    else:
+        request = {k: v for k, v in (("max_epochs", args.max_epochs), ("lr", args.lr)) if v is not None}
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="contourcl-clinic-") as tmp:
+            work = Path(args.work) if args.work else Path(tmp)
+            paths = run_clinic(openkbp_root(args.data), out, Path(args.app), work, args.model, args.departments, args.every, request,
+                               args.limit, args.last)
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "paired":
         return paired(args)
+    if args.benchmark == "clinic":
+        return clinic(args)
     scale = scale_from_args(args)
     models = args.models or list(scale.models or MODELS)
     methods = args.methods or list(scale.methods or DEFAULT_METHODS)
