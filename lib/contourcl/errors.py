@@ -21,6 +21,10 @@ class UnknownLabelError(ContourCLError):
     """A structure name or a label value that the model does not know."""
 
 
+class InvalidClickError(ContourCLError):
+    """A request's clicks (points) or uploaded starting label that cannot be used."""
+
+
 class UnsafeIdError(ContourCLError):
     """An image id or label tag that could leave the datastore folder."""
 
