@@ -160,9 +160,13 @@ class ContourApp(MONAILabelApp):
         and its warning, the upload limits (:func:`contourcl.serving.security.status`); and
         ``"unusable_images"``: the studies-folder files found not to be usable CTs, with why; and
         ``"refused_series"``: the DICOM series there that could not become images, with why; and
-        ``"studies"``: where the studies are (a folder, or a DICOMweb PACS and its cache folder)."""
+        ``"studies"``: where the studies are (a folder, or a DICOMweb PACS and its cache folder); and
+        ``"background"`` among the labels (Slicer's segment for negative clicks)."""
         self.datastore().refresh_studies()
         meta = super().info()
+        # a "background" label: Slicer's MONAI Label module sends the points placed on a segment of
+        # that name as a deepedit model's negative clicks (contourcl.clicks); it never saves that segment
+        meta["labels"] = [*[n for n in meta.get("labels") or [] if n != "background"], "background"]
         meta["studies"] = self.studies_status()
         meta["security"] = {**security_status(self), **self.infer_slots.status()}
         # images in the studies folder that are not usable CTs: skipped by next-sample and training
@@ -201,7 +205,12 @@ class ContourApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """Contour a datastore image, or the file uploaded with this very request (its path is
         passed as ``_upload`` by :mod:`contourcl.serving.endpoints`, a key no client can set):
-        never any other path on the server."""
+        never any other path on the server.
+
+        A request with clicks refines (:meth:`ContourInferTask.refine`) the label uploaded with it
+        (``_label_upload``, set by the endpoint too), else this model's last answer for the image
+        (the effort record's proposal, passed as ``_last_answer``), else the automatic contour; its
+        answer is kept as the latest proposal like every answer."""
         request = dict(request)
         upload = request.pop("_upload", None)
         request.pop("label_tag", None)
@@ -221,6 +230,11 @@ class ContourApp(MONAILabelApp):
                 image_id = check_id(image)
             if image_id not in self.datastore().list_images():
                 raise HTTPException(404, f"image {image_id!r} is not in the datastore")
+        if image_id and not request.get("_label_upload"):
+            # clicks refine this model's last answer for the image (ContourInferTask.refine)
+            last = self.effort.proposals(image_id).get(request["model"])
+            if last:
+                request["_last_answer"] = str(last[0])
         with http_errors():
             try:
                 result = super().infer(request, datastore)

@@ -9,7 +9,8 @@ requests (Slicer and ``MONAILabelClient`` see no difference) and differ where it
 - every file a request writes lives in a private folder of that request, removed when the
   request ends, whatever the outcome; an upload larger than the server's limit is refused (413);
 - an uploaded file is only ever handled as the request's own input: ``infer`` contours a
-  datastore id or the file sent with the request, nothing else;
+  datastore id or the file sent with the request, nothing else, and a ``label`` sent with it is
+  only the starting contour of its clicks;
 - ``PUT /model/<name>`` goes the way of a retrained model: validated as a ContourCL model file
   (read as data, never unpickled as code), archived in the history, scored by the quality gate
   on the fixed validation cases, and published only if not worse;
@@ -186,8 +187,6 @@ def build_router(instance, prefix: str = "", server=None) -> APIRouter:
     # -- inference --------------------------------------------------------------------------
     def infer(model: str, image: str = "", session_id: str = "", params: str = Form("{}"), file: UploadFile = File(None),
               label: UploadFile = File(None), output: str | None = None):
-        if label is not None:
-            raise HTTPException(422, f"model {model!r} takes no label input")
         if session_id:
             raise HTTPException(422, "session_id is not supported by this server: send a datastore image id, or the image itself")
         if output not in (None, "image", "json", "all"):
@@ -200,6 +199,9 @@ def build_router(instance, prefix: str = "", server=None) -> APIRouter:
             if file:
                 path = _save_upload(file, Path(tmp), f"image{_suffix(file.filename)}", upload_mb)
                 request.update(image=str(path), _upload=str(path))
+            if label is not None:  # the starting contour of a click request (contourcl.serving.infer)
+                path = _save_upload(label, Path(tmp), f"label{_suffix(label.filename)}", upload_mb)
+                request.update(_label_upload=str(path))
             with slots.slot():
                 try:
                     result = instance.infer(request)

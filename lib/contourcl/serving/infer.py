@@ -1,5 +1,10 @@
 """The ``oar`` and ``gtv`` inference tasks.
 
+An infer request that carries clicks (:mod:`contourcl.clicks`: Slicer's DeepEdit form or DeepGrow's)
+refines the current contour instead (:meth:`ContourInferTask.refine`); the tasks are declared
+``deepedit`` so that Slicer's MONAI Label module and OHIF show their point tools, and a request with
+no point still answers the automatic contour.
+
 A served model file that cannot be used (truncated by a full disk, edited, NaN weights) never
 stops the server: the task is not valid (``is_valid()`` is False, ``unavailable_reason()`` says
 why and what to do), the uncertainty scoring skips it, and an inference request answers
@@ -10,14 +15,19 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from contourcl.clicks import Clicks, merge_structure, parse_clicks
 from contourcl.data.labels import model_labels
-from contourcl.errors import ContourCLError
-from contourcl.inference import Contourer
+from contourcl.data.volumes import check_label_geometry, read_ct, read_nifti, read_volume, write_label
+from contourcl.errors import ContourCLError, InvalidClickError, LabelMismatchError
+from contourcl.inference import Contourer, model_version
+from contourcl.refine.plain_edit import PlainEdit
 from contourcl.serving.lifecycle import in_task_subprocess
 from contourcl.serving.model_store import ModelStore, served_file_problem
 
@@ -50,17 +60,37 @@ class ServedContourer(Contourer):
         return super().model()
 
 
+_WARNED: set[Path] = set()
+
+
+def refiner_for(model_dir: str | Path):
+    """The refinement method of the models in ``model_dir``: ``method(ct, affine, mask, positive,
+    negative) -> mask`` with a ``name`` (reported as ``refined_by``) and ``describe()`` (in
+    ``/info/``). The plain edit (:class:`contourcl.refine.plain_edit.PlainEdit`) while no refinement
+    network is shipped; the one place the network's refiner (``refine.pt`` in ``model_dir``) is to
+    be wired in."""
+    weights = Path(model_dir) / "refine.pt"
+    if weights.is_file() and weights not in _WARNED:
+        _WARNED.add(weights)
+        logger.warning("%s: the refinement network is not wired into serving yet; the plain edit answers", weights)
+    return PlainEdit()
+
+
 class ContourInferTask(InferTask):
     """Runs :class:`contourcl.inference.Contourer` on a datastore image (or an uploaded file).
 
     The result's params carry ``model_version`` (the served file's state), so a client can
     tell which model answered. ``largest_component`` is the rule for model files that do not
     record one; a request's ``largest_component`` overrides both.
+
+    A request with clicks is answered by :meth:`refine`. The app passes what it knows as keys no
+    client can set: ``_label_upload`` (the label file uploaded with the request) and
+    ``_last_answer`` (this model's last answer for the datastore image, from the effort record).
     """
 
     def __init__(self, model: str, model_path: str | Path, description: str, largest_component: bool = True):
         super().__init__(
-            type=InferType.SEGMENTATION,
+            type=InferType.DEEPEDIT,  # Slicer and OHIF show their point tools; no points: the automatic contour
             labels=model_labels(model),
             dimension=3,
             description=description,
@@ -85,6 +115,10 @@ class ContourInferTask(InferTask):
                     f"restore an archived version (contourcl models {self.model} --restore VERSION) or upload one (PUT /model/{self.model})")
         return self.contourer.problem()
 
+    def info(self):
+        """MONAI Label's task info, plus ``refine``: the method that answers clicks."""
+        return {**super().info(), "refine": refiner_for(self.model_path.parent).describe()}
+
     def get_path(self, validate=True):
         return str(self.model_path) if (self.model_path.is_file() or not validate) else None
 
@@ -94,6 +128,13 @@ class ContourInferTask(InferTask):
         reason = self.unavailable_reason()
         if reason:
             raise ServedModelError(reason)
+        labels = model_labels(self.model)
+        clicks = parse_clicks(request, self.model, labels)
+        if clicks is not None:
+            return self.refine(request, clicks, labels, override)
+        if request.get("_label_upload"):  # a label uploaded with no point: checked; the automatic contour answers
+            ct, affine = read_ct(request["image"])
+            self._uploaded_label(request["_label_upload"], ct, affine, labels)
         prediction = self.contourer(request["image"], largest_component=override)
         with tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.model}_", delete=False) as f:
             out = f.name
@@ -105,6 +146,78 @@ class ContourInferTask(InferTask):
             "model_version": prediction.model_version,
             "latencies": {"pre": round(t["pre"], 2), "infer": round(t["infer"], 2), "invert": round(t["invert"], 2), "total": round(t["total"], 2)},
         }
+
+    def refine(self, request: dict, clicks: Clicks, labels: dict[str, int], largest_component: bool | None = None):
+        """The starting contour refined by ``clicks``: only the structures the clicks name change
+        (:meth:`Clicks.targets`, :func:`contourcl.clicks.merge_structure`).
+
+        The starting contour, in order: the label uploaded with the request (in the model's
+        numbering, on the image's grid), this model's last answer for the image, the automatic
+        contour. Raises :class:`InvalidClickError` / :class:`LabelMismatchError` (422) before
+        anything is computed for a point outside the image or an upload that does not fit.
+        """
+        t0 = time.perf_counter()
+        ct, affine = read_ct(request["image"])
+        upload = self._uploaded_label(request.get("_label_upload"), ct, affine, labels)
+        clicks.check_inside(ct.shape)
+        t1 = time.perf_counter()
+        if upload is not None:
+            start, source = upload, "uploaded label"
+        else:
+            start, source = self._last_answer(request.get("_last_answer"), ct, affine), "last answer"
+        if start is None:
+            prediction = self.contourer(request["image"], largest_component=largest_component)
+            start, source = np.asarray(prediction.label).astype(np.uint8), "automatic contour"
+        t2 = time.perf_counter()
+        method = refiner_for(self.model_path.parent)
+        out = start.copy()
+        targets = clicks.targets(start, labels)
+        for name in targets:
+            mask = method(ct, affine, start == labels[name], clicks.positive_of(name), clicks.negative)
+            out = merge_structure(out, start, labels[name], mask)
+        t3 = time.perf_counter()
+        with tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.model}_", delete=False) as f:
+            path = f.name
+        write_label(path, out, affine)
+        logger.info("%s: refined %s from the %s by %s (%d clicks) in %.2f s", self.model, targets or "nothing", source,
+                    method.name, clicks.count, time.perf_counter() - t0)
+        return path, {
+            "label_names": labels,
+            "model": self.model,
+            "model_version": model_version(self.model_path),
+            "refined_by": method.name,
+            "refined": targets,
+            "start": source,
+            "clicks": {"positive": clicks.count - len(clicks.negative), "negative": len(clicks.negative)},
+            "latencies": {"pre": round(t1 - t0, 2), "start": round(t2 - t1, 2), "refine": round(t3 - t2, 2),
+                          "total": round(time.perf_counter() - t0, 2)},
+        }
+
+    def _uploaded_label(self, path, ct: np.ndarray, affine: np.ndarray, labels: dict[str, int]) -> np.ndarray | None:
+        """The uploaded starting label, checked: on the image's grid, in the model's numbering."""
+        if not path:
+            return None
+        label, label_affine = read_volume(path, "label", "uploaded label")
+        check_label_geometry((ct, affine), (label, label_affine), "uploaded label")
+        label = np.rint(np.asarray(label)).astype(np.int64)
+        unknown = sorted({int(v) for v in np.unique(label)} - {0, *labels.values()})
+        if unknown:
+            raise InvalidClickError(f"the uploaded label holds values {unknown[:10]} that model {self.model!r} does not have: "
+                                    f"send it in the model's numbering ({labels}, 0 background)")
+        return label.astype(np.uint8)
+
+    def _last_answer(self, path, ct: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
+        """This model's last answer for the image (the effort record's proposal), if it is still on
+        the image's grid; ``None`` otherwise (the automatic contour starts)."""
+        if not path:
+            return None
+        try:
+            label, label_affine = read_nifti(path)
+            check_label_geometry((ct, affine), (label, label_affine), "last answer")
+        except (OSError, LabelMismatchError, ContourCLError) as err:
+            logger.warning("%s: the last answer %s cannot start the refinement (%s): the automatic contour does", self.model, path, err)
+            return None
+        return np.rint(np.asarray(label)).astype(np.uint8)
 
 
 def reconcile_at_startup(model: str, model_dir: Path) -> None:
