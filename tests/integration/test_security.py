@@ -175,9 +175,13 @@ FAMILIES = [
     ("DELETE", "/model/liver", {}, ADMIN, {404}),
     ("DELETE", "/datastore/label?id=no_such_case&tag=final", {}, ADMIN, None),
     ("PUT", f"/datastore/label/info?label={CASE}&tag=final", {}, ADMIN, None),
-    ("GET", "/ohif/", {}, USER, None),  # the viewer's files: any signed-in user
-    # checked for refusals only (an admin call would proxy a datastore)
-    ("GET", "/proxy/dicom/qido/studies", {}, ADMIN, "skip"),
+    ("GET", "/ohif/", {}, USER, {200}),  # the viewer's files: any signed-in user
+    ("GET", "/ohif/app-config.js", {}, USER, {200}),
+    # the DICOMweb proxy: checked for refusals only (a call that passes would proxy the studies
+    # folder, which is no DICOMweb server; tests/unit/test_security_roles.py checks that it passes)
+    ("GET", "/proxy/dicom/qido/studies", {}, USER, "skip"),
+    ("GET", "/proxy/dicom/wado/studies/1.2.3/series/4.5/metadata", {}, USER, "skip"),
+    ("POST", "/proxy/dicom/stow/studies", {}, ANNOTATOR, "skip"),  # a write into the PACS
 ]
 BELOW = {USER: [], ANNOTATOR: [USER], REVIEWER: [USER, ANNOTATOR], ADMIN: [USER, ANNOTATOR, REVIEWER]}
 #: routes MONAI Label mounts that this server does not serve: 404 to everyone, token or not
@@ -250,7 +254,7 @@ def test_roles_per_endpoint_family(servers, realm):
             assert role in r.json()["detail"], r.text
         if expected == "skip":
             continue
-        for holder in [r for r in (ANNOTATOR, REVIEWER, ADMIN) if r not in BELOW[role]]:  # the role and those above
+        for holder in [r for r in (USER, ANNOTATOR, REVIEWER, ADMIN) if r not in BELOW[role]]:  # the role and those above
             r = _call(url, method, path, tokens[holder], **kw)
             assert r.status_code not in (401, 403), (method, path, holder, r.status_code, r.text)
             assert expected is None or r.status_code in expected, (method, path, holder, r.status_code, r.text)

@@ -69,6 +69,11 @@ ROUTE_ROLES: tuple[tuple[str, str, str | None], ...] = (
     ("GET", "/static/*", PUBLIC),
     ("GET POST", "/auth/*", PUBLIC),  # MONAI Label's login endpoints (mounted only with auth on)
     ("GET", "/ohif/*", USER),  # the OHIF viewer's own files (its data come through the routes below)
+    # the DICOMweb proxy to the PACS that --studies names (OHIF's data source): reading (QIDO-RS,
+    # WADO-RS) is viewing; a POST is a write into the PACS (STOW-RS: OHIF's "Export DICOM SEG"),
+    # which --conf dicomweb_import_seg may import as a final label, so it asks what submitting a label asks
+    ("GET", "/proxy/*", USER),
+    ("POST", "/proxy/*", ANNOTATOR),
     # annotators: see the app, get the next sample, auto-contour, submit labels and images
     ("GET", "/info/*", ANNOTATOR),
     ("POST", "/activelearning/*", ANNOTATOR),
@@ -87,14 +92,12 @@ ROUTE_ROLES: tuple[tuple[str, str, str | None], ...] = (
     ("GET", "/datastore/dataset", REVIEWER),
     ("GET POST DELETE", "/scoring/*", REVIEWER),
     ("GET", "/logs/*", REVIEWER),
-    # admins: replace or delete models, change image and label info, delete from the datastore,
-    # the DICOMweb proxy (OHIF with a PACS)
+    # admins: replace or delete models, change image and label info, delete from the datastore
     ("PUT DELETE", "/model/*", ADMIN),
     ("PUT", "/datastore/image/info", ADMIN),
     ("PUT", "/datastore/label/info", ADMIN),
     ("PUT", "/datastore/updatelabelinfo", ADMIN),
     ("DELETE", "/datastore/*", ADMIN),
-    ("GET POST", "/proxy/*", ADMIN),
 )
 
 # a role includes the roles below it
