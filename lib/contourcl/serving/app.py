@@ -213,6 +213,7 @@ class ContourApp(MONAILabelApp):
         answer is kept as the latest proposal like every answer."""
         request = dict(request)
         upload = request.pop("_upload", None)
+        request.pop("_last_answer", None)  # the app's to set, below
         request.pop("label_tag", None)
         if request.get("save_label"):
             request["label_tag"] = "original"  # an infer keeps its proposal, never a final label
