@@ -236,7 +236,14 @@ def test_agcl_heads_fine_tune_and_fuse_on_phantoms(phantoms, tmp_path):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     for k, v in result.segmenter.encoder.state_dict().items():
         assert torch.equal(v, before[k]), f"encoder weight {k} changed: it must stay frozen"
-    assert set(result.val_dice) <= set(model_labels("oar")) and all(0 <= d <= 1 for d in result.val_dice.values())
+    # a figure for every structure the validation case contours, none for the others (an empty
+    # result, no validation, must fail)
+    from contourcl.data.volumes import read_nifti
+
+    contoured = {name for name, value in model_labels("oar").items()
+                 if any((read_nifti(c["label"])[0] == value).any() for c in cases[2:])}
+    assert contoured and set(result.val_dice) == contoured, f"validation figures {result.val_dice} for {sorted(contoured)}"
+    assert all(0 <= d <= 1 for d in result.val_dice.values())
     lab = torch.zeros(1, 1, 9, 9)
     lab[0, 0, 4, 4] = 2
     assert int((dilated_coarse(lab, 1) == 2).sum()) == 5  # a cross: dilation by one voxel

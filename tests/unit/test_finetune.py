@@ -56,11 +56,32 @@ def test_encoder_initialised_from_a_pretraining_checkpoint(tmp_path):
     assert torch.allclose(result.network.encoder.resnet.conv1.weight, torch.full_like(enc.resnet.conv1.weight, 0.01))
 
 
-def test_voxel_siamese_option_trains(tmp_path):
+def test_voxel_siamese_option_trains(tmp_path, monkeypatch):
+    """The option computes the feature loss at every step and adds it to the loss the optimiser
+    sees: the encoder ends elsewhere than with lambda = 0 (same seed, same batches, same random
+    draws). Fails when the option is ignored or its loss is not added."""
+    from contourcl.training.finetune import voxel_siamese
+
     data = cases(tmp_path, 2)
-    result = finetune(data[:1], data[1:], tiny_config(max_epochs=2, voxel_siamese=True), progress=False)
-    assert all(np.isfinite(h["loss"]) for h in result.history)
-    assert not any("feature_loss" in k or k.startswith("heads") for k in result.network.state_dict()), "only the U-Net is kept"
+    seen: list[float] = []
+    forward = voxel_siamese.VoxelSiameseLoss.forward
+
+    def spy(self, *args, **kwargs):
+        value = forward(self, *args, **kwargs)
+        seen.append(float(value.detach()))
+        return value
+
+    monkeypatch.setattr(voxel_siamese.VoxelSiameseLoss, "forward", spy)
+    on = finetune(data[:1], [], tiny_config(max_epochs=2, steps_per_epoch=3, voxel_siamese=True), progress=False)
+    assert all(np.isfinite(h["loss"]) for h in on.history)
+    assert len(seen) == 6 and all(np.isfinite(v) and v != 0.0 for v in seen), f"feature loss per step: {seen}"
+    assert not any("feature_loss" in k or k.startswith("heads") for k in on.network.state_dict()), "only the U-Net is kept"
+    # the same run with lambda = 0: the same batches and random draws, only the loss's weight differs
+    zero = finetune(data[:1], [], tiny_config(max_epochs=2, steps_per_epoch=3, voxel_siamese=True, voxel_siamese_lambda=0.0),
+                    progress=False)
+    weight = "encoder.resnet.layer4.0.conv1.weight"
+    assert not torch.allclose(on.network.state_dict()[weight], zero.network.state_dict()[weight]), \
+        "the feature loss did not reach the encoder: the option's loss is not added"
 
 
 def test_validation_scores_what_the_gate_scores(tmp_path):

@@ -3,6 +3,7 @@ a tiny full run and resumption across stages."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -27,6 +28,7 @@ from contourcl.training.pretrain.separeg import (
 from contourcl.training.pretrain.simsiam import SimSiamModel
 from contourcl.training.pretrain.trainer import pretrain
 from contourcl.training.pretrain.volumes import (
+    SliceDataset,
     Volume,
     body_mask,
     load_volumes,
@@ -38,6 +40,18 @@ from contourcl.training.pretrain.volumes import (
 torch.set_num_threads(1)
 
 TINY_HEADS = {"proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}
+#: the collapse floor of test_simsiam.py (per-dimension std of l2-normalised embeddings, times sqrt(d))
+COLLAPSE_FLOOR = 0.3
+
+
+def embedding_spread(project, x: torch.Tensor) -> float:
+    """Mean over dimensions of the std over ``x`` of the l2-normalised embeddings, times sqrt(d).
+
+    ``project`` runs with batch statistics, as in training (pass copies: the running statistics
+    move); a 24-step run's running statistics are not those of its batches yet."""
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(project(x).float(), dim=1)
+    return float(z.std(dim=0).mean()) * math.sqrt(z.shape[1])
 
 
 def synthetic_volume(case="a", shape=(48, 48, 5), seed=0) -> Volume:
@@ -296,6 +310,15 @@ def test_tiny_separeg_run_lowers_loss_and_yields_the_student(tmp_path):
     assert list(h) == ["inter", "intra0", "intra1", "distill"]
     assert np.mean(h["inter"][-3:]) < np.mean(h["inter"][:3])
     assert np.mean(h["distill"][-3:]) < np.mean(h["distill"][:3])
+    # a lower loss is also what collapse gives: the inter-organ model's projections, and the
+    # student's through the inter-organ projector (Eq. 4's head), must still spread over the slices
+    slices = SliceDataset(volumes, cfg.image_size)
+    x = torch.stack([slices[i] for i in range(len(slices))])
+    inter = copy.deepcopy(result["method"].inter).train()
+    student = copy.deepcopy(result["method"].encoder).train()
+    for name, project in {"inter": inter.project, "student": lambda v: inter.projector(student.pooled(v))}.items():
+        spread = embedding_spread(project, x)
+        assert spread > COLLAPSE_FLOOR, f"{name} collapsed: per-dimension std {spread:.3f}/sqrt(d)"
     meta = result["meta"]
     # 24 steps in total (budget=total): a third each to inter, the 2 intra models together, distill
     assert {k: v["iterations"] for k, v in meta["stages"].items()} == {"inter": 8, "intra0": 4, "intra1": 4, "distill": 8}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -15,9 +16,24 @@ from contourcl.training.pretrain.augment import Augment, RandResizedCrop, TwoVie
 from contourcl.training.pretrain.base import PretrainConfig
 from contourcl.training.pretrain.simsiam import SimSiamLoss, SimSiamModel, negative_cosine, simsiam_loss
 from contourcl.training.pretrain.trainer import pretrain
-from contourcl.training.pretrain.volumes import load_volumes, write_synthetic_cts
+from contourcl.training.pretrain.volumes import SliceDataset, load_volumes, write_synthetic_cts
 
 torch.set_num_threads(1)
+
+#: the collapse floor: the mean per-dimension std of l2-normalised embeddings is about 1/sqrt(d)
+#: when they spread and 0 when they collapse (SimSiam, Section 4.1); measured on these tiny runs:
+#: 0.58/sqrt(d) healthy, 0.11/sqrt(d) with the stop-gradient removed (the collapse SimSiam shows)
+COLLAPSE_FLOOR = 0.3
+
+
+def embedding_spread(project, x: torch.Tensor) -> float:
+    """Mean over dimensions of the std over ``x`` of the l2-normalised embeddings, times sqrt(d).
+
+    ``project`` runs with batch statistics, as in training (pass copies: the running statistics
+    move); a 24-step run's running statistics are not those of its batches yet."""
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(project(x).float(), dim=1)
+    return float(z.std(dim=0).mean()) * math.sqrt(z.shape[1])
 
 SQRT2 = math.sqrt(2.0)
 
@@ -69,14 +85,34 @@ def test_stop_gradient_blocks_the_target_branch():
 
 
 def test_heads_have_the_papers_shape():
-    proj = SimSiamModel(ResNetEncoder("resnet10", 8)).projector  # SepaReg's defaults: 4096, 256
-    layers = [type(m).__name__ for m in proj]
-    assert layers == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
-    assert proj[0].out_features == 4096 and proj[3].out_features == 256
-    model = SimSiamModel(ResNetEncoder("resnet10", 8), proj_hidden=32, proj_dim=16, pred_hidden=32)
-    assert model.predictor[0].in_features == 16 and model.predictor[3].out_features == 16
-    loss, logs = model((torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)))
-    assert loss.ndim == 0 and -1.0 <= loss.item() <= 1.0 and "z_std" in logs
+    """SepaReg (Method, Region-level representation): the projector has "two layers with a hidden
+    dimension of 4096 and output size of 256", batch norm and ReLU between them; the predictor has
+    "same architecture as projector" (256 -> 4096 -> 256). Every layer's widths, checked one by one."""
+    encoder = ResNetEncoder("resnet10", 8)
+    model = SimSiamModel(encoder)  # SepaReg's defaults
+    d = encoder.feature_dim
+
+    def shape(head):
+        out = []
+        for m in head:
+            if isinstance(m, torch.nn.Linear):
+                out.append(("Linear", m.in_features, m.out_features, m.bias is not None))
+            elif isinstance(m, torch.nn.BatchNorm1d):
+                out.append(("BatchNorm1d", m.num_features))
+            else:
+                out.append((type(m).__name__,))
+        return out
+
+    # a Linear followed by batch norm has no bias (the norm's shift replaces it)
+    assert shape(model.projector) == [("Linear", d, 4096, False), ("BatchNorm1d", 4096), ("ReLU",), ("Linear", 4096, 256, True)]
+    assert shape(model.predictor) == [("Linear", 256, 4096, False), ("BatchNorm1d", 4096), ("ReLU",), ("Linear", 4096, 256, True)]
+    small = SimSiamModel(ResNetEncoder("resnet10", 8), proj_hidden=32, proj_dim=16, pred_hidden=32)
+    assert shape(small.predictor) == [("Linear", 16, 32, False), ("BatchNorm1d", 32), ("ReLU",), ("Linear", 32, 16, True)]
+    x = torch.rand(4, 1, 32, 32)
+    z = small.project(x)
+    assert z.shape == (4, 16) and small.predictor(z).shape == (4, 16)
+    loss, logs = small((x, torch.rand(4, 1, 32, 32)))
+    assert loss.ndim == 0 and "z_std" in logs
 
 
 def test_augment_shapes_and_range():
@@ -145,6 +181,11 @@ def test_tiny_simsiam_run_lowers_loss_and_checkpoint_loads(tmp_path):
     losses = [v for _, v in result["history"]["main"]]
     assert len(losses) == 16
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    # a lower loss is also what collapse gives: the projections must still spread over the slices
+    slices = SliceDataset(volumes, cfg.image_size)
+    model = copy.deepcopy(result["method"].model).train()
+    spread = embedding_spread(model.project, torch.stack([slices[i] for i in range(len(slices))]))
+    assert spread > COLLAPSE_FLOOR, f"collapsed: per-dimension std {spread:.3f}/sqrt(d)"
 
     net = build_network(NetConfig(out_channels=8, encoder="resnet10", width=8))
     meta = load_encoder(net, cfg.out)
