@@ -177,6 +177,17 @@ def parse_clicks(params: Mapping, model: str, labels: Mapping[str, int]) -> Clic
     return Clicks(form=form, label=label, positive=positive, negative=negative)
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every voxel of ``mask``; ``None`` for an empty mask."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not len(hit):
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def merge_structure(current: np.ndarray, start: np.ndarray, value: int, mask: np.ndarray) -> np.ndarray:
     """``current`` with structure ``value`` replaced by ``mask`` where that is allowed: the
     structure keeps only voxels of ``mask``, and takes only voxels that are background in both
@@ -187,6 +198,10 @@ def merge_structure(current: np.ndarray, start: np.ndarray, value: int, mask: np
         raise ValueError(f"the refined mask has shape {mask.shape}, the label map {current.shape}")
     out = current.copy()
     own = start == value
-    out[own & ~mask] = 0
-    out[mask & (own | ((start == 0) & (current == 0)))] = value
+    box = bounding_box(own != mask)
+    if box is None:
+        return out
+    o, s, c, m, w = out[box], start[box], current[box], mask[box], own[box]  # views: o writes into out
+    o[w & ~m] = 0
+    o[m & (w | ((s == 0) & (c == 0)))] = value
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from contourcl.clicks import bounding_box
 from contourcl.effort import axial_axis
 
 #: The radius of the disk a positive click adds, in mm.
@@ -34,17 +35,23 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
 
 
-def disk(shape: tuple[int, int, int], centre, affine: np.ndarray, radius_mm: float = PLAIN_EDIT_RADIUS_MM) -> np.ndarray:
-    """The voxels of the axial slice through ``centre`` within ``radius_mm`` of it (bool, ``shape``)."""
+def _disk_on_slice(shape: tuple[int, int, int], centre, affine: np.ndarray, radius_mm: float) -> tuple[tuple, np.ndarray]:
+    """``(index of the click's axial slice, the disk on that slice)``."""
     axis = axial_axis(affine)
     size = voxel_sizes(affine)
-    out = np.zeros(shape, dtype=bool)
     plane = [a for a in range(3) if a != axis]
     grids = np.ogrid[tuple(slice(0, shape[a]) for a in plane)]
     distance2 = sum(((g - int(centre[a])) * size[a]) ** 2 for g, a in zip(grids, plane, strict=True))
     index: list = [slice(None)] * 3
     index[axis] = int(centre[axis])
-    out[tuple(index)] = distance2 <= radius_mm ** 2
+    return tuple(index), distance2 <= radius_mm ** 2
+
+
+def disk(shape: tuple[int, int, int], centre, affine: np.ndarray, radius_mm: float = PLAIN_EDIT_RADIUS_MM) -> np.ndarray:
+    """The voxels of the axial slice through ``centre`` within ``radius_mm`` of it (bool, ``shape``)."""
+    out = np.zeros(shape, dtype=bool)
+    index, plane = _disk_on_slice(shape, centre, affine, radius_mm)
+    out[index] = plane
     return out
 
 
@@ -54,13 +61,19 @@ def plain_edit(mask: np.ndarray, positive, negative, affine: np.ndarray, radius_
     removed. Points are ``(N, 3)`` voxel indices; returns a new bool array."""
     out = np.array(mask, dtype=bool, copy=True)
     for point in _points(positive):
-        out |= disk(out.shape, point, affine, radius_mm)
+        index, plane = _disk_on_slice(out.shape, point, affine, radius_mm)
+        out[index] |= plane
     negative = _points(negative)
     if len(negative):
-        pieces, _ = ndimage.label(out)
-        hit = {int(v) for v in pieces[tuple(negative.T)]} - {0}
-        if hit:
-            out &= ~np.isin(pieces, sorted(hit))
+        box = bounding_box(out)  # the pieces lie in the mask's box: label only there
+        if box is not None:
+            sub = out[box]
+            pieces, _ = ndimage.label(sub)
+            inside = negative - np.asarray([b.start for b in box])
+            inside = inside[((inside >= 0) & (inside < np.asarray(sub.shape))).all(axis=1)]
+            hit = {int(v) for v in pieces[tuple(inside.T)]} - {0}
+            if hit:
+                sub &= ~np.isin(pieces, sorted(hit))
         out[tuple(negative.T)] = False
     return out
 

@@ -18,13 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from contourcl.clicks import Clicks, merge_structure, parse_clicks
 from contourcl.data.labels import model_labels
-from contourcl.data.volumes import check_label_geometry, read_ct, read_nifti, read_volume, write_label
+from contourcl.data.volumes import check_label_geometry, read_ct, read_volume, write_label
 from contourcl.errors import ContourCLError, InvalidClickError, LabelMismatchError
 from contourcl.inference import Contourer, model_version
 from contourcl.refine.plain_edit import PlainEdit
@@ -212,12 +213,13 @@ class ContourInferTask(InferTask):
         if not path:
             return None
         try:
-            label, label_affine = read_nifti(path)
+            img = nib.load(str(path))  # written by this server: a uint8 label map, read as it is
+            label, label_affine = np.asanyarray(img.dataobj), img.affine
             check_label_geometry((ct, affine), (label, label_affine), "last answer")
         except (OSError, LabelMismatchError, ContourCLError) as err:
             logger.warning("%s: the last answer %s cannot start the refinement (%s): the automatic contour does", self.model, path, err)
             return None
-        return np.rint(np.asarray(label)).astype(np.uint8)
+        return np.asarray(label).astype(np.uint8)
 
 
 def reconcile_at_startup(model: str, model_dir: Path) -> None:
