@@ -98,6 +98,8 @@ def _point(value, key: str, n: int) -> list[int]:
         coords.append(int(c))
     if not ok:
         raise InvalidClickError(f"point {n + 1} of {key!r} ({value!r}) is not a voxel index: send three integers [i, j, k]")
+    if any(abs(c) >= 2 ** 31 for c in coords):
+        raise InvalidClickError(f"point {n + 1} of {key!r} ({value!r}) is outside the image: no image is that large")
     return coords
 
 

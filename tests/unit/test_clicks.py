@@ -69,6 +69,7 @@ def test_background_and_unnamed_requests_refine_the_structures_clicked():
     ({"label": "Mandible", "Mandible": [[1, 2, 3]] * (MAX_POINTS + 1)}, [str(MAX_POINTS + 1), "at most 1000"]),
     ({"label": "Mandible", "Mandible": [[1, 2, 3]] * 600, "background": [[1, 2, 3]] * 401}, ["1001 points", "at most 1000"]),
     ({"foreground": [[1, 2, 3]]}, ["need a label"]),
+    ({"label": "Mandible", "Mandible": [[10 ** 30, 2, 3]]}, ["outside the image"]),
 ])
 def test_bad_clicks_are_refused_naming_the_problem(params, words):
     with pytest.raises(InvalidClickError) as err:
