@@ -133,6 +133,30 @@ def _truth_on(image: nib.Nifti1Image, name: str) -> np.ndarray:
     return to_series_grid(truth, affine, grid).astype(np.uint8)
 
 
+#: the result parameters OHIF's MONAI Label panel sends with every infer (MonaiLabelClient.infer)
+OHIF_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}
+
+
+def _as_ohif_shows(folder: Path, label: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The labelmap OHIF fills from a raw NRRD's bytes, ``[slice, row, column]``, from the series'
+    headers alone: slices as cornerstone3D sorts them (``(first - position) . (row x column
+    cosine)``, largest first), each voxel the ``label``'s value at its patient position."""
+    headers = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in sorted(folder.iterdir())]
+    iop = np.array(headers[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    first = np.array(headers[0].ImagePositionPatient, float)
+    headers.sort(key=lambda ds: -float((first - np.array(ds.ImagePositionPatient, float)) @ normal))
+    dr, dc = (float(v) for v in headers[0].PixelSpacing)
+    r, c = np.meshgrid(np.arange(int(headers[0].Rows)), np.arange(int(headers[0].Columns)), indexing="ij")
+    to_voxel = np.linalg.inv(affine)
+    out = []
+    for ds in headers:
+        lps = np.array(ds.ImagePositionPatient, float) + c[..., None] * dc * iop[:3] + r[..., None] * dr * iop[3:]
+        ijk = np.rint((lps * [-1.0, -1.0, 1.0]) @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+        out.append(label[ijk[..., 0], ijk[..., 1], ijk[..., 2]])
+    return np.stack(out)
+
+
 def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
     timings = {}
     started = time.time()
@@ -180,6 +204,12 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
 
         assert client.next_sample("random", {})["id"] in by_uid
         assert client.next_sample("oar_uncertainty", {})["id"] in by_uid
+        # what OHIF's panel opens for the next sample: its study (StudyInstanceUIDs=...), and more to show
+        sample = client.next_sample("random", {})
+        geo = geometry[by_uid[sample["id"]]]
+        assert sample["StudyInstanceUID"] == geo.study_uid and sample["SeriesInstanceUID"] == sample["id"], sample
+        assert sample["Modality"] == "CT" and sample["PatientID"] == f"phantom_{by_uid[sample['id']]}", sample
+        assert sample["RetrieveURL"] == f"{orthanc['dicomweb']}/studies/{geo.study_uid}/series/{sample['id']}", sample
 
         # infer oar and gtv on each CT (one was JPEG 2000 in the PACS); the clinician corrects
         # the contours (here: to the phantom's truth, all eight structures) and submits them,
@@ -195,6 +225,12 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
             assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-4)
             assert params["label_names"]["Parotid_L"] == 4
             first[image_id] = (np.asanyarray(pred.dataobj).copy(), params["model_version"])
+            # the same contours as OHIF's panel asks for them: a raw uint8 NRRD whose bytes fill its labelmap as they are
+            nrrd_file, _ = client.infer("oar", image_id, dict(OHIF_PARAMS))
+            body = Path(nrrd_file).read_bytes().partition(b"\n\n")[2]
+            shown = np.frombuffer(body, np.uint8).reshape(image.shape[::-1])
+            np.testing.assert_array_equal(shown, _as_ohif_shows(series[name], first[image_id][0], pred.affine),
+                                          err_msg=f"{name}: OHIF would show the contours elsewhere")
             gtv_file, gtv_params = client.infer("gtv", image_id, {})
             gtv = nib.load(gtv_file)
             assert gtv.shape == image.shape and np.allclose(gtv.affine, image.affine, atol=1e-4)

@@ -13,6 +13,7 @@ store a final label, simultaneous inferences, and params no JSON parser should c
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import hashlib
 import io
 import json
@@ -240,6 +241,29 @@ def test_inferences_are_bounded_and_the_rest_are_told_when_to_retry(server):
     assert status["running"] == 0 and status["queued"] == 0 and status["max_concurrent_infer"] == 1
     r = requests.post(f"{url}/infer/oar?image={LABELED}&output=json", timeout=180)
     assert r.status_code == 200, "a slot is free again"
+
+
+def test_infer_answers_in_the_format_asked(server):
+    """MONAI Label's result parameters (issue 33): OHIF and Slicer ask for a uint8 NRRD; an unknown
+    extension is refused before any work, naming the allowed ones; no file is left behind."""
+    url, tmp = server["url"], server["tmp"]
+    before_tmp = _tree(tmp)
+    for bad in ({"result_extension": ".png"}, {"result_extension": ".nrrd", "result_dtype": "uint9"}):
+        r = requests.post(f"{url}/infer/oar?image={LABELED}&output=image", data={"params": json.dumps(bad)}, timeout=60)
+        assert r.status_code == 422, (bad, r.status_code, r.text[:300])
+        assert all(x in r.json()["detail"] for x in ((".nii.gz", ".nii", ".nrrd") if "result_dtype" not in bad else ("uint8",))), r.text
+    r = requests.post(f"{url}/infer/oar?image={LABELED}&output=image", timeout=120)
+    assert r.status_code == 200 and 'nii.gz"' in r.headers["content-disposition"], r.headers
+    nifti = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
+    ohif = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}  # what the OHIF panel sends
+    r = requests.post(f"{url}/infer/oar?image={LABELED}&output=image", data={"params": json.dumps(ohif)}, timeout=120)
+    assert r.status_code == 200 and '.nrrd"' in r.headers["content-disposition"], r.headers
+    head, _, body = r.content.partition(b"\n\n")
+    assert head.startswith(b"NRRD000") and b"type: uint8" in head and b"encoding: raw" in head, head
+    assert len(body) == nifti.size  # one byte a voxel: what OHIF puts into its labelmap as it is
+    got = np.frombuffer(body, np.uint8)
+    assert {v: int((got == v).sum()) for v in range(1, 8)} == {v: int((nifti == v).sum()) for v in range(1, 8)}
+    assert _tree(tmp) == before_tmp, "an answer left a file in the server's temporary folder"
 
 
 # -- input errors ---------------------------------------------------------------------------------

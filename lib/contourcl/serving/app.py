@@ -17,13 +17,15 @@ from contourcl.errors import InvalidImageError
 from contourcl.ids import check_id
 from contourcl.serving.config import ModelConfig
 from contourcl.serving.datastore import SafeDatastore
-from contourcl.serving.dicomweb import is_dicomweb, open_pacs
+from contourcl.serving.dicomweb import is_dicomweb, open_pacs, study_ids
 from contourcl.serving.effort_record import EffortRecord
 from contourcl.serving.endpoints import install as install_endpoints
 from contourcl.serving.errors import http_errors
 from contourcl.serving.infer import ContourInferTask
 from contourcl.serving.lifecycle import TrainerBusyError, in_task_subprocess
 from contourcl.serving.model_store import ModelStore
+from contourcl.serving.result_format import answer_in
+from contourcl.serving.result_format import requested as requested_format
 from contourcl.serving.retrain import consider_model_file
 from contourcl.serving.scoring import UncertaintyScoring, request_scoring
 from contourcl.serving.security import install as install_security
@@ -151,6 +153,8 @@ class ContourApp(MONAILabelApp):
             result = {}
         if result.get("id"):
             result["path"] = self.datastore().get_image_uri(result["id"])
+            # the series' DICOM ids: OHIF's panel opens StudyInstanceUIDs=<StudyInstanceUID> (serving.dicomweb)
+            result = {**study_ids(self.studies, result["id"], self.studies_url), **result}
         if self._auto_update_scoring:
             request_scoring(self)
         return result
@@ -218,6 +222,8 @@ class ContourApp(MONAILabelApp):
         if request.get("save_label"):
             request["label_tag"] = "original"  # an infer keeps its proposal, never a final label
         self._check_model(request.get("model"), self._infers)
+        with http_errors():  # MONAI Label's result_extension/_dtype/_compress; unknown ones: 422 before any work
+            result_format = requested_format(request)
         task = self._infers[request["model"]]
         if not task.is_valid():
             if not task.model_path.is_file():
@@ -249,7 +255,8 @@ class ContourApp(MONAILabelApp):
                 self.effort.keep_proposal(image_id, request["model"], result["file"], result.get("params") or {}, request)
             except OSError as err:
                 logger.warning("the proposal of %s for %s could not be kept: %s", request["model"], image_id, err)
-        return result
+        with http_errors():
+            return answer_in(result, result_format)  # e.g. OHIF's NRRD, in its voxel order (serving.result_format)
 
     # -- the served models: uploads and withdrawal go the way of a retrained model ------------
     def consider_uploaded_model(self, model: str, path) -> dict:

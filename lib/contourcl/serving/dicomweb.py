@@ -89,6 +89,36 @@ def image_id_of(series_uid: str) -> str:
         return "s" + hashlib.sha1(series_uid.encode()).hexdigest()[:20]
 
 
+#: what a next-sample answer carries of an image's series (MONAI Label's DICOMweb datastore's
+#: fields): OHIF's panel shows them and opens ``StudyInstanceUIDs=<StudyInstanceUID>``
+STUDY_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "StudyDate", "StudyTime", "Modality")
+
+
+def study_ids(studies: str | Path, image_id: str, url: str | None = None) -> dict[str, str]:
+    """The DICOM ids of the series an image came from (a DICOMweb PACS' series, or a series in a
+    studies folder): :data:`STUDY_FIELDS` read from the registry and one header of the series,
+    plus ``RetrieveURL`` (WADO-RS) when ``url`` is the PACS' DICOMweb root. ``{}`` for an image
+    that came from no series (a NIfTI file)."""
+    entry = read_registry(studies).get("images", {}).get(image_id)
+    if not entry or not entry.get("series_uid"):
+        return {}
+    out = {"SeriesInstanceUID": str(entry["series_uid"])}
+    if entry.get("study_uid"):
+        out["StudyInstanceUID"] = str(entry["study_uid"])
+    folder = Path(studies) / str(entry.get("folder", ""))
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=list(STUDY_FIELDS))
+        except Exception:  # noqa: BLE001 (not a DICOM file: the next one)
+            continue
+        if str(ds.get("SeriesInstanceUID", "")) == out["SeriesInstanceUID"]:
+            out.update({k: str(ds.get(k)) for k in STUDY_FIELDS if ds.get(k) not in (None, "") and k not in out})
+            break
+    if url and out.get("StudyInstanceUID"):
+        out["RetrieveURL"] = f"{url.rstrip('/')}/studies/{out['StudyInstanceUID']}/series/{out['SeriesInstanceUID']}"
+    return out
+
+
 class _TimeoutSession(requests.Session):
     """A ``requests`` session whose requests time out (dicomweb-client passes no timeout)."""
 
