@@ -245,3 +245,23 @@ def test_per_size_draws_are_the_same_for_every_method(openkbp_like, tmp_path):
     order = [t.key for t in p.tasks]
     assert all(k.startswith("finetune/random/") for k in order[:13])
     assert order.index("pretrain/agcl/oar/n01-d0") < order.index("finetune/agcl/oar/n01-d0") < order.index("finetune/simclr/oar/n02-d0")
+
+
+def test_pretraining_seeds_are_planned_at_the_chosen_sizes(openkbp_like, tmp_path):
+    """Issue 32: each method pretrained with 3 seeds; every seed's encoder fine-tuned on the draws of
+    one labeled patient, the same draws (and fine-tuning seed) as random init; seed 0 keeps its names."""
+    scale = le.Scale("tiny", "resnet10", 8, 64, 2, 4, finetune_steps=4, finetune_epochs=2, finetune_batch=4,
+                     samples_per_volume=2, pool=None, sizes=(1, 2), draws=2)
+    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl"], pretrain_seeds=3)
+    keys = {t.key: t for t in p.tasks}
+    assert [keys[f"pretrain/simclr{s}"].spec["config"]["seed"] for s in ("", "-s1", "-s2")] == [0, 1, 2]
+    run = keys["finetune/simclr/oar/n01-d1-s2"]
+    assert run.deps == ("pretrain/simclr-s2",) and run.spec["pretrain_seed"] == 2
+    assert run.output.name == "n01-d1-s2.json" and keys["finetune/simclr/oar/n01-d1"].output.name == "n01-d1.json"
+    assert run.spec["train"] == keys["finetune/random/oar/n01-d1"].spec["train"]
+    assert run.spec["finetune"]["seed"] == keys["finetune/random/oar/n01-d1"].spec["finetune"]["seed"]
+    assert keys["pretrain/agcl/oar/n01-d0-s1"].spec["config"]["seed"] == 1
+    assert "finetune/simclr/oar/n02-d0-s1" not in keys and "finetune/random/oar/n01-d0-s1" not in keys
+    assert p.settings()["pretrain_seeds"] == 3
+    order = [t.key for t in p.tasks]
+    assert order.index("finetune/simclr/oar/n01-d1-s2") < order.index("finetune/simclr/oar/n02-d0")  # smallest size first

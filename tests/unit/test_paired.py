@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contourcl.training.experiments.paired import bootstrap_ci, compare, compare_all, holm
+from contourcl.training.experiments.paired import bootstrap_ci, compare, compare_all, draw_t_interval, holm
 
 
 def _run(method: str, draw: int, scores: dict[str, list[float]], n: int = 1, model: str = "oar") -> dict:
@@ -79,6 +79,60 @@ def test_the_separation_ablation_is_paired_directly():
     runs = [_run(m, d, {f"p{i}": [0.3 + k + 0.001 * i] for i in range(6)}) for d in range(2)
             for m, k in (("separeg", 0.05), ("separeg-grid", 0.0))]
     lines = ablation_markdown(runs, "oar")
-    assert any(line.startswith("| separeg - separeg-grid | 1 | +0.050 [+0.050, +0.050]") and line.endswith("2/2 |") for line in lines)
+    # both draws +0.050: no spread, the interval is the point, resolved (bold)
+    assert any(line.startswith("| separeg - separeg-grid | 1 | **+0.050 [+0.050, +0.050]**; +0.050 +0.050;")
+               and line.endswith("2/2 |") for line in lines)
     assert not any("separeg-none" in line for line in lines)  # not run: no row
     assert ablation_markdown([r for r in runs if r["method"] == "separeg"], "oar") == []
+
+
+def test_the_draw_is_the_unit_t_interval_by_hand():
+    """Issue 32's audit: SimCLR at one labeled patient, five draw means; the t-interval over them by
+    hand: mean 0.0422, sd 0.05399, t(0.975, 4) = 2.7764, half width 2.7764 x 0.05343 / sqrt(5)."""
+    means = [0.003, 0.137, 0.032, 0.019, 0.020]
+    mean, low, high, p = draw_t_interval({(d, 0): v for d, v in enumerate(means)})
+    sd = float(np.std(means, ddof=1))
+    assert sd == pytest.approx(0.053988, abs=1e-5)
+    half = 2.776445 * sd / np.sqrt(5)
+    assert (mean, low, high) == pytest.approx((0.0422, 0.0422 - half, 0.0422 + half), abs=1e-6)
+    assert (round(low, 3), round(high, 3)) == (-0.025, 0.109)
+    # t = 0.0422 / (sd / sqrt 5) = 1.766 on 4 degrees of freedom: two-sided p 0.155
+    assert p == pytest.approx(0.1554, abs=1e-3)
+    assert np.isnan(draw_t_interval({(0, 0): 0.1})[1]), "one draw: no interval"
+
+
+def test_cells_are_corrected_over_the_table_and_resolved_only_outside_zero():
+    # three patients; method "a" gains +0.030, +0.031, +0.032 in draws 0..2 on every patient, "b" gains
+    # +0.10, -0.05, +0.02: a is resolved, b is not, and the correction is over the two cells
+    runs = [_run("random", d, {f"p{i}": [0.5] for i in range(3)}) for d in range(3)]
+    runs += [_run("a", d, {f"p{i}": [0.5 + g] for i in range(3)}) for d, g in enumerate((0.030, 0.031, 0.032))]
+    runs += [_run("b", d, {f"p{i}": [0.5 + g] for i in range(3)}) for d, g in enumerate((0.10, -0.05, 0.02))]
+    a, b = compare_all(runs, "oar", ["random", "a", "b"], [1])
+    assert a.draw_means == pytest.approx((0.030, 0.031, 0.032)) and a.units == ("d0", "d1", "d2")
+    assert a.cells == 2 and a.corrected_level == pytest.approx(0.975)
+    # a: mean 0.031, sd 0.001, se 0.001/sqrt 3; t(1 - 0.025/2, 2) = 6.2053 (corrected), 4.3027 (95 %)
+    se = 0.001 / np.sqrt(3)
+    assert (a.corrected_low, a.corrected_high) == pytest.approx((0.031 - 6.2053 * se, 0.031 + 6.2053 * se), abs=1e-5)
+    assert (a.t_low, a.t_high) == pytest.approx((0.031 - 4.3027 * se, 0.031 + 4.3027 * se), abs=1e-5)
+    assert a.resolved and not b.resolved and b.corrected_low < 0 < b.corrected_high
+    assert a.p_t_holm == pytest.approx(min(1.0, 2 * a.p_t)) and b.p_t_holm == pytest.approx(max(b.p_t, a.p_t_holm))
+    # every patient gains in b's draws 0 and 2: for these draws the Wilcoxon test calls it, the draws do not
+    assert b.p_wilcoxon < 0.3 and b.draws_better == 2
+
+
+def test_pretraining_seeds_are_units_and_their_spread_counts():
+    # two draws x two pretraining seeds; seed 1 is worse by 0.04 on both draws
+    runs = [_run("random", d, {f"p{i}": [0.5] for i in range(2)}) for d in range(2)]
+    for d, s, g in ((0, 0, 0.05), (1, 0, 0.03), (0, 1, 0.01), (1, 1, -0.01)):
+        runs.append({**_run("x", d, {f"p{i}": [0.5 + g] for i in range(2)}), "pretrain_seed": s})
+    c = compare(runs, "oar", "x", 1)
+    assert c.units == ("d0-s0", "d0-s1", "d1-s0", "d1-s1") and c.pretrain_seeds == 2 and c.draws == 2
+    assert c.difference == pytest.approx(0.02) and c.draws_better == 2
+    # by draw: 0.03, 0.01 (var 2e-4); by seed: 0.04, 0.00 (var 8e-4); se^2 = 1e-4 + 4e-4;
+    # Satterthwaite df = (5e-4)^2 / ((1e-4)^2 + (4e-4)^2) = 1.47
+    _, low, high, _ = draw_t_interval({(0, 0): 0.05, (1, 0): 0.03, (0, 1): 0.01, (1, 1): -0.01})
+    from scipy.stats import t
+    half = t.ppf(0.975, 25e-8 / 17e-8) * np.sqrt(5e-4)
+    assert (c.t_low, c.t_high) == pytest.approx((0.02 - half, 0.02 + half)) == (low, high)
+    # the seeds' spread widens it: over the draws alone (seeds averaged) it would be 0.02 ± 12.7 x 0.01
+    assert half > 12.7062 * 0.01

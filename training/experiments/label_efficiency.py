@@ -30,6 +30,15 @@ Two scales share the protocol (:data:`SCALES`): ``cpu`` (the default; small enco
 iterations, a 40-CT pretraining pool: about 1.5 h on 2 cores) and ``paper`` (the seeds'
 ResNet-50, 128 x 128 inputs, 100k iterations, batch 32; for a GPU).
 
+**Pretraining seeds** (issue 32): ``plan(..., pretrain_seeds=S)`` pretrains every method with
+``S`` seeds (``seed``, ``seed + 1``, ...) and fine-tunes each seed's encoder on every draw of the
+sizes in ``pretrain_seed_sizes`` (default: one labeled patient); the records say which
+(``pretrain_seed``; seed 0 keeps the file names of a one-seed run, ``nNN-dD.json``, the others are
+``nNN-dD-sK.json``), and the report counts the seed as a unit
+(:func:`contourcl.training.experiments.paired.draw_t_interval`). Not yet run: 3 seeds of the
+label-free methods at one labeled patient are 2 x 3 pretrainings and 2 x 5 x 3 fine-tunings per
+method beyond the table (about 1 h 20 min per method on 2 cores).
+
 Every pretraining method gets the same number of optimisation steps, ``Scale.pretrain_iterations``
 in total ("100k iterations in total", SepaReg's Experimental Setup): the one-stage methods run
 them in their one stage, SepaReg splits them over its stages (``budget="total"``,
@@ -221,6 +230,20 @@ def pretrain_task(spec: dict) -> dict:
 SCORED_ON = "imaged slices, reference check"
 #: records scored on the imaged slices before the reference check: their other figures stand
 IMAGED_SLICES_ONLY = "imaged slices"
+#: how a run is *trained* now (the record's ``rule``): on the slices that image the patient, the
+#: rule of docs/research/openkbp-data.md, "Slices that do not image the patient". A record with
+#: ``cases_every_slice`` was made by the code before it, which trained on every slice
+TRAINING_RULE = "masked-slice rule"
+#: the rule of the records made before it (issue 32, item 2: named in the tables)
+OLDER_RULE = "every slice (before the masked-slice rule)"
+
+
+def training_rule(record: Mapping) -> str:
+    """The rule ``record``'s run was trained under: :data:`OLDER_RULE` when it was scored on every
+    slice first (``cases_every_slice``: made before the masked-slice rule), else its ``rule``."""
+    if "cases_every_slice" in record:
+        return OLDER_RULE
+    return str(record.get("rule", TRAINING_RULE))
 
 
 def _score(spec: dict) -> tuple[dict, dict]:
@@ -264,6 +287,8 @@ def finetune_task(spec: dict) -> dict:
         "cases": metrics,
         "set_aside": set_aside,
         "scored_on": SCORED_ON,
+        "pretrain_seed": spec.get("pretrain_seed", 0),
+        "rule": TRAINING_RULE,
     }
     _write_json(Path(spec["result"]), record)
     return {"result": spec["result"]}
@@ -426,12 +451,17 @@ class Plan:
     largest_component: dict[str, bool] = field(default_factory=dict)
     tasks: list[Task] = field(default_factory=list)
     validation: dict[str, list[dict]] = field(default_factory=dict)
+    pretrain_seeds: int = 1  #: pretraining seeds per method (issue 32; see the module docstring)
+    pretrain_seed_sizes: tuple[int, ...] = (1,)  #: the sizes whose draws every seed's encoder is fine-tuned on
 
     def settings(self) -> dict:
-        return {
+        out = {
             "scale": asdict(self.scale), "models": list(self.models), "methods": list(self.methods),
             "tolerance_mm": self.tolerance_mm, "seed": self.seed, "pretrain_steps": self.pretrain_steps(),
         }
+        if self.pretrain_seeds > 1:
+            out.update(pretrain_seeds=self.pretrain_seeds, pretrain_seed_sizes=list(self.pretrain_seed_sizes))
+        return out
 
     def pretrain_steps(self) -> dict[str, dict[str, int]]:
         """Per pretraining run, the steps its method plans per stage (or group of stages)."""
@@ -446,12 +476,12 @@ class Plan:
         return out
 
 
-def _pretrain_config(plan: Plan, method: str, images: list[str], out: Path, options: dict | None = None) -> dict:
+def _pretrain_config(plan: Plan, method: str, images: list[str], out: Path, options: dict | None = None, seed: int = 0) -> dict:
     s = plan.scale
     return {
         "method": method, "images": images, "out": str(out), "encoder": s.encoder, "width": s.width,
         "image_size": s.image_size, "batch_size": s.pretrain_batch, "iterations": s.pretrain_iterations,
-        "checkpoint_every": 0, "log_every": 100, "num_workers": 0, "seed": plan.seed, "device": plan.device,
+        "checkpoint_every": 0, "log_every": 100, "num_workers": 0, "seed": plan.seed + seed, "device": plan.device,
         "cache_dir": str(plan.out / "cache"), "progress": False,
         "options": {**s.stage_options.get(method, {}), **(options or {})},
     }
@@ -469,29 +499,82 @@ def _finetune_config(plan: Plan, model: str, method: Method, init: str | None, d
     }
 
 
+def _seed_tag(k: int) -> str:
+    """File and task suffix of pretraining seed ``k`` (none for seed 0: a one-seed run's names)."""
+    return f"-s{k}" if k else ""
+
+
+def _add_finetune(p: Plan, model: str, name: str, method: Method, n: int, draw: int, k: int, cases: list[dict],
+                  coarse: Path, tag: str, pool_images: list[str]) -> None:
+    """The fine-tuning run of one row, draw and pretraining seed ``k`` (and its pretraining, when
+    the row's pretraining needs the draw's masks)."""
+    st = _seed_tag(k)
+    deps: tuple[str, ...] = ()
+    init = None
+    if method.pretrain and method.needs_masks:
+        if "random" not in p.methods:
+            raise ValueError(f"{name} takes its organ masks from the random-init model: keep 'random' in --methods")
+        ckpt = p.out / "pretrain" / f"{name}-{model}-n{n:02d}-d{draw}{st}.pt"
+        targets = list(model_labels(model)) if model == "oar" else ["GTV"]
+        options = {"coarse_model": str(coarse), ("targets" if name == "agcl" else "organs"): targets}
+        pre_deps: tuple[str, ...] = (f"finetune/random/{tag}",)
+        if name == "agcl" and model != "oar":
+            # AGCL on a single structure needs negatives (issue 9): the OARs,
+            # from the oar model of the same draw, then the target's own model
+            if "oar" not in p.models:
+                raise ValueError(f"agcl on the {model} model contrasts it against the OARs: keep 'oar' in --models")
+            oar_coarse = p.out / "models" / f"oar-random-n{n:02d}-d{draw}.pt"
+            options["coarse_model"] = [str(oar_coarse), str(coarse)]
+            options["negatives"] = list(model_labels("oar"))
+            pre_deps = (f"finetune/random/oar/n{n:02d}-d{draw}", *pre_deps)
+        p.tasks.append(Task(f"pretrain/{name}/{tag}{st}", pretrain_task,
+                            {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, options, k)},
+                            ckpt, deps=pre_deps))
+        deps, init = (f"pretrain/{name}/{tag}{st}",), str(ckpt)
+    elif method.pretrain:
+        ckpt = p.out / "pretrain" / f"{name}{st}.pt"
+        deps, init = (f"pretrain/{name}{st}",), str(ckpt)
+    result = p.out / "runs" / model / name / f"n{n:02d}-d{draw}{st}.json"
+    spec = {
+        "method": name, "draw": draw, "train": cases, "validation": p.validation[model],
+        "finetune": _finetune_config(p, model, method, init, draw),
+        "model_path": str(p.out / "models" / f"{model}-{name}-n{n:02d}-d{draw}{st}.pt"),
+        "result": str(result), "tolerance_mm": p.tolerance_mm, "pretrain_seed": k,
+    }
+    needed = (Path(spec["model_path"]),) if name == "random" and any(METHODS[m].needs_masks for m in p.methods) else ()
+    p.tasks.append(Task(f"finetune/{name}/{tag}{st}", finetune_task, spec, result, deps, also=needed))
+
+
 def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] = MODELS, methods: Sequence[str] = DEFAULT_METHODS,
          tolerance_mm: float = DEFAULT_TOLERANCE_MM, seed: int = 0, device: str | None = None,
-         largest_component: Mapping[str, bool] | None = None) -> Plan:
+         largest_component: Mapping[str, bool] | None = None, pretrain_seeds: int = 1,
+         pretrain_seed_sizes: Sequence[int] = (1,)) -> Plan:
     """The runs of one benchmark, with their dependencies (nothing is run).
 
     ``largest_component``: per model, the rule its model files record (the app's model config).
+    ``pretrain_seeds``: pretrain each method with this many seeds; the extra seeds' encoders are
+    fine-tuned on the draws of ``pretrain_seed_sizes`` (see the module docstring).
     """
+    if pretrain_seeds < 1:
+        raise ValueError(f"pretrain_seeds must be at least 1, not {pretrain_seeds}")
     for m in models:
         model_labels(m)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     train, val = openkbp_splits(data)
-    p = Plan(Path(out), scale, tuple(models), tuple(methods), float(tolerance_mm), seed, device, dict(largest_component or {}))
+    p = Plan(Path(out), scale, tuple(models), tuple(methods), float(tolerance_mm), seed, device, dict(largest_component or {}),
+             pretrain_seeds=int(pretrain_seeds), pretrain_seed_sizes=tuple(int(n) for n in pretrain_seed_sizes))
     pool = set(pretraining_pool(train, scale.pool, seed))
     pool_images = sorted(c["image"] for c in labeled_cases(train, "oar") if c["id"] in pool)
     # label-free pretraining: once, shared by every draw and model
     for name in p.methods:
         method = METHODS[name]
         if method.pretrain and not method.needs_masks:
-            ckpt = p.out / "pretrain" / f"{name}.pt"
-            p.tasks.append(Task(f"pretrain/{name}", pretrain_task,
-                                {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, dict(method.options))}, ckpt))
+            for k in range(p.pretrain_seeds):
+                ckpt = p.out / "pretrain" / f"{name}{_seed_tag(k)}.pt"
+                p.tasks.append(Task(f"pretrain/{name}{_seed_tag(k)}", pretrain_task,
+                                    {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, dict(method.options), k)}, ckpt))
     for model in p.models:
         labeled = [c for c in usable_cases(train, model) if c["id"] in pool]
         p.validation[model] = usable_cases(val, model)
@@ -502,40 +585,9 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
                 coarse = p.out / "models" / f"{model}-random-n{n:02d}-d{draw}.pt"
                 for name in p.methods:
                     method = METHODS[name]
-                    deps: tuple[str, ...] = ()
-                    init = None
-                    if method.pretrain and method.needs_masks:
-                        if "random" not in p.methods:
-                            raise ValueError(f"{name} takes its organ masks from the random-init model: keep 'random' in --methods")
-                        ckpt = p.out / "pretrain" / f"{name}-{model}-n{n:02d}-d{draw}.pt"
-                        targets = list(model_labels(model)) if model == "oar" else ["GTV"]
-                        options = {"coarse_model": str(coarse), ("targets" if name == "agcl" else "organs"): targets}
-                        pre_deps: tuple[str, ...] = (f"finetune/random/{tag}",)
-                        if name == "agcl" and model != "oar":
-                            # AGCL on a single structure needs negatives (issue 9): the OARs,
-                            # from the oar model of the same draw, then the target's own model
-                            if "oar" not in p.models:
-                                raise ValueError(f"agcl on the {model} model contrasts it against the OARs: keep 'oar' in --models")
-                            oar_coarse = p.out / "models" / f"oar-random-n{n:02d}-d{draw}.pt"
-                            options["coarse_model"] = [str(oar_coarse), str(coarse)]
-                            options["negatives"] = list(model_labels("oar"))
-                            pre_deps = (f"finetune/random/oar/n{n:02d}-d{draw}", *pre_deps)
-                        p.tasks.append(Task(f"pretrain/{name}/{tag}", pretrain_task,
-                                            {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, options)},
-                                            ckpt, deps=pre_deps))
-                        deps, init = (f"pretrain/{name}/{tag}",), str(ckpt)
-                    elif method.pretrain:
-                        ckpt = p.out / "pretrain" / f"{name}.pt"
-                        deps, init = (f"pretrain/{name}",), str(ckpt)
-                    result = p.out / "runs" / model / name / f"n{n:02d}-d{draw}.json"
-                    spec = {
-                        "method": name, "draw": draw, "train": cases, "validation": p.validation[model],
-                        "finetune": _finetune_config(p, model, method, init, draw),
-                        "model_path": str(p.out / "models" / f"{model}-{name}-n{n:02d}-d{draw}.pt"),
-                        "result": str(result), "tolerance_mm": p.tolerance_mm,
-                    }
-                    needed = (Path(spec["model_path"]),) if name == "random" and any(METHODS[m].needs_masks for m in p.methods) else ()
-                    p.tasks.append(Task(f"finetune/{name}/{tag}", finetune_task, spec, result, deps, also=needed))
+                    seeds = range(p.pretrain_seeds if method.pretrain and n in p.pretrain_seed_sizes else 1)
+                    for k in seeds:
+                        _add_finetune(p, model, name, method, n, draw, k, cases, coarse, tag, pool_images)
     # the random-init runs first (the mask-needing pretrainings wait for them), then the label-free
     # pretrainings, then size by size (smallest first) and draw by draw, each draw's pretrainings
     # before its fine-tunings: a benchmark stopped early has whole draws of its smallest sizes
@@ -544,7 +596,7 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
 
 
 def _order(t: Task) -> tuple:
-    tag = re.search(r"/n(\d+)-d(\d+)$", t.key)
+    tag = re.search(r"/n(\d+)-d(\d+)(?:-s\d+)?$", t.key)
     size, draw = (int(tag[1]), int(tag[2])) if tag else (0, 0)
     return (not t.key.startswith("finetune/random/"), size, draw, not t.key.startswith("pretrain/"))
 

@@ -2,8 +2,11 @@
 
 Aggregation, per model, method and ``|X_tr|``: a validation patient's score for a structure is
 averaged over the draws of labeled cases; the patient's mean over structures counts only the
-structures that patient's reference contours. The table gives the mean ± standard error over
-patients (as the seeds' tables), and the CSV adds the spread of the draws' means.
+structures that patient's reference contours. The tables give the mean ± standard error over
+patients (as the seeds' tables: it describes the spread over patients for these draws). The Dice
+table adds each draw's mean and the 95 % t-interval over the draws' means, the labeled draw as
+the unit; the paired tables are over draws too (:mod:`contourcl.training.experiments.paired`:
+draw means, t-interval, Holm-adjusted t-test, the corrected interval that decides "resolved").
 
 HD95 is undefined when the model misses a structure entirely; such cases are left out of the
 HD95 mean and counted in the ``hd95_missed`` column (Dice and surface Dice count them as 0).
@@ -25,7 +28,7 @@ from contourcl.data.labels import model_labels
 from contourcl.data.volumes import read_nifti, to_ras
 from contourcl.evaluation import METRICS, case_mean, format_figure, summarise
 from contourcl.plots import _pyplot, contour_overlay
-from contourcl.training.experiments.paired import PairedComparison, compare, compare_all
+from contourcl.training.experiments.paired import PairedComparison, compare, compare_all, correct, draw_t_interval
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,20 @@ def _fmt(row: dict | None, metric: str) -> str:
     return format_figure(row["mean"], row["se"], metric, row["hd95_missed"] or 0)
 
 
+def _fmt_draws(row: dict | None) -> str:
+    """Dice with its draws: ``mean ± se (patients); 95 % t over draws [low, high]; draws a b c``."""
+    if row is None:
+        return "-"
+    text = _fmt(row, "dice")
+    means = [float(v) for v in str(row.get("draw_means") or "").split(";") if v]
+    if len(means) > 1:
+        _, low, high, _ = draw_t_interval({(d, 0): v for d, v in enumerate(means)})
+        text += f"; draws [{low:.3f}, {high:.3f}]"
+    if means:
+        text += ": " + " ".join(f"{v:.3f}" for v in means)
+    return text
+
+
 def _draws(scale: dict) -> str:
     draws = scale["draws"]
     if isinstance(draws, int):
@@ -78,26 +95,44 @@ def _draws(scale: dict) -> str:
 
 
 def _paired_cell(c: PairedComparison | None) -> str:
+    """``**Δ**`` (bold when resolved) ``[corrected interval]``; the draws' means; the 95 % t-interval;
+    the t-test's p and its Holm adjustment; draws better."""
     if c is None:
         return "-"
-    return (f"{c.difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]; p {c.p_wilcoxon:.2g}, Holm {c.p_holm:.2g}; "
-            f"{c.draws_better}/{c.draws}")
+    def bounds(low: float, high: float) -> str:
+        return "[-]" if np.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
+    head = f"{c.difference:+.3f} {bounds(c.corrected_low, c.corrected_high)}"
+    if c.resolved:
+        head = f"**{head}**"
+    return (f"{head}; {' '.join(f'{m:+.3f}' for m in c.draw_means)}; 95 % {bounds(c.t_low, c.t_high)}; "
+            f"p {c.p_t:.2g}, Holm {c.p_t_holm:.2g}; {c.draws_better}/{c.draws}")
 
 
-def paired_markdown(comparisons: list[PairedComparison], model: str, methods: list[str], sizes: list[int]) -> list[str]:
+def paired_legend(cells: int, level: float) -> str:
+    return (f"Each cell: mean difference **[{100 * level:.1f} % t-interval over the draws' means, corrected for the "
+            f"table's {cells} cells (Bonferroni)]**, in bold when it excludes zero (resolved); each draw's mean "
+            "difference (with pretraining seeds: each draw and seed, `results.csv`); the uncorrected 95 % t-interval "
+            "over the draws; the t-test's p over the draws and its Holm adjustment over the table; draws whose mean is "
+            "higher. The labeled draw is the unit; `paired.csv` keeps the Wilcoxon p over patients and the bootstrap "
+            "interval for reference (they hold for these draws only).")
+
+
+def paired_markdown(comparisons: list[PairedComparison], model: str, methods: list[str], sizes: list[int],
+                    marks: dict[str, str] | None = None) -> list[str]:
     """The paired table of one model (:mod:`contourcl.training.experiments.paired`)."""
     index = {(c.method, c.n_labeled): c for c in comparisons if c.model == model}
     if not index:
         return []
-    n_pat = next(iter(index.values())).patients
-    lines = [f"**{model}: Dice difference to random init, paired** ({n_pat} validation patients). Each cell: mean "
-             "difference [95 % CI, bootstrap over draws and patients]; Wilcoxon signed-rank p over patients, and "
-             "Holm-adjusted over this table; draws whose mean is higher than random init's.", ""]
+    first = next(iter(index.values()))
+    n_pat = first.patients
+    base = (marks or {}).get("random", "")
+    lines = [f"**{model}: Dice difference to random init{base}, paired** ({n_pat} validation patients). "
+             + paired_legend(first.cells, first.corrected_level), ""]
     lines.append("| pretraining | " + " | ".join(f"\\|X_tr\\| = {n}" for n in sizes) + " |")
     lines.append("|---|" + "---|" * len(sizes))
     for m in methods:
         if m != "random":
-            lines.append(f"| {m} | " + " | ".join(_paired_cell(index.get((m, n))) for n in sizes) + " |")
+            lines.append(f"| {m}{(marks or {}).get(m, '')} | " + " | ".join(_paired_cell(index.get((m, n))) for n in sizes) + " |")
     return lines + [""]
 
 
@@ -107,16 +142,40 @@ ABLATION = (("separeg", "separeg-grid"), ("separeg", "separeg-none"), ("separeg-
 
 def ablation_markdown(runs: list[dict], model: str) -> list[str]:
     """SepaReg's separation ablation, paired directly (where its rows were run)."""
-    lines = []
+    found = []
     for method, baseline in ABLATION:
         for n in sorted({r["n_labeled"] for r in runs if r["model"] == model and r["method"] == method}):
             c = compare(runs, model, method, n, baseline=baseline)
             if c is not None:
-                lines.append(f"| {method} - {baseline} | {n} | {_paired_cell(c).replace('Holm nan; ', '')} |")
-    if not lines:
+                found.append(c)
+    if not found:
         return []
-    return [f"**{model}: SepaReg's separation ablation, paired** (Dice difference [95 % CI]; Wilcoxon p; draws where the "
-            "first is higher)", "", "| comparison | \\|X_tr\\| | difference |", "|---|---|---|", *lines, ""]
+    found = correct(found)  # the ablation is its own table: corrected over its own cells
+    lines = [f"| {c.method} - {c.baseline} | {c.n_labeled} | {_paired_cell(c)} |" for c in found]
+    return [f"**{model}: SepaReg's separation ablation, paired** (the first minus the second). "
+            + paired_legend(found[0].cells, found[0].corrected_level), "",
+            "| comparison | \\|X_tr\\| | difference |", "|---|---|---|", *lines, ""]
+
+
+def rule_marks(runs: list[dict], model: str) -> tuple[dict[str, str], list[str]]:
+    """Issue 32, item 2: where one table's rows were trained under different rules
+    (:func:`~contourcl.training.experiments.label_efficiency.training_rule`), a mark per row trained
+    under the older rule and a note that says which rows and what rule; ``({}, [])`` when one rule."""
+    from contourcl.training.experiments.label_efficiency import OLDER_RULE, training_rule
+
+    rules: dict[str, set[str]] = defaultdict(set)
+    for r in runs:
+        if r["model"] == model:
+            rules[r["method"]].add(training_rule(r))
+    every = set().union(*rules.values()) if rules else set()
+    if len(every) <= 1:
+        rule = next(iter(every), "")
+        return {}, ([f"**{model}**: every row trained under one rule: {rule}.", ""] if rule else [])
+    older = sorted(m for m, rs in rules.items() if OLDER_RULE in rs)
+    return ({m: " †" for m in older},
+            [f"**{model}: the rows do not share one training rule.** † {', '.join(older)}: trained on {OLDER_RULE}; "
+             f"the other rows under the masked-slice rule (scored alike). A difference between a † row and another "
+             "row is partly a difference of code versions, not of methods.", ""])
 
 
 def markdown(rows: list[dict], settings: dict, comparisons: list[PairedComparison] | None = None,
@@ -137,15 +196,20 @@ def markdown(rows: list[dict], settings: dict, comparisons: list[PairedCompariso
     ]
     for model in models:
         n_pat = index.get((model, methods[0], sizes[0], "mean", "dice"), {}).get("patients", "?")
+        marks, note = rule_marks(runs or [], model)
+        lines += note
         for metric in METRICS:
             lines += [f"**{model}: {METRIC_TITLES[metric]}, mean over structures** ({n_pat} validation patients)", ""]
             lines.append("| pretraining | " + " | ".join(f"\\|X_tr\\| = {n}" for n in sizes) + " |")
             lines.append("|---|" + "---|" * len(sizes))
             for m in methods:
-                lines.append(f"| {m} | " + " | ".join(_fmt(index.get((model, m, n, "mean", metric)), metric) for n in sizes) + " |")
+                cell = _fmt_draws if metric == "dice" else (lambda row, metric=metric: _fmt(row, metric))
+                lines.append(f"| {m}{marks.get(m, '')} | " + " | ".join(cell(index.get((model, m, n, "mean", metric))) for n in sizes) + " |")
             lines.append("")
             if metric == "dice":
-                lines += paired_markdown(comparisons or [], model, methods, sizes)
+                lines += ["Dice cells: mean ± standard error over patients; the 95 % t-interval over the draws' means "
+                          "(the labeled draw as the unit); each draw's mean.", ""]
+                lines += paired_markdown(comparisons or [], model, methods, sizes, marks)
                 lines += ablation_markdown(runs or [], model)
         structures = list(model_labels(model))
         if len(structures) > 1:
@@ -251,9 +315,14 @@ def write_report(plan) -> list[Path]:
     if comparisons:
         paired_csv = out / "paired.csv"
         with paired_csv.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(asdict(comparisons[0])))
+            fields = [*asdict(comparisons[0]), "resolved"]
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
-            w.writerows(asdict(c) for c in comparisons)
+            for c in comparisons:
+                row = asdict(c)
+                row["draw_means"] = ";".join(f"{m:.4f}" for m in c.draw_means)
+                row["units"] = ";".join(c.units)
+                w.writerow({**row, "resolved": c.resolved})
         written.append(paired_csv)
     md = out / "results.md"
     md.write_text(markdown(rows, plan.settings(), comparisons, runs) + "\n")
