@@ -32,7 +32,9 @@ def test_each_final_is_scored_against_the_version_that_proposed(tmp_path):
     record = EffortRecord(tmp_path / "studies")
     box = np.s_[5:15, 5:15, 1:4]
     record.keep_proposal("ct1", "oar", _proposal(tmp_path, "v1.nii.gz", 1, box), {"model_version": "v1"}, {})
-    record.keep_proposal("ct1", "oar", _proposal(tmp_path, "v2.nii.gz", 1, np.s_[6:16, 5:15, 1:4]), {"model_version": "v2"}, {"label": "x"})
+    clicks = {"label": "Brainstem", "Brainstem": [[6, 6, 2]], "background": [[1, 1, 1]], "image": "/tmp/x.nii.gz"}
+    kept = record.keep_proposal("ct1", "oar", _proposal(tmp_path, "v2.nii.gz", 1, np.s_[6:16, 5:15, 1:4]), {"model_version": "v2"}, clicks)
+    assert kept["params"] == {"label": "Brainstem", "Brainstem": [[6, 6, 2]], "background": [[1, 1, 1]]}, "the clicks, in Slicer's form"
     replaced = list((tmp_path / "studies" / ".contourcl" / "effort" / "proposals" / "oar" / "replaced").glob("ct1.*.json"))
     assert [json.loads(p.read_text())["model_version"] for p in replaced] == ["v1"], "the replaced answer is kept"
     # the served file changes to v3 after the answer: the final is scored against v2, which answered

@@ -40,7 +40,8 @@ from contourcl.ids import check_id
 
 logger = logging.getLogger(__name__)
 
-#: request keys kept with a proposal (the rest, e.g. uploaded file paths, say nothing about it)
+#: request keys kept with a proposal, besides the clicks on each of the model's structures (Slicer's
+#: DeepEdit form); the rest, e.g. uploaded file paths, say nothing about it
 _KEPT_PARAMS = ("largest_component", "label", "foreground", "background")
 
 
@@ -68,7 +69,7 @@ class EffortRecord:
         proposal for the image; an earlier one is moved to ``replaced/``. Returns what is kept."""
         label, meta_file = self._proposal_paths(image_id, model)
         meta = {"image": image_id, "model": model, "model_version": result.get("model_version"), "time": _now(),
-                "params": {k: request[k] for k in _KEPT_PARAMS if k in request}}
+                "params": {k: v for k, v in request.items() if k in _KEPT_PARAMS or k in model_labels(model)}}
         with self._lock:
             if label.is_file():
                 self._retire(label, meta_file)
