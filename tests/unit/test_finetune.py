@@ -194,3 +194,28 @@ def test_the_shipped_recipes_are_the_shipped_commands():
     assert parsed(*common, "--recipe", "oar", "--epochs", "3").epochs == 3
     with pytest.raises(FileNotFoundError, match="one of"):
         parsed(*common, "--recipe", "liver")
+
+
+def test_voxel_siamese_lambda_is_chosen_on_the_inner_split(tmp_path, monkeypatch):
+    """Issue 32: lambda among the choices, each scored on the held-out inner cases (last epoch),
+    never on a case it trained on; one labeled case has no inner split and keeps the default."""
+    from contourcl.training.finetune import engine, voxel_siamese
+
+    data = cases(tmp_path, 3)
+    cfg = tiny_config(max_epochs=1, steps_per_epoch=2, voxel_siamese=True)
+    seen = []
+    real = engine.finetune
+
+    def spy(train, val, trial, **kw):
+        seen.append(([c["id"] for c in train], [c["id"] for c in val], trial.voxel_siamese_lambda))
+        return real(train, val, trial, **kw)
+
+    monkeypatch.setattr(engine, "finetune", spy)
+    chosen = voxel_siamese.select_lambda(data, cfg, choices=(0.3, 10.0), seed=0)
+    assert [lam for *_, lam in seen] == [0.3, 10.0]
+    assert all(len(v) == 1 and not set(v) & set(t) and len(t) == 2 for t, v, _ in seen)
+    assert chosen["inner_val_ids"] == seen[0][1] and set(chosen["scores"]) == {0.3, 10.0}
+    assert chosen["lambda"] == max(chosen["scores"], key=lambda k: (chosen["scores"][k], -k))
+    alone = voxel_siamese.select_lambda(data[:1], cfg)
+    assert alone["lambda"] == cfg.voxel_siamese_lambda and alone["scores"] == {} and len(seen) == 2
+    assert voxel_siamese.LAMBDA_CHOICES == (0.3, 1.0, 3.0, 10.0)

@@ -177,3 +177,24 @@ def test_middle_slices_are_those_of_the_whole_scan_not_of_the_body_slices():
     body_rows = np.array([(0, z) for z in range(5, 15)])
     keep = middle_slices(body_rows, [20], 0.3)
     assert body_rows[keep][:, 1].tolist() == [7, 8, 9, 10, 11, 12]
+
+
+def test_polycl_anneals_with_warm_restarts_every_tenth_of_the_run():
+    """The paper: "cosine-annealing learn rate scheduler with warm restarts after every 10 epochs"
+    (of 100): ten cycles; torch's CosineAnnealingWarmRestarts, the rate back at its base each restart."""
+    from contourcl.training.pretrain.polycl import PolyCLOrgan, PolyCLScan
+    from contourcl.training.pretrain.trainer import build_scheduler
+
+    assert PolyCLScan.default_schedule == PolyCLOrgan.default_schedule == "cosine-restarts"
+    assert PolyCLScan.restart_cycles == 10
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = build_scheduler(opt, 300, 0, "cosine-restarts", 10)
+    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts) and sched.T_0 == 30
+    rates = []
+    for _ in range(300):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == rates[30] == rates[270] == pytest.approx(1e-4)  # a restart every 30 steps
+    assert rates[15] == pytest.approx(0.5e-4) and rates[29] < 0.01e-4  # half way down, then near 0
+    assert sum(r == pytest.approx(1e-4) for r in rates) == 10

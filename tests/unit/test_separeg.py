@@ -430,3 +430,8 @@ def test_default_regions_have_the_papers_physical_size(spacing_mm):
     assert median_area_mm2(slices, spacing_mm, **{**options, "region_area_mm2": None}) < target / 4  # the old default
     # SLIC on a finer grid, labels brought back: the same physical size
     assert target / 1.5 <= median_area_mm2(slices, spacing_mm, **{**options, "slic_spacing": 1.0}) <= target * 1.5
+
+
+def test_separeg_views_do_not_flip_by_default():
+    """Issue 32: the paper names no flip; the earlier runs' flip (p 0.5) is an option."""
+    assert separeg.SepaRegMethod.default_options["flip_p"] == 0.0

@@ -138,6 +138,9 @@ class Method:
     needs_masks: bool = False  #: pretraining needs organ masks (taken from the draw's coarse model)
     voxel_siamese: bool = False  #: fine-tune with the voxel-level Siamese auxiliary loss
     options: tuple[tuple[str, object], ...] = ()  #: pretraining options of this row (``--set``)
+    #: choose the voxel-Siamese lambda per draw on an inner split of its labeled cases (issue 32;
+    #: :func:`contourcl.training.finetune.voxel_siamese.select_lambda`)
+    select_lambda: bool = False
 
 
 METHODS = {
@@ -151,6 +154,7 @@ METHODS = {
         Method("polycl-o", "polycl-o", needs_masks=True),
         Method("polycl-s", "polycl-s"),
         Method("voxel-siamese", voxel_siamese=True),
+        Method("voxel-siamese-inner", voxel_siamese=True, select_lambda=True),
         # SepaReg's separation ablation (the paper's Table 4): regular grid cells of the
         # superpixels' size, and the whole body slice as the one region
         Method("separeg-grid", "separeg", options=(("separation", "grid"),)),
@@ -263,6 +267,14 @@ def finetune_task(spec: dict) -> dict:
     cfg = FinetuneConfig(**spec["finetune"])
     if cfg.init and not Path(cfg.init).is_file():
         raise FileNotFoundError(f"pretrained encoder {cfg.init} is missing")
+    selection = None
+    if spec.get("select_lambda"):
+        import dataclasses
+
+        from contourcl.training.finetune.voxel_siamese import select_lambda
+
+        selection = select_lambda(spec["train"], cfg, seed=spec["draw"])
+        cfg = dataclasses.replace(cfg, voxel_siamese_lambda=selection["lambda"])
     result = finetune(spec["train"], [], cfg, progress=False)
     model_path = Path(spec["model_path"])
     model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,6 +302,8 @@ def finetune_task(spec: dict) -> dict:
         "pretrain_seed": spec.get("pretrain_seed", 0),
         "rule": TRAINING_RULE,
     }
+    if selection is not None:
+        record["lambda_selection"] = selection
     _write_json(Path(spec["result"]), record)
     return {"result": spec["result"]}
 
@@ -540,6 +554,7 @@ def _add_finetune(p: Plan, model: str, name: str, method: Method, n: int, draw: 
         "finetune": _finetune_config(p, model, method, init, draw),
         "model_path": str(p.out / "models" / f"{model}-{name}-n{n:02d}-d{draw}{st}.pt"),
         "result": str(result), "tolerance_mm": p.tolerance_mm, "pretrain_seed": k,
+        "select_lambda": method.select_lambda,
     }
     needed = (Path(spec["model_path"]),) if name == "random" and any(METHODS[m].needs_masks for m in p.methods) else ()
     p.tasks.append(Task(f"finetune/{name}/{tag}{st}", finetune_task, spec, result, deps, also=needed))

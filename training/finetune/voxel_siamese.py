@@ -24,7 +24,21 @@ Deviations from the paper and choices it leaves open (no public code exists), ea
 - Eq. 4 averaged over the pairs (``pair_reduction="mean"``; ``"sum"`` is literal): the sum grows
   as ``|P^c|^2``, which no ``lambda`` balances against a Dice loss in [0, 1].
 - ``lambda = 0.3``, not 10 (:data:`DEFAULT_LAMBDA`): with the averaged Eq. 4, 10 lets the feature
-  loss outweigh the Dice loss.
+  loss outweigh the Dice loss. The paper: "The weighting parameter lambda was 10 for
+  L_feature_3 and 100 for L_feature_1" (Sec. IV-B). 0.3 was chosen with ``placement="decoder"``
+  (since abandoned) and is not re-checked for the encoder placement (issue 32):
+  :func:`select_lambda` chooses it among :data:`LAMBDA_CHOICES` (0.3, 1, 3, 10) on an inner split
+  of the labeled cases, the last epoch's Dice on the held-out inner cases deciding; the
+  label-efficiency row ``voxel-siamese-inner`` does so per draw (with one labeled patient there is
+  no inner split: it keeps 0.3 and its record says so). Not yet run.
+- Input size and the deepest map (issue 32): the paper resamples each CT to 128 x 128 x 64 and
+  feeds the whole volume to a 3D U-Net (Cicek et al.: three poolings, stride 8), so its deepest
+  map F_1 is 16 x 16 x 8, an eighth of the input's side. Here F_1 is the ResNet encoder's layer4 at
+  stride 32, on 2D crops: 64 px at the CPU scale gives 2 x 2 (a small organ covers less than one
+  voxel of it), 96 px (gpu scale) 3 x 3, 128 px (paper scale) 4 x 4, a whole 3 mm slice of about
+  170 px 5 x 5. Keeping the paper's proportion (16 across) would take 512 px inputs, more than a
+  whole slice at 3 mm: it cannot be kept with this encoder, whose stride the served U-Net fixes.
+  F_2 and F_3 (stride 16 and 8) are 4 x 4 and 8 x 8 at 64 px.
 - ``placement="decoder"`` (the finest three decoder outputs), an option only: the earlier
   label-efficiency runs used it.
 - Sampling caps (the paper's 1000 false negatives of 1700) shrink in proportion on small layers:
@@ -72,6 +86,8 @@ PAPER_LAMBDA = 10.0
 #: background. Chosen with placement="decoder", not re-checked for the paper's placement
 #: (measurements: docs/design-notes.md).
 DEFAULT_LAMBDA = 0.3
+#: the lambdas :func:`select_lambda` chooses among (issue 32): the default, the paper's 10, and between
+LAMBDA_CHOICES = (0.3, 1.0, 3.0, 10.0)
 
 #: where the voxel feature heads go: the paper's (``"encoder"``: F_1 = last encoder layer, F_2,
 #: F_3 = the two deepest skips) or, a deviation kept as an option, the finest decoder outputs
@@ -381,3 +397,50 @@ class VoxelSiameseNet(nn.Module):
         with torch.autocast(device_type=image.device.type, enabled=False):
             loss = self.feature_loss([f.float() for f in feats], labels, logits.detach().float(), valid)
         return logits, loss
+
+
+def inner_split(items: Sequence[dict], fraction: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """``(inner training, inner validation)`` of ``items``: a seeded ``fraction`` (at least one
+    case) held out; ``([], [])`` with fewer than two cases (no inner split exists)."""
+    import numpy as np
+
+    if len(items) < 2:
+        return [], []
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(items))
+    k = max(1, int(round(fraction * len(items))))
+    held = set(order[:k].tolist())
+    return [c for i, c in enumerate(items) if i not in held], [c for i, c in enumerate(items) if i in held]
+
+
+def select_lambda(items: Sequence[dict], cfg, choices: Sequence[float] = LAMBDA_CHOICES, fraction: float = 0.2,
+                  seed: int = 0, progress: bool = False) -> dict:
+    """Choose the voxel-Siamese ``lambda`` on an inner split of the labeled ``items`` (issue 32).
+
+    Fine-tunes ``cfg`` (a :class:`~contourcl.training.finetune.engine.FinetuneConfig` with
+    ``voxel_siamese=True``) on the inner training cases once per ``choices`` and scores each on the
+    inner validation cases: the last epoch's mean Dice decides (the benchmark keeps the last
+    weights, not the best epoch); ties go to the smaller lambda. Returns ``{"lambda", "scores",
+    "inner_val_ids"}``; with fewer than two cases there is no inner split: ``lambda`` is
+    ``cfg.voxel_siamese_lambda`` and ``scores`` is empty.
+    """
+    import dataclasses
+    import math
+
+    from contourcl.training.finetune.engine import finetune
+
+    if not cfg.voxel_siamese:
+        raise ValueError("select_lambda chooses the voxel-Siamese loss's weight: the config must have voxel_siamese=True")
+    train, val = inner_split(items, fraction, seed)
+    if not val:
+        return {"lambda": float(cfg.voxel_siamese_lambda), "scores": {}, "inner_val_ids": [],
+                "reason": f"{len(items)} labeled case(s): no inner split"}
+    scores = {}
+    for lam in choices:
+        trial = dataclasses.replace(cfg, voxel_siamese_lambda=float(lam), val_interval=cfg.max_epochs)
+        result = finetune(train, val, trial, progress=progress)
+        last = [h["val_dice"] for h in result.history if "val_dice" in h]
+        scores[float(lam)] = float(last[-1]) if last else float("nan")
+    finite = {k: v for k, v in scores.items() if math.isfinite(v)}
+    best = max(sorted(finite), key=lambda k: finite[k]) if finite else float(cfg.voxel_siamese_lambda)
+    return {"lambda": best, "scores": scores, "inner_val_ids": [c.get("id") for c in val]}

@@ -43,6 +43,11 @@ def default_cache_dir() -> str:
     return os.path.join(base, "contourcl")
 
 
+#: learning-rate schedules of a stage: cosine decay to 0 (after ``warmup``), the base rate, or
+#: cosine annealing with warm restarts (torch's ``CosineAnnealingWarmRestarts``, SGDR)
+SCHEDULES = ("cosine", "constant", "cosine-restarts")
+
+
 @dataclass
 class PretrainConfig:
     """Every setting of a pretraining run; read from a YAML/JSON file, overridden on the command line.
@@ -68,7 +73,8 @@ class PretrainConfig:
     optimizer: str | None = None  #: sgd | adam | adamw
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "cosine"  #: cosine | constant (per stage)
+    #: cosine | constant | cosine-restarts (per stage); None: the method's (PretrainMethod.default_schedule)
+    schedule: str | None = None
     warmup: int = 0  #: linear warm-up steps
     grad_clip: float | None = None
     checkpoint_every: int = 1000  #: steps between training-state checkpoints (0: only at stage ends)
@@ -92,8 +98,8 @@ class PretrainConfig:
         self.options = dict(self.options or {})
         if self.optimizer is not None and self.optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError(f"optimizer must be sgd, adam or adamw, not {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"schedule must be cosine or constant, not {self.schedule!r}")
+        if self.schedule not in (None, *SCHEDULES):
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, not {self.schedule!r}")
         for name in ("batch_size", "iterations", "image_size", "width"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be positive")
@@ -257,6 +263,10 @@ class PretrainMethod(nn.Module):
     default_options: ClassVar[dict[str, Any]] = {}
     default_lr: ClassVar[float] = 0.05
     default_optimizer: ClassVar[str] = "sgd"
+    #: the learning-rate schedule when the config names none (:data:`SCHEDULES`)
+    default_schedule: ClassVar[str] = "cosine"
+    #: ``cosine-restarts``: cosine cycles per stage (the period is the stage's steps / cycles)
+    restart_cycles: ClassVar[int] = 10
     #: when set, the default lr is ``default_lr * global batch / lr_reference_batch`` (SimSiam's rule)
     lr_reference_batch: ClassVar[int | None] = None
 

@@ -43,9 +43,11 @@
      encoder) and sees the un-augmented regions (``distill_augment=True``: one augmented view,
      the same for student and teachers).
 
-Augmentation, a deviation (issue 9): the SimSiam views also flip horizontally (``flip_p`` 0.5;
-``--set flip_p=0`` leaves it out). It swaps no label: SepaReg flips *regions*, which carry no side
-or structure name (docs/design-notes.md).
+Augmentation: the paper's views are "different transformations" of SimSiam's without a list, and
+it names no flip, so the views do not flip (``flip_p`` 0, since issue 32). Until then they flipped
+horizontally with p 0.5 (issue 9's deviation, which swaps no label: SepaReg flips *regions*, which
+carry no side or structure name); every SepaReg row of the label-efficiency tables was pretrained
+so (``--set flip_p=0.5`` reproduces it). Whether the flip changes a table was not measured.
 
 Step budget (issue 9): the paper pretrains every method "for 100k iterations in total"
 (Experiments, Pretrain stage) without splitting SepaReg's share. ``budget="total"`` (default)
@@ -560,6 +562,7 @@ class SepaRegMethod(PretrainMethod):
     name = "separeg"
     default_options = {
         **SIMSIAM_OPTIONS,
+        "flip_p": 0.0,  # the paper names no flip (issue 32); --set flip_p=0.5 for the earlier runs' views
         "jitter_p": 0.3,
         "blur_p": 0.2,
         "region_area_mm2": PAPER_REGION_AREA_MM2,

@@ -105,16 +105,24 @@ def build_optimizer(name: str, params, lr: float, config: PretrainConfig) -> tor
 SCHEDULE_SHAPE = ("warmup_steps", "t_total", "cycles", "end_lr", "warmup_multiplier")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, iterations: int, warmup: int, schedule: str) -> WarmupCosineSchedule:
+def build_scheduler(optimizer: torch.optim.Optimizer, iterations: int, warmup: int, schedule: str,
+                    restart_cycles: int = 10) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``iterations`` or, for
-    ``schedule="constant"``, the base rate (a cosine of 0 cycles)."""
+    ``schedule="constant"``, the base rate (a cosine of 0 cycles). ``"cosine-restarts"``: torch's
+    ``CosineAnnealingWarmRestarts`` (SGDR), ``restart_cycles`` cycles of ``iterations //
+    restart_cycles`` steps each, the rate back at its base at every restart (PolyCL: "cosine-annealing
+    learn rate scheduler with warm restarts after every 10 epochs" of 100)."""
+    if schedule == "cosine-restarts":
+        if warmup:
+            raise ConfigError("the cosine-restarts schedule has no warm-up: set warmup to 0")
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=max(1, iterations // max(1, restart_cycles)))
     return WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=iterations, cycles=0.5 if schedule == "cosine" else 0.0)
 
 
 def resume_scheduler(scheduler: WarmupCosineSchedule, state: dict) -> None:
     """Continue ``scheduler`` at the saved step; its shape stays this run's (``iterations``,
     ``warmup`` and ``schedule`` may change on resumption)."""
-    shape = {k: getattr(scheduler, k) for k in SCHEDULE_SHAPE}
+    shape = {k: getattr(scheduler, k) for k in SCHEDULE_SHAPE if hasattr(scheduler, k)}
     scheduler.load_state_dict(state)
     scheduler.__dict__.update(shape)
 
@@ -280,7 +288,8 @@ class Trainer:
         lr = stage.lr if stage.lr is not None else method.resolve_lr(batch_size, self.world_size)
         opt_name = stage.optimizer or cfg.optimizer or method.default_optimizer
         optimizer = build_optimizer(opt_name, params, lr, cfg)
-        scheduler = build_scheduler(optimizer, stage.iterations, cfg.warmup, cfg.schedule)
+        scheduler = build_scheduler(optimizer, stage.iterations, cfg.warmup, cfg.schedule or method.default_schedule,
+                                    method.restart_cycles)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if resume_state is not None and resume_state.get("optimizer") is not None:
             optimizer.load_state_dict(resume_state["optimizer"])
