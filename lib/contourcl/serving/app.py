@@ -17,6 +17,7 @@ from contourcl.errors import InvalidImageError
 from contourcl.ids import check_id
 from contourcl.serving.config import ModelConfig
 from contourcl.serving.datastore import SafeDatastore
+from contourcl.serving.dicom_push import DicomPush
 from contourcl.serving.dicomweb import is_dicomweb, open_pacs, study_ids
 from contourcl.serving.effort_record import EffortRecord
 from contourcl.serving.endpoints import install as install_endpoints
@@ -69,7 +70,8 @@ class ContourApp(MONAILabelApp):
     ``--conf`` keys: ``models`` (``all`` or ``oar,gtv``), ``weights`` (a subfolder of
     ``<app_dir>/model`` to serve instead, see :func:`model_dir`), ``<model>_init`` (a pretraining
     checkpoint used when no model file exists yet), ``skip_trainers``, ``skip_strategies``,
-    ``skip_scoring``, ``insecure``, ``max_upload_mb``, ``max_model_mb``, ``dicom_export``; for
+    ``skip_scoring``, ``insecure``, ``max_upload_mb``, ``max_model_mb``, ``dicom_export``, ``dicom_push`` and its
+    ``dicom_push_*`` keys (:mod:`contourcl.serving.dicom_push`); for
     ``--studies http(s)://.../dicom-web`` (:mod:`contourcl.serving.dicomweb`): ``dicomweb_cache``,
     ``dicomweb_search``, ``dicomweb_refresh_s``, ``dicomweb_timeout_s``, ``dicomweb_import_seg``.
     """
@@ -106,6 +108,10 @@ class ContourApp(MONAILabelApp):
         """Every final label stored is scored against the models' proposals (the effort record)."""
         self.effort = EffortRecord(self.studies)
         store.final_label_listeners.append(self.effort.score_final)
+        # --conf dicom_push AE@HOST:PORT: each final label's RTSTRUCT sent by C-STORE, in the background (serving.dicom_push)
+        self.dicom_push = None if in_task_subprocess() else DicomPush.from_conf(self.conf or {}, store, self.studies)
+        if self.dicom_push is not None:
+            store.final_label_listeners.append(self.dicom_push.on_final_label)
         return store
 
     def init_infers(self):
@@ -179,6 +185,7 @@ class ContourApp(MONAILabelApp):
         meta["refused_series"] = refused_series(self.studies)
         # what the clinicians changed, per model and model version (contourcl.effort.summarise_effort)
         meta["correction_effort"] = summarise_effort(self.effort.latest())
+        meta["dicom_push"] = self.dicom_push.status() if self.dicom_push is not None else {}  # {node: last_ok, last_error, pending}
         return meta
 
     def studies_status(self) -> dict:
