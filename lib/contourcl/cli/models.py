@@ -1,5 +1,8 @@
 """``contourcl models``: list a model's history (published and rejected retrains) or restore one.
 
+The listing starts with the served file and where its encoder came from (random init, a
+pretraining checkpoint with its method, steps, data and sha256, or retraining of an earlier file).
+
 Which model folder: ``--model-dir PATH``, or ``--app PATH`` (the app folder with ``main.py``; its
 ``model/``, or ``model/NAME`` with ``--weights NAME``). With neither, the repository's
 ``apps/radonc`` next to the installed ``contourcl`` package (an editable install from ``lib/``),
@@ -13,6 +16,7 @@ import json
 from pathlib import Path
 
 from contourcl.ids import check_id
+from contourcl.models.checkpoint import describe_encoder, encoder_of_file, trace_retrained
 from contourcl.serving.config import check_model_name, resolve_app
 from contourcl.serving.model_store import ModelStore
 
@@ -33,6 +37,17 @@ def resolve_model_dir(app: str | Path | None, model_dir: str | Path | None, weig
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
     return folder
+
+
+def served_encoder(store: ModelStore, entries: list[dict]) -> str:
+    """Where the served file's encoder came from, in words (issue 32; "" without a readable file)."""
+    if not store.served.is_file():
+        return ""
+    try:
+        encoder = trace_retrained(encoder_of_file(store.served), [store.root / e["file"] for e in entries])
+    except Exception as err:  # noqa: BLE001 -- the listing must still show the history
+        return f"unknown ({type(err).__name__}: {err})"
+    return describe_encoder(encoder)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +74,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model}: now serving version {entry['version']} ({entry['file']}, validation Dice {entry.get('val_dice')}) as {store.served}")
         return 0
     entries = store.entries()
+    encoder = served_encoder(store, entries)
+    if encoder:
+        print(f"{args.model}: served {store.served.name}; encoder: {encoder}")
     for e in entries:
         flag = "*" if e.get("served") else " "
         print(f"{flag} v{e['version']:04d}  {e['time']}  Dice {e.get('val_dice')!s:>8.8}  served-before {e.get('served_val_dice')!s:>8.8}  "
               f"{'published' if e.get('published') else 'rejected '}  {e.get('reason') or e.get('origin', '')}")
     if not entries:
-        print(json.dumps({"served": str(store.served), "history": "none yet (no retraining has run)"}))
+        print(json.dumps({"served": str(store.served), "encoder": encoder or None, "history": "none yet (no retraining has run)"}))
     return 0

@@ -190,12 +190,24 @@ def served_summary(store: ModelStore) -> dict:
     """What ``/info/`` reports for a model: the served version and its validation figures, and
     ``"warning"``/``"problems"`` naming a file that cannot be used (an unreadable served model or
     history) and what to do. Never raises: a broken file must not take ``/info/`` down."""
+    from contourcl.models.checkpoint import describe_encoder, encoder_of_file, trace_retrained
+
     out: dict = {"model_file": str(store.served.name)}
     problems = store.problems()
     if store.served.is_file() and not store.served_problem():
         try:
             meta = read_meta(store.served)
             out.update(val_dice=_finite(meta.metrics.get("val_dice")), trained=meta.created)
+            # where the served weights' encoder came from (issue 32): random init, a pretraining
+            # checkpoint (method, steps, data, sha256), or a retraining of the first served file's
+            encoder = encoder_of_file(store.served)
+            if encoder.get("source") == "retrained":
+                try:
+                    earlier = [store.root / e["file"] for e in store.entries()]
+                except Exception:  # noqa: BLE001 -- the history's own problems are reported below
+                    earlier = []
+                encoder = trace_retrained(encoder, earlier)
+            out.update(encoder=encoder, encoder_summary=describe_encoder(encoder))
         except Exception as err:  # noqa: BLE001 -- replaced or broken since it was checked
             problems.append(f"{store.served}: {err}")
     try:
