@@ -133,32 +133,32 @@ def openkbp_like(tmp_path_factory):
 def test_plan_masks_come_from_the_same_draw(openkbp_like, tmp_path):
     scale = le.Scale("tiny", "resnet10", 8, 64, 2, 4, finetune_steps=4, finetune_epochs=2, finetune_batch=4,
                      samples_per_volume=2, pool=None, sizes=(1, 2), draws=2)
-    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl"])
+    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl-unet"])
     keys = {t.key: t for t in p.tasks}
     assert "pretrain/simclr" in keys  # label-free: once for every draw
-    agcl = keys["pretrain/agcl/oar/n02-d1"]
+    agcl = keys["pretrain/agcl-unet/oar/n02-d1"]
     assert agcl.deps == ("finetune/random/oar/n02-d1",)
     assert agcl.spec["config"]["options"]["coarse_model"] == keys["finetune/random/oar/n02-d1"].spec["model_path"]
-    assert keys["finetune/agcl/oar/n02-d1"].deps == ("pretrain/agcl/oar/n02-d1",)
+    assert keys["finetune/agcl-unet/oar/n02-d1"].deps == ("pretrain/agcl-unet/oar/n02-d1",)
     # the draw's labeled cases are the same for every method
     assert keys["finetune/simclr/oar/n02-d1"].spec["train"] == keys["finetune/random/oar/n02-d1"].spec["train"]
     # validation cases are never among the training cases
     val = {c["id"] for c in p.validation["oar"]}
     assert not val & {c["id"] for t in p.tasks if t.key.startswith("finetune/") for c in t.spec["train"]}
     with pytest.raises(ValueError, match="keep 'random'"):
-        le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["agcl"])
+        le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["agcl-unet"])
     # AGCL on the single-structure gtv model: the GTV is contrasted against the OARs of the
     # oar model of the same draw (one class alone has no negative, issue 9)
-    both = le.plan(openkbp_like, tmp_path, scale, models=["oar", "gtv"], methods=["random", "agcl"])
+    both = le.plan(openkbp_like, tmp_path, scale, models=["oar", "gtv"], methods=["random", "agcl-unet"])
     bk = {t.key: t for t in both.tasks}
-    g = bk["pretrain/agcl/gtv/n02-d1"]
+    g = bk["pretrain/agcl-unet/gtv/n02-d1"]
     assert g.deps == ("finetune/random/oar/n02-d1", "finetune/random/gtv/n02-d1")
     opts = g.spec["config"]["options"]
     assert opts["coarse_model"] == [bk["finetune/random/oar/n02-d1"].spec["model_path"],
                                     bk["finetune/random/gtv/n02-d1"].spec["model_path"]]
     assert opts["targets"] == ["GTV"] and len(opts["negatives"]) == 7 and "GTV" not in opts["negatives"]
     with pytest.raises(ValueError, match="keep 'oar'"):
-        le.plan(openkbp_like, tmp_path, scale, models=["gtv"], methods=["random", "agcl"])
+        le.plan(openkbp_like, tmp_path, scale, models=["gtv"], methods=["random", "agcl-unet"])
     with pytest.raises(ValueError, match="unknown method"):
         le.plan(openkbp_like, tmp_path, scale, methods=["nope"])
 
@@ -198,7 +198,7 @@ def test_every_method_gets_the_same_pretraining_budget(openkbp_like, tmp_path, s
     from contourcl.training.pretrain.trainer import get_method
 
     scale = replace(le.SCALES[scale_name], sizes=(1, 2))  # the fixture has 4 training cases
-    methods = ["random", "simclr", "simsiam", "separeg", "agcl", "polycl-o", "polycl-s", "separeg-grid", "separeg-none"]
+    methods = ["random", "simclr", "simsiam", "separeg", "agcl-unet", "polycl-o", "polycl-s", "separeg-grid", "separeg-none"]
     p = le.plan(openkbp_like, tmp_path, scale, models=["oar", "gtv"], methods=methods)
     configs = {t.key: PretrainConfig.from_dict(t.spec["config"]) for t in p.tasks if t.key.startswith("pretrain/")}
     assert {c.method for c in configs.values()} == {"simclr", "simsiam", "separeg", "agcl", "polycl-o", "polycl-s"}
@@ -235,16 +235,16 @@ def test_per_size_draws_are_the_same_for_every_method(openkbp_like, tmp_path):
     from dataclasses import replace
 
     scale = replace(le.SCALES["cpu"], sizes=(1, 2, 3), draws=(5, 5, 3))  # the cpu scale's 5, 5, 3
-    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl"])
+    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl-unet"])
     runs = Counter((t.key.split("/")[1], t.key.rsplit("/n", 1)[1].split("-")[0]) for t in p.tasks if t.key.startswith("finetune/"))
-    assert runs == {(m, n): d for m in ("random", "simclr", "agcl") for n, d in (("01", 5), ("02", 5), ("03", 3))}
+    assert runs == {(m, n): d for m in ("random", "simclr", "agcl-unet") for n, d in (("01", 5), ("02", 5), ("03", 3))}
     train = {t.key: [c["id"] for c in t.spec["train"]] for t in p.tasks if t.key.startswith("finetune/")}
     for key, ids in train.items():
         assert ids == train["finetune/random/" + key.split("/", 2)[2]]  # every row fine-tunes on random init's draw
     # random init first, then the smallest size's draws, each draw's pretraining before its fine-tunes
     order = [t.key for t in p.tasks]
     assert all(k.startswith("finetune/random/") for k in order[:13])
-    assert order.index("pretrain/agcl/oar/n01-d0") < order.index("finetune/agcl/oar/n01-d0") < order.index("finetune/simclr/oar/n02-d0")
+    assert order.index("pretrain/agcl-unet/oar/n01-d0") < order.index("finetune/agcl-unet/oar/n01-d0") < order.index("finetune/simclr/oar/n02-d0")
 
 
 def test_pretraining_seeds_are_planned_at_the_chosen_sizes(openkbp_like, tmp_path):
@@ -252,7 +252,7 @@ def test_pretraining_seeds_are_planned_at_the_chosen_sizes(openkbp_like, tmp_pat
     one labeled patient, the same draws (and fine-tuning seed) as random init; seed 0 keeps its names."""
     scale = le.Scale("tiny", "resnet10", 8, 64, 2, 4, finetune_steps=4, finetune_epochs=2, finetune_batch=4,
                      samples_per_volume=2, pool=None, sizes=(1, 2), draws=2)
-    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl"], pretrain_seeds=3)
+    p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=["random", "simclr", "agcl-unet"], pretrain_seeds=3)
     keys = {t.key: t for t in p.tasks}
     assert [keys[f"pretrain/simclr{s}"].spec["config"]["seed"] for s in ("", "-s1", "-s2")] == [0, 1, 2]
     run = keys["finetune/simclr/oar/n01-d1-s2"]
@@ -260,7 +260,7 @@ def test_pretraining_seeds_are_planned_at_the_chosen_sizes(openkbp_like, tmp_pat
     assert run.output.name == "n01-d1-s2.json" and keys["finetune/simclr/oar/n01-d1"].output.name == "n01-d1.json"
     assert run.spec["train"] == keys["finetune/random/oar/n01-d1"].spec["train"]
     assert run.spec["finetune"]["seed"] == keys["finetune/random/oar/n01-d1"].spec["finetune"]["seed"]
-    assert keys["pretrain/agcl/oar/n01-d0-s1"].spec["config"]["seed"] == 1
+    assert keys["pretrain/agcl-unet/oar/n01-d0-s1"].spec["config"]["seed"] == 1
     assert "finetune/simclr/oar/n02-d0-s1" not in keys and "finetune/random/oar/n01-d0-s1" not in keys
     assert p.settings()["pretrain_seeds"] == 3
     order = [t.key for t in p.tasks]

@@ -150,7 +150,10 @@ METHODS = {
         Method("simclr", "simclr"),
         Method("simsiam", "simsiam"),
         Method("separeg", "separeg"),
-        Method("agcl", "agcl", needs_masks=True),
+        # AGCL's pretraining, then the whole U-Net fine-tuned from its single-channel encoder: not the
+        # paper's stage 3 (frozen two-channel encoder, per-target ASPP heads, label fusion;
+        # contourcl.training.finetune.agcl_segmenter), hence its own name (issue 32)
+        Method("agcl-unet", "agcl", needs_masks=True),
         Method("polycl-o", "polycl-o", needs_masks=True),
         Method("polycl-s", "polycl-s"),
         Method("voxel-siamese", voxel_siamese=True),
@@ -162,7 +165,7 @@ METHODS = {
     )
 }
 #: the rows run unless --methods says otherwise (simsiam is SepaReg's first stage alone)
-DEFAULT_METHODS = ("random", "simclr", "separeg", "agcl", "polycl-o", "polycl-s", "voxel-siamese")
+DEFAULT_METHODS = ("random", "simclr", "separeg", "agcl-unet", "polycl-o", "polycl-s", "voxel-siamese")
 
 
 # ----------------------------------------------------------------------------------- the data
@@ -530,9 +533,9 @@ def _add_finetune(p: Plan, model: str, name: str, method: Method, n: int, draw: 
             raise ValueError(f"{name} takes its organ masks from the random-init model: keep 'random' in --methods")
         ckpt = p.out / "pretrain" / f"{name}-{model}-n{n:02d}-d{draw}{st}.pt"
         targets = list(model_labels(model)) if model == "oar" else ["GTV"]
-        options = {"coarse_model": str(coarse), ("targets" if name == "agcl" else "organs"): targets}
+        options = {"coarse_model": str(coarse), ("targets" if method.pretrain == "agcl" else "organs"): targets}
         pre_deps: tuple[str, ...] = (f"finetune/random/{tag}",)
-        if name == "agcl" and model != "oar":
+        if method.pretrain == "agcl" and model != "oar":
             # AGCL on a single structure needs negatives (issue 9): the OARs,
             # from the oar model of the same draw, then the target's own model
             if "oar" not in p.models:

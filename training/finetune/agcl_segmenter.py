@@ -15,6 +15,20 @@ Coarse masks: in training, each target's reference contour dilated by ``coarse_d
 (a stand-in for a first-stage model's imperfect mask); in validation and use, the prediction of a
 first-stage model (the ``oar`` model file given as ``coarse_model``), as the paper does.
 Structures a case does not contour are left out of its loss.
+
+Departures from the paper (issue 32), each with its reason:
+
+- Optimiser: the paper trains the heads "for 10 epochs with Adam optimizer with batch size of 4
+  and learning rate of 10^-4" and keeps the epoch with the best validation Dice (appendix 6.2).
+  :func:`finetune_agcl` uses AdamW at the config's ``lr`` and batch, for ``max_epochs``, and keeps
+  the last epoch: the same fine-tuning budget as the benchmark's other rows (which keep their last
+  weights too). Set ``lr=1e-4``, ``batch_size=4`` in the config for the paper's.
+- Coarse masks in training: the reference dilated (see above), not a first-stage model's output:
+  a model trained on the same cases would reproduce their references almost exactly, and the heads
+  must learn to correct an imperfect mask.
+- Not in the label-efficiency tables: their ``agcl-unet`` row fine-tunes the whole U-Net from the
+  1-channel checkpoint (:mod:`contourcl.training.pretrain.agcl`). Evaluating this stage 3 per draw
+  (the draw's random-init model as the coarse model) is a later run.
 """
 
 from __future__ import annotations
