@@ -10,9 +10,9 @@ import pytest
 from pydicom.uid import generate_uid
 from test_rtstruct import FEET_FIRST, SHAPE, make_label
 
-from contourcl.data.dicom_series import write_ct_series
+from contourcl.data.dicom_series import read_series_geometry, write_ct_series
 from contourcl.data.labels import STORED_LABELS
-from contourcl.data.seg import read_seg, write_seg
+from contourcl.data.seg import InvalidSegError, read_seg, write_seg
 from contourcl.errors import UnknownLabelError
 
 
@@ -58,3 +58,74 @@ def test_an_empty_label_writes_nothing_and_an_uncoded_structure_is_refused(serie
     assert not (tmp_path / "seg.dcm").exists()
     with pytest.raises(UnknownLabelError, match="Thyroid"):
         write_seg(np.zeros(SHAPE, np.uint8), FEET_FIRST, {"Thyroid": 1}, series, tmp_path / "seg.dcm")
+
+
+# -- a SEG from elsewhere (a viewer's export): frames placed by what their own attributes agree on --
+def _written(series, tmp_path):
+    label = make_label(FEET_FIRST)
+    out = write_seg(label, FEET_FIRST, dict(STORED_LABELS), series, tmp_path / "seg.dcm")
+    return label, pydicom.dcmread(str(out))
+
+
+def _save(ds, tmp_path, name):
+    path = tmp_path / name
+    ds.save_as(str(path))
+    return path
+
+
+def _same(back, numbers, label):
+    for name, number in numbers.items():
+        np.testing.assert_array_equal(back == number, label == STORED_LABELS[name], err_msg=name)
+
+
+def test_frames_are_placed_by_reference_or_position_when_one_is_missing(series, tmp_path):
+    label, ds = _written(series, tmp_path)
+    assert all("PlanePositionSequence" in f and "DerivationImageSequence" in f for f in ds.PerFrameFunctionalGroupsSequence)
+    no_position = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    for item in no_position.PerFrameFunctionalGroupsSequence:
+        del item.PlanePositionSequence  # as cornerstone3D's export wrote them for a while (its PR #2611)
+    _same(*read_seg(_save(no_position, tmp_path, "no_position.dcm"), series), label)
+    no_reference = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    for item in no_reference.PerFrameFunctionalGroupsSequence:
+        del item.DerivationImageSequence
+    _same(*read_seg(_save(no_reference, tmp_path, "no_reference.dcm"), series), label)
+
+
+def test_a_seg_whose_frames_contradict_themselves_is_refused(series, tmp_path):
+    """A writer that puts each frame's pixels under the reversed slice's reference (a flip head to
+    foot) while the plane positions stay: the frames contradict themselves, nothing is placed."""
+    label, ds = _written(series, tmp_path)
+    uids = list(read_series_geometry(series).sop_instance_uids)  # in slice order
+    for f in ds.PerFrameFunctionalGroupsSequence:
+        source = f.DerivationImageSequence[0].SourceImageSequence[0]
+        source.ReferencedSOPInstanceUID = uids[len(uids) - 1 - uids.index(source.ReferencedSOPInstanceUID)]
+    with pytest.raises(InvalidSegError, match="contradicts itself"):
+        read_seg(_save(ds, tmp_path, "flipped.dcm"), series)
+
+
+def test_a_seg_off_the_series_or_malformed_is_refused_naming_why(series, tmp_path):
+    label, ds = _written(series, tmp_path)
+    shifted = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    for item in shifted.PerFrameFunctionalGroupsSequence:
+        del item.DerivationImageSequence
+        pos = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        item.PlanePositionSequence[0].ImagePositionPatient = [pos[0], pos[1], pos[2] + 1.0]  # between slices
+    with pytest.raises(InvalidSegError, match="on no slice"):
+        read_seg(_save(shifted, tmp_path, "shifted.dcm"), series)
+    turned = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    turned.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    with pytest.raises(InvalidSegError, match="oriented"):
+        read_seg(_save(turned, tmp_path, "turned.dcm"), series)
+    neither = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    for item in neither.PerFrameFunctionalGroupsSequence:
+        del item.DerivationImageSequence
+        del item.PlanePositionSequence
+    with pytest.raises(InvalidSegError, match="neither"):
+        read_seg(_save(neither, tmp_path, "neither.dcm"), series)
+    broken = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    del broken.PerFrameFunctionalGroupsSequence[0].SegmentIdentificationSequence
+    with pytest.raises(InvalidSegError):
+        read_seg(_save(broken, tmp_path, "broken.dcm"), series)
+    (tmp_path / "garbage.dcm").write_bytes(b"DICM" * 100)
+    with pytest.raises(InvalidSegError, match="not a (readable )?DICOM SEG"):
+        read_seg(tmp_path / "garbage.dcm", series)

@@ -102,28 +102,136 @@ def write_seg(label, affine, structures: Mapping[str, int], series_folder: str |
     return out_path
 
 
+class InvalidSegError(UnknownLabelError):
+    """A SEG that cannot be placed on its series: malformed, another grid, or frames whose own
+    attributes contradict each other (it is never made a label)."""
+
+
+#: how far (mm) a frame's plane position may lie from the slice it is placed on
+POSITION_TOLERANCE_MM = 0.1
+ORIENTATION_TOLERANCE = 1e-3
+
+
+def _frame_position(item, shared) -> np.ndarray | None:
+    for group in (item, shared):
+        seq = group.get("PlanePositionSequence") if group is not None else None
+        if seq and "ImagePositionPatient" in seq[0]:
+            return np.array([float(v) for v in seq[0].ImagePositionPatient])
+    return None
+
+
+def _frame_orientation(item, shared) -> np.ndarray | None:
+    for group in (item, shared):
+        seq = group.get("PlaneOrientationSequence") if group is not None else None
+        if seq and "ImageOrientationPatient" in seq[0]:
+            return np.array([float(v) for v in seq[0].ImageOrientationPatient])
+    return None
+
+
+def _frame_source(item) -> str | None:
+    for derivation in item.get("DerivationImageSequence") or []:
+        for source in derivation.get("SourceImageSequence") or []:
+            uid = source.get("ReferencedSOPInstanceUID")
+            if uid:
+                return str(uid)
+    return None
+
+
+def place_frames(seg: pydicom.Dataset, geo: SeriesGeometry, name: str = "SEG") -> list[int]:
+    """The series slice of each of ``seg``'s frames, by what the frame's own attributes agree on.
+
+    Each frame says where it lies twice: the instance it was derived from (its
+    ``DerivationImageSequence``) and its plane position (``PlanePositionSequence``, per frame or
+    shared). A frame is placed on the slice both name; on the one slice one of them names when
+    the other is missing; a frame whose two disagree (a writer that put one frame's pixels under
+    another slice's reference or position), that names neither, that lies off every slice, or
+    whose orientation or size is not the series', refuses the whole SEG
+    (:class:`InvalidSegError`, naming the frame and both slices).
+    """
+    frames = int(seg.get("NumberOfFrames", 1) or 1)
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence") or []
+    shared = (seg.get("SharedFunctionalGroupsSequence") or [None])[0]
+    if len(per_frame) != frames:
+        raise InvalidSegError(f"{name}: {frames} frames but {len(per_frame)} per-frame functional groups")
+    columns, rows, _ = geo.shape
+    if (int(seg.Columns), int(seg.Rows)) != (columns, rows):
+        raise InvalidSegError(f"{name}: frames of {seg.Columns} x {seg.Rows} pixels on a series of {columns} x {rows}")
+    index = {uid: k for k, uid in enumerate(geo.sop_instance_uids)}
+    spacing = float(geo.slice_spacing)
+    placed = []
+    for f, item in enumerate(per_frame, start=1):
+        orientation = _frame_orientation(item, shared)
+        if orientation is not None and np.abs(orientation - geo.orientations[0]).max() > ORIENTATION_TOLERANCE:
+            raise InvalidSegError(f"{name}: frame {f} is oriented {orientation.round(4).tolist()}, "
+                                  f"the series {geo.orientations[0].round(4).tolist()}")
+        source = _frame_source(item)
+        by_ref = index.get(source) if source else None
+        if source and by_ref is None:
+            raise InvalidSegError(f"{name}: frame {f} refers to instance {source}, which is not in the series")
+        position = _frame_position(item, shared)
+        by_pos = None
+        if position is not None:
+            k, off = geo.slice_index_of_position(float(position @ geo.normal))
+            in_plane = np.linalg.norm(position - geo.positions[k])
+            if off > POSITION_TOLERANCE_MM or in_plane > POSITION_TOLERANCE_MM + 1e-6:
+                raise InvalidSegError(f"{name}: frame {f} lies at {position.round(3).tolist()}, on no slice of the series "
+                                      f"({off:.2f} mm along the normal, {in_plane:.2f} mm in plane from slice {k}; "
+                                      f"slices are {spacing:g} mm apart)")
+            by_pos = k
+        if by_ref is None and by_pos is None:
+            raise InvalidSegError(f"{name}: frame {f} names neither its source instance nor its plane position")
+        if by_ref is not None and by_pos is not None and by_ref != by_pos:
+            raise InvalidSegError(f"{name}: frame {f} contradicts itself: it is derived from slice {by_ref} "
+                                  f"(instance {source}) but lies at slice {by_pos}'s position; not placed, not imported")
+        placed.append(by_ref if by_ref is not None else by_pos)
+    return placed
+
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABELMAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
 def read_seg(seg_path: str | Path, series_folder: str | Path | None = None, *, geometry: SeriesGeometry | None = None,
              series_uid: str | None = None) -> tuple[np.ndarray, dict[str, int]]:
     """A SEG back to a label map on the series' (column, row, slice) grid, valued by segment
-    number, and ``{segment label: segment number}``; frames are placed by the instance they
-    reference, not by their order."""
-    import highdicom as hd
-
+    number, and ``{segment label: segment number}``; frames are placed by :func:`place_frames`
+    (never by their order). BINARY, FRACTIONAL (at half the maximum) and LABELMAP SEGs are read
+    with pydicom alone, so a writer's missing optional attributes do not stop the reading. A SEG
+    that cannot be read or placed raises :class:`InvalidSegError`."""
     geo = geometry if geometry is not None else read_series_geometry(series_folder, series_uid)
-    seg = hd.seg.segread(str(seg_path))
-    index = {uid: k for k, uid in enumerate(geo.sop_instance_uids)}
-    out = np.zeros(geo.shape, dtype=np.uint16)
-    names: dict[str, int] = {}
-    for number in seg.segment_numbers:
-        name = seg.get_segment_description(number).segment_label
-        names[name] = int(number)
-    for frame_number in range(1, int(seg.NumberOfFrames) + 1):
-        item = seg.PerFrameFunctionalGroupsSequence[frame_number - 1]
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        k = index.get(source)
-        if k is None:
-            raise UnknownLabelError(f"{Path(seg_path).name}: a frame refers to instance {source}, which is not in the series")
-        pixels = np.asarray(seg.pixel_array[frame_number - 1] if int(seg.NumberOfFrames) > 1 else seg.pixel_array)
-        out[:, :, k][pixels.T > 0] = number
+    name = Path(seg_path).name
+    try:
+        ds = pydicom.dcmread(str(seg_path))
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on a malformed file
+        raise InvalidSegError(f"{name}: not a readable DICOM SEG ({type(err).__name__}: {err})") from err
+    try:
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class not in (SEG_STORAGE, LABELMAP_SEG_STORAGE):
+            raise InvalidSegError(f"{name}: not a DICOM SEG (SOP class {sop_class or 'missing'})")
+        placed = place_frames(ds, geo, name)
+        names: dict[str, int] = {}
+        for item in ds.SegmentSequence:
+            names[str(item.SegmentLabel)] = int(item.SegmentNumber)
+        kind = str(ds.get("SegmentationType", "BINARY")).upper()
+        pixels = np.asarray(ds.pixel_array)
+        if pixels.ndim == 2:
+            pixels = pixels[None]
+        if pixels.shape[0] != len(placed):
+            raise InvalidSegError(f"{name}: {pixels.shape[0]} frames of pixels for {len(placed)} frames described")
+        out = np.zeros(geo.shape, dtype=np.uint16)
+        threshold = 0.5 * float(ds.get("MaximumFractionalValue", 1) or 1) if kind == "FRACTIONAL" else 0
+        for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            frame = pixels[f].T
+            if kind == "LABELMAP":  # the pixel values are the segment numbers
+                known = np.isin(frame, list(names.values()))
+                out[:, :, placed[f]][known & (frame > 0)] = frame[known & (frame > 0)]
+                continue
+            number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            if number not in names.values():
+                raise InvalidSegError(f"{name}: frame {f + 1} is of segment {number}, which the SEG does not describe")
+            out[:, :, placed[f]][frame > threshold] = number
+    except InvalidSegError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a malformed SEG is refused with what was wrong, never half read
+        raise InvalidSegError(f"{name}: malformed SEG ({type(err).__name__}: {err})") from err
     return out, names
