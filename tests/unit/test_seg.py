@@ -129,3 +129,27 @@ def test_a_seg_off_the_series_or_malformed_is_refused_naming_why(series, tmp_pat
     (tmp_path / "garbage.dcm").write_bytes(b"DICM" * 100)
     with pytest.raises(InvalidSegError, match="not a (readable )?DICOM SEG"):
         read_seg(tmp_path / "garbage.dcm", series)
+
+
+def test_a_seg_as_ohifs_export_writes_it_is_refused(series, tmp_path):
+    """OHIF's "Export DICOM SEG" (dcmjs, as bundled with MONAI Label 0.8.5): dcmjs's identity
+    defaults, and each frame numbered by the rank of its slice sorted last slice first, which is
+    the order its positions and references follow and its pixels do not (OHIF #5038)."""
+    label, ds = _written(series, tmp_path)
+    uids = list(read_series_geometry(series).sop_instance_uids)
+    n = len(uids)
+
+    def as_dcmjs(ds, rank):
+        ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions, ds.DeviceSerialNumber = "Unspecified", "Unspecified", "0", "1"
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            k = uids.index(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            item.FrameContentSequence[0].DimensionIndexValues = [int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber), rank(k)]
+        return ds
+
+    with pytest.raises(InvalidSegError, match="OHIF.*#5038"):
+        read_seg(_save(as_dcmjs(ds, lambda k: n - k), tmp_path, "ohif.dcm"), series)
+    # dcmjs's identity with frames numbered first slice first, or the numbering without the identity: read
+    _same(*read_seg(_save(as_dcmjs(pydicom.dcmread(str(tmp_path / "seg.dcm")), lambda k: k + 1), tmp_path, "a.dcm"), series), label)
+    other = as_dcmjs(pydicom.dcmread(str(tmp_path / "seg.dcm")), lambda k: n - k)
+    other.Manufacturer = "Another viewer"
+    _same(*read_seg(_save(other, tmp_path, "b.dcm"), series), label)
