@@ -293,6 +293,7 @@ class DicomPush:
             logger.warning("DICOM push of the final label of %s to %s failed (attempt %d)%s: %s", job["image"], node,
                            job["attempts"], f"; retried in {retry:g} s" if retry is not None else "; not retried", message)
             return
+        logger.info("DICOM push: final label of %s sent to %s (%s)", job["image"], node, ", ".join(uids))  # before it is done
         with self._cond:
             state = self._state[job["node"]]
             state["last_ok"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -300,7 +301,6 @@ class DicomPush:
             if any(j is job for j in self._jobs):
                 self._jobs = [j for j in self._jobs if j is not job]
                 self._save()
-        logger.info("DICOM push: final label of %s sent to %s (%s)", job["image"], node, ", ".join(uids))
 
     def status(self) -> dict:
         """``{node: {"last_ok", "last_error", "last_error_time", "sent", "pending"}}`` for ``/info/``."""
