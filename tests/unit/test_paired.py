@@ -136,3 +136,15 @@ def test_pretraining_seeds_are_units_and_their_spread_counts():
     assert (c.t_low, c.t_high) == pytest.approx((0.02 - half, 0.02 + half)) == (low, high)
     # the seeds' spread widens it: over the draws alone (seeds averaged) it would be 0.02 ± 12.7 x 0.01
     assert half > 12.7062 * 0.01
+
+
+def test_rows_trained_under_an_older_rule_are_marked():
+    """Issue 32, item 2: a record scored on every slice first (cases_every_slice) was trained before
+    the masked-slice rule; where a table mixes rules, those rows are marked and the sizes named."""
+    from contourcl.training.experiments.report import rule_marks
+
+    runs = [_run(m, 0, {"p0": [0.5]}, n) for m in ("random", "x") for n in (1, 5)]
+    assert rule_marks(runs, "oar")[0] == {}  # one rule: nothing marked
+    runs[1]["cases_every_slice"] = runs[1]["cases"]  # random at 5: older
+    marks, note = rule_marks(runs, "oar")
+    assert marks == {"random": " †"} and "random at \\|X_tr\\| = 5:" in note[0] and "every slice" in note[0]

@@ -164,18 +164,23 @@ def rule_marks(runs: list[dict], model: str) -> tuple[dict[str, str], list[str]]
     from contourcl.training.experiments.label_efficiency import OLDER_RULE, training_rule
 
     rules: dict[str, set[str]] = defaultdict(set)
+    older_sizes: dict[str, set[int]] = defaultdict(set)
     for r in runs:
         if r["model"] == model:
-            rules[r["method"]].add(training_rule(r))
+            rule = training_rule(r)
+            rules[r["method"]].add(rule)
+            if rule == OLDER_RULE:
+                older_sizes[r["method"]].add(int(r["n_labeled"]))
     every = set().union(*rules.values()) if rules else set()
     if len(every) <= 1:
         rule = next(iter(every), "")
         return {}, ([f"**{model}**: every row trained under one rule: {rule}.", ""] if rule else [])
-    older = sorted(m for m, rs in rules.items() if OLDER_RULE in rs)
+    older = sorted(older_sizes)
+    which = "; ".join(f"{m} at \\|X_tr\\| = {', '.join(str(n) for n in sorted(older_sizes[m]))}" for m in older)
     return ({m: " †" for m in older},
-            [f"**{model}: the rows do not share one training rule.** † {', '.join(older)}: trained on {OLDER_RULE}; "
-             f"the other rows under the masked-slice rule (scored alike). A difference between a † row and another "
-             "row is partly a difference of code versions, not of methods.", ""])
+            [f"**{model}: the rows do not share one training rule.** † {which}: trained on {OLDER_RULE}; "
+             f"every other run under the masked-slice rule (all scored alike). A difference between a † cell and another "
+             "row's is partly a difference of code versions, not of methods.", ""])
 
 
 def markdown(rows: list[dict], settings: dict, comparisons: list[PairedComparison] | None = None,
