@@ -148,3 +148,12 @@ def test_rows_trained_under_an_older_rule_are_marked():
     runs[1]["cases_every_slice"] = runs[1]["cases"]  # random at 5: older
     marks, note = rule_marks(runs, "oar")
     assert marks == {"random": " †"} and "random at \\|X_tr\\| = 5:" in note[0] and "every slice" in note[0]
+
+
+def test_rows_scored_through_another_path_are_marked():
+    from contourcl.training.experiments.report import rule_marks
+
+    runs = [_run(m, 0, {"p0": [0.5]}, n) for m in ("random", "x") for n in (1, 5)]
+    runs[0].update(scored_path="probabilities interpolated onto the CT's grid", largest_component=False)
+    marks, note = rule_marks(runs, "oar")
+    assert marks == {"random": " ‡"} and "random at \\|X_tr\\| = 1:" in note[-2] and "largest component False" in note[-2]

@@ -237,6 +237,11 @@ def pretrain_task(spec: dict) -> dict:
 SCORED_ON = "imaged slices, reference check"
 #: records scored on the imaged slices before the reference check: their other figures stand
 IMAGED_SLICES_ONLY = "imaged slices"
+#: the inference path of records made since issue 32 (``scored_path``): the served path, whose
+#: probabilities are interpolated onto the CT's grid (docs/research/served-path.md, 2026-11-27).
+#: Records without it were scored through the earlier nearest-label path, with the largest-component
+#: rule their model file recorded (kept only when it recorded none: the scoring's default)
+SCORING_PATH = "probabilities interpolated onto the CT's grid"
 #: how a run is *trained* now (the record's ``rule``): on the slices that image the patient, the
 #: rule of docs/research/openkbp-data.md, "Slices that do not image the patient". A record with
 #: ``cases_every_slice`` was made by the code before it, which trained on every slice
@@ -304,6 +309,8 @@ def finetune_task(spec: dict) -> dict:
         "scored_on": SCORED_ON,
         "pretrain_seed": spec.get("pretrain_seed", 0),
         "rule": TRAINING_RULE,
+        "scored_path": SCORING_PATH,
+        "largest_component": read_meta(model_path).largest_component,
     }
     if selection is not None:
         record["lambda_selection"] = selection

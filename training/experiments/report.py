@@ -172,15 +172,33 @@ def rule_marks(runs: list[dict], model: str) -> tuple[dict[str, str], list[str]]
             if rule == OLDER_RULE:
                 older_sizes[r["method"]].add(int(r["n_labeled"]))
     every = set().union(*rules.values()) if rules else set()
+    # the scoring: records made since issue 32 name their inference path and largest-component rule
+    scored: dict[str, set[int]] = defaultdict(set)
+    for r in runs:
+        if r["model"] == model and r.get("scored_path"):
+            scored[r["method"]].add(int(r["n_labeled"]))
+    mixed_scoring = bool(scored) and any(r["model"] == model and not r.get("scored_path") for r in runs)
+    scoring_note = []
+    if mixed_scoring:
+        lc = sorted({str(r.get("largest_component")) for r in runs if r["model"] == model and r.get("scored_path")})
+        where = "; ".join(f"{m} at \\|X_tr\\| = {', '.join(str(n) for n in sorted(ns))}" for m, ns in sorted(scored.items()))
+        scoring_note = [f"**{model}: the rows are not scored alike.** ‡ {where}: scored through the served path "
+                        f"(probabilities interpolated onto the CT's grid; largest component {', '.join(lc)}); every other run "
+                        "through the earlier nearest-label path, with its model file's largest-component rule (the "
+                        "largest component when the file records none). Compare their HD95 with care.", ""]
     if len(every) <= 1:
         rule = next(iter(every), "")
-        return {}, ([f"**{model}**: every row trained under one rule: {rule}.", ""] if rule else [])
+        marks = {m: " ‡" for m in scored} if mixed_scoring else {}
+        return marks, ([f"**{model}**: every row trained under one rule: {rule}.", ""] if rule else []) + scoring_note
     older = sorted(older_sizes)
     which = "; ".join(f"{m} at \\|X_tr\\| = {', '.join(str(n) for n in sorted(older_sizes[m]))}" for m in older)
-    return ({m: " †" for m in older},
+    marks = {m: " †" for m in older}
+    for m in (scored if mixed_scoring else {}):
+        marks[m] = marks.get(m, "") + " ‡"
+    return (marks,
             [f"**{model}: the rows do not share one training rule.** † {which}: trained on {OLDER_RULE}; "
-             f"every other run under the masked-slice rule (all scored alike). A difference between a † cell and another "
-             "row's is partly a difference of code versions, not of methods.", ""])
+             f"every other run under the masked-slice rule. A difference between a † cell and another "
+             "row's is partly a difference of code versions, not of methods.", ""] + scoring_note)
 
 
 def markdown(rows: list[dict], settings: dict, comparisons: list[PairedComparison] | None = None,
