@@ -35,9 +35,10 @@ ResNet-50, 128 x 128 inputs, 100k iterations, batch 32; for a GPU).
 sizes in ``pretrain_seed_sizes`` (default: one labeled patient); the records say which
 (``pretrain_seed``; seed 0 keeps the file names of a one-seed run, ``nNN-dD.json``, the others are
 ``nNN-dD-sK.json``), and the report counts the seed as a unit
-(:func:`contourcl.training.experiments.paired.draw_t_interval`). Not yet run: 3 seeds of the
-label-free methods at one labeled patient are 2 x 3 pretrainings and 2 x 5 x 3 fine-tunings per
-method beyond the table (about 1 h 20 min per method on 2 cores).
+(:func:`contourcl.training.experiments.paired.draw_t_interval`). Not yet run: 3 seeds of a
+label-free method at one labeled patient are 2 more pretrainings and 2 x 5 more fine-tunings per
+model beyond the table (about 25 min per model and method on 2 cores, from the runs' recorded
+times; the mask-needing methods pretrain per draw: 10 more pretrainings).
 
 Every pretraining method gets the same number of optimisation steps, ``Scale.pretrain_iterations``
 in total ("100k iterations in total", SepaReg's Experimental Setup): the one-stage methods run
