@@ -136,9 +136,16 @@ def tiny_config(tmp_path, data, method, **kw) -> PretrainConfig:
 
 
 @pytest.mark.parametrize("method", ["polycl-s", "polycl-o"])
-def test_tiny_pretraining_lowers_the_loss_and_loads_into_the_app_network(tmp_path, phantoms, method):
+def test_tiny_pretraining_lowers_the_loss_and_loads_into_the_app_network(tmp_path, phantoms, method, monkeypatch):
+    from contourcl.training.pretrain import trainer
+
+    built = []
+    real = trainer.build_scheduler
+    monkeypatch.setattr(trainer, "build_scheduler", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     cfg = tiny_config(tmp_path, phantoms, method, options={"slice_fraction": 1.0})
     result = pretrain(cfg)
+    # the run used the paper's warm restarts: 10 cycles of 3 of its 30 steps
+    assert [type(s).__name__ for s in built] == ["CosineAnnealingWarmRestarts"] and built[0].T_0 == 3
     losses = [v for _, v in result["history"]["main"]]
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
