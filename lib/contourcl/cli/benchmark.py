@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-seeds", type=int, default=1,
+                   help="pretrain each method with this many seeds (each counted as a unit in the intervals; default %(default)s)")
+    p.add_argument("--pretrain-seed-sizes", type=int, nargs="+", default=[1],
+                   help="the numbers of labeled cases whose cells use the extra pretraining seeds (default: 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables, plots and overlays from finished runs")
     p.add_argument("--rescore", action="store_true",
                    help="run nothing new: score the finished runs scored before the masked-slice rule again from their saved "
@@ -60,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--model", default="oar", help="the model to replay (default %(default)s)")
     c.add_argument("--departments", nargs="+", choices=("openkbp", "shifted"), default=["openkbp", "shifted"])
     c.add_argument("--every", type=int, default=5, help="retrain after every K final labels (default %(default)s)")
+    c.add_argument("--until", type=int, help="no retrain after N finals (default: retrain to the end)")
     c.add_argument("--max-epochs", type=int, help="the retrain request's max_epochs (default: the server's)")
     c.add_argument("--lr", type=float, help="the retrain request's lr (default: the server's)")
     c.add_argument("--limit", type=int, help="only the first N patients (a quick check)")
@@ -125,7 +130,7 @@ def clinic(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="contourcl-clinic-") as tmp:
             work = Path(args.work) if args.work else Path(tmp)
             paths = run_clinic(openkbp_root(args.data), out, Path(args.app), work, args.model, args.departments, args.every, request,
-                               args.limit, args.last)
+                               args.limit, args.last, args.until)
     print("\n".join(str(p) for p in paths))
     return 0
 
@@ -139,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     models = args.models or list(scale.models or MODELS)
     methods = args.methods or list(scale.methods or DEFAULT_METHODS)
     rules = {m: default_largest_component(m) for m in models}
-    p = plan(str(openkbp_root(args.data)), args.out, scale, models, methods, args.tolerance, args.seed, args.device, rules)
+    p = plan(str(openkbp_root(args.data)), args.out, scale, models, methods, args.tolerance, args.seed, args.device, rules,
+             args.pretrain_seeds, tuple(args.pretrain_seed_sizes))
     paths, failed = run_benchmark(p, args.jobs, args.threads, args.report_only, args.rescore)
     print("\n".join(str(x) for x in paths))
     if failed:
