@@ -1,0 +1,192 @@
+"""Refine one structure's mask from clicks: :class:`Refiner`, what the server calls.
+
+``Refiner.from_file(path)(ct, affine, mask, positive, negative)`` takes arrays in the image's own
+voxel order (as nibabel reads the file; ``affine`` its voxel-to-world matrix), clicks as ``(N, 3)``
+voxel indices in that order, and returns the structure's new mask on the same grid.
+
+How: the arrays are viewed in RAS order (:class:`Orientation`: a transpose and flips, no copy; the
+axial axis last), as the shipped models' preprocessing orients a CT. Only the axial slices the
+clicks reach (:func:`contourcl.refine.encoding.reach_slices` around each click's slice) are
+recomputed; every other voxel is the input mask's, exactly. Those slices are resampled in-plane
+to the model file's grid (bilinear; the CT windowed after, the mask thresholded at 0.5), the click
+maps drawn on that grid, the network run on the whole slices (zero-padded to a multiple of 32),
+and its probabilities resampled back (bilinear) and thresholded at 0.5. The slice grid is kept:
+the network is 2D.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nibabel.orientations import io_orientation
+
+from contourcl.models.checkpoint import ModelMeta, load_model
+from contourcl.models.networks import ContourUNet
+from contourcl.refine.encoding import CLICK_RADIUS_MM, CLICK_REACH_MM, axial_maps, reach_slices, voxel_sizes
+from contourcl.refine.network import MASK_PRIOR_LOGIT, refine_logits
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """The axis permutation and flips that view an array of an image in RAS voxel order.
+
+    ``perm[c]``: the image's voxel axis that RAS axis ``c`` comes from; ``flip[c]``: whether it runs
+    the other way. Views (:meth:`view`) are numpy views: writing into one writes the image's array.
+    """
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+
+    @classmethod
+    def of(cls, affine: np.ndarray) -> Orientation:
+        ornt = io_orientation(np.asarray(affine, dtype=np.float64))
+        perm = [0, 0, 0]
+        flip = [False, False, False]
+        for axis, (to, direction) in enumerate(ornt):
+            perm[int(to)] = axis
+            flip[int(to)] = bool(direction < 0)
+        return cls(tuple(perm), tuple(flip))
+
+    def view(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (the image's voxel order) in RAS order."""
+        out = np.transpose(array, self.perm)
+        return out[tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)]
+
+    def points(self, points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Voxel indices ``(N, 3)`` of a grid of ``shape`` (the image's order), in RAS order."""
+        p = np.asarray(points, dtype=np.int64).reshape(-1, 3)[:, list(self.perm)].copy()
+        for c, f in enumerate(self.flip):
+            if f:
+                p[:, c] = int(shape[self.perm[c]]) - 1 - p[:, c]
+        return p
+
+    def spacing(self, affine: np.ndarray) -> np.ndarray:
+        """The voxel sizes (mm) in RAS order."""
+        return voxel_sizes(affine)[list(self.perm)]
+
+
+def network_size(size: tuple[int, int], pixel_mm: tuple[float, float], spacing: tuple[float, float]) -> tuple[int, int]:
+    """The in-plane size on the network's grid (``spacing`` mm) of ``size`` pixels of ``pixel_mm``."""
+    return tuple(max(1, int(round(n * float(p) / float(s)))) for n, p, s in zip(size, pixel_mm, spacing, strict=True))
+
+
+def to_network_points(points: np.ndarray, size: tuple[int, int], net_size: tuple[int, int]) -> np.ndarray:
+    """Voxel coordinates ``(N, 3)`` (RAS order) moved onto the network's in-plane grid (the
+    resampling of :func:`resample_slices`: bilinear, ``align_corners=False``); slices unchanged."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3).copy()
+    for c in range(2):
+        p[:, c] = (p[:, c] + 0.5) * net_size[c] / size[c] - 0.5
+    return p
+
+
+def resample_slices(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(N, C, H, W)`` resampled in-plane to ``size`` (bilinear, ``align_corners=False``)."""
+    if tuple(slices.shape[-2:]) == tuple(size):
+        return slices
+    return torch.nn.functional.interpolate(slices, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def windowed(hu: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+    """CT values (HU) windowed to ``window`` and scaled to [0, 1], as the model files' preprocessing."""
+    lo, hi = float(window[0]), float(window[1])
+    return ((hu - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+
+def run_network(network: ContourUNet, inputs: torch.Tensor, batch: int = 16, device: str | torch.device = "cpu",
+                prior: float = MASK_PRIOR_LOGIT) -> torch.Tensor:
+    """Probabilities ``(N, H, W)`` of the network on ``(N, 4, H, W)`` inputs, zero-padded to a
+    multiple of 32 in-plane (and cropped back)."""
+    n, _, h, w = inputs.shape
+    hp, wp = -(-h // 32) * 32, -(-w // 32) * 32
+    top, left = (hp - h) // 2, (wp - w) // 2
+    padded = torch.nn.functional.pad(inputs, (left, wp - w - left, top, hp - h - top))
+    device = torch.device(device)
+    out = []
+    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        for i in range(0, n, batch):
+            out.append(refine_logits(network, padded[i : i + batch].to(device), prior).cpu())
+    logits = torch.cat(out)[:, top : top + h, left : left + w]
+    return torch.sigmoid(logits)
+
+
+def reached_slices(points: np.ndarray, depth: int, slice_mm: float, reach_mm: float = CLICK_REACH_MM) -> np.ndarray:
+    """The sorted axial slices (last axis of a RAS grid of ``depth`` slices) that clicks at
+    ``points`` (RAS voxel indices) reach."""
+    reach = reach_slices(slice_mm, reach_mm)
+    reached = set()
+    for z in np.asarray(points).reshape(-1, 3)[:, 2]:
+        z = int(round(float(z)))
+        reached.update(range(max(0, z - reach), min(depth, z + reach + 1)))
+    return np.asarray(sorted(reached), dtype=np.int64)
+
+
+class Refiner:
+    """The refinement network of a model file, answering clicks on any CT's grid."""
+
+    def __init__(self, network: ContourUNet, meta: ModelMeta, device: str | torch.device = "cpu"):
+        self.network = network.to(device).eval()
+        self.meta = meta
+        self.device = device
+        encoding = dict(meta.provenance.get("encoding", {}))
+        self.radius_mm = float(encoding.get("radius_mm", CLICK_RADIUS_MM))
+        self.reach_mm = float(encoding.get("reach_mm", CLICK_REACH_MM))
+        self.prior = float(meta.provenance.get("mask_prior_logit", MASK_PRIOR_LOGIT))
+        self._lock = threading.Lock()  # one request at a time through the network
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Refiner:
+        network, meta = load_model(path, device)
+        if int(network.config.in_channels) != 4 or int(network.config.out_channels) != 1:
+            raise ValueError(f"{Path(path).name} is not a refinement model file (4 inputs, 1 output)")
+        return cls(network, meta, device)
+
+    def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+        """The structure's new mask (bool, ``mask``'s grid) after the clicks ``positive`` and
+        ``negative`` (``(N, 3)`` voxel indices of the image's voxel order)."""
+        ct = np.asarray(ct)
+        mask = np.asarray(mask, dtype=bool)
+        if ct.ndim != 3 or mask.shape != ct.shape:
+            raise ValueError(f"the CT {ct.shape} and the mask {mask.shape} must be 3D arrays of one grid")
+        pos, neg = (np.asarray(p, dtype=np.int64).reshape(-1, 3) if p is not None and np.size(p) else np.zeros((0, 3), np.int64)
+                    for p in (positive, negative))
+        for p in (pos, neg):
+            if len(p) and ((p < 0).any() or (p >= np.asarray(ct.shape)).any()):
+                raise ValueError(f"a click lies outside the image of shape {ct.shape}")
+        out = mask.copy()
+        if not len(pos) and not len(neg):
+            return out
+        orient = Orientation.of(affine)
+        spacing = orient.spacing(affine)
+        ras_ct, ras_out = orient.view(ct), orient.view(out)
+        ras_pos, ras_neg = orient.points(pos, ct.shape), orient.points(neg, ct.shape)
+        zs = reached_slices(np.concatenate([ras_pos, ras_neg]), ras_ct.shape[2], spacing[2], self.reach_mm)
+        new = self.refine_slices(ras_ct[:, :, zs], ras_out[:, :, zs], ras_pos, ras_neg, zs, spacing)
+        ras_out[:, :, zs] = new
+        return out
+
+    def refine_slices(self, ct: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray, zs: np.ndarray,
+                      spacing: np.ndarray) -> np.ndarray:
+        """The new mask ``(H, W, len(zs))`` of the axial slices ``zs`` (RAS order: ``ct`` and
+        ``mask`` are those slices), for clicks given as RAS voxel indices of the whole grid."""
+        size = ct.shape[:2]
+        pixel = (float(spacing[0]), float(spacing[1]))
+        net_size = network_size(size, pixel, self.meta.spacing)
+        net_pixel = (size[0] * pixel[0] / net_size[0], size[1] * pixel[1] / net_size[1])
+        hu = torch.from_numpy(np.ascontiguousarray(np.moveaxis(ct, 2, 0), dtype=np.float32))[:, None]
+        cur = torch.from_numpy(np.ascontiguousarray(np.moveaxis(mask, 2, 0), dtype=np.float32))[:, None]
+        image = windowed(resample_slices(hu, net_size), self.meta.window)
+        current = (resample_slices(cur, net_size) > 0.5).float()
+        maps = [
+            torch.from_numpy(np.moveaxis(axial_maps(to_network_points(p, size, net_size), (*net_size, int(zs.max()) + 1), net_pixel,
+                                                    float(spacing[2]), slices=zs, radius_mm=self.radius_mm, reach_mm=self.reach_mm), 2, 0))[:, None]
+            for p in (positive, negative)
+        ]
+        inputs = torch.cat([image, current, *maps], dim=1)
+        with self._lock:
+            probs = run_network(self.network, inputs, device=self.device, prior=self.prior)
+        back = resample_slices(probs[:, None], size)[:, 0] > 0.5
+        return np.moveaxis(back.numpy(), 0, 2)

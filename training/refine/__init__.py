@@ -1,0 +1,1 @@
+"""Training and benchmarking of the click refinement network (:mod:`contourcl.refine`)."""

@@ -1,0 +1,293 @@
+"""The click benchmark: contours after 0, 1, 2, 3, 5 and 10 simulated clicks per structure.
+
+    python -m contourcl.training.refine.benchmark [--data DIR] [--refiner FILE] [--models oar,gtv]
+        [--clicks 0,1,2,3,5,10] [--out results/clicks] [--max-cases N] [--ids pt_1,...] [--seed 0]
+        [--threads 2] [--tolerance 2.0] [--methods network,plain_edit] [--no-progress]
+
+For every validation case and model (``oar``, ``gtv``), every structure the reference contours
+starts from the shipped model's automatic contour (:class:`contourcl.inference.Contourer`, the
+served path); the simulated clinician (:func:`contourcl.refine.simulator.next_click`, seeded per
+case and structure) clicks at the centre of the largest error region, and each method answers
+with the structure's new mask, all clicks so far given each time:
+
+- ``auto``: the automatic contour, unchanged (the first baseline);
+- ``plain_edit``: :func:`contourcl.refine.plain_edit.plain_edit`, no network (the second);
+- ``network``: the refinement network (:class:`contourcl.refine.refiner.Refiner`).
+
+Scored with the project's one metric code (:func:`contourcl.evaluation.contour_metrics`: Dice,
+surface Dice at ``--tolerance`` mm, HD95) on each CT's own grid against
+:func:`contourcl.data.datasets.read_scored_reference`, on the slices that image the patient (the
+clicks go there too). Writes to ``--out``: ``cases/<model>_<id>.json`` per case (a rerun skips
+those done: resumable), ``clicks.csv`` (every figure), ``clicks.md`` (tables: mean ± standard error
+over patients, per structure and the patient-wise mean) and ``clicks.png`` (mean Dice and surface
+Dice against clicks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from contourcl.data.datasets import labeled_cases, openkbp_or_exit, read_scored_reference
+from contourcl.data.labels import model_labels
+from contourcl.data.volumes import blank_slices, read_nifti
+from contourcl.evaluation import METRICS, contour_metrics, format_figure, summarise
+from contourcl.refine.encoding import voxel_sizes
+from contourcl.refine.simulator import next_click
+
+CLICKS = (0, 1, 2, 3, 5, 10)
+METHODS = ("auto", "plain_edit", "network")
+#: surface Dice tolerance of the click benchmark (mm), as issue 31 and the effort records use
+TOLERANCE_MM = 2.0
+
+#: method(ct, affine, mask, positive, negative) -> the structure's new mask
+Method = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def plain_edit_method() -> Method | None:
+    """The plain edit (no network) as a :data:`Method`, or None while it is not there."""
+    try:
+        from contourcl.refine.plain_edit import plain_edit
+    except ImportError:
+        return None
+
+    def method(ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+        return plain_edit(mask, positive, negative, affine)
+
+    return method
+
+
+def valid_region(imaged: tuple[int, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """A bool array broadcastable to ``shape``: the slices that image the patient."""
+    axis, kept = imaged
+    view = [1, 1, 1]
+    view[axis] = shape[axis]
+    return np.asarray(kept, dtype=bool).reshape(view)
+
+
+def click_series(method: Method, ct: np.ndarray, affine: np.ndarray, start: np.ndarray, reference: np.ndarray,
+                 valid: np.ndarray, clicks: int, seed: int) -> tuple[list[np.ndarray], list[dict]]:
+    """The masks after 0..``clicks`` simulated clicks with ``method`` and the clicks themselves.
+
+    After a click that leaves no error the mask stays (a clinician stops clicking)."""
+    spacing = voxel_sizes(affine)
+    rng = np.random.default_rng(seed)
+    mask = np.asarray(start, dtype=bool)
+    masks, made = [mask], []
+    pos: list[tuple[int, int, int]] = []
+    neg: list[tuple[int, int, int]] = []
+    for _ in range(clicks):
+        click = next_click(mask, reference, spacing, rng, valid)
+        if click is not None:
+            (pos if click.positive else neg).append(click.point)
+            made.append({"point": list(click.point), "positive": click.positive})
+            mask = np.asarray(method(ct, affine, mask, np.asarray(pos, dtype=np.int64).reshape(-1, 3),
+                                     np.asarray(neg, dtype=np.int64).reshape(-1, 3)), dtype=bool) & valid
+        masks.append(mask)
+    return masks, made
+
+
+def structure_seed(seed: int, case: str, structure: str) -> int:
+    """The simulator's seed for one case and structure (the same for every method)."""
+    return int(np.random.SeedSequence([seed, *map(ord, f"{case}/{structure}")]).generate_state(1)[0])
+
+
+def score(mask: np.ndarray, reference: np.ndarray, affine: np.ndarray, tolerance_mm: float, metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    return contour_metrics(mask.astype(np.uint8), reference.astype(np.uint8), {"s": 1}, voxel_sizes(affine), tolerance_mm, metrics)["s"]
+
+
+def run_case(case: dict, model: str, methods: dict[str, Method], contourer, counts: Sequence[int] = CLICKS, seed: int = 0,
+             tolerance_mm: float = TOLERANCE_MM, metrics: Sequence[str] = METRICS) -> dict:
+    """One case and model: ``{"case", "model", "seconds", "structures": {name: {method: {clicks: figures}}}, "clicks"}``."""
+    t0 = time.perf_counter()
+    ct, affine = read_nifti(case["image"])
+    ct = np.asarray(ct)
+    ref = read_scored_reference(case, model, ct=(ct, affine))
+    valid = valid_region(ref.imaged, ct.shape)
+    auto = blank_slices(contourer(case["image"]).label, ref.imaged)[0]
+    out = {"case": case["id"], "model": model, "structures": {}, "clicks": {}, "method_seconds": {}}
+    most = max(counts)
+    for name, value in model_labels(model).items():
+        reference = ref.label == value
+        if not reference.any():
+            continue  # not contoured: not background
+        start = auto == value
+        per: dict[str, dict] = {}
+        first = score(start, reference, affine, tolerance_mm, metrics)
+        per["auto"] = {str(n): first for n in counts}
+        for label, method in methods.items():
+            t = time.perf_counter()
+            masks, made = click_series(method, ct, affine, start, reference, valid, most, structure_seed(seed, case["id"], name))
+            out["method_seconds"][label] = out["method_seconds"].get(label, 0.0) + time.perf_counter() - t
+            per[label] = {str(n): (first if n == 0 else score(masks[n], reference, affine, tolerance_mm, metrics)) for n in counts}
+            out["clicks"][f"{name}/{label}"] = made
+        out["structures"][name] = per
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def summary_rows(records: Sequence[dict], model: str, methods: Sequence[str], counts: Sequence[int]) -> dict:
+    """``{(method, clicks): summarise(...)}`` over ``records`` of one model."""
+    names = list(model_labels(model))
+    out = {}
+    for method in methods:
+        for n in counts:
+            scores = {}
+            for r in records:
+                if r["model"] != model:
+                    continue
+                per = {}
+                for s in names:
+                    fig = r["structures"].get(s, {}).get(method, {}).get(str(n))
+                    per[s] = fig if fig is not None else dict.fromkeys(METRICS, float("nan"))
+                scores[r["case"]] = per
+            if scores:
+                out[(method, n)] = summarise([scores], names)
+    return out
+
+
+def write_outputs(records: Sequence[dict], out: Path, models: Sequence[str], methods: Sequence[str], counts: Sequence[int],
+                  command: str, tolerance_mm: float) -> None:
+    """``clicks.csv``, ``clicks.md`` and ``clicks.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "clicks.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "case", "structure", "method", "clicks", *METRICS])
+        for r in records:
+            for s, per in r["structures"].items():
+                for method, figs in per.items():
+                    for n, fig in figs.items():
+                        w.writerow([r["model"], r["case"], s, method, n, *(f"{fig[m]:.4f}" for m in METRICS)])
+    lines = [f"# Click benchmark ({len({r['case'] for r in records})} patients)", "", f"`{command}`", "",
+             f"Mean ± standard error over patients; surface Dice at {tolerance_mm:g} mm; HD95 in mm "
+             "(a structure a method misses has none: counted as missed). `auto`: the automatic contour; "
+             "`plain_edit`: no network; `network`: the refinement network.", ""]
+    summaries = {m: summary_rows(records, m, methods, counts) for m in models}
+    for model in models:
+        summary = summaries[model]
+        if not summary:
+            continue
+        for metric in METRICS:
+            lines += [f"## {model}: {metric.replace('_', ' ')}", "",
+                      "| structure | method | " + " | ".join(f"{n} clicks" for n in counts) + " |",
+                      "| --- | --- |" + " --- |" * len(counts)]
+            for s in ["mean", *model_labels(model)]:
+                for method in methods:
+                    cells = []
+                    for n in counts:
+                        fig = summary.get((method, n), {}).get((s, metric))
+                        cells.append(format_figure(fig["mean"], fig["se"], metric, fig["missed"]) if fig and fig["patients"] else "-")
+                    if any(c != "-" for c in cells):
+                        lines.append(f"| {s} | {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+    (out / "clicks.md").write_text("\n".join(lines) + "\n")
+    plot(summaries, out / "clicks.png", methods, counts)
+
+
+def plot(summaries: dict, path: Path, methods: Sequence[str], counts: Sequence[int]) -> Path:
+    """Mean Dice and surface Dice against clicks, a panel per model and metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m, s in summaries.items() if s]
+    fig, axes = plt.subplots(1, 2 * max(1, len(models)), figsize=(4.2 * 2 * max(1, len(models)), 3.4), squeeze=False)
+    colours = {"auto": "tab:gray", "plain_edit": "tab:orange", "network": "tab:blue"}
+    for i, model in enumerate(models):
+        for j, metric in enumerate(("dice", "surface_dice")):
+            ax = axes[0][2 * i + j]
+            for method in methods:
+                pts = [(n, summaries[model][(method, n)][("mean", metric)]) for n in counts if (method, n) in summaries[model]]
+                if pts:
+                    xs, figs = zip(*pts, strict=True)
+                    ax.errorbar(xs, [f["mean"] for f in figs], yerr=[0 if np.isnan(f["se"]) else f["se"] for f in figs],
+                                label=method, color=colours.get(method), marker="o", ms=3, capsize=2)
+            ax.set_xlabel("simulated clicks per structure")
+            ax.set_ylabel(f"mean {metric.replace('_', ' ')}")
+            ax.set_ylim(0, 1)
+            ax.set_title(model, fontsize=10)
+            ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m contourcl.training.refine.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="the validation cases (default: <OpenKBP>/validation-pats, CONTOURCL_OPENKBP)")
+    parser.add_argument("--refiner", default="apps/radonc/model/refine.pt", help="the refinement model file")
+    parser.add_argument("--model-dir", default="apps/radonc/model", help="where oar.pt and gtv.pt are")
+    parser.add_argument("--models", default="oar,gtv")
+    parser.add_argument("--methods", default="network,plain_edit", help="besides auto: network, plain_edit")
+    parser.add_argument("--clicks", default=",".join(map(str, CLICKS)))
+    parser.add_argument("--out", default="results/clicks")
+    parser.add_argument("--max-cases", type=int)
+    parser.add_argument("--ids", help="comma-separated case ids")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE_MM, help="surface Dice tolerance (mm)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from contourcl.inference import Contourer
+    from contourcl.refine.refiner import Refiner
+
+    torch.set_num_threads(args.threads)
+    data = Path(args.data) if args.data else openkbp_or_exit(parser, None) / "validation-pats"
+    counts = sorted({int(c) for c in args.clicks.split(",")})
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    methods: dict[str, Method] = {}
+    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if name == "network":
+            methods[name] = Refiner.from_file(args.refiner)
+        elif name == "plain_edit":
+            method = plain_edit_method()
+            if method is None:
+                parser.error("contourcl.refine.plain_edit is not there yet: leave plain_edit out of --methods")
+            methods[name] = method
+        else:
+            parser.error(f"unknown method {name!r}")
+    out = Path(args.out)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    todo = []
+    for model in models:
+        cases = labeled_cases(data, model)
+        if args.ids:
+            wanted = {i.strip() for i in args.ids.split(",")}
+            cases = [c for c in cases if c["id"] in wanted]
+        if args.max_cases:
+            cases = cases[: args.max_cases]
+        todo += [(model, c) for c in cases]
+    contourers = {m: Contourer(Path(args.model_dir) / f"{m}.pt") for m in models}
+    records = []
+    t0 = time.perf_counter()
+    for model, case in tqdm(todo, desc="clicks", unit="case", disable=args.no_progress):
+        path = out / "cases" / f"{model}_{case['id']}.json"
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+            continue
+        record = run_case(case, model, methods, contourers[model], counts, args.seed, args.tolerance)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+        records.append(record)
+    command = "python -m contourcl.training.refine.benchmark " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    write_outputs(records, out, models, ["auto", *methods], counts, command, args.tolerance)
+    print(f"{len(records)} case-model pairs in {time.perf_counter() - t0:.0f} s; wrote {out / 'clicks.md'}, clicks.csv, clicks.png")
+    print((out / "clicks.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
