@@ -140,10 +140,11 @@ def _submit(url: str, image: str, stored: np.ndarray, affine: np.ndarray, folder
 
 
 def replay_arm(cases: Sequence[Mapping], app: Path, work: Path, model: str, department: str, every: int, request: Mapping,
-               progress: bool = True) -> dict:
+               until: int | None = None, progress: bool = True) -> dict:
     """One arm: a fresh server on a copy of ``app`` and an empty studies folder; the patients of
-    ``cases`` in order (propose, submit the department's label, retrain every ``every`` finals;
-    0: never). Returns the effort records (latest per image), the model history and timings."""
+    ``cases`` in order (propose, submit the department's label, retrain every ``every`` finals
+    up to ``until`` finals, None: to the end; ``every`` 0: never). Returns the effort records
+    (latest per image), the model history and timings."""
     from tqdm import tqdm
 
     from contourcl.testing import start_monailabel, stop_process, wait_until_serving
@@ -169,7 +170,7 @@ def replay_arm(cases: Sequence[Mapping], app: Path, work: Path, model: str, depa
                 raise RuntimeError(f"infer {model} on {case['id']}: {r.status_code} {r.text[:300]}")
             stored, affine = department_label(case, model, department)
             _submit(url, case["id"], stored, affine, finals)
-            if every and n % every == 0 and n < len(cases):
+            if every and n % every == 0 and n < len(cases) and (until is None or n <= until):
                 t0 = time.monotonic()
                 r = requests.post(f"{url}/train/{model}", json=dict(request), timeout=60)
                 if r.status_code != 200:
@@ -184,7 +185,8 @@ def replay_arm(cases: Sequence[Mapping], app: Path, work: Path, model: str, depa
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
     order = {case["id"]: n for n, case in enumerate(cases, start=1)}
     records = sorted((r for r in EffortRecord(studies).latest() if r.get("model") == model), key=lambda r: order.get(r["image"], 0))
-    return {"department": department, "arm": "learning" if every else "static", "model": model, "every": every, "request": dict(request),
+    return {"department": department, "arm": "learning" if every else "static", "model": model, "every": every, "until": until,
+            "request": dict(request),
             "patients": [c["id"] for c in cases], "records": records, "retrains": retrains, "history": history,
             "seconds": round(time.monotonic() - started, 1)}
 
@@ -321,8 +323,9 @@ def report(out: Path, last: int = 10) -> list[Path]:
         n = comparison[-1]["patients"]
         retrained = [e for e in learning["history"] if e.get("origin") == "retrain"]
         served = [e for e in retrained if e.get("published")]
+        until = f" up to {learning['until']} finals" if learning.get("until") else ""
         lines += [f"## Department `{department}`", "",
-                  f"{len(learning['records'])} patients; retrained every {learning['every']} finals with {learning['request']} "
+                  f"{len(learning['records'])} patients; retrained every {learning['every']} finals{until} with {learning['request'] or 'the server defaults'} "
                   f"({len(learning['retrains'])} retrains, {len(served)} published by the gate); wall time {learning['seconds'] / 60:.1f} min "
                   f"(learning) and {static['seconds'] / 60:.1f} min (static), on this machine.", "",
                   f"Last {n} patients, learning / static, paired by patient; interval: percentile bootstrap over patients at "
@@ -344,7 +347,8 @@ def report(out: Path, last: int = 10) -> list[Path]:
 
 
 def run_clinic(data: Path, out: Path, app: Path, work: Path, model: str = "oar", departments: Sequence[str] = DEPARTMENTS,
-               every: int = 5, request: Mapping | None = None, limit: int | None = None, last: int = 10) -> list[Path]:
+               every: int = 5, request: Mapping | None = None, limit: int | None = None, last: int = 10,
+               until: int | None = None) -> list[Path]:
     """Every arm of every department not finished in ``out`` (one JSON each), then the report."""
     cases = sorted(labeled_cases(data / "validation-pats", model), key=lambda c: c["id"])[:limit]
     if len(cases) < 2:
@@ -358,7 +362,7 @@ def run_clinic(data: Path, out: Path, app: Path, work: Path, model: str = "oar",
             arm_work = work / department / arm
             if arm_work.exists():
                 shutil.rmtree(arm_work)
-            result = replay_arm(cases, app, arm_work, model, department, every if arm == "learning" else 0, request or {})
+            result = replay_arm(cases, app, arm_work, model, department, every if arm == "learning" else 0, request or {}, until)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True))
             logger.info("%s/%s: %d patients in %.0f s", department, arm, len(result["records"]), result["seconds"])
