@@ -1,0 +1,141 @@
+"""The Refiner (issue 31): clicks in the image's own voxel order land where they were made on
+oblique, feet-first and non-square grids whose axial axis is not last; only the slices the clicks
+reach are recomputed (every other voxel is the input mask's); the untrained network returns the
+mask; a model file keeps the encoding and the provenance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from contourcl.effort import axial_axis
+from contourcl.models.checkpoint import ModelMeta, read_meta, save_model
+from contourcl.models.networks import NetConfig, build_network
+from contourcl.refine.encoding import reach_slices, voxel_sizes
+from contourcl.refine.network import MASK_PRIOR_LOGIT, from_shipped, refine_config, refine_meta
+from contourcl.refine.refiner import Refiner
+from contourcl.testing import tiny_model_file
+
+
+def _affine(columns) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = columns
+    affine[:3, 3] = (-100.0, 20.0, 7.0)
+    return affine
+
+
+_A = np.deg2rad(20)
+_ROT = np.array([[np.cos(_A), -np.sin(_A), 0], [np.sin(_A), np.cos(_A), 0], [0, 0, 1.0]])
+# the grids of test_click_encoding: axial axis 0 (oblique; feet-first) and 1 (non-square, feet-first)
+CASES = {
+    "oblique": (_affine(_ROT @ np.array([[0, 1.5, 0], [0, 0, 2.0], [2.5, 0, 0]])), (12, 40, 56)),
+    "feet_first": (_affine(np.array([[0, 1.2, 0], [0, 0, -1.2], [-3.0, 0, 0]])), (12, 40, 56)),
+    "non_square": (_affine(np.array([[1.0, 0, 0], [0, 0, 2.0], [0, -2.5, 0]])), (40, 12, 56)),
+}
+
+
+class PaintPositive(torch.nn.Module):
+    """A stand-in network whose answer is "structure" where the positive click map is strong and
+    "not structure" where the negative one is (whatever the current mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = NetConfig(out_channels=1, in_channels=4, encoder="resnet10", width=8)
+
+    def forward(self, x):
+        return 40.0 * (x[:, 2:3] - 0.5) - 40.0 * x[:, 3:4]
+
+
+def _meta(spacing=(3.0, 3.0)) -> ModelMeta:
+    return ModelMeta(model="refine", labels={"structure": 1}, net={}, spacing=spacing, window=(-500.0, 800.0))
+
+
+def _ct(shape, seed=0):
+    return np.random.default_rng(seed).normal(0, 200, size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_click_is_answered_at_its_voxel_and_only_within_reach(name):
+    affine, shape = CASES[name]
+    axis = axial_axis(affine)
+    refiner = Refiner(PaintPositive(), _meta(spacing=(1.5, 1.5)))
+    point = np.array([[s // 2 + 1 for s in shape]])
+    mask = np.zeros(shape, dtype=bool)
+    out = refiner(_ct(shape), affine, mask, point, np.zeros((0, 3), np.int64))
+    assert out.dtype == bool and out.shape == shape
+    assert out[tuple(point[0])]
+    reach = reach_slices(voxel_sizes(affine)[axis])
+    changed = np.unique(np.argwhere(out)[:, axis])
+    assert set(changed) <= set(range(point[0][axis] - reach, point[0][axis] + reach + 1))
+    # the painted disk is centred on the click in every reached slice
+    lit = np.argwhere(out)
+    assert np.allclose(lit.mean(axis=0)[[a for a in range(3) if a != axis]], point[0][[a for a in range(3) if a != axis]], atol=0.6)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_only_the_reached_slices_change(name):
+    affine, shape = CASES[name]
+    axis = axial_axis(affine)
+    rng = np.random.default_rng(1)
+    mask = rng.random(shape) < 0.3
+    refiner = Refiner(PaintPositive(), _meta(spacing=(1.5, 1.5)))
+    pos = np.array([[3, 3, 3]])
+    neg = np.array([[s - 3 for s in shape]])
+    neg[0, axis] = 4  # both near one end of the axial axis: the slices beyond their reach stay
+    out = refiner(_ct(shape), affine, mask, pos, neg)
+    reach = reach_slices(voxel_sizes(affine)[axis])
+    reached = set()
+    for p in (pos[0], neg[0]):
+        reached |= set(range(p[axis] - reach, p[axis] + reach + 1))
+    others = [z for z in range(shape[axis]) if z not in reached]
+    assert others
+    assert np.array_equal(np.take(out, others, axis=axis), np.take(mask, others, axis=axis))
+    assert not out[tuple(neg[0])] and out[tuple(pos[0])]
+    assert not np.array_equal(out, mask)
+
+
+def test_no_clicks_no_change_and_bad_clicks_refused():
+    affine, shape = CASES["oblique"]
+    mask = np.zeros(shape, dtype=bool)
+    mask[4:8, 10:20, 10:30] = True
+    refiner = Refiner(PaintPositive(), _meta())
+    out = refiner(_ct(shape), affine, mask, np.zeros((0, 3)), None)
+    assert np.array_equal(out, mask) and out is not mask
+    with pytest.raises(ValueError, match="outside"):
+        refiner(_ct(shape), affine, mask, np.array([[0, 0, shape[2]]]), None)
+    with pytest.raises(ValueError):
+        refiner(_ct(shape), affine, mask[:-1], np.array([[1, 1, 1]]), None)
+
+
+def test_from_shipped_copies_the_ct_channel_and_starts_as_the_mask(tmp_path):
+    shipped = tiny_model_file(tmp_path / "oar.pt", model="oar")
+    network, meta = from_shipped(str(shipped))
+    source = torch.load(shipped, weights_only=True)["state_dict"]
+    conv = network.state_dict()["encoder.resnet.conv1.weight"]
+    assert conv.shape[1] == 4
+    assert torch.equal(conv[:, :1], source["encoder.resnet.conv1.weight"].float())
+    assert not conv[:, 1:].any()
+    # the untrained network returns the mask (zero head on the mask prior), here on the model's grid
+    assert meta.spacing == (4.0, 4.0)
+    affine = np.diag([4.0, 4.0, 2.5, 1.0])
+    shape = (48, 40, 20)
+    mask = np.zeros(shape, dtype=bool)
+    mask[10:30, 12:28, 5:15] = True
+    refiner = Refiner(network, refine_meta(network, meta))
+    out = refiner(_ct(shape), affine, mask, np.array([[20, 20, 10]]), np.array([[11, 13, 6]]))
+    assert np.array_equal(out, mask)
+
+
+def test_model_file_round_trip_keeps_encoding_and_provenance(tmp_path):
+    network = build_network(refine_config(NetConfig(out_channels=8, encoder="resnet10", width=8)))
+    base = ModelMeta(model="oar", labels={}, net={}, spacing=(3.0, 3.0), window=(-400.0, 600.0))
+    meta = refine_meta(network, base, {"steps": 12, "git_commit": "abc", "date": "2026-12-06"}, radius_mm=6.0, reach_mm=5.0)
+    path = save_model(tmp_path / "refine.pt", network, meta, half=True)
+    refiner = Refiner.from_file(path)
+    assert (refiner.radius_mm, refiner.reach_mm, refiner.prior) == (6.0, 5.0, MASK_PRIOR_LOGIT)
+    assert refiner.meta.window == (-400.0, 600.0)
+    kept = read_meta(path).provenance
+    assert kept["steps"] == 12 and kept["git_commit"] == "abc"
+    with pytest.raises(ValueError, match="not a refinement"):
+        Refiner.from_file(tiny_model_file(tmp_path / "gtv.pt"))

@@ -1,0 +1,71 @@
+"""The simulated clinician on hand-made masks: the next click at the centre of the largest error
+region, positive where missed and negative where over-drawn, seeded, None without an error."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from contourcl.refine.simulator import next_click
+
+
+def _box(shape, lo, hi):
+    m = np.zeros(shape, dtype=bool)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = True
+    return m
+
+
+def test_no_error_no_click():
+    ref = _box((20, 20, 10), (5, 5, 2), (10, 10, 6))
+    assert next_click(ref.copy(), ref, (1.0, 1.0, 1.0)) is None
+
+
+def test_missed_region_gets_a_positive_click_at_its_centre():
+    ref = _box((30, 30, 12), (2, 2, 1), (25, 25, 11))
+    mask = ref & ~_box(ref.shape, (3, 3, 2), (10, 10, 9))  # a 7 x 7 x 7 hole missed
+    click = next_click(mask, ref, (1.0, 1.0, 1.0))
+    assert click.positive and click.region_voxels == 7 ** 3
+    assert click.point == (6, 6, 5)
+
+
+def test_the_larger_region_wins_and_over_drawn_gives_a_negative_click():
+    ref = _box((40, 40, 16), (5, 5, 2), (15, 15, 10))
+    mask = ref.copy()
+    mask[6:8, 6:8, 4:6] = False  # 8 voxels missed
+    mask |= _box(ref.shape, (25, 25, 3), (34, 34, 12))  # a 9-voxel cube over-drawn, apart from the reference
+    click = next_click(mask, ref, (1.0, 1.0, 1.0))
+    assert not click.positive and click.region_voxels == 9 ** 3
+    assert click.point == (29, 29, 7)
+    mask[20:40, 20:40, :] = False  # the over-drawn cube erased: the missed piece is left
+    click = next_click(mask, ref, (1.0, 1.0, 1.0))
+    assert click.positive and click.region_voxels == 8
+
+
+def test_distance_uses_the_voxel_spacing():
+    # one region: a flat box (9 x 9 voxels, 3 slices) joined by a thin bridge to a tall thin one
+    # (3 x 3 voxels, 11 slices); which centre is farthest from the edge depends on the slices' mm
+    ref = np.zeros((30, 14, 14), dtype=bool)
+    ref[2:11, 2:11, 5:8] = True  # flat: centre (6, 6, 6)
+    ref[20:23, 5:8, 1:12] = True  # tall: centre (21, 6, 6)
+    ref[11:20, 6, 6] = True  # the bridge
+    mask = np.zeros_like(ref)
+    assert next_click(mask, ref, (1.0, 1.0, 3.0)).point == (6, 6, 6)  # flat: 5 mm in-plane vs tall: 2 mm
+    assert next_click(mask, ref, (1.0, 1.0, 0.25)).point == (21, 6, 6)  # flat: 0.5 mm in z vs tall: 1.5 mm
+
+
+def test_ties_are_drawn_with_the_seed():
+    ref = _box((20, 20, 3), (2, 2, 1), (12, 4, 2))  # a bar: many voxels equally far from its edge
+    mask = np.zeros_like(ref)
+    a = [next_click(mask, ref, (1.0, 1.0, 1.0), np.random.default_rng(7)).point for _ in range(3)]
+    assert len(set(a)) == 1  # the same seed: the same click
+    drawn = {next_click(mask, ref, (1.0, 1.0, 1.0), np.random.default_rng(s)).point for s in range(20)}
+    assert len(drawn) > 1  # other seeds: other tied voxels
+
+
+def test_errors_outside_the_valid_slices_are_ignored():
+    ref = _box((20, 20, 10), (5, 5, 2), (10, 10, 8))
+    mask = ref.copy()
+    mask[:, :, 8:] = True  # over-drawn, but on slices that do not image the patient
+    valid = np.zeros(10, dtype=bool)
+    valid[:8] = True
+    assert next_click(mask, ref, (1.0, 1.0, 1.0), valid=valid[None, None]) is None
+    assert next_click(mask, ref, (1.0, 1.0, 1.0)) is not None
