@@ -61,20 +61,49 @@ class ServedContourer(Contourer):
         return super().model()
 
 
-_WARNED: set[Path] = set()
+class NetworkRefinement:
+    """The shipped refinement network (:class:`contourcl.refine.refiner.Refiner`) as a refinement
+    method: ``name`` and ``describe()`` (its provenance, in ``/info/``)."""
+
+    name = "refinement network"
+
+    def __init__(self, path: Path):
+        from contourcl.refine.refiner import Refiner
+
+        self.path = path
+        self.refiner = Refiner.from_file(path)
+
+    def __call__(self, ct, affine, mask, positive, negative):
+        return self.refiner(ct, affine, mask, positive, negative)
+
+    def describe(self) -> dict:
+        keep = ("data", "steps", "seconds_trained", "date", "git_commit", "init")
+        provenance = {k: v for k, v in self.refiner.meta.provenance.items() if k in keep}
+        return {"method": self.name, "file": self.path.name, "version": model_version(self.path), **provenance}
+
+
+_REFINERS: dict[Path, tuple[str, object]] = {}  # refine.pt -> (its model_version, the method or the reason it is unusable)
 
 
 def refiner_for(model_dir: str | Path):
     """The refinement method of the models in ``model_dir``: ``method(ct, affine, mask, positive,
     negative) -> mask`` with a ``name`` (reported as ``refined_by``) and ``describe()`` (in
-    ``/info/``). The plain edit (:class:`contourcl.refine.plain_edit.PlainEdit`) while no refinement
-    network is shipped; the one place the network's refiner (``refine.pt`` in ``model_dir``) is to
-    be wired in."""
+    ``/info/``). The refinement network when ``model_dir`` holds a usable ``refine.pt`` (loaded
+    once per file state), else the plain edit (:class:`contourcl.refine.plain_edit.PlainEdit`);
+    a ``refine.pt`` that cannot be loaded is logged once, and the plain edit answers."""
     weights = Path(model_dir) / "refine.pt"
-    if weights.is_file() and weights not in _WARNED:
-        _WARNED.add(weights)
-        logger.warning("%s: the refinement network is not wired into serving yet; the plain edit answers", weights)
-    return PlainEdit()
+    if not weights.is_file():
+        return PlainEdit()
+    version = model_version(weights)
+    cached = _REFINERS.get(weights)
+    if cached is None or cached[0] != version:
+        try:
+            cached = (version, NetworkRefinement(weights))
+        except Exception as err:  # noqa: BLE001 -- a broken file must not take clicks down
+            logger.warning("%s cannot be used (%s): the plain edit answers clicks", weights, err)
+            cached = (version, str(err))
+        _REFINERS[weights] = cached
+    return cached[1] if isinstance(cached[1], NetworkRefinement) else PlainEdit()
 
 
 class ContourInferTask(InferTask):
