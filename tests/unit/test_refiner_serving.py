@@ -35,3 +35,20 @@ def test_a_broken_refinement_file_falls_back_to_the_plain_edit(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         assert refiner_for(tmp_path).name == "plain edit"
     assert "cannot be used" in caplog.text
+
+
+def test_the_click_commands_hand_their_options_on(monkeypatch):
+    import pytest
+
+    import contourcl.training.refine.benchmark as clicks_benchmark
+    import contourcl.training.refine.train as refine_train
+    from contourcl.cli import main
+
+    seen = {}
+    monkeypatch.setattr(clicks_benchmark, "main", lambda argv: seen.setdefault("benchmark", argv) and 0)
+    monkeypatch.setattr(refine_train, "main", lambda argv: seen.setdefault("train", argv) and 0)
+    main(["benchmark", "clicks", "--max-cases", "2", "--models", "oar"])
+    main(["train-refiner", "--work", "/tmp/w", "--minutes", "1"])
+    assert seen == {"benchmark": ["--max-cases", "2", "--models", "oar"], "train": ["--work", "/tmp/w", "--minutes", "1"]}
+    with pytest.raises(SystemExit):  # a command that takes no options of another module still refuses unknown ones
+        main(["effort", "--studies", "x", "--bogus"])

@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "contour": ("contourcl.cli.contour", "contour one CT (a volume file or a DICOM series) with a model file: label map, RT Structure Set, overlay picture"),
     "import-rtstruct": ("contourcl.cli.import_rtstruct", "an RT Structure Set on its DICOM CT series as a ContourCL label map (ROI names mapped to structures)"),
     "evaluate": ("contourcl.cli.evaluate", "Dice, HD95 and surface Dice of a model file on labeled CTs"),
-    "benchmark": ("contourcl.cli.benchmark", "benchmarks on real CT: label-efficiency (pretraining methods vs labeled cases, OpenKBP)"),
+    "benchmark": ("contourcl.cli.benchmark", "benchmarks on real CT: label-efficiency, paired, clinic (a department's learning curve), clicks"),
+    "train-refiner": ("contourcl.cli.train_refiner", "train the click-refinement network by simulating a clinician on OpenKBP"),
     "models": ("contourcl.cli.models", "list a served model's history, or restore an earlier version"),
     "effort": ("contourcl.cli.effort", "what the clinicians changed in the server's proposals, per model version (added path length, surface Dice)"),
 }
@@ -58,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+    # a command that hands its options on to a module of its own (``options``) takes those it does not know
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not isinstance(getattr(args, "options", None), list):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.options = unknown + args.options
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -2,7 +2,8 @@
 (:mod:`contourcl.training.experiments.label_efficiency`); ``contourcl benchmark paired``: two model
 files' ``contourcl evaluate --json`` figures on the same cases, paired by patient
 (:func:`contourcl.training.experiments.paired.compare_evaluations`); ``contourcl benchmark clinic``: a
-department's learning curve replayed through the real server (:mod:`contourcl.serving.clinic`)."""
+department's learning curve replayed through the real server (:mod:`contourcl.serving.clinic`);
+``contourcl benchmark clicks``: Dice after simulated clicks (:mod:`contourcl.training.refine.benchmark`)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--last", type=int, default=10, help="patients compared at the end (default %(default)s)")
     c.add_argument("--work", help="where the servers' copies of the app and studies go (default: a temporary folder, removed)")
     c.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from the finished arms")
+    k = sub.add_parser("clicks", help="Dice, surface Dice and HD95 after 0-10 simulated clicks per structure: the refinement "
+                                      "network against the automatic contour and the plain edit")
+    k.add_argument("--help-options", action="store_true", help="the benchmark's own options")
+    k.add_argument("options", nargs=argparse.REMAINDER, help="passed to python -m contourcl.training.refine.benchmark")
 
 
 def scale_from_args(args: argparse.Namespace) -> Scale:
@@ -140,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
         return paired(args)
     if args.benchmark == "clinic":
         return clinic(args)
+    if args.benchmark == "clicks":
+        from contourcl.training.refine.benchmark import main
+
+        return main(["--help"] if args.help_options else args.options)
     scale = scale_from_args(args)
     models = args.models or list(scale.models or MODELS)
     methods = args.methods or list(scale.methods or DEFAULT_METHODS)
