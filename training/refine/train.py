@@ -21,7 +21,9 @@ reference. ``--cases`` held out of the training run: ``--holdout`` training pati
 (``validation-pats`` are never used); every ``--eval-every`` steps the mean Dice after 3
 simulated clicks per structure on them, from the automatic contour through the served path
 (:class:`contourcl.refine.refiner.Refiner`), is measured; the best is kept and written to
-``--out`` only if it beats the plain edit's (:mod:`contourcl.refine.plain_edit`) on those cases.
+``--out`` (atomically) only if it beats both the plain edit's (:mod:`contourcl.refine.plain_edit`)
+and the automatic contour's on those cases by :data:`GATE_MIN_GAIN`: clicks that do not pay are
+not shipped.
 
 CPU by default (``--threads`` torch threads); on a GPU (``--device cuda``) mixed precision.
 """
@@ -33,7 +35,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ import torch
 from scipy import ndimage
 
 from contourcl.data.datasets import labeled_cases, openkbp_or_exit
-from contourcl.files import sha256_file
+from contourcl.files import atomic_copy, sha256_file
 from contourcl.models.checkpoint import save_model
 from contourcl.refine.encoding import axial_maps
 from contourcl.refine.network import from_shipped, refine_logits, refine_meta
@@ -62,6 +63,8 @@ GTV_SHARE = 0.35
 AUTO_SHARE = 0.5
 #: the held-out figure: mean Dice after this many clicks per structure
 GATE_CLICKS = 3
+#: the Dice the network must gain after GATE_CLICKS clicks over the better of the plain edit and the automatic contour
+GATE_MIN_GAIN = 0.01
 
 
 def git_commit() -> str:
@@ -336,12 +339,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not baseline:
         verdict["written"] = False
         verdict["why"] = "no plain edit to compare with (contourcl.refine.plain_edit missing) or no held-out cases"
-    elif best["dice"] > baseline["plain_edit"]["dice"] and (work / "best.pt").is_file():
-        shutil.copyfile(work / "best.pt", args.out)
-        verdict["written"] = str(args.out)
     else:
-        verdict["written"] = False
-        verdict["why"] = f"held-out Dice after {GATE_CLICKS} clicks {best['dice']:.4f} does not beat the plain edit's {baseline['plain_edit']['dice']:.4f}"
+        # clicks must pay: better than the plain edit and than the automatic contour with no click
+        bar = max(baseline["plain_edit"]["dice"], baseline["auto"]["dice"]) + GATE_MIN_GAIN
+        if best["dice"] >= bar and (work / "best.pt").is_file():
+            atomic_copy(work / "best.pt", args.out)
+            verdict["written"] = str(args.out)
+        else:
+            verdict["written"] = False
+            verdict["why"] = (f"held-out Dice after {GATE_CLICKS} clicks {best['dice']:.4f} is below {bar:.4f}: the better of the plain "
+                              f"edit's {baseline['plain_edit']['dice']:.4f} and the automatic contour's {baseline['auto']['dice']:.4f}, "
+                              f"plus {GATE_MIN_GAIN}")
     (work / "verdict.json").write_text(json.dumps(verdict, indent=1))
     logger.info("done: %s", verdict)
     return 0
