@@ -31,7 +31,8 @@ contourcl = run_contourcl
 def test_list_and_restore_from_another_directory(app, tmp_path):
     run = contourcl("models", "oar", "--app", app, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    lines = run.stdout.rstrip("\n").splitlines()
+    header, *lines = run.stdout.rstrip("\n").splitlines()
+    assert header.startswith("oar: served oar.pt; encoder: "), header  # where the served encoder came from (issue 32)
     assert len(lines) == 2 and lines[0].startswith("  v0000") and lines[1].startswith("* v0001") and "published" in lines[1]
 
     run = contourcl("models", "oar", "--app", app, "--restore", "0", cwd=tmp_path)
