@@ -112,6 +112,38 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log_path: str | Path, t
     wait_for(proc, lambda: requests.get(f"{url}{path}", timeout=10).ok or path != "/info/", log_path, timeout, "the server")
 
 
+def wait_for_training(url: str, timeout: float = 600) -> dict:
+    """Wait until the server at ``url`` has no training submitted or running; its ``GET /train/``
+    status then (``DONE``, ``ERROR``, ...). TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/train/", timeout=30).json()
+        if status.get("status") not in ("SUBMITTED", "RUNNING"):
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"the training did not finish within {timeout:g} s")
+
+
+#: the collapse floor of the pretraining tests: the mean per-dimension std of l2-normalised
+#: embeddings is about 1/sqrt(d) when they spread and 0 when they collapse (SimSiam, Section 4.1);
+#: measured on the tests' tiny runs: 0.58/sqrt(d) healthy, 0.11/sqrt(d) with the stop-gradient removed
+COLLAPSE_FLOOR = 0.3
+
+
+def embedding_spread(project, x) -> float:
+    """Mean over dimensions of the std over ``x`` of the l2-normalised embeddings, times sqrt(d).
+
+    ``project`` runs with batch statistics, as in training (pass copies: the running statistics
+    move); a 24-step run's running statistics are not those of its batches yet."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(project(x).float(), dim=1)
+    return float(z.std(dim=0).mean()) * math.sqrt(z.shape[1])
+
+
 def start_monailabel(app: str | Path, studies: str | Path, conf: Mapping[str, object], log_path: str | Path, *,
                      host: str = "127.0.0.1", cwd: str | Path | None = None, env: Mapping[str, str | None] | None = None, new_session: bool = False) -> tuple[subprocess.Popen, str]:
     """``monailabel start_server --app APP --studies STUDIES --conf K V ... --host HOST --port P``, as

@@ -26,7 +26,7 @@ from monailabel.client import MONAILabelClient
 from contourcl.data.labels import STORED_LABELS, to_model
 from contourcl.data.phantom import make_phantom
 from contourcl.inference import model_version
-from contourcl.testing import CodePayload, start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import CodePayload, start_monailabel, stop_process, wait_for_training, wait_until_serving
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -54,15 +54,6 @@ def server(tmp_path_factory, app_sandbox):
     finally:
         stop_process(proc)
 
-
-def _wait_for_training(url: str, timeout: float = 600) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = requests.get(f"{url}/train/").json()
-        if status.get("status") not in ("SUBMITTED", "RUNNING"):
-            return status
-        time.sleep(2)
-    raise TimeoutError("training did not finish")
 
 
 def test_clinician_loop(server):
@@ -110,7 +101,7 @@ def test_clinician_loop(server):
 
     # retrain: fine-tunes from the served model, validates, publishes because it is better
     client.train_start("oar", {"max_epochs": 4, "lr": 1e-3, "samples_per_volume": 16})
-    status = _wait_for_training(url)
+    status = wait_for_training(url)
     assert status["status"] == "DONE", status
     stats = client.info()["train_stats"]["oar"]
     published = stats["history"][-1]
@@ -128,7 +119,7 @@ def test_clinician_loop(server):
     # a training run that makes the model worse is not served
     served_now = params["model_version"]
     client.train_start("oar", {"max_epochs": 1, "lr": 50.0})
-    assert _wait_for_training(url)["status"] == "DONE"
+    assert wait_for_training(url)["status"] == "DONE"
     rejected = client.info()["train_stats"]["oar"]["history"][-1]
     assert rejected["published"] is False and "kept the served model" in rejected["reason"]
     assert client.infer("oar", image_id, {})[1]["model_version"] == served_now

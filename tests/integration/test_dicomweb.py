@@ -44,6 +44,7 @@ from contourcl.testing import (
     start_monailabel,
     start_orthanc,
     stop_process,
+    wait_for_training,
     wait_until_serving,
 )
 
@@ -107,16 +108,6 @@ def _qido(dicomweb: str, path: str, **params) -> list[pydicom.Dataset]:
     r = requests.get(f"{dicomweb}/{path}", params=params, headers={"Accept": "application/dicom+json"}, timeout=30)
     r.raise_for_status()
     return [pydicom.Dataset.from_json(item) for item in (r.json() if r.content else [])]
-
-
-def _wait_for_training(url: str, timeout: float = 600) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = requests.get(f"{url}/train/", timeout=30).json()
-        if status.get("status") not in ("SUBMITTED", "RUNNING"):
-            return status
-        time.sleep(2)
-    raise TimeoutError("training did not finish")
 
 
 def _dice(a: np.ndarray, b: np.ndarray, labels=range(1, 8)) -> float:
@@ -276,7 +267,7 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
         # retrain on the cache's final labels: fine-tunes the served model on one case, validates
         # on the other, and publishes because it is better than the re-initialised one
         client.train_start("oar", {"max_epochs": 6, "lr": 3e-3, "samples_per_volume": 16})
-        status = _wait_for_training(url)
+        status = wait_for_training(url)
         assert status["status"] == "DONE", status
         history = client.info()["train_stats"]["oar"]["history"]
         published = history[-1]

@@ -13,6 +13,7 @@ import torch
 from contourcl.data.datasets import find_ct_images
 from contourcl.models.encoder_checkpoint import load_encoder
 from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.testing import COLLAPSE_FLOOR, embedding_spread
 from contourcl.training.pretrain import separeg
 from contourcl.training.pretrain.base import ConfigError, PretrainConfig, RunContext
 from contourcl.training.pretrain.separeg import (
@@ -40,20 +41,6 @@ from contourcl.training.pretrain.volumes import (
 torch.set_num_threads(1)
 
 TINY_HEADS = {"proj_hidden": 32, "pred_hidden": 32, "proj_dim": 16}
-#: the collapse floor of test_simsiam.py (per-dimension std of l2-normalised embeddings, times sqrt(d))
-COLLAPSE_FLOOR = 0.3
-
-
-def embedding_spread(project, x: torch.Tensor) -> float:
-    """Mean over dimensions of the std over ``x`` of the l2-normalised embeddings, times sqrt(d).
-
-    ``project`` runs with batch statistics, as in training (pass copies: the running statistics
-    move); a 24-step run's running statistics are not those of its batches yet."""
-    with torch.no_grad():
-        z = torch.nn.functional.normalize(project(x).float(), dim=1)
-    return float(z.std(dim=0).mean()) * math.sqrt(z.shape[1])
-
-
 def synthetic_volume(case="a", shape=(48, 48, 5), seed=0) -> Volume:
     window = (-500.0, 800.0)
     image = np.clip((synthetic_ct(shape, seed) - window[0]) / (window[1] - window[0]), 0, 1).astype(np.float32)

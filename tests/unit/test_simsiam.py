@@ -12,6 +12,7 @@ import torch
 from contourcl.data.datasets import find_ct_images
 from contourcl.models.encoder_checkpoint import load_encoder
 from contourcl.models.networks import NetConfig, ResNetEncoder, build_network
+from contourcl.testing import COLLAPSE_FLOOR, embedding_spread
 from contourcl.training.pretrain.augment import Augment, RandResizedCrop, TwoViews
 from contourcl.training.pretrain.base import PretrainConfig
 from contourcl.training.pretrain.simsiam import SimSiamLoss, SimSiamModel, negative_cosine, simsiam_loss
@@ -19,21 +20,6 @@ from contourcl.training.pretrain.trainer import pretrain
 from contourcl.training.pretrain.volumes import SliceDataset, load_volumes, write_synthetic_cts
 
 torch.set_num_threads(1)
-
-#: the collapse floor: the mean per-dimension std of l2-normalised embeddings is about 1/sqrt(d)
-#: when they spread and 0 when they collapse (SimSiam, Section 4.1); measured on these tiny runs:
-#: 0.58/sqrt(d) healthy, 0.11/sqrt(d) with the stop-gradient removed (the collapse SimSiam shows)
-COLLAPSE_FLOOR = 0.3
-
-
-def embedding_spread(project, x: torch.Tensor) -> float:
-    """Mean over dimensions of the std over ``x`` of the l2-normalised embeddings, times sqrt(d).
-
-    ``project`` runs with batch statistics, as in training (pass copies: the running statistics
-    move); a 24-step run's running statistics are not those of its batches yet."""
-    with torch.no_grad():
-        z = torch.nn.functional.normalize(project(x).float(), dim=1)
-    return float(z.std(dim=0).mean()) * math.sqrt(z.shape[1])
 
 SQRT2 = math.sqrt(2.0)
 

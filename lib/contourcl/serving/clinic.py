@@ -119,16 +119,6 @@ def _copy_app(app: Path, dest: Path, model: str) -> Path:
     return dest
 
 
-def _wait_for_training(url: str, timeout: float = 3600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = requests.get(f"{url}/train/", timeout=30).json()
-        if status.get("status") not in ("SUBMITTED", "RUNNING"):
-            return status
-        time.sleep(2)
-    raise TimeoutError(f"the retrain did not finish within {timeout:g} s")
-
-
 def _submit(url: str, image: str, stored: np.ndarray, affine: np.ndarray, folder: Path) -> None:
     path = write_label(folder / f"{image}.nii.gz", stored, affine)
     info = [{"name": name, "idx": value} for name, value in STORED_LABELS.items() if (stored == value).any()]
@@ -147,7 +137,7 @@ def replay_arm(cases: Sequence[Mapping], app: Path, work: Path, model: str, depa
     (latest per image), the model history and timings."""
     from tqdm import tqdm
 
-    from contourcl.testing import start_monailabel, stop_process, wait_until_serving
+    from contourcl.testing import start_monailabel, stop_process, wait_for_training, wait_until_serving
 
     work.mkdir(parents=True, exist_ok=True)
     app_copy = _copy_app(app, work / "radonc", model)
@@ -175,7 +165,7 @@ def replay_arm(cases: Sequence[Mapping], app: Path, work: Path, model: str, depa
                 r = requests.post(f"{url}/train/{model}", json=dict(request), timeout=60)
                 if r.status_code != 200:
                     raise RuntimeError(f"train {model} after {n} finals: {r.status_code} {r.text[:300]}")
-                status = _wait_for_training(url)
+                status = wait_for_training(url, timeout=3600)
                 retrains.append({"after": n, "status": status.get("status"), "seconds": round(time.monotonic() - t0, 1)})
                 if status.get("status") != "DONE":
                     logger.warning("retrain after %d finals ended %s: %s", n, status.get("status"), status.get("details"))
