@@ -1,5 +1,6 @@
 """The plain edit (issue 31, the no-network baseline): a positive click adds a disk of the stated
-radius on its axial slice only; a negative click removes exactly the connected piece under it."""
+radius on its axial slice only; a negative click removes exactly the connected piece under it
+on its axial slice."""
 
 from __future__ import annotations
 
@@ -38,19 +39,24 @@ def test_a_positive_click_on_an_empty_mask_makes_a_disk_of_the_radius_on_its_sli
     assert np.array_equal(bigger, _expected_disk(shape, centre, sizes, axis, 8.0))
 
 
-def test_a_negative_click_removes_exactly_the_piece_under_it():
+def test_a_negative_click_removes_exactly_the_piece_under_it_on_its_slice():
     mask = np.zeros((20, 20, 10), bool)
     mask[2:6, 2:6, 2:6] = True    # piece A
     mask[10:15, 10:15, 3:8] = True  # piece B, not touching A
-    mask[10, 10, 8] = True          # joined to B through a face
-    mask[15, 15, 8] = True          # touches B's corner only: a piece of its own
+    mask[15, 15, 5] = True          # touches B's corner only on the click's slice: a piece of its own
+    mask[12, 15, 5] = True          # joined to B through an edge on the click's slice
     out = plain_edit(mask, [], [[12, 12, 5]], np.eye(4))
     expected = mask.copy()
-    expected[10:15, 10:15, 3:9] = False
-    assert expected[15, 15, 8]
+    expected[10:15, 10:15, 5] = False
+    expected[12, 15, 5] = False
+    assert expected[15, 15, 5] and expected[12, 12, 4] and expected[12, 12, 6], "B's other slices are kept"
     assert np.array_equal(out, expected)
     assert np.array_equal(plain_edit(mask, [], [[0, 19, 0]], np.eye(4)), mask), "a click on background removes nothing"
     assert not np.array_equal(out, mask) and mask[12, 12, 5], "the input mask is not changed"
+    # slices along the second voxel axis: the piece on that axis's slice
+    along = np.array([[1.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]])
+    cut = plain_edit(mask, [], [[12, 12, 5]], along)
+    assert not cut[10:15, 12, 3:8].any() and cut[10:15, 11, 3:8].all() and cut[10:15, 13, 3:8].all()
 
 
 def test_disks_come_first_and_a_negative_voxel_is_always_background():

@@ -2,9 +2,11 @@
 
 A positive click adds a disk of :data:`PLAIN_EDIT_RADIUS_MM` (5 mm) radius around it, in the
 axial plane, on the click's own slice only; a negative click removes the connected piece of the
-structure under it (3D, face-connected, of the mask after the disks are added), and its own voxel
-always ends up background. A negative click on background removes nothing. Positive disks are
-added first, so a negative click on a piece removes a disk that joined it.
+structure under it on its own axial slice (in-plane, edge-connected, of the mask after the disks
+are added): a clinician's eraser works a slice at a time, and the piece in 3D is, for an
+over-drawn border, the whole structure. Its own voxel always ends up background. A negative
+click on background removes nothing. Positive disks are added first, so a negative click on a
+piece removes a disk that joined it.
 
 Arrays are ``(i, j, k)`` voxel arrays on the grid of ``affine`` (the image's, as nibabel reads
 it); the axial axis is the voxel axis closest to the world's head-foot direction
@@ -17,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from contourcl.clicks import bounding_box
 from contourcl.effort import axial_axis
 
 #: The radius of the disk a positive click adds, in mm.
@@ -58,22 +59,23 @@ def disk(shape: tuple[int, int, int], centre, affine: np.ndarray, radius_mm: flo
 def plain_edit(mask: np.ndarray, positive, negative, affine: np.ndarray, radius_mm: float = PLAIN_EDIT_RADIUS_MM) -> np.ndarray:
     """``mask`` (bool, ``(i, j, k)``) edited by the clicks: a disk of ``radius_mm`` on its slice
     added around each ``positive`` point, then the connected piece under each ``negative`` point
-    removed. Points are ``(N, 3)`` voxel indices; returns a new bool array."""
+    removed on that point's axial slice. Points are ``(N, 3)`` voxel indices; returns a new bool array."""
     out = np.array(mask, dtype=bool, copy=True)
     for point in _points(positive):
         index, plane = _disk_on_slice(out.shape, point, affine, radius_mm)
         out[index] |= plane
     negative = _points(negative)
     if len(negative):
-        box = bounding_box(out)  # the pieces lie in the mask's box: label only there
-        if box is not None:
-            sub = out[box]
-            pieces, _ = ndimage.label(sub)
-            inside = negative - np.asarray([b.start for b in box])
-            inside = inside[((inside >= 0) & (inside < np.asarray(sub.shape))).all(axis=1)]
-            hit = {int(v) for v in pieces[tuple(inside.T)]} - {0}
+        axis = axial_axis(affine)
+        for k in sorted({int(p[axis]) for p in negative}):
+            index: list = [slice(None)] * 3
+            index[axis] = k
+            plane = out[tuple(index)]  # a view: removing from it removes from out
+            pieces, _ = ndimage.label(plane)
+            clicks = np.delete(negative[negative[:, axis] == k], axis, axis=1)
+            hit = {int(v) for v in pieces[tuple(clicks.T)]} - {0}
             if hit:
-                sub &= ~np.isin(pieces, sorted(hit))
+                plane &= ~np.isin(pieces, sorted(hit))
         out[tuple(negative.T)] = False
     return out
 
@@ -92,4 +94,4 @@ class PlainEdit:
 
     def describe(self) -> dict:
         return {"method": self.name, "radius_mm": self.radius_mm,
-                "what": "a disk on the click's axial slice added per positive click; the connected piece under a negative click removed"}
+                "what": "a disk on the click's axial slice added per positive click; the connected piece under a negative click removed on its slice"}
