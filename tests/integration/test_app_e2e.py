@@ -47,7 +47,7 @@ def server(tmp_path_factory, app_sandbox):
 
     server_tmp = root / "server-tmp"  # the server's temporary folder: no request may leave a file in it
     server_tmp.mkdir()
-    proc, url = start_monailabel(app, studies, {"models": "all"}, root / "server.log", cwd=root, env={"TMPDIR": str(server_tmp)})
+    proc, url = start_monailabel(app, studies, {"models": "all", "min_gate_cases": 1}, root / "server.log", cwd=root, env={"TMPDIR": str(server_tmp)})
     try:
         wait_until_serving(proc, url, root / "server.log")
         yield {"url": url, "app": app, "studies": studies, "log": root / "server.log", "tmp": server_tmp}

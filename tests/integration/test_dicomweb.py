@@ -166,7 +166,7 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
     save_model(app / "model" / "synthetic" / "oar.pt", network, meta)
     served_before = model_version(app / "model" / "synthetic" / "oar.pt")
     log = tmp_path / "server.log"
-    proc, url = start_monailabel(app, orthanc["dicomweb"], {"models": "all", "weights": "synthetic", "dicomweb_refresh_s": 0}, log,
+    proc, url = start_monailabel(app, orthanc["dicomweb"], {"models": "all", "weights": "synthetic", "dicomweb_refresh_s": 0, "min_gate_cases": 1}, log,
                                  cwd=tmp_path, env=ONE_THREAD)
     try:
         wait_until_serving(proc, url, log)

@@ -59,7 +59,7 @@ def test_model_file_checks_name_the_problem(tmp_path):
 
 
 def test_uploaded_model_goes_through_the_gate_and_the_history(studies, tmp_path):
-    store = ModelStore(tmp_path / "model", "oar")
+    store = ModelStore(tmp_path / "model", "oar", min_gate_cases=1)  # three phantoms: one validation case
     tiny_oar(store.served, seed=0)
     served_bytes = store.served.read_bytes()
     labeled = cases(studies)

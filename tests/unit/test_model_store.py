@@ -25,6 +25,7 @@ from contourcl.serving.model_store import (
     ModelBusyError,
     ModelStore,
     ModelStoreError,
+    min_gate_cases_of,
 )
 from contourcl.serving.testing import check_store_consistent, model_archives
 from contourcl.testing import REPO, head_bias
@@ -66,6 +67,28 @@ def test_validation_cases_stay_fixed_across_retrains(tmp_path):
     gone = store.validation_ids([c for c in (f"c{i}" for i in range(26)) if c != first[0]], fraction=0.2)
     assert gone == [i for i in grown if i != first[0]]  # c0..c9 and c25 were seen: none replaces it
     assert ModelStore(tmp_path / "other", "oar").validation_ids(["only"]) == []
+
+
+def test_a_served_model_is_replaced_only_on_enough_validation_cases(tmp_path):
+    """A candidate gated on fewer than min_gate_cases (3 by default) does not replace the served
+    model, however good its figure (one validation case decided OpenKBP's replay badly); a first
+    model, with nothing served, is published with the gate's note."""
+    first = ModelStore(tmp_path / "empty", "gtv")
+    entry = first.consider(tiny_model_file(tmp_path / "first.pt", 0.5), 0.6, None, gate_cases=1)
+    assert entry["published"] and head_bias(first.served) == 0.5
+    store = ModelStore(tmp_path / "served", "gtv")
+    tiny_model_file(store.served, 0.0, dice=0.5)
+    few = store.consider(tiny_model_file(tmp_path / "few.pt", 1.0), 0.9, 0.5, gate_cases=2)
+    assert not few["published"] and "fewer than 3" in few["reason"] and head_bias(store.served) == 0.0
+    enough = store.consider(tiny_model_file(tmp_path / "enough.pt", 2.0), 0.6, 0.5, gate_cases=3)
+    assert enough["published"] and head_bias(store.served) == 2.0
+    lowered = ModelStore(tmp_path / "served", "gtv", min_gate_cases=1)
+    one = lowered.consider(tiny_model_file(tmp_path / "one.pt", 3.0), 0.7, 0.6, gate_cases=1)
+    assert one["published"] and head_bias(store.served) == 3.0
+    assert min_gate_cases_of({}) == 3 and min_gate_cases_of({"min_gate_cases": "5"}) == 5
+    for bad in ("0", "three", "-1"):
+        with pytest.raises(ValueError, match="min_gate_cases"):
+            min_gate_cases_of({"min_gate_cases": bad})
 
 
 def test_worse_model_is_never_served_and_earlier_ones_can_be_restored(tmp_path):

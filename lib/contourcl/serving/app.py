@@ -24,7 +24,7 @@ from contourcl.serving.endpoints import install as install_endpoints
 from contourcl.serving.errors import http_errors
 from contourcl.serving.infer import ContourInferTask
 from contourcl.serving.lifecycle import TrainerBusyError, in_task_subprocess
-from contourcl.serving.model_store import ModelStore
+from contourcl.serving.model_store import ModelStore, min_gate_cases_of
 from contourcl.serving.result_format import answer_in
 from contourcl.serving.result_format import requested as requested_format
 from contourcl.serving.retrain import consider_model_file
@@ -85,6 +85,7 @@ class ContourApp(MONAILabelApp):
         self.model_dir = model_dir(app_dir, conf or {})
         self.models = _models(conf or {}, self.configs)
         self.infer_slots = InferenceSlots.from_conf(conf or {})  # how many inferences run at once
+        self.min_gate_cases = min_gate_cases_of(conf or {})  # fewer validation cases never replace a served model
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name=name, description=description, version="0.1.0")
 
     def init_datastore(self):
@@ -120,7 +121,8 @@ class ContourApp(MONAILabelApp):
     def init_trainers(self):
         if str(self.conf.get("skip_trainers", "false")).lower() == "true":
             return {}
-        return {m: RetrainTask(m, self.model_dir, init=self.conf.get(f"{m}_init"), largest_component=self.configs[m].largest_component) for m in self.models}
+        return {m: RetrainTask(m, self.model_dir, init=self.conf.get(f"{m}_init"), largest_component=self.configs[m].largest_component,
+                               min_gate_cases=self.min_gate_cases) for m in self.models}
 
     def init_strategies(self):
         strategies = {"random": RandomStrategy()}
@@ -270,7 +272,7 @@ class ContourApp(MONAILabelApp):
         """Validate, archive, gate and (if not worse) publish a model file a client uploaded."""
         self._check_model(model, self._infers)
         cases = self.datastore().final_cases()
-        return consider_model_file(model, path, ModelStore(self.model_dir, model), cases, origin="uploaded (PUT /model)",
+        return consider_model_file(model, path, ModelStore(self.model_dir, model, self.min_gate_cases), cases, origin="uploaded (PUT /model)",
                                    largest_component=self.configs[model].largest_component)
 
     def withdraw_model(self, model: str) -> dict:

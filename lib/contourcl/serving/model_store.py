@@ -64,7 +64,8 @@ from contourcl.serving.lifecycle import TrainerBusyError, TrainLock
 
 logger = logging.getLogger(__name__)
 
-#: Fewer validation cases than this, and the gate's decision is flagged as unreliable.
+#: Fewer validation cases than this, and the gate does not replace a served model (``--conf min_gate_cases``);
+#: a first model (none served) is published with the gate's note that its figure is not reliable.
 MIN_GATE_CASES = 3
 #: An archived model file's name: ``v`` and the version number (at least four digits), ``.pt``.
 ARCHIVE_NAME = re.compile(r"^v(\d{4,})\.pt$")
@@ -72,6 +73,18 @@ ARCHIVE_NAME = re.compile(r"^v(\d{4,})\.pt$")
 LOCK_TIMEOUT_S = 900.0
 #: The origin recorded for a served file that the history did not know.
 FOUND_SERVED = "found served at start-up (not recorded in the history)"
+
+
+def min_gate_cases_of(conf: dict) -> int:
+    """``--conf min_gate_cases N`` (a whole number, at least 1; default :data:`MIN_GATE_CASES`)."""
+    value = conf.get("min_gate_cases", MIN_GATE_CASES)
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"--conf min_gate_cases {value!r}: give a whole number of validation cases (default {MIN_GATE_CASES})") from None
+    if number < 1:
+        raise ValueError(f"--conf min_gate_cases {value!r}: at least 1 validation case decides whether a model is served")
+    return number
 
 
 class ModelStoreError(ContourCLError):
@@ -106,8 +119,10 @@ class ModelStore:
     model lock (:meth:`locked`), across processes and threads; reads never wait for it.
     """
 
-    def __init__(self, model_dir: str | Path, name: str):
+    def __init__(self, model_dir: str | Path, name: str, min_gate_cases: int = MIN_GATE_CASES):
         self.name = name
+        #: a candidate gated on fewer validation cases than this does not replace a served model
+        self.min_gate_cases = int(min_gate_cases)
         self.served = Path(model_dir) / f"{name}.pt"
         self.root = Path(model_dir) / "history" / name
         self._thread_lock = threading.RLock()
@@ -405,7 +420,8 @@ class ModelStore:
         has changed since (a restore, an upload), ``regate(path)`` gives the gate's Dice of the
         file served now and the decision is made on it; without ``regate`` the candidate is not
         published. (``served_sha="unchecked"``: the caller vouches the served file did not change.)
-        A nan candidate Dice (no validation case) is never published over a served model.
+        A nan candidate Dice (no validation case) is never published over a served model, nor one
+        gated on fewer than :attr:`min_gate_cases` cases (``details["gate_cases"]``, when given).
         Returns the history entry with ``published`` and ``reason``.
         """
         with self.locked():
@@ -423,7 +439,8 @@ class ModelStore:
             if not same:
                 served_dice, regated = self._regate(current_sha, served_sha, regate)
                 details["regated"] = regated
-            ok, reason = self._decide(candidate_dice, served_dice, current_sha is not None, details.get("regated"))
+            ok, reason = self._decide(candidate_dice, served_dice, current_sha is not None, details.get("regated"),
+                                      details.get("gate_cases"), self.min_gate_cases)
             entry = self._publish(Path(candidate), entries, ok, origin=origin, val_dice=candidate_dice, served_val_dice=served_dice,
                                   published=ok, reason=reason, **details)
             return entry
@@ -440,7 +457,8 @@ class ModelStore:
         return float(regate(self.served)), "regated"
 
     @staticmethod
-    def _decide(candidate_dice, served_dice, serving: bool, regated: str | None) -> tuple[bool, str]:
+    def _decide(candidate_dice, served_dice, serving: bool, regated: str | None, gate_cases: int | None = None,
+                min_gate_cases: int = MIN_GATE_CASES) -> tuple[bool, str]:
         against = " (the served model changed meanwhile; gated again against it)" if regated == "regated" else ""
         if regated == "withdrawn":
             return False, "the served model was withdrawn while this candidate was prepared: not published; restore it to serve it"
@@ -450,6 +468,10 @@ class ModelStore:
             return True, "no model was served"
         if candidate_dice is None or math.isnan(candidate_dice):
             return False, "no validation figure: a model is published only after validation"
+        if gate_cases is not None and int(gate_cases) < min_gate_cases:
+            return False, (f"validation Dice {candidate_dice:.4f} (served {served_dice:.4f}) on {int(gate_cases)} validation case(s), "
+                           f"fewer than {min_gate_cases}: too few to replace the served model; kept it (submit more final labels, "
+                           f"or set --conf min_gate_cases)")
         if candidate_dice >= served_dice:
             return True, f"validation Dice {candidate_dice:.4f} >= served {served_dice:.4f}{against}"
         return False, f"validation Dice {candidate_dice:.4f} < served {served_dice:.4f}: kept the served model{against}"

@@ -85,9 +85,9 @@ def gate_dice(model_file: str | Path, cases: list[dict], largest_component: bool
     return summary[("mean", "dice")]["mean"], per
 
 
-def _gate_note(n: int) -> str | None:
-    if n < MIN_GATE_CASES:
-        return f"the quality gate decided on {n} validation case(s), fewer than {MIN_GATE_CASES}: its figure is not reliable; submit more final labels"
+def _gate_note(n: int, floor: int = MIN_GATE_CASES) -> str | None:
+    if n < floor:
+        return f"the quality gate decided on {n} validation case(s), fewer than {floor}: its figure is not reliable; submit more final labels"
     return None
 
 
@@ -140,7 +140,7 @@ def retrain(model: str, cases: list[dict], store: ModelStore, request: dict | No
         entry = store.consider(
             candidate, candidate_dice, served_dice, served_sha=served_sha, regate=lambda path: gate_dice(path, val, largest_component)[0],
             per_structure=per_structure, best_epoch=result.best_epoch, epochs=cfg.max_epochs,
-            train_ids=[c["id"] for c in train], val_ids=sorted(val_ids), gate_cases=len(val), gate_note=_gate_note(len(val)),
+            train_ids=[c["id"] for c in train], val_ids=sorted(val_ids), gate_cases=len(val), gate_note=_gate_note(len(val), store.min_gate_cases),
             excluded=excluded or None, skipped_steps=result.skipped or None, seconds=round(result.seconds, 1),
             removed_during_training=removed or None,
         )
@@ -175,7 +175,7 @@ def consider_model_file(model: str, path: str | Path, store: ModelStore, cases: 
             candidate_dice, per_structure, served_dice, regate = float("nan"), {}, (None if served is None else float("nan")), None
     return store.consider(
         Path(path), candidate_dice, served_dice, origin=origin, served_sha=served_sha, regate=regate, per_structure=per_structure,
-        val_ids=[c["id"] for c in val], gate_cases=len(val), gate_note=_gate_note(len(val)), excluded=excluded or None,
+        val_ids=[c["id"] for c in val], gate_cases=len(val), gate_note=_gate_note(len(val), store.min_gate_cases), excluded=excluded or None,
     )
 
 
@@ -192,7 +192,7 @@ def served_summary(store: ModelStore) -> dict:
     history) and what to do. Never raises: a broken file must not take ``/info/`` down."""
     from contourcl.models.checkpoint import describe_encoder, encoder_of_file, trace_retrained
 
-    out: dict = {"model_file": str(store.served.name)}
+    out: dict = {"model_file": str(store.served.name), "min_gate_cases": store.min_gate_cases}
     problems = store.problems()
     if store.served.is_file() and not store.served_problem():
         try:

@@ -20,7 +20,7 @@ from contourcl.serving.lifecycle import (
     in_task_subprocess,
     note_server_process,
 )
-from contourcl.serving.model_store import ModelStore
+from contourcl.serving.model_store import MIN_GATE_CASES, ModelStore
 from contourcl.serving.retrain import DEFAULTS, retrain, served_summary
 
 logger = logging.getLogger(__name__)
@@ -29,10 +29,11 @@ logger = logging.getLogger(__name__)
 class RetrainTask(TrainTask):
     """Fine-tunes the served model on every ``final`` label and publishes it only if not worse."""
 
-    def __init__(self, model: str, model_dir: str | Path, init: str | None = None, largest_component: bool = True):
+    def __init__(self, model: str, model_dir: str | Path, init: str | None = None, largest_component: bool = True,
+                 min_gate_cases: int = MIN_GATE_CASES):
         super().__init__(f"Fine-tune the {model} model on the submitted final labels; the new model is served only if its validation Dice is not lower")
         self.model = model
-        self.store = ModelStore(model_dir, model)
+        self.store = ModelStore(model_dir, model, min_gate_cases)
         self.init = init
         self.largest_component = largest_component  # the model config's rule, for files without one
         note_server_process()  # in the server: its pid, for the training subprocess to watch
