@@ -5,6 +5,8 @@ mask; a model file keeps the encoding and the provenance."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,32 @@ def test_model_file_round_trip_keeps_encoding_and_provenance(tmp_path):
     assert kept["steps"] == 12 and kept["git_commit"] == "abc"
     with pytest.raises(ValueError, match="not a refinement"):
         Refiner.from_file(tiny_model_file(tmp_path / "gtv.pt"))
+
+
+class AllStructure(torch.nn.Module):
+    """A stand-in network whose answer is "structure" everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = NetConfig(out_channels=1, in_channels=4, encoder="resnet10", width=8)
+
+    def forward(self, x):
+        return torch.full_like(x[:, :1], 40.0)
+
+
+def test_a_click_changes_the_mask_only_within_the_edit_radius():
+    """A file's edit radius bounds what a click changes: within it of the click in its axial
+    plane, on the slices it reaches; everywhere else the input mask, exactly (also on the reached
+    slices). A file without one changes the whole reached slices."""
+    affine, shape, click = np.diag([1.5, 1.5, 2.5, 1.0]), (40, 40, 12), np.array([[20, 20, 6]])
+    mask = np.random.default_rng(2).random(shape) < 0.3
+    meta = _meta(spacing=(1.5, 1.5))
+    bounded = Refiner(AllStructure(), replace(meta, provenance={"encoding": {"edit_radius_mm": 6.0}}))
+    out = bounded(_ct(shape), affine, mask, click, None)
+    g = np.indices(shape)
+    reach = reach_slices(2.5)
+    region = ((((g[0] - 20) * 1.5) ** 2 + ((g[1] - 20) * 1.5) ** 2) <= 36.0) & (np.abs(g[2] - 6) <= reach)
+    assert out[region].all(), "the network's answer within the radius"
+    assert np.array_equal(out[~region], mask[~region]), "the input mask, exactly, beyond it"
+    whole = Refiner(AllStructure(), meta)(_ct(shape), affine, mask, click, None)
+    assert whole[:, :, 6 - reach : 7 + reach].all() and np.array_equal(whole[:, :, : 6 - reach], mask[:, :, : 6 - reach])

@@ -69,3 +69,19 @@ def test_errors_outside_the_valid_slices_are_ignored():
     valid[:8] = True
     assert next_click(mask, ref, (1.0, 1.0, 1.0), valid=valid[None, None]) is None
     assert next_click(mask, ref, (1.0, 1.0, 1.0)) is not None
+
+
+def test_the_benchmark_tells_a_boundary_error_from_a_gross_one():
+    """The click benchmark's diagnosis of the automatic contour (training.refine.benchmark):
+    a one-voxel shell on the reference's surface is all "near the surface"; a blob away from it none."""
+    from contourcl.training.refine.benchmark import error_near_surface
+
+    affine = np.diag([4.0, 4.0, 2.5, 1.0])
+    ref = _box((30, 30, 10), (10, 10, 2), (20, 20, 8))
+    shell = ref.copy()
+    shell[9, 10:20, 2:8] = True  # over-drawn by one voxel on one side
+    shell[19, 10:20, 4] = False  # and missed one row on the other
+    assert error_near_surface(shell, ref, affine) == {"voxels": 70, "near_surface": 1.0}
+    blob = ref | _box((30, 30, 10), (1, 1, 2), (5, 5, 8))
+    assert error_near_surface(blob, ref, affine) == {"voxels": 96, "near_surface": 0.0}
+    assert error_near_surface(ref, ref, affine) == {"voxels": 0, "near_surface": None}

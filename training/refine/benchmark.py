@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from contourcl.data.datasets import labeled_cases, openkbp_or_exit, read_scored_reference
 from contourcl.data.labels import model_labels
@@ -102,6 +103,26 @@ def score(mask: np.ndarray, reference: np.ndarray, affine: np.ndarray, tolerance
     return contour_metrics(mask.astype(np.uint8), reference.astype(np.uint8), {"s": 1}, voxel_sizes(affine), tolerance_mm, metrics)["s"]
 
 
+def error_near_surface(start: np.ndarray, reference: np.ndarray, affine: np.ndarray) -> dict:
+    """How the automatic contour ``start`` errs against ``reference``: the error voxels (missed and
+    over-drawn) and the share of them within one in-plane voxel of the reference's surface (a
+    one-voxel boundary disagreement, which a click at one point can hardly fix). ``{"voxels",
+    "near_surface"}`` (``near_surface`` None when there is no error)."""
+    error = start != reference
+    n = int(error.sum())
+    if not n:
+        return {"voxels": 0, "near_surface": None}
+    box = ndimage.find_objects((error | reference).astype(np.uint8))[0]
+    box = tuple(slice(max(0, b.start - 2), b.stop + 2) for b in box)
+    ref, err = reference[box], error[box]
+    sizes = voxel_sizes(affine)
+    one = float(max(sorted(sizes)[:2]))  # one in-plane voxel (the two smaller sizes)
+    outside = ndimage.distance_transform_edt(~ref, sampling=sizes)  # over-drawn voxels: distance to the reference
+    inside = ndimage.distance_transform_edt(ref, sampling=sizes)  # missed voxels: distance to its outside
+    near = np.where(ref, inside, outside)[err] <= one + 1e-6
+    return {"voxels": n, "near_surface": float(near.mean())}
+
+
 def run_case(case: dict, model: str, methods: dict[str, Method], contourer, counts: Sequence[int] = CLICKS, seed: int = 0,
              tolerance_mm: float = TOLERANCE_MM, metrics: Sequence[str] = METRICS) -> dict:
     """One case and model: ``{"case", "model", "seconds", "structures": {name: {method: {clicks: figures}}}, "clicks"}``."""
@@ -118,6 +139,7 @@ def run_case(case: dict, model: str, methods: dict[str, Method], contourer, coun
         if not reference.any():
             continue  # not contoured: not background
         start = auto == value
+        out.setdefault("errors", {})[name] = error_near_surface(start, reference, affine)
         per: dict[str, dict] = {}
         first = score(start, reference, affine, tolerance_mm, metrics)
         per["auto"] = {str(n): first for n in counts}
@@ -169,6 +191,7 @@ def write_outputs(records: Sequence[dict], out: Path, models: Sequence[str], met
              "(a structure a method misses has none: counted as missed). `auto`: the automatic contour; "
              "`plain_edit`: no network; `network`: the refinement network.", ""]
     summaries = {m: summary_rows(records, m, methods, counts) for m in models}
+    lines += error_lines(records, models)
     for model in models:
         summary = summaries[model]
         if not summary:
@@ -188,6 +211,21 @@ def write_outputs(records: Sequence[dict], out: Path, models: Sequence[str], met
             lines.append("")
     (out / "clicks.md").write_text("\n".join(lines) + "\n")
     plot(summaries, out / "clicks.png", methods, counts)
+
+
+def error_lines(records: Sequence[dict], models: Sequence[str]) -> list[str]:
+    """A table of how the automatic contours err: per structure, the mean over patients of the
+    share of error voxels within one voxel of the reference's surface."""
+    lines = ["## How the automatic contours err", "",
+             "Share of the automatic contour's error voxels (missed or over-drawn) within one in-plane voxel of the "
+             "reference's surface: a boundary disagreement of one voxel, which a click at one point can hardly fix "
+             "(mean over patients, and the patients).", "", "| model | structure | near the surface | patients |", "| --- | --- | --- | --- |"]
+    for model in models:
+        for s in model_labels(model):
+            shares = [r["errors"][s]["near_surface"] for r in records if r["model"] == model and r.get("errors", {}).get(s, {}).get("near_surface") is not None]
+            if shares:
+                lines.append(f"| {model} | {s} | {np.mean(shares):.2f} | {len(shares)} |")
+    return [*lines, ""]
 
 
 def plot(summaries: dict, path: Path, methods: Sequence[str], counts: Sequence[int]) -> Path:

@@ -1,7 +1,7 @@
 """Train the click refinement network by simulating a clinician, on OpenKBP's training patients.
 
     python -m contourcl.training.refine.train --work DIR [--data DIR] [--out apps/radonc/model/refine.pt]
-        [--steps 2000] [--minutes M] [--batch-episodes 4] [--slices 4] [--lr 3e-4] [--seed 0]
+        [--steps 2000] [--minutes M] [--batch-episodes 4] [--slices 4] [--lr 1e-3] [--mask-prior P] [--edit-radius 20] [--seed 0]
         [--threads 2] [--device cpu|cuda] [--holdout 5] [--eval-every 250] [--max-cases N] [--no-progress]
 
 ``--work`` (outside the repository) keeps the cached cases (:mod:`.cache`: the CT, references and
@@ -15,9 +15,12 @@ not contoured, not background: never trained on), in a 96 x 96 pixel window arou
 (half the time the shipped model's automatic contour, otherwise the reference perturbed: dilated,
 eroded, shifted, a piece removed); then 1-5 rounds of: the simulated clinician's click at the
 centre of the largest error region (:func:`contourcl.refine.simulator.next_click`), and, but for
-the last round, the network's own answer on the slices the clicks reach. The loss (BCE + Dice) is
-on ``--slices`` of the slices the clicks reach (half of them the last click's), against the
-reference. ``--cases`` held out of the training run: ``--holdout`` training patients
+the last round, the network's own answer on the slices the clicks reach, kept within
+``--edit-radius`` mm of the clicks as the served :class:`~contourcl.refine.refiner.Refiner` keeps
+it. The loss (BCE + Dice) is on ``--slices`` of the slices the clicks reach (half of them the last
+click's), against the reference, where the clicks may change the mask (the rest is the current
+mask by construction). The network's output is added to ``--mask-prior`` times the current mask
+in -1/+1 (:func:`contourcl.refine.network.refine_logits`). ``--cases`` held out of the training run: ``--holdout`` training patients
 (``validation-pats`` are never used); every ``--eval-every`` steps the mean Dice after 3
 simulated clicks per structure on them, from the automatic contour through the served path
 (:class:`contourcl.refine.refiner.Refiner`), is measured; the best is kept and written to
@@ -47,8 +50,8 @@ from scipy import ndimage
 from contourcl.data.datasets import labeled_cases, openkbp_or_exit
 from contourcl.files import atomic_copy, sha256_file
 from contourcl.models.checkpoint import save_model
-from contourcl.refine.encoding import axial_maps
-from contourcl.refine.network import from_shipped, refine_logits, refine_meta
+from contourcl.refine.encoding import EDIT_RADIUS_MM, axial_maps, edit_region
+from contourcl.refine.network import MASK_PRIOR_LOGIT, from_shipped, refine_logits, refine_meta
 from contourcl.refine.refiner import Refiner, reached_slices, run_network
 from contourcl.refine.simulator import next_click
 from contourcl.training.refine.benchmark import plain_edit_method, run_case
@@ -152,8 +155,20 @@ def episode_inputs(ep: dict, mask: np.ndarray, pos: list, neg: list, zs: np.ndar
     return torch.from_numpy(np.ascontiguousarray(stack.transpose(3, 0, 1, 2)))
 
 
-def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Run an episode's clicks and the network's answers; the training slices' inputs and targets."""
+def episode_region(ep: dict, points: list, zs: np.ndarray, edit_radius_mm: float | None) -> np.ndarray:
+    """Where the clicks ``points`` may change an episode's mask on its slices ``zs``: ``(h, w, len(zs))``."""
+    shape = ep["image"].shape
+    if edit_radius_mm is None:
+        return np.ones((*shape[:2], len(zs)), dtype=bool)
+    return edit_region(np.asarray(points, dtype=np.float64).reshape(-1, 3), shape, ep["spacing"][:2], float(ep["spacing"][2]),
+                       slices=zs, radius_mm=edit_radius_mm)
+
+
+def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: int, device: torch.device,
+         prior: float = MASK_PRIOR_LOGIT, edit_radius_mm: float | None = EDIT_RADIUS_MM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Run an episode's clicks and the network's answers (kept within ``edit_radius_mm`` of the
+    clicks, as the served :class:`Refiner` keeps them); the training slices' inputs, targets and
+    where the loss counts (where the clicks may change the mask)."""
     rounds = int(rng.integers(1, 6))
     mask, pos, neg = ep["mask"].copy(), [], []
     last = None
@@ -165,8 +180,10 @@ def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: i
         last = click.point
         if r < rounds - 1:
             zs = reached_slices(np.asarray(pos + neg), mask.shape[2], float(ep["spacing"][2]))
-            probs = run_network(network, episode_inputs(ep, mask, pos, neg, zs), device=device)
-            mask[:, :, zs] = (probs.numpy() > 0.5).transpose(1, 2, 0) & ep["valid"][0, 0, zs]
+            probs = run_network(network, episode_inputs(ep, mask, pos, neg, zs), device=device, prior=prior)
+            region = episode_region(ep, pos + neg, zs, edit_radius_mm)
+            new = np.where(region, (probs.numpy() > 0.5).transpose(1, 2, 0), mask[:, :, zs])
+            mask[:, :, zs] = new & ep["valid"][0, 0, zs]
     if last is None:
         return None
     depth, slice_mm = mask.shape[2], float(ep["spacing"][2])
@@ -178,22 +195,25 @@ def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: i
     chosen += list(rng.choice(rest, size=min(len(rest), slices - half), replace=False)) if rest else []
     zs = np.asarray(sorted(int(z) for z in chosen))
     target = torch.from_numpy(np.ascontiguousarray(ep["ref"][:, :, zs].transpose(2, 0, 1).astype(np.float32)))
-    return episode_inputs(ep, mask, pos, neg, zs), target
+    weight = torch.from_numpy(np.ascontiguousarray(episode_region(ep, pos + neg, zs, edit_radius_mm).transpose(2, 0, 1).astype(np.float32)))
+    return episode_inputs(ep, mask, pos, neg, zs), target, weight
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE + soft Dice over the batch's slices."""
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits)
-    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE + soft Dice over the batch's slices, counted where ``weight`` is 1 (everywhere without)."""
+    weight = torch.ones_like(target) if weight is None else weight
+    bce = (torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
+    p = torch.sigmoid(logits) * weight
+    t = target * weight
+    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
     return bce + dice
 
 
-def gate_figures(network, base_meta, cases: Sequence[tuple[str, dict]], contourers, methods_extra: dict, seed: int) -> dict:
+def gate_figures(network, meta, cases: Sequence[tuple[str, dict]], contourers, methods_extra: dict, seed: int) -> dict:
     """Mean Dice after :data:`GATE_CLICKS` clicks per structure on the held-out cases (and after 0):
     ``{method: {"dice": mean over structures, "n": structures}}``."""
     was = network.training
-    methods = {"network": Refiner(network, base_meta), **methods_extra}
+    methods = {"network": Refiner(network, meta), **methods_extra}
     values: dict[str, list[float]] = {m: [] for m in ["auto", *methods]}
     for model, case in cases:
         record = run_case(case, model, methods, contourers[model], (0, GATE_CLICKS), seed, metrics=("dice",))
@@ -215,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, help="stop after this much training time (then evaluate and save)")
     parser.add_argument("--batch-episodes", type=int, default=4)
     parser.add_argument("--slices", type=int, default=4, help="training slices per episode")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--mask-prior", type=float, default=MASK_PRIOR_LOGIT,
+                        help="the logit the current mask adds (inside) or takes away (outside); the file records it")
+    parser.add_argument("--edit-radius", type=float, default=EDIT_RADIUS_MM,
+                        help="mm around a click where the network may change the mask (0: the whole slices it reaches)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -266,15 +290,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("resumed after step %d (%.0f s trained)", step, spent)
 
     gate_cases = [(m, by_id[i][m]) for i in gate_ids for m in MODELS]
+    edit_radius = args.edit_radius if args.edit_radius > 0 else None
+    gate_meta = refine_meta(network, base, {"mask_prior_logit": args.mask_prior}, edit_radius_mm=edit_radius)  # what the gate's Refiner reads
     contourers = {m: Contourer(p) for m, p in model_files.items()}
     plain = plain_edit_method()
     baseline = {}
     if gate_cases and plain is not None:
-        baseline = gate_figures(network, base, gate_cases, contourers, {"plain_edit": plain}, args.seed)
+        baseline = gate_figures(network, gate_meta, gate_cases, contourers, {"plain_edit": plain}, args.seed)
         logger.info("held out, Dice after %d clicks: plain edit %.4f, automatic %.4f", GATE_CLICKS, baseline["plain_edit"]["dice"], baseline["auto"]["dice"])
 
     def provenance() -> dict:
-        return {"data": str(train_dir), "train_ids": train_ids, "held_out_ids": gate_ids, "steps": step, "seconds_trained": round(spent, 1),
+        return {"mask_prior_logit": args.mask_prior, "edit_radius_mm": edit_radius, "data": str(train_dir), "train_ids": train_ids, "held_out_ids": gate_ids, "steps": step, "seconds_trained": round(spent, 1),
                 "episodes_per_step": args.batch_episodes, "slices_per_episode": args.slices, "lr": args.lr, "seed": args.seed,
                 "device": str(device), "threads": args.threads, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "git_commit": git_commit(), "init": {"file": str(model_files["oar"]), "sha256": sha256_file(model_files["oar"])},
@@ -285,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nonlocal best
         if figures is not None and figures["network"]["dice"] > best["dice"]:
             best = {"dice": figures["network"]["dice"], "step": step}
-            save_model(work / "best.pt", network, refine_meta(network, base, provenance(), {"held_out": figures, "baseline": baseline}), half=True)
+            save_model(work / "best.pt", network, refine_meta(network, base, provenance(), {"held_out": figures, "baseline": baseline}, edit_radius_mm=edit_radius), half=True)
         torch.save({"network": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "step": step, "best": best, "seconds": spent}, work / ".state.tmp")
         os.replace(work / ".state.tmp", state_path)
@@ -295,18 +321,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     while step < args.steps and (args.minutes is None or spent < args.minutes * 60):
         t0 = time.time()
         rng = np.random.default_rng([args.seed, step])
-        inputs, targets = [], []
+        inputs, targets, weights = [], [], []
         network.eval()
         while len(inputs) < args.batch_episodes:
-            played = play(network, episodes.draw(rng), rng, args.slices, device)
+            played = play(network, episodes.draw(rng), rng, args.slices, device, args.mask_prior, edit_radius)
             if played is not None:
                 inputs.append(played[0])
                 targets.append(played[1])
+                weights.append(played[2])
         network.train()
-        x, y = torch.cat(inputs).to(device), torch.cat(targets).to(device)
+        x, y, wt = torch.cat(inputs).to(device), torch.cat(targets).to(device), torch.cat(weights).to(device)
         with torch.autocast(device.type, enabled=use_amp):
-            logits = refine_logits(network, x)
-        loss = loss_fn(logits, y)
+            logits = refine_logits(network, x, args.mask_prior)
+        loss = loss_fn(logits, y, wt)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -320,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = {"step": step, "loss": losses[-1], "seconds": round(spent, 2)}
         figures = None
         if gate_cases and (step % args.eval_every == 0 or step == args.steps):
-            figures = gate_figures(network, base, gate_cases, contourers, {}, args.seed)
+            figures = gate_figures(network, gate_meta, gate_cases, contourers, {}, args.seed)
             record["held_out"] = figures
             logger.info("step %d: loss (last 50) %.4f; held out Dice after %d clicks %.4f (automatic %.4f)", step,
                         np.mean(losses[-50:]), GATE_CLICKS, figures["network"]["dice"], figures["auto"]["dice"])
@@ -330,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint(figures)
     bar.close()
     if gate_cases and step % args.eval_every and step != args.steps:  # stopped by --minutes between evaluations
-        figures = gate_figures(network, base, gate_cases, contourers, {}, args.seed)
+        figures = gate_figures(network, gate_meta, gate_cases, contourers, {}, args.seed)
         logger.info("step %d: held out Dice after %d clicks %.4f", step, GATE_CLICKS, figures["network"]["dice"])
         checkpoint(figures)
     else:

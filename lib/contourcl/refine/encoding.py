@@ -28,6 +28,9 @@ from contourcl.effort import axial_axis
 CLICK_RADIUS_MM = 9.0
 #: how far above and below its slice a click reaches (mm); at least one slice each way
 CLICK_REACH_MM = 7.5
+#: how far from a click, in its axial plane, the refinement network may change the mask (mm), on
+#: the slices the click reaches: a click corrects what is near it and leaves the rest alone
+EDIT_RADIUS_MM = 20.0
 
 
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
@@ -90,6 +93,15 @@ def axial_maps(points: np.ndarray, shape: tuple[int, int, int], pixel_mm: Sequen
             weight = 1.0 - 0.5 * abs(dz) * float(slice_mm) / reach_weight
             np.maximum(out[y0:y1, x0:x1, n], disk * weight, out=out[y0:y1, x0:x1, n])
     return out
+
+
+def edit_region(points: np.ndarray, shape: tuple[int, int, int], pixel_mm: Sequence[float], slice_mm: float,
+                slices: Sequence[int] | None = None, radius_mm: float = EDIT_RADIUS_MM,
+                reach_mm: float = CLICK_REACH_MM) -> np.ndarray:
+    """Where clicks at ``points`` may change the mask: ``(H, W, len(slices))`` bool, within
+    ``radius_mm`` of a click in its axial plane on the slices it reaches (the grid of
+    :func:`axial_maps`)."""
+    return axial_maps(points, shape, pixel_mm, slice_mm, slices=slices, radius_mm=radius_mm, reach_mm=reach_mm) > 0
 
 
 def click_maps(positive: np.ndarray | Sequence | None, negative: np.ndarray | Sequence | None, shape: tuple[int, int, int],

@@ -25,12 +25,12 @@ import torch
 
 from contourcl.models.checkpoint import ModelMeta, load_model
 from contourcl.models.networks import ContourUNet, NetConfig, build_network
-from contourcl.refine.encoding import CLICK_RADIUS_MM, CLICK_REACH_MM
+from contourcl.refine.encoding import CLICK_RADIUS_MM, CLICK_REACH_MM, EDIT_RADIUS_MM
 
 #: the network's input channels, in order
 INPUT_CHANNELS = ("ct", "mask", "positive", "negative")
 #: the logit the current mask adds (inside) or takes away (outside): the network learns corrections
-MASK_PRIOR_LOGIT = 4.0
+MASK_PRIOR_LOGIT = 1.0  # small: a correction need not outweigh it by much (docs/models/refine.md)
 #: the ``model`` a refinement model file names
 REFINE_MODEL = "refine"
 #: its ``labels``: one output, the structure being refined
@@ -74,7 +74,7 @@ def refine_logits(network: ContourUNet, inputs: torch.Tensor, prior: float = MAS
 
 
 def refine_meta(network: ContourUNet, base: ModelMeta, provenance: dict | None = None, metrics: dict | None = None,
-                radius_mm: float = CLICK_RADIUS_MM, reach_mm: float = CLICK_REACH_MM) -> ModelMeta:
+                radius_mm: float = CLICK_RADIUS_MM, reach_mm: float = CLICK_REACH_MM, edit_radius_mm: float | None = EDIT_RADIUS_MM) -> ModelMeta:
     """The model-file meta of a refinement ``network`` working on ``base``'s preprocessing."""
     return ModelMeta(
         model=REFINE_MODEL,
@@ -84,7 +84,8 @@ def refine_meta(network: ContourUNet, base: ModelMeta, provenance: dict | None =
         window=tuple(base.window),
         roi=tuple(base.roi),
         metrics=dict(metrics or {}),
-        provenance={"encoding": {"radius_mm": float(radius_mm), "reach_mm": float(reach_mm)}, "mask_prior_logit": MASK_PRIOR_LOGIT,
+        provenance={"encoding": {"radius_mm": float(radius_mm), "reach_mm": float(reach_mm),
+                                 "edit_radius_mm": None if edit_radius_mm is None else float(edit_radius_mm)}, "mask_prior_logit": MASK_PRIOR_LOGIT,
                     **(provenance or {})},
         largest_component=False,
         tta_flip=False,

@@ -10,8 +10,10 @@ clicks reach (:func:`contourcl.refine.encoding.reach_slices` around each click's
 recomputed; every other voxel is the input mask's, exactly. Those slices are resampled in-plane
 to the model file's grid (bilinear; the CT windowed after, the mask thresholded at 0.5), the click
 maps drawn on that grid, the network run on the whole slices (zero-padded to a multiple of 32),
-and its probabilities resampled back (bilinear) and thresholded at 0.5. The slice grid is kept:
-the network is 2D.
+and its answer kept only within the file's edit radius of a click
+(:func:`contourcl.refine.encoding.edit_region`; files without one: everywhere on those slices).
+Where that answer differs from the current mask, it is resampled back (bilinear, 0.5); everywhere
+else the input mask is kept exactly. The slice grid is kept: the network is 2D.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from nibabel.orientations import io_orientation
 
 from contourcl.models.checkpoint import ModelMeta, load_model
 from contourcl.models.networks import ContourUNet
-from contourcl.refine.encoding import CLICK_RADIUS_MM, CLICK_REACH_MM, axial_maps, reach_slices, voxel_sizes
+from contourcl.refine.encoding import (
+    CLICK_RADIUS_MM,
+    CLICK_REACH_MM,
+    axial_maps,
+    edit_region,
+    reach_slices,
+    voxel_sizes,
+)
 from contourcl.refine.network import MASK_PRIOR_LOGIT, refine_logits
 
 
@@ -134,6 +143,8 @@ class Refiner:
         encoding = dict(meta.provenance.get("encoding", {}))
         self.radius_mm = float(encoding.get("radius_mm", CLICK_RADIUS_MM))
         self.reach_mm = float(encoding.get("reach_mm", CLICK_REACH_MM))
+        edit = encoding.get("edit_radius_mm")  # a file without one changes the whole reached slices
+        self.edit_radius_mm = None if edit is None else float(edit)
         self.prior = float(meta.provenance.get("mask_prior_logit", MASK_PRIOR_LOGIT))
         self._lock = threading.Lock()  # one request at a time through the network
 
@@ -188,5 +199,14 @@ class Refiner:
         inputs = torch.cat([image, current, *maps], dim=1)
         with self._lock:
             probs = run_network(self.network, inputs, device=self.device, prior=self.prior)
-        back = resample_slices(probs[:, None], size)[:, 0] > 0.5
-        return np.moveaxis(back.numpy(), 0, 2)
+        was = current[:, 0] > 0.5
+        new = probs > 0.5
+        if self.edit_radius_mm is not None:  # only near the clicks
+            points = np.concatenate([to_network_points(p, size, net_size) for p in (positive, negative)])
+            region = edit_region(points, (*net_size, int(zs.max()) + 1), net_pixel, float(spacing[2]), slices=zs,
+                                 radius_mm=self.edit_radius_mm, reach_mm=self.reach_mm)
+            new = torch.where(torch.from_numpy(np.moveaxis(region, 2, 0)), new, was)
+        # back on the CT's grid, only what the network changed: elsewhere the mask is exactly the input's
+        changed = resample_slices((new != was).float()[:, None], size)[:, 0] > 0
+        back = resample_slices(new.float()[:, None], size)[:, 0] > 0.5
+        return np.where(np.moveaxis(changed.numpy(), 0, 2), np.moveaxis(back.numpy(), 0, 2), mask)
