@@ -66,9 +66,10 @@ def run_case(url: str, model: str, case: dict, clicks: int, below: float, seed: 
     ct, affine = read_nifti(case["image"])
     ref = read_scored_reference(case, model, ct=(ct, affine))
     valid = np.broadcast_to(valid_region(ref.imaged, ref.label.shape), ref.label.shape)
-    auto, _, auto_s = infer(url, model, case["id"], {})
+    auto, auto_params, auto_s = infer(url, model, case["id"], {})
     spacing = voxel_sizes(affine)
-    out = {"case": case["id"], "auto_seconds": auto_s, "click_seconds": [], "structures": {}}
+    out = {"case": case["id"], "auto_seconds": auto_s, "click_seconds": [], "structures": {},
+           "auto_server_seconds": (auto_params.get("latencies") or {}).get("total"), "click_server_seconds": []}
     for name, value in model_labels(model).items():
         reference = ref.label == value
         if not reference.any():
@@ -84,8 +85,9 @@ def run_case(url: str, model: str, case: dict, clicks: int, below: float, seed: 
                 break
             (pos if click.positive else neg).append(list(click.point))
             params = {"label": name, name: pos, "background": neg}
-            answer, _, seconds = infer(url, model, case["id"], params, current, affine)
+            answer, answered, seconds = infer(url, model, case["id"], params, current, affine)
             out["click_seconds"].append(seconds)
+            out["click_server_seconds"].append((answered.get("latencies") or {}).get("total"))
             changed = answer != current  # only between background and this structure
             others_kept &= bool(np.isin(current[changed], [0, value]).all() and np.isin(answer[changed], [0, value]).all())
             current = answer
@@ -153,6 +155,12 @@ def main(argv=None) -> int:
     if clicks_s:
         lines += [f"Median time: a click {summary['median_click_s']:.2f} s, the automatic contour {summary['median_auto_s']:.2f} s "
                   f"(ratio {summary['median_click_s'] / summary['median_auto_s']:.2f}; issue 31 asks at most 0.5)."]
+    inside = [t for r in records for t in r["click_server_seconds"] if t is not None]
+    inside_auto = [r["auto_server_seconds"] for r in records if r["auto_server_seconds"] is not None]
+    if inside and inside_auto:
+        summary.update(median_click_server_s=statistics.median(inside), median_auto_server_s=statistics.median(inside_auto))
+        lines += [f"Inside the server (the answers' `latencies.total`): a click {summary['median_click_server_s']:.2f} s, the automatic "
+                  f"contour {summary['median_auto_server_s']:.2f} s; the rest is the request and the answer on the wire."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
