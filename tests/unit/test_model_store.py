@@ -125,17 +125,27 @@ def test_info_summary_is_valid_json_for_a_model_without_validation_figures(tmp_p
 
 # -- the shipped weights -------------------------------------------------------------------------
 SHIPPED = sorted(p for p in (REPO / "apps" / "radonc" / "model").rglob("*.pt") if "history" not in p.parts)  # not a local history
+#: the click refinement network: not a contouring model, loaded by the refiner (contourcl.serving.infer.refiner_for)
+REFINE = "refine.pt"
 
 
 def test_every_shipped_model_file_passes_the_servers_model_check():
-    assert len(SHIPPED) >= 4, SHIPPED  # model/{oar,gtv}.pt and model/synthetic/{oar,gtv}.pt
+    contouring = [p for p in SHIPPED if p.name != REFINE]
+    assert len(contouring) >= 4, contouring  # model/{oar,gtv}.pt and model/synthetic/{oar,gtv}.pt
     failed = {}
-    for path in SHIPPED:
+    for path in contouring:
         try:
             check_model_file(path, path.stem)
         except InvalidModelError as err:
             failed[str(path.relative_to(REPO))] = str(err)
     assert not failed, failed
+    for path in (p for p in SHIPPED if p.name == REFINE):  # the server's refiner loads it, with its provenance
+        from contourcl.serving.infer import refiner_for
+
+        method = refiner_for(path.parent)
+        assert method.name == "refinement network", f"{path}: the server would answer clicks with {method.name}"
+        described = method.describe()
+        assert described["steps"] > 0 and described["init"]["sha256"] and described["git_commit"], described
 
 
 def test_half_precision_keeps_a_buffer_float16_cannot_hold_in_float32(tmp_path):
