@@ -25,7 +25,6 @@ of at least 0.08, a click at most half the automatic contour's time).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import statistics
@@ -36,15 +35,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import requests
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from contourcl.data.datasets import labeled_cases, openkbp_or_exit, read_scored_reference
 from contourcl.data.labels import model_labels
 from contourcl.data.volumes import read_nifti
+from contourcl.effort import voxel_sizes
 from contourcl.files import atomic_write_text
-from contourcl.refine.encoding import voxel_sizes
 from contourcl.refine.simulator import next_click
-from contourcl.testing import REPO, sandbox, start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import REPO, infer_answer, sandbox, start_monailabel, stop_process, wait_until_serving
 from contourcl.training.refine.benchmark import score, structure_seed, valid_region
 
 
@@ -57,9 +55,8 @@ def infer(url: str, model: str, image: str, params: dict, label: np.ndarray | No
     seconds = time.perf_counter() - t
     if r.status_code != 200:
         raise RuntimeError(f"POST /infer/{model} {image}: {r.status_code} {r.text[:500]}")
-    parts = MultipartDecoder(r.content, r.headers["content-type"]).parts
-    img = nib.Nifti1Image.from_bytes(gzip.decompress(parts[1].content))
-    return np.asarray(img.dataobj).astype(np.int64), json.loads(parts[0].content), seconds
+    label, _, params = infer_answer(r)
+    return label, params, seconds
 
 
 def run_case(url: str, model: str, case: dict, clicks: int, below: float, seed: int) -> dict:

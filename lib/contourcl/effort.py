@@ -39,6 +39,11 @@ DEFAULT_EFFORT_TOLERANCE_MM = 2.0
 _PIECE = 0.05
 
 
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """The length in mm of one step along each voxel axis of ``affine``."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
 def axial_axis(affine: np.ndarray) -> int:
     """The voxel axis of ``affine`` that runs closest to the world's head-foot (z) direction."""
     directions = np.asarray(affine, dtype=float)[:3, :3]
@@ -127,7 +132,7 @@ def correction_effort(proposed: np.ndarray, final: np.ndarray, labels: Mapping[s
     proposed, final = np.asarray(proposed), np.asarray(final)
     if proposed.shape != final.shape:
         raise ValueError(f"the proposal's grid {proposed.shape} differs from the final label's {final.shape}")
-    spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0))
+    spacing = tuple(float(s) for s in voxel_sizes(affine))
     axis = axial_axis(affine)
     present = {name: v for name, v in labels.items() if (proposed == v).any() or (final == v).any()}
     overlap = contour_metrics(proposed, final, present, spacing, tolerance_mm, metrics=("dice", "surface_dice")) if present else {}

@@ -124,6 +124,20 @@ def wait_for_training(url: str, timeout: float = 600) -> dict:
     raise TimeoutError(f"the training did not finish within {timeout:g} s")
 
 
+def infer_answer(response: requests.Response):
+    """MONAI Label's answer to ``POST /infer/<model>`` (multipart: the parameters as JSON, then the
+    label map as NIfTI, gzipped): ``(label map as int64, its affine, the parameters)``."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    parts = MultipartDecoder(response.content, response.headers["content-type"]).parts
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(parts[1].content))
+    return np.asarray(img.dataobj).astype(np.int64), img.affine, json.loads(parts[0].content)
+
+
 #: the collapse floor of the pretraining tests: the mean per-dimension std of l2-normalised
 #: embeddings is about 1/sqrt(d) when they spread and 0 when they collapse (SimSiam, Section 4.1);
 #: measured on the tests' tiny runs: 0.58/sqrt(d) healthy, 0.11/sqrt(d) with the stop-gradient removed

@@ -11,7 +11,6 @@ problem, and no file under the studies folder changes.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -20,12 +19,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 from scipy import ndimage
 
 from contourcl.data.labels import model_labels
 from contourcl.refine.plain_edit import PLAIN_EDIT_RADIUS_MM, plain_edit
-from contourcl.testing import REPO, sandbox, start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import REPO, infer_answer, sandbox, start_monailabel, stop_process, wait_until_serving
 
 pytestmark = [pytest.mark.timeout(300)]
 IMAGE = "synthetic_hn_003"
@@ -58,9 +56,7 @@ def _post(url: str, params: dict | None = None, label: bytes | None = None, imag
 def _infer(url: str, params: dict | None = None, label: bytes | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     r = _post(url, params, label)
     assert r.status_code == 200, r.text
-    parts = MultipartDecoder(r.content, r.headers["content-type"]).parts
-    img = nib.Nifti1Image.from_bytes(gzip.decompress(parts[1].content))
-    return np.asarray(img.dataobj).astype(np.int64), img.affine, json.loads(parts[0].content)
+    return infer_answer(r)
 
 
 def _slicer(structure: str, positive: list, background: list, info_labels: list[str]) -> dict:

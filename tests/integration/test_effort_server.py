@@ -20,10 +20,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from contourcl.data.labels import from_model, model_labels, to_model
-from contourcl.testing import REPO, sandbox, start_monailabel, stop_process, wait_until_serving
+from contourcl.testing import REPO, infer_answer, sandbox, start_monailabel, stop_process, wait_until_serving
 
 pytestmark = [pytest.mark.timeout(300)]
 CORRECTED, ACCEPTED = "synthetic_hn_000", "synthetic_hn_003"  # the first has a reference in sample-data
@@ -49,14 +48,7 @@ def server(tmp_path_factory):
 def _infer(url: str, image: str) -> tuple[np.ndarray, np.ndarray, dict]:
     r = requests.post(f"{url}/infer/oar", params={"image": image}, timeout=180)
     assert r.status_code == 200, r.text
-    parts = MultipartDecoder(r.content, r.headers["content-type"]).parts
-    params = json.loads(parts[0].content)
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"contourcl-effort-{image}.nii.gz"
-    path.write_bytes(parts[1].content)
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).astype(np.int64)
-    path.unlink()
-    return data, img.affine, params
+    return infer_answer(r)
 
 
 def _submit(url: str, image: str, stored: np.ndarray, affine: np.ndarray, base: Path) -> None:

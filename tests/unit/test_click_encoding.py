@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contourcl.effort import axial_axis
-from contourcl.refine.encoding import CLICK_RADIUS_MM, CLICK_REACH_MM, click_maps, reach_slices, voxel_sizes
+from contourcl.effort import axial_axis, voxel_sizes
+from contourcl.refine.encoding import CLICK_RADIUS_MM, CLICK_REACH_MM, click_maps, reach_slices
 
 
 def _rotation(degrees: float) -> np.ndarray:

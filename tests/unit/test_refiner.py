@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from contourcl.effort import axial_axis
+from contourcl.effort import axial_axis, voxel_sizes
 from contourcl.models.checkpoint import ModelMeta, read_meta, save_model
 from contourcl.models.networks import NetConfig, build_network
-from contourcl.refine.encoding import reach_slices, voxel_sizes
+from contourcl.refine.encoding import reach_slices
 from contourcl.refine.network import MASK_PRIOR_LOGIT, from_shipped, refine_config, refine_meta
 from contourcl.refine.refiner import Refiner
 from contourcl.testing import tiny_model_file

@@ -38,8 +38,8 @@ from scipy import ndimage
 from contourcl.data.datasets import labeled_cases, openkbp_or_exit, read_scored_reference
 from contourcl.data.labels import model_labels
 from contourcl.data.volumes import blank_slices, read_nifti
+from contourcl.effort import voxel_sizes
 from contourcl.evaluation import METRICS, contour_metrics, format_figure, summarise
-from contourcl.refine.encoding import voxel_sizes
 from contourcl.refine.simulator import next_click
 
 CLICKS = (0, 1, 2, 3, 5, 10)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from contourcl.effort import axial_axis
+from contourcl.effort import axial_axis, voxel_sizes
 
 #: in-plane radius of a click's disk (mm); the Gaussian's sigma is half of it
 CLICK_RADIUS_MM = 9.0
@@ -33,14 +33,16 @@ CLICK_REACH_MM = 7.5
 EDIT_RADIUS_MM = 20.0
 
 
-def voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    """The voxel size (mm) along each voxel axis of ``affine``."""
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-
-
 def reach_slices(slice_mm: float, reach_mm: float = CLICK_REACH_MM) -> int:
     """How many slices above and below its own a click reaches on slices ``slice_mm`` apart."""
     return max(1, int(np.floor(reach_mm / float(slice_mm) + 1e-6)))
+
+
+def as_voxels(points: np.ndarray | Sequence | None) -> np.ndarray:
+    """``points`` as an integer ``(N, 3)`` array of voxel indices (``(0, 3)`` for none)."""
+    if points is None:
+        return np.zeros((0, 3), np.int64)
+    return np.asarray(points, dtype=np.int64).reshape(-1, 3)
 
 
 def as_points(points: np.ndarray | Sequence | None) -> np.ndarray:

@@ -19,21 +19,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from contourcl.effort import axial_axis
+from contourcl.effort import axial_axis, voxel_sizes
+from contourcl.refine.encoding import as_voxels
 
 #: The radius of the disk a positive click adds, in mm.
 PLAIN_EDIT_RADIUS_MM = 5.0
-
-
-def _points(points) -> np.ndarray:
-    if points is None:
-        return np.zeros((0, 3), np.int64)
-    return np.asarray(points, dtype=np.int64).reshape(-1, 3)
-
-
-def voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    """The length in mm of one step along each voxel axis of ``affine``."""
-    return np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
 
 
 def _disk_on_slice(shape: tuple[int, int, int], centre, affine: np.ndarray, radius_mm: float) -> tuple[tuple, np.ndarray]:
@@ -61,10 +51,10 @@ def plain_edit(mask: np.ndarray, positive, negative, affine: np.ndarray, radius_
     added around each ``positive`` point, then the connected piece under each ``negative`` point
     removed on that point's axial slice. Points are ``(N, 3)`` voxel indices; returns a new bool array."""
     out = np.array(mask, dtype=bool, copy=True)
-    for point in _points(positive):
+    for point in as_voxels(positive):
         index, plane = _disk_on_slice(out.shape, point, affine, radius_mm)
         out[index] |= plane
-    negative = _points(negative)
+    negative = as_voxels(negative)
     if len(negative):
         axis = axial_axis(affine)
         for k in sorted({int(p[axis]) for p in negative}):

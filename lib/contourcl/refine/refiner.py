@@ -26,15 +26,16 @@ import numpy as np
 import torch
 from nibabel.orientations import io_orientation
 
+from contourcl.effort import voxel_sizes
 from contourcl.models.checkpoint import ModelMeta, load_model
 from contourcl.models.networks import ContourUNet
 from contourcl.refine.encoding import (
     CLICK_RADIUS_MM,
     CLICK_REACH_MM,
+    as_voxels,
     axial_maps,
     edit_region,
     reach_slices,
-    voxel_sizes,
 )
 from contourcl.refine.network import MASK_PRIOR_LOGIT, refine_logits
 
@@ -162,8 +163,7 @@ class Refiner:
         mask = np.asarray(mask, dtype=bool)
         if ct.ndim != 3 or mask.shape != ct.shape:
             raise ValueError(f"the CT {ct.shape} and the mask {mask.shape} must be 3D arrays of one grid")
-        pos, neg = (np.asarray(p, dtype=np.int64).reshape(-1, 3) if p is not None and np.size(p) else np.zeros((0, 3), np.int64)
-                    for p in (positive, negative))
+        pos, neg = as_voxels(positive), as_voxels(negative)
         for p in (pos, neg):
             if len(p) and ((p < 0).any() or (p >= np.asarray(ct.shape)).any()):
                 raise ValueError(f"a click lies outside the image of shape {ct.shape}")
@@ -191,10 +191,12 @@ class Refiner:
         cur = torch.from_numpy(np.ascontiguousarray(np.moveaxis(mask, 2, 0), dtype=np.float32))[:, None]
         image = windowed(resample_slices(hu, net_size), self.meta.window)
         current = (resample_slices(cur, net_size) > 0.5).float()
+        points = [to_network_points(p, size, net_size) for p in (positive, negative)]  # on the network's grid
+        grid = (*net_size, int(zs.max()) + 1)
         maps = [
-            torch.from_numpy(np.moveaxis(axial_maps(to_network_points(p, size, net_size), (*net_size, int(zs.max()) + 1), net_pixel,
-                                                    float(spacing[2]), slices=zs, radius_mm=self.radius_mm, reach_mm=self.reach_mm), 2, 0))[:, None]
-            for p in (positive, negative)
+            torch.from_numpy(np.moveaxis(axial_maps(p, grid, net_pixel, float(spacing[2]), slices=zs, radius_mm=self.radius_mm,
+                                                    reach_mm=self.reach_mm), 2, 0))[:, None]
+            for p in points
         ]
         inputs = torch.cat([image, current, *maps], dim=1)
         with self._lock:
@@ -202,8 +204,7 @@ class Refiner:
         was = current[:, 0] > 0.5
         new = probs > 0.5
         if self.edit_radius_mm is not None:  # only near the clicks
-            points = np.concatenate([to_network_points(p, size, net_size) for p in (positive, negative)])
-            region = edit_region(points, (*net_size, int(zs.max()) + 1), net_pixel, float(spacing[2]), slices=zs,
+            region = edit_region(np.concatenate(points), grid, net_pixel, float(spacing[2]), slices=zs,
                                  radius_mm=self.edit_radius_mm, reach_mm=self.reach_mm)
             new = torch.where(torch.from_numpy(np.moveaxis(region, 2, 0)), new, was)
         # back on the CT's grid, only what the network changed: elsewhere the mask is exactly the input's

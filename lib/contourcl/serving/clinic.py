@@ -49,7 +49,7 @@ from scipy import ndimage
 from contourcl.data.datasets import labeled_cases, read_scored_reference
 from contourcl.data.labels import STORED_LABELS, from_model, model_labels
 from contourcl.data.volumes import blank_slices, write_label
-from contourcl.effort import axial_axis
+from contourcl.effort import axial_axis, voxel_sizes
 from contourcl.files import atomic_write_text
 from contourcl.serving.effort_record import EffortRecord
 
@@ -83,7 +83,7 @@ def shifted_convention(label: np.ndarray, affine: np.ndarray, labels: Mapping[st
     Parotid_R and Parotid_L grown by :data:`PAROTID_MARGIN_MM` in 3D, SpinalCord grown by
     :data:`CANAL_MARGIN_MM` in the axial plane (the spinal canal, under the cord's name). Margins
     grow into background only: no other structure loses a voxel."""
-    spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0))
+    spacing = tuple(float(s) for s in voxel_sizes(affine))
     out = np.asarray(label).copy()
     grow = [(name, PAROTID_MARGIN_MM, None) for name in ("Parotid_R", "Parotid_L")]
     grow.append(("SpinalCord", CANAL_MARGIN_MM, axial_axis(affine)))

@@ -60,6 +60,7 @@ from contourcl.files import (
     sha256_file,
     temporary_name,
 )
+from contourcl.serving.conf import conf_int
 from contourcl.serving.lifecycle import TrainerBusyError, TrainLock
 
 logger = logging.getLogger(__name__)
@@ -77,14 +78,7 @@ FOUND_SERVED = "found served at start-up (not recorded in the history)"
 
 def min_gate_cases_of(conf: dict) -> int:
     """``--conf min_gate_cases N`` (a whole number, at least 1; default :data:`MIN_GATE_CASES`)."""
-    value = conf.get("min_gate_cases", MIN_GATE_CASES)
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"--conf min_gate_cases {value!r}: give a whole number of validation cases (default {MIN_GATE_CASES})") from None
-    if number < 1:
-        raise ValueError(f"--conf min_gate_cases {value!r}: at least 1 validation case decides whether a model is served")
-    return number
+    return conf_int(conf, "min_gate_cases", MIN_GATE_CASES, minimum=1, what="a whole number of validation cases")
 
 
 class ModelStoreError(ContourCLError):

@@ -32,7 +32,7 @@ from contourcl.data.volumes import read_ct, read_nifti
 from contourcl.errors import InvalidImageError
 from contourcl.evaluation import evaluate_model_file, summarise
 from contourcl.models.checkpoint import check_model_file, load_model, read_meta
-from contourcl.serving.model_store import MIN_GATE_CASES, ModelStore
+from contourcl.serving.model_store import ModelStore
 from contourcl.training.finetune.engine import (
     FinetuneConfig,
     finetune,
@@ -85,7 +85,7 @@ def gate_dice(model_file: str | Path, cases: list[dict], largest_component: bool
     return summary[("mean", "dice")]["mean"], per
 
 
-def _gate_note(n: int, floor: int = MIN_GATE_CASES) -> str | None:
+def _gate_note(n: int, floor: int) -> str | None:
     if n < floor:
         return f"the quality gate decided on {n} validation case(s), fewer than {floor}: its figure is not reliable; submit more final labels"
     return None

@@ -20,18 +20,9 @@ from collections import deque
 
 from fastapi import HTTPException
 
+from contourcl.serving.conf import conf_int
+
 DEFAULT_MAX_QUEUED = 8
-
-
-def _conf_int(conf: dict, key: str, default: int) -> int:
-    value = conf.get(key, default)
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--conf {key} {value!r}: give a whole number (default {default})") from None
-    if number < (1 if key == "max_concurrent_infer" else 0):
-        raise ValueError(f"--conf {key} {value!r}: too small")
-    return number
 
 
 def default_running() -> int:
@@ -52,7 +43,8 @@ class InferenceSlots:
 
     @classmethod
     def from_conf(cls, conf: dict) -> InferenceSlots:
-        return cls(_conf_int(conf, "max_concurrent_infer", default_running()), _conf_int(conf, "max_queued_infer", DEFAULT_MAX_QUEUED))
+        return cls(conf_int(conf, "max_concurrent_infer", default_running(), minimum=1),
+                   conf_int(conf, "max_queued_infer", DEFAULT_MAX_QUEUED, minimum=0))
 
     def status(self) -> dict:
         with self._cond:
