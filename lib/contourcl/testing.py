@@ -501,3 +501,62 @@ def run_contourcl(*args, cwd: str | Path, timeout: float = 120) -> subprocess.Co
     """``contourcl ARGS`` of this interpreter's environment, run in ``cwd``, output captured."""
     exe = Path(sys.executable).parent / "contourcl"
     return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def ohif_slices(folder: str | Path) -> list:
+    """The headers of the DICOM series in ``folder``, in the order cornerstone3D stacks a volume's
+    slices: ``(first - position) . (row x column cosine)``, largest first."""
+    import numpy as np
+    import pydicom
+
+    headers = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in sorted(Path(folder).iterdir())]
+    iop = np.array(headers[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    first = np.array(headers[0].ImagePositionPatient, float)
+    return sorted(headers, key=lambda ds: -float((first - np.array(ds.ImagePositionPatient, float)) @ normal))
+
+
+def as_ohif_shows(folder: str | Path, label, affine):
+    """The labelmap OHIF fills from a raw NRRD's bytes, ``[slice, row, column]``, from the DICOM
+    series in ``folder`` alone: slices in :func:`ohif_slices`' order, each voxel the ``label``'s
+    value (an array on the NIfTI grid of ``affine``) at its patient position. Also what OHIF's
+    labelmap of a SEG of that series holds, where the SEG is placed right."""
+    import numpy as np
+
+    headers = ohif_slices(folder)
+    iop = np.array(headers[0].ImageOrientationPatient, float)
+    dr, dc = (float(v) for v in headers[0].PixelSpacing)
+    r, c = np.meshgrid(np.arange(int(headers[0].Rows)), np.arange(int(headers[0].Columns)), indexing="ij")
+    to_voxel = np.linalg.inv(affine)
+    out = []
+    for ds in headers:
+        lps = np.array(ds.ImagePositionPatient, float) + c[..., None] * dc * iop[:3] + r[..., None] * dr * iop[3:]
+        ijk = np.rint((lps * [-1.0, -1.0, 1.0]) @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+        out.append(label[ijk[..., 0], ijk[..., 1], ijk[..., 2]])
+    return np.stack(out)
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them), or None."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def start_chromium(size: tuple[int, int] = (1600, 1000)):
+    """A headless Chromium driven by selenium (software WebGL, which OHIF's viewports need on a
+    machine with no GPU); quit it with ``.quit()``."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    found = find_chromium()
+    if found is None:
+        raise RuntimeError("chromium and chromedriver are needed (apt-get install chromium chromium-driver; .ci/run does)")
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={size[0]},{size[1]}",
+                "--enable-unsafe-swiftshader", "--use-angle=swiftshader"):
+        options.add_argument(arg)
+    options.binary_location = found[0]
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(found[1]), options=options)

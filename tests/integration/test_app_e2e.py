@@ -64,7 +64,10 @@ def test_clinician_loop(server):
     (app.parent / "client").mkdir(exist_ok=True)
 
     info = client.info()
-    assert set(info["models"]) == {"oar", "gtv"}
+    # each model twice: deepedit (Slicer's and OHIF's point tools) and <model>_seg (OHIF's Auto-Segmentation lists only segmentation)
+    assert set(info["models"]) == {"oar", "gtv", "oar_seg", "gtv_seg"}
+    assert [info["models"][m]["type"] for m in ("oar", "gtv", "oar_seg", "gtv_seg")] == ["deepedit", "deepedit", "segmentation", "segmentation"]
+    assert info["models"]["oar_seg"]["labels"] == info["models"]["oar"]["labels"]
     assert info["models"]["oar"]["labels"] == {"Brainstem": 1, "SpinalCord": 2, "Parotid_R": 3, "Parotid_L": 4, "Mandible": 5, "Larynx": 6, "Esophagus": 7}
     assert info["models"]["gtv"]["labels"] == {"GTV": 1}
     assert {"oar", "gtv"} <= set(info["trainers"])
@@ -84,6 +87,9 @@ def test_clinician_loop(server):
     assert params["label_names"]["Parotid_L"] == 4
     served_before = params["model_version"]
     assert served_before == model_version(app / "model" / "oar.pt")
+    seg_file, seg_params = client.infer("oar_seg", image_id, {})
+    assert np.array_equal(np.asanyarray(nib.load(seg_file).dataobj), np.asanyarray(first.dataobj)), "oar_seg is oar"
+    assert seg_params["model"] == "oar" and seg_params["model_version"] == served_before
 
     # the clinician corrects the contours (here: the phantom's truth) and submits them; Slicer
     # numbers segments in its own order and says so in label_info
@@ -271,7 +277,7 @@ def test_uploads_models_and_paths_are_safe(server):
     assert r.status_code == 200, r.text[:300]
     kept = r.json()["kept_as_version"]
     assert not gtv.exists() and (app / "model" / "history" / "gtv" / f"v{kept:04d}.pt").read_bytes() == gtv_bytes
-    assert "gtv" not in requests.get(f"{url}/info/").json()["models"]
+    assert not {"gtv", "gtv_seg"} & set(requests.get(f"{url}/info/").json()["models"])
     assert requests.post(f"{url}/infer/gtv", params={"image": image_id}).status_code == 404
 
     # only datastore ids or the request's own upload are contoured

@@ -39,6 +39,7 @@ from contourcl.inference import model_version
 from contourcl.models.checkpoint import load_model, save_model
 from contourcl.testing import (
     REPO,
+    as_ohif_shows,
     find_orthanc,
     free_port,
     start_monailabel,
@@ -128,26 +129,6 @@ def _truth_on(image: nib.Nifti1Image, name: str) -> np.ndarray:
 OHIF_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}
 
 
-def _as_ohif_shows(folder: Path, label: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """The labelmap OHIF fills from a raw NRRD's bytes, ``[slice, row, column]``, from the series'
-    headers alone: slices as cornerstone3D sorts them (``(first - position) . (row x column
-    cosine)``, largest first), each voxel the ``label``'s value at its patient position."""
-    headers = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in sorted(folder.iterdir())]
-    iop = np.array(headers[0].ImageOrientationPatient, float)
-    normal = np.cross(iop[:3], iop[3:])
-    first = np.array(headers[0].ImagePositionPatient, float)
-    headers.sort(key=lambda ds: -float((first - np.array(ds.ImagePositionPatient, float)) @ normal))
-    dr, dc = (float(v) for v in headers[0].PixelSpacing)
-    r, c = np.meshgrid(np.arange(int(headers[0].Rows)), np.arange(int(headers[0].Columns)), indexing="ij")
-    to_voxel = np.linalg.inv(affine)
-    out = []
-    for ds in headers:
-        lps = np.array(ds.ImagePositionPatient, float) + c[..., None] * dc * iop[:3] + r[..., None] * dr * iop[3:]
-        ijk = np.rint((lps * [-1.0, -1.0, 1.0]) @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
-        out.append(label[ijk[..., 0], ijk[..., 1], ijk[..., 2]])
-    return np.stack(out)
-
-
 def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
     timings = {}
     started = time.time()
@@ -180,7 +161,7 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
         assert info["studies"]["kind"] == "dicomweb" and info["studies"]["url"] == orthanc["dicomweb"]
         assert Path(info["studies"]["cache"]) == cache.resolve()
         assert info["datastore"]["total"] == 2
-        assert set(info["models"]) == {"oar", "gtv"} and {"oar", "gtv"} <= set(info["trainers"])
+        assert set(info["models"]) == {"oar", "gtv", "oar_seg", "gtv_seg"} and {"oar", "gtv"} <= set(info["trainers"])
         assert info["models"]["gtv"]["labels"] == {"GTV": 1}
         assert {p.name.removesuffix(".nii.gz") for p in cache.glob("*.nii.gz")} == set(by_uid)
 
@@ -220,7 +201,7 @@ def test_server_on_orthanc_clinician_loop(orthanc, tmp_path, app_sandbox):
             nrrd_file, _ = client.infer("oar", image_id, dict(OHIF_PARAMS))
             body = Path(nrrd_file).read_bytes().partition(b"\n\n")[2]
             shown = np.frombuffer(body, np.uint8).reshape(image.shape[::-1])
-            np.testing.assert_array_equal(shown, _as_ohif_shows(series[name], first[image_id][0], pred.affine),
+            np.testing.assert_array_equal(shown, as_ohif_shows(series[name], first[image_id][0], pred.affine),
                                           err_msg=f"{name}: OHIF would show the contours elsewhere")
             gtv_file, gtv_params = client.infer("gtv", image_id, {})
             gtv = nib.load(gtv_file)

@@ -8,10 +8,12 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from skimage.color import lab2rgb
 from test_rtstruct import FEET_FIRST, SHAPE, make_label
 
 from contourcl.data.dicom_series import read_series_geometry, write_ct_series
 from contourcl.data.labels import STORED_LABELS
+from contourcl.data.rtstruct import DEFAULT_COLORS
 from contourcl.data.seg import InvalidSegError, read_seg, write_seg
 from contourcl.errors import UnknownLabelError
 
@@ -46,6 +48,12 @@ def test_segments_are_named_by_structure_and_coded(series, tmp_path):
         assert item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
         assert item.SegmentAlgorithmName == "ContourCL oar"
         assert item.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "18eb94ba-35b2fd"
+    # each segment's colour is the RTSTRUCT's (sRGB, DEFAULT_COLORS), in CIELab (OHIF warns and picks its own without one)
+    for name, item in by_name.items():
+        scaled = np.asarray(item.RecommendedDisplayCIELabValue, float)  # PS3.3 C.10.7.1.1: L* 0..100, a*, b* -128..127 on 0..65535
+        lab = [scaled[0] * 100 / 65535, scaled[1] * 255 / 65535 - 128, scaled[2] * 255 / 65535 - 128]
+        rgb = lab2rgb(np.array([[lab]]))[0, 0] * 255
+        np.testing.assert_allclose(rgb, DEFAULT_COLORS[name], atol=2, err_msg=name)
     # every voxel back where it was, under its own name
     back, numbers = read_seg(out, series)
     for name, number in numbers.items():

@@ -274,7 +274,9 @@ def _ds_numbers(values: np.ndarray) -> list[str]:
     return out
 
 
-def _colour(name: str) -> list[int]:
+def display_colour(name: str) -> list[int]:
+    """The display colour (sRGB, 0-255) of structure ``name``: :data:`DEFAULT_COLORS`, or one made
+    from the name; the RTSTRUCT's ``ROIDisplayColor`` and the SEG's ``RecommendedDisplayCIELabValue``."""
     if name in DEFAULT_COLORS:
         return list(DEFAULT_COLORS[name])
     h = sum((i + 1) * ord(ch) for i, ch in enumerate(name))
@@ -419,7 +421,7 @@ def build_rtstruct(label, affine, structures: Mapping[str, int], series_folder: 
         roi.ROIDerivationAlgorithmIdentificationSequence = Sequence([algo])
         roi_seq.append(roi)
         rc = Dataset()
-        rc.ROIDisplayColor = list((colors or {}).get(name, _colour(name)))
+        rc.ROIDisplayColor = list((colors or {}).get(name, display_colour(name)))
         rc.ContourSequence = Sequence(contours)
         rc.ReferencedROINumber = value
         contour_seq.append(rc)

@@ -20,7 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from contourcl.data.dicom_series import SeriesGeometry, read_series_geometry
-from contourcl.data.rtstruct import check_structures, label_values, to_series_grid
+from contourcl.data.rtstruct import check_structures, display_colour, label_values, to_series_grid
 from contourcl.errors import UnknownLabelError
 
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")  # DICOM CID 7150
@@ -42,6 +42,14 @@ SEGMENT_CODES: dict[str, tuple[Code, Code, Code | None]] = {
 def _segment_datasets(geo: SeriesGeometry) -> list[pydicom.Dataset]:
     """The series' instances in slice order, headers only (what highdicom reads of a source)."""
     return [pydicom.dcmread(str(f), stop_before_pixels=True) for f in geo.files]
+
+
+def _lab(rgb) -> tuple[float, float, float]:
+    """sRGB (0-255) as CIELab (D65): L* 0..100, a* and b* -128..127."""
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(np.asarray(rgb, dtype=np.float64).reshape(1, 1, 3) / 255.0)[0, 0]
+    return float(np.clip(lab[0], 0, 100)), float(np.clip(lab[1], -128, 127)), float(np.clip(lab[2], -128, 127))
 
 
 def build_seg(label, affine, structures: Mapping[str, int], series_folder: str | Path | None = None, *,
@@ -82,6 +90,8 @@ def build_seg(label, affine, structures: Mapping[str, int], series_folder: str |
         ))
         if side is not None:  # laterality: a modifier of the anatomic region (Parotid_R / Parotid_L)
             descriptions[-1].AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [hd.sr.CodedConcept(side.value, side.scheme_designator, side.meaning)]
+        # the RTSTRUCT's colour, in CIELab as the SEG wants it (viewers warn and pick their own without one)
+        descriptions[-1].RecommendedDisplayCIELabValue = list(hd.color.CIELabColor(*_lab(display_colour(name))).value)
     return hd.seg.Segmentation(
         source_images=_segment_datasets(geo), pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(),

@@ -116,7 +116,10 @@ class ContourApp(MONAILabelApp):
         return store
 
     def init_infers(self):
-        return {m: ContourInferTask(m, self.model_dir / f"{m}.pt", self.configs[m].description, self.configs[m].largest_component) for m in self.models}
+        """``oar`` and ``gtv`` (declared ``deepedit``: clicks) and ``oar_seg``, ``gtv_seg`` (the same
+        models declared ``segmentation``: what OHIF's *Auto-Segmentation* lists)."""
+        tasks = {m: ContourInferTask(m, self.model_dir / f"{m}.pt", self.configs[m].description, self.configs[m].largest_component) for m in self.models}
+        return {**tasks, **{f"{m}_seg": task.automatic() for m, task in tasks.items()}}
 
     def init_trainers(self):
         if str(self.conf.get("skip_trainers", "false")).lower() == "true":
@@ -211,6 +214,10 @@ class ContourApp(MONAILabelApp):
         super().on_init_complete()
 
     # -- request checks the endpoints do not make ---------------------------------------------
+    def _trainable(self) -> dict:
+        """The served models by name, without their ``_seg`` aliases (which have no file of their own)."""
+        return {m: self._infers[m] for m in self.models}
+
     def _check_model(self, model, tasks: dict) -> None:
         if model not in tasks:
             raise HTTPException(404, f"unknown model {model!r}; this server has {sorted(tasks)}")
@@ -234,6 +241,7 @@ class ContourApp(MONAILabelApp):
         with http_errors():  # MONAI Label's result_extension/_dtype/_compress; unknown ones: 422 before any work
             result_format = requested_format(request)
         task = self._infers[request["model"]]
+        request["model"] = task.model  # oar_seg is oar: one proposal, one effort record
         if not task.is_valid():
             if not task.model_path.is_file():
                 raise HTTPException(404, f"model {request['model']!r} has no weights yet ({task.model_path} is missing): submit labels "
@@ -270,14 +278,14 @@ class ContourApp(MONAILabelApp):
     # -- the served models: uploads and withdrawal go the way of a retrained model ------------
     def consider_uploaded_model(self, model: str, path) -> dict:
         """Validate, archive, gate and (if not worse) publish a model file a client uploaded."""
-        self._check_model(model, self._infers)
+        self._check_model(model, self._trainable())
         cases = self.datastore().final_cases()
         return consider_model_file(model, path, ModelStore(self.model_dir, model, self.min_gate_cases), cases, origin="uploaded (PUT /model)",
                                    largest_component=self.configs[model].largest_component)
 
     def withdraw_model(self, model: str) -> dict:
         """Stop serving ``model`` (``DELETE /model``); its file stays in the history, restorable."""
-        self._check_model(model, self._infers)
+        self._check_model(model, self._trainable())
         try:
             return ModelStore(self.model_dir, model).withdraw()
         except FileNotFoundError as err:

@@ -3,7 +3,10 @@
 An infer request that carries clicks (:mod:`contourcl.clicks`: Slicer's DeepEdit form or DeepGrow's)
 refines the current contour instead (:meth:`ContourInferTask.refine`); the tasks are declared
 ``deepedit`` so that Slicer's MONAI Label module and OHIF show their point tools, and a request with
-no point still answers the automatic contour.
+no point still answers the automatic contour. Each model is also served as ``<model>_seg``
+(:meth:`ContourInferTask.automatic`), declared ``segmentation``, the same model and file: OHIF's
+panel lists only ``segmentation`` models under *Auto-Segmentation*, and only ``deepedit`` ones
+under *Point Prompts* (MONAI Label's radiology app pairs ``deepedit`` and ``deepedit_seg`` alike).
 
 A served model file that cannot be used (truncated by a full disk, edited, NaN weights) never
 stops the server: the task is not valid (``is_valid()`` is False, ``unavailable_reason()`` says
@@ -118,9 +121,10 @@ class ContourInferTask(InferTask):
     ``_last_answer`` (this model's last answer for the datastore image, from the effort record).
     """
 
-    def __init__(self, model: str, model_path: str | Path, description: str, largest_component: bool = True):
+    def __init__(self, model: str, model_path: str | Path, description: str, largest_component: bool = True,
+                 infer_type: str = InferType.DEEPEDIT, contourer: ServedContourer | None = None):
         super().__init__(
-            type=InferType.DEEPEDIT,  # Slicer and OHIF show their point tools; no points: the automatic contour
+            type=infer_type,  # deepedit: Slicer and OHIF show their point tools; no points: the automatic contour
             labels=model_labels(model),
             dimension=3,
             description=description,
@@ -128,11 +132,19 @@ class ContourInferTask(InferTask):
         )
         self.model = model
         self.model_path = Path(model_path)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        # loads nothing yet: a broken file cannot stop the server here
-        self.contourer = ServedContourer(model, self.model_path, device=device, largest_component=largest_component)
-        if not in_task_subprocess():
-            reconcile_at_startup(model, self.model_path.parent)
+        if contourer is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            # loads nothing yet: a broken file cannot stop the server here
+            contourer = ServedContourer(model, self.model_path, device=device, largest_component=largest_component)
+            if not in_task_subprocess():
+                reconcile_at_startup(model, self.model_path.parent)
+        self.contourer = contourer
+
+    def automatic(self) -> ContourInferTask:
+        """The same model declared ``segmentation`` (served as ``<model>_seg``): one contourer, one
+        file, one answer; OHIF's *Auto-Segmentation* lists it (clicks are answered as by this task)."""
+        return ContourInferTask(self.model, self.model_path, f"{self.description} (automatic contours)",
+                                self._config["largest_component"], infer_type=InferType.SEGMENTATION, contourer=self.contourer)
 
     def is_valid(self) -> bool:
         """True when the served file exists and passes the model check (see :meth:`unavailable_reason`)."""

@@ -218,8 +218,10 @@ def export_label(studies: str | Path, image_id: str, label, affine, tag: str, de
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() // 1000 % 10**6:06d}"  # two saves in a second: two files
     written = {}
     # a clinician's final label started from the model and was corrected by hand
+    # what a viewer's series list shows: a final label is the clinician's, not the model's
     common = dict(geometry=geometry, algorithm_name="ContourCL", algorithm_version=description,
-                  generation_algorithm="SEMIAUTOMATIC" if tag == "final" else "AUTOMATIC")
+                  generation_algorithm="SEMIAUTOMATIC" if tag == "final" else "AUTOMATIC",
+                  series_description=f"ContourCL {tag} ({description})"[:64])
     written["rtstruct"] = str(write_rtstruct(label, affine, STORED_LABELS, None, out_dir / f"RTSTRUCT_{tag}_{stamp}.dcm",
                                              structure_set_label=f"ContourCL {tag}"[:16], **common))
     seg = write_seg(label, affine, STORED_LABELS, None, out_dir / f"SEG_{tag}_{stamp}.dcm", **common)
