@@ -168,5 +168,8 @@ def test_a_click_changes_the_mask_only_within_the_edit_radius():
     region = ((((g[0] - 20) * 1.5) ** 2 + ((g[1] - 20) * 1.5) ** 2) <= 36.0) & (np.abs(g[2] - 6) <= reach)
     assert out[region].all(), "the network's answer within the radius"
     assert np.array_equal(out[~region], mask[~region]), "the input mask, exactly, beyond it"
+    wider = bounded(_ct(shape), affine, mask, click, None, edit_radius_mm=9.0)  # a model's own radius (gtv's config)
+    region9 = ((((g[0] - 20) * 1.5) ** 2 + ((g[1] - 20) * 1.5) ** 2) <= 81.0) & (np.abs(g[2] - 6) <= reach)
+    assert wider[region9].all() and np.array_equal(wider[~region9], mask[~region9])
     whole = Refiner(AllStructure(), meta)(_ct(shape), affine, mask, click, None)
     assert whole[:, :, 6 - reach : 7 + reach].all() and np.array_equal(whole[:, :, : 6 - reach], mask[:, :, : 6 - reach])

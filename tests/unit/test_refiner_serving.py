@@ -49,6 +49,51 @@ def test_the_click_commands_hand_their_options_on(monkeypatch):
     monkeypatch.setattr(refine_train, "main", lambda argv: seen.setdefault("train", argv) and 0)
     main(["benchmark", "clicks", "--max-cases", "2", "--models", "oar"])
     main(["train-refiner", "--work", "/tmp/w", "--minutes", "1"])
-    assert seen == {"benchmark": ["--max-cases", "2", "--models", "oar"], "train": ["--work", "/tmp/w", "--minutes", "1"]}
+    # the benchmark gets each model's edit radius from the app's configs, as the server reads them
+    assert seen == {"benchmark": ["--max-cases", "2", "--models", "oar", "--edit-radius", "gtv=40"], "train": ["--work", "/tmp/w", "--minutes", "1"]}
+    seen.clear()
+    main(["benchmark", "clicks", "--edit-radius", "gtv=30"])
+    assert seen["benchmark"] == ["--edit-radius", "gtv=30"], "one given is kept"
     with pytest.raises(SystemExit):  # a command that takes no options of another module still refuses unknown ones
         main(["effort", "--studies", "x", "--bogus"])
+
+
+def test_a_models_clicks_get_its_configured_edit_radius(tmp_path, monkeypatch, blob_files):
+    """The task hands the method its model config's edit radius (``gtv``: 40 mm in the shipped
+    app), and ``/info/`` names it beside the file's own."""
+    from contourcl.clicks import parse_clicks
+    from contourcl.data.labels import model_labels
+    from contourcl.serving import infer
+    from contourcl.serving.config import app_configs
+    from contourcl.testing import REPO, tiny_model_file
+
+    seen = []
+
+    class Recorder:
+        name = "recorder"
+
+        def __call__(self, ct, affine, mask, positive, negative, edit_radius_mm=None):
+            seen.append(edit_radius_mm)
+            return mask
+
+    import nibabel as nib
+    import numpy as np
+
+    ct_file, _, affine = blob_files
+    start = np.zeros(nib.load(ct_file).shape, np.uint8)
+    start[15:25, 15:25, 3:5] = 1  # gtv's numbering
+    label_file = str(tmp_path / "start.nii.gz")
+    nib.save(nib.Nifti1Image(start, affine), label_file)
+    monkeypatch.setattr(infer, "refiner_for", lambda folder: Recorder())
+    radius = app_configs(REPO / "apps" / "radonc")["gtv"].edit_radius_mm
+    assert radius == 40.0
+    labels = model_labels("gtv")
+    tiny_model_file(tmp_path / "gtv.pt", "gtv")
+    for configured in (radius, None):
+        task = infer.ContourInferTask("gtv", tmp_path / "gtv.pt", "gtv", False, edit_radius_mm=configured)
+        request = {"image": ct_file, "_label_upload": label_file, "label": "GTV", "GTV": [[20, 20, 4]]}
+        task.refine(request, parse_clicks(request, "gtv", labels), labels)
+    assert seen == [40.0, None]
+    _refine_file(tmp_path / "refine.pt")
+    method = refiner_for(tmp_path)
+    assert method.describe()["edit_radius_mm"] == 20.0 and method.describe(40.0)["edit_radius_mm"] == 40.0

@@ -156,8 +156,8 @@ class FinetuneResult:
     choices: dict = field(default_factory=dict)  # what validation compared at the end (EMA, flip TTA)
 
 
-def return_freed_memory() -> bool:
-    """Collect garbage and hand the C heap's free pages back to the operating system.
+def return_freed_memory(collect: bool = True) -> bool:
+    """Collect garbage (``collect``) and hand the C heap's free pages back to the operating system.
 
     Preprocessing a volume makes and frees several copies of it in the loading threads, and glibc
     keeps freed pages in each thread's arena instead of returning them: a finished stage's cache
@@ -166,7 +166,8 @@ def return_freed_memory() -> bool:
     ``malloc_trim`` returns those pages. Returns whether it could (glibc only; elsewhere only the
     garbage is collected).
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -1,7 +1,7 @@
 """The click benchmark: contours after 0, 1, 2, 3, 5 and 10 simulated clicks per structure.
 
     python -m contourcl.training.refine.benchmark [--data DIR] [--refiner FILE] [--models oar,gtv]
-        [--clicks 0,1,2,3,5,10] [--out results/clicks] [--max-cases N] [--ids pt_1,...] [--seed 0]
+        [--edit-radius gtv=40] [--clicks 0,1,2,3,5,10] [--out results/clicks] [--max-cases N] [--ids pt_1,...] [--seed 0]
         [--threads 2] [--tolerance 2.0] [--methods network,plain_edit] [--no-progress]
 
 For every validation case and model (``oar``, ``gtv``), every structure the reference contours
@@ -12,13 +12,16 @@ with the structure's new mask, all clicks so far given each time:
 
 - ``auto``: the automatic contour, unchanged (the first baseline);
 - ``plain_edit``: :func:`contourcl.refine.plain_edit.plain_edit`, no network (the second);
-- ``network``: the refinement network (:class:`contourcl.refine.refiner.Refiner`).
+- ``network``: the refinement network (:class:`contourcl.refine.refiner.Refiner`), with each
+  model's edit radius (``--edit-radius``; ``contourcl benchmark clicks`` gives the app's model
+  configs', ``gtv=40``, as the server answers).
 
 Scored with the project's one metric code (:func:`contourcl.evaluation.contour_metrics`: Dice,
 surface Dice at ``--tolerance`` mm, HD95) on each CT's own grid against
 :func:`contourcl.data.datasets.read_scored_reference`, on the slices that image the patient (the
 clicks go there too). Writes to ``--out``: ``cases/<model>_<id>.json`` per case (a rerun skips
-those done: resumable), ``clicks.csv`` (every figure), ``clicks.md`` (tables: mean ± standard error
+those done with the same settings: the model and refinement files' versions, the methods, clicks,
+seed and tolerance; after a change of the code, delete ``cases/``), ``clicks.csv`` (every figure), ``clicks.md`` (tables: mean ± standard error
 over patients, per structure and the patient-wise mean) and ``clicks.png`` (mean Dice and surface
 Dice against clicks).
 """
@@ -30,6 +33,7 @@ import csv
 import json
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", help="the validation cases (default: <OpenKBP>/validation-pats, CONTOURCL_OPENKBP)")
     parser.add_argument("--refiner", default="apps/radonc/model/refine.pt", help="the refinement model file")
     parser.add_argument("--model-dir", default="apps/radonc/model", help="where oar.pt and gtv.pt are")
+    parser.add_argument("--edit-radius", default="", metavar="MODEL=MM,...",
+                        help="each model's edit radius for the network (mm; a model not named: the file's); "
+                             "`contourcl benchmark clicks` fills it from the app's model configs, as the server reads them")
     parser.add_argument("--models", default="oar,gtv")
     parser.add_argument("--methods", default="network,plain_edit", help="besides auto: network, plain_edit")
     parser.add_argument("--clicks", default=",".join(map(str, CLICKS)))
@@ -278,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from contourcl.inference import Contourer
+    from contourcl.inference import Contourer, model_version
     from contourcl.refine.refiner import Refiner
 
     torch.set_num_threads(args.threads)
@@ -308,14 +315,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases = cases[: args.max_cases]
         todo += [(model, c) for c in cases]
     contourers = {m: Contourer(Path(args.model_dir) / f"{m}.pt") for m in models}
+    radius = dict.fromkeys(models)  # None: the refinement file's
+    for item in filter(None, (x.strip() for x in args.edit_radius.split(","))):
+        name, _, mm = item.partition("=")
+        try:
+            radius[name.strip()] = float(mm)
+        except ValueError:
+            parser.error(f"--edit-radius {item!r}: give MODEL=MM, e.g. gtv=40")
+    settings = {"models": {m: model_version(Path(args.model_dir) / f"{m}.pt") for m in models}, "methods": sorted(methods),
+                "refiner": model_version(Path(args.refiner)) if "network" in methods else None, "clicks": counts,
+                "seed": args.seed, "tolerance": args.tolerance, "edit_radius_mm": radius}
     records = []
     t0 = time.perf_counter()
     for model, case in tqdm(todo, desc="clicks", unit="case", disable=args.no_progress):
         path = out / "cases" / f"{model}_{case['id']}.json"
         if path.is_file():
-            records.append(json.loads(path.read_text()))
-            continue
-        record = run_case(case, model, methods, contourers[model], counts, args.seed, args.tolerance)
+            done = json.loads(path.read_text())
+            if done.get("settings") == settings:
+                records.append(done)
+                continue
+        per_model = {k: (partial(m, edit_radius_mm=radius[model]) if k == "network" else m) for k, m in methods.items()}
+        record = {**run_case(case, model, per_model, contourers[model], counts, args.seed, args.tolerance), "settings": settings}
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(path)

@@ -140,6 +140,17 @@ def clinic(args: argparse.Namespace) -> int:
     return 0
 
 
+def clicks_options(options: list[str]) -> list[str]:
+    """The click benchmark's options, with each model's edit radius from the app's model configs
+    (``--edit-radius``, as the server reads them) unless given."""
+    if any(o.startswith("--edit-radius") for o in options):
+        return list(options)
+    from contourcl.serving.config import app_configs, resolve_app
+
+    radii = [f"{name}={c.edit_radius_mm:g}" for name, c in app_configs(resolve_app(None)).items() if c.edit_radius_mm is not None]
+    return [*options, "--edit-radius", ",".join(radii)] if radii else list(options)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "paired":
         return paired(args)
@@ -148,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if args.benchmark == "clicks":
         from contourcl.training.refine.benchmark import main
 
-        return main(["--help"] if args.help_options else args.options)
+        return main(["--help"] if args.help_options else clicks_options(args.options))
     scale = scale_from_args(args)
     models = args.models or list(scale.models or MODELS)
     methods = args.methods or list(scale.methods or DEFAULT_METHODS)

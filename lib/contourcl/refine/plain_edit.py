@@ -79,7 +79,9 @@ class PlainEdit:
     def __init__(self, radius_mm: float = PLAIN_EDIT_RADIUS_MM):
         self.radius_mm = float(radius_mm)
 
-    def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray,
+                 edit_radius_mm: float | None = None) -> np.ndarray:
+        """``edit_radius_mm`` (the refinement network's) does not apply: the disk is ``radius_mm``."""
         return plain_edit(mask, positive, negative, affine, self.radius_mm)
 
     def describe(self) -> dict:

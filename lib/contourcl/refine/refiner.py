@@ -10,8 +10,9 @@ clicks reach (:func:`contourcl.refine.encoding.reach_slices` around each click's
 recomputed; every other voxel is the input mask's, exactly. Those slices are resampled in-plane
 to the model file's grid (bilinear; the CT windowed after, the mask thresholded at 0.5), the click
 maps drawn on that grid, the network run on the whole slices (zero-padded to a multiple of 32),
-and its answer kept only within the file's edit radius of a click
-(:func:`contourcl.refine.encoding.edit_region`; files without one: everywhere on those slices).
+and its answer kept only within the edit radius of a click (:func:`contourcl.refine.encoding.edit_region`:
+the file's, or the caller's for its model, e.g. ``gtv``'s config; files without one and no
+caller's: everywhere on those slices).
 Where that answer differs from the current mask, it is resampled back (bilinear, 0.5); everywhere
 else the input mask is kept exactly. The slice grid is kept: the network is 2D.
 """
@@ -156,9 +157,11 @@ class Refiner:
             raise ValueError(f"{Path(path).name} is not a refinement model file (4 inputs, 1 output)")
         return cls(network, meta, device)
 
-    def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray,
+                 edit_radius_mm: float | None = None) -> np.ndarray:
         """The structure's new mask (bool, ``mask``'s grid) after the clicks ``positive`` and
-        ``negative`` (``(N, 3)`` voxel indices of the image's voxel order)."""
+        ``negative`` (``(N, 3)`` voxel indices of the image's voxel order); the network's answer
+        kept within ``edit_radius_mm`` of a click (default: the file's)."""
         ct = np.asarray(ct)
         mask = np.asarray(mask, dtype=bool)
         if ct.ndim != 3 or mask.shape != ct.shape:
@@ -175,14 +178,16 @@ class Refiner:
         ras_ct, ras_out = orient.view(ct), orient.view(out)
         ras_pos, ras_neg = orient.points(pos, ct.shape), orient.points(neg, ct.shape)
         zs = reached_slices(np.concatenate([ras_pos, ras_neg]), ras_ct.shape[2], spacing[2], self.reach_mm)
-        new = self.refine_slices(ras_ct[:, :, zs], ras_out[:, :, zs], ras_pos, ras_neg, zs, spacing)
+        radius = self.edit_radius_mm if edit_radius_mm is None else float(edit_radius_mm)
+        new = self.refine_slices(ras_ct[:, :, zs], ras_out[:, :, zs], ras_pos, ras_neg, zs, spacing, radius)
         ras_out[:, :, zs] = new
         return out
 
     def refine_slices(self, ct: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray, zs: np.ndarray,
-                      spacing: np.ndarray) -> np.ndarray:
+                      spacing: np.ndarray, edit_radius_mm: float | None = None) -> np.ndarray:
         """The new mask ``(H, W, len(zs))`` of the axial slices ``zs`` (RAS order: ``ct`` and
-        ``mask`` are those slices), for clicks given as RAS voxel indices of the whole grid."""
+        ``mask`` are those slices), for clicks given as RAS voxel indices of the whole grid; the
+        network's answer kept within ``edit_radius_mm`` of a click (``None``: everywhere)."""
         size = ct.shape[:2]
         pixel = (float(spacing[0]), float(spacing[1]))
         net_size = network_size(size, pixel, self.meta.spacing)
@@ -203,9 +208,9 @@ class Refiner:
             probs = run_network(self.network, inputs, device=self.device, prior=self.prior)
         was = current[:, 0] > 0.5
         new = probs > 0.5
-        if self.edit_radius_mm is not None:  # only near the clicks
+        if edit_radius_mm is not None:  # only near the clicks
             region = edit_region(np.concatenate(points), grid, net_pixel, float(spacing[2]), slices=zs,
-                                 radius_mm=self.edit_radius_mm, reach_mm=self.reach_mm)
+                                 radius_mm=edit_radius_mm, reach_mm=self.reach_mm)
             new = torch.where(torch.from_numpy(np.moveaxis(region, 2, 0)), new, was)
         # back on the CT's grid, only what the network changed: elsewhere the mask is exactly the input's
         changed = resample_slices((new != was).float()[:, None], size)[:, 0] > 0

@@ -36,10 +36,15 @@ class ModelConfig:
     #: target may be several), for model files that do not record the rule themselves
     largest_component: bool
     structures: tuple[str, ...] | None = None
+    #: how far from a click (mm, in its axial plane) the refinement network may change this
+    #: model's structures; ``None``: the refinement file's (20 mm, what it was trained with)
+    edit_radius_mm: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.largest_component, bool):
             raise TypeError(f"{self.name}: largest_component must be True or False, not {self.largest_component!r}")
+        if self.edit_radius_mm is not None and not float(self.edit_radius_mm) > 0:
+            raise ValueError(f"{self.name}: edit_radius_mm must be a positive number of mm, not {self.edit_radius_mm!r}")
 
 
 def register(config: ModelConfig) -> ModelConfig:

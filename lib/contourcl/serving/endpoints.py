@@ -207,7 +207,10 @@ def build_router(instance, prefix: str = "", server=None) -> APIRouter:
                     result = instance.infer(request)
                 finally:
                     if slots.status()["running"] <= 1:
-                        return_freed_memory()  # the volume's copies, freed in this thread's arena
+                        # the volume's copies, freed in this thread's arena, back to the system; no full
+                        # garbage collection (0.08 s of every answer, a quarter of a click's time inside
+                        # the server): the arrays are freed as their last reference goes
+                        return_freed_memory(collect=False)
             if result is None:
                 raise HTTPException(500, "inference gave no result")
             return _result_response(result, output)
