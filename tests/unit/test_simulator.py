@@ -85,3 +85,21 @@ def test_the_benchmark_tells_a_boundary_error_from_a_gross_one():
     blob = ref | _box((30, 30, 10), (1, 1, 2), (5, 5, 8))
     assert error_near_surface(blob, ref, affine) == {"voxels": 96, "near_surface": 0.0}
     assert error_near_surface(ref, ref, affine) == {"voxels": 0, "near_surface": None}
+
+
+def test_the_server_check_over_every_patient_counts_only_structures_below_the_bar():
+    """check_gain: the mean gain after 3 clicks of the structures whose automatic Dice is below 0.9,
+    and an interval that resamples patients."""
+    from contourcl.training.refine.benchmark import check_gain
+
+    def record(case, structures):
+        return {"model": "oar", "case": case, "structures": {
+            name: {"auto": {"0": {"dice": before}}, "network": {"3": {"dice": after}}} for name, (before, after) in structures.items()}}
+
+    records = [record("a", {"Brainstem": (0.5, 0.7), "Mandible": (0.95, 0.5)}),  # Mandible is above the bar: not counted
+               record("b", {"Brainstem": (0.6, 0.7), "Larynx": (0.4, 0.4)})]
+    c = check_gain(records, "oar")
+    assert c["structures"] == 3 and c["patients"] == 2
+    assert abs(c["gain"] - (0.2 + 0.1 + 0.0) / 3) < 1e-9
+    assert c["low"] <= c["gain"] <= c["high"]
+    assert check_gain(records, "gtv") is None
