@@ -3,6 +3,9 @@ laterality, the algorithm and model version, empty structures left out, geometry
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -139,25 +142,34 @@ def test_a_seg_off_the_series_or_malformed_is_refused_naming_why(series, tmp_pat
         read_seg(tmp_path / "garbage.dcm", series)
 
 
-def test_a_seg_as_ohifs_export_writes_it_is_refused(series, tmp_path):
-    """OHIF's "Export DICOM SEG" (dcmjs, as bundled with MONAI Label 0.8.5): dcmjs's identity
-    defaults, and each frame numbered by the rank of its slice sorted last slice first, which is
-    the order its positions and references follow and its pixels do not (OHIF #5038)."""
-    label, ds = _written(series, tmp_path)
-    uids = list(read_series_geometry(series).sop_instance_uids)
-    n = len(uids)
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "ohif-seg"
 
-    def as_dcmjs(ds, rank):
-        ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions, ds.DeviceSerialNumber = "Unspecified", "Unspecified", "0", "1"
-        for item in ds.PerFrameFunctionalGroupsSequence:
-            k = uids.index(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-            item.FrameContentSequence[0].DimensionIndexValues = [int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber), rank(k)]
-        return ds
 
-    with pytest.raises(InvalidSegError, match="OHIF.*#5038"):
-        read_seg(_save(as_dcmjs(ds, lambda k: n - k), tmp_path, "ohif.dcm"), series)
-    # dcmjs's identity with frames numbered first slice first, or the numbering without the identity: read
-    _same(*read_seg(_save(as_dcmjs(pydicom.dcmread(str(tmp_path / "seg.dcm")), lambda k: k + 1), tmp_path, "a.dcm"), series), label)
-    other = as_dcmjs(pydicom.dcmread(str(tmp_path / "seg.dcm")), lambda k: n - k)
-    other.Manufacturer = "Another viewer"
-    _same(*read_seg(_save(other, tmp_path, "b.dcm"), series), label)
+@pytest.mark.parametrize("name", ["hfs", "ffs"])
+def test_a_seg_exported_by_ohif_is_read_where_it_was_drawn(name):
+    """SEGs made by OHIF's own *Export DICOM SEG* (MONAI Label 0.8.5's OHIF, dcmjs; made by this
+    project, tests/fixtures/ohif-seg/README.md) from the labelmap ``oar_seg`` drew in MONAI Label
+    mode, on a head-first and a feet-first series: every structure comes back voxel for voxel
+    where it was drawn (the frames' references, positions and pixels agree; no flip)."""
+    drawn = np.load(FIXTURES / f"drawn-{name}-monai-label-mode.npz")
+    structures = json.loads(str(drawn["names"]))
+    back, numbers = read_seg(FIXTURES / f"seg-{name}-monai-label-mode.dcm", FIXTURES / f"series-{name}")
+    present = {n for n, v in structures.items() if (drawn["label"] == v).any()}
+    assert present and present <= set(numbers)
+    for structure in present:
+        np.testing.assert_array_equal(back == numbers[structure], drawn["label"] == structures[structure], err_msg=structure)
+
+
+def test_a_seg_exported_from_ohifs_basic_viewer_is_read_where_it_was_drawn():
+    """The same export from OHIF's basic viewer (a stack), of ContourCL's own SEG of the phantom's
+    truth (the series was written from ``make_phantom(21)``)."""
+    from contourcl.data.phantom import make_phantom
+    from contourcl.data.rtstruct import to_series_grid
+
+    geo = read_series_geometry(FIXTURES / "series-hfs")
+    _, truth, affine = make_phantom(21, shape=(96, 80, 14), spacing=(4.0, 4.0, 5.0))
+    expected = to_series_grid(truth, affine, geo)
+    back, numbers = read_seg(FIXTURES / "seg-hfs-viewer.dcm", FIXTURES / "series-hfs")
+    assert set(numbers) == {n for n, v in STORED_LABELS.items() if (expected == v).any()}
+    for structure, number in numbers.items():
+        np.testing.assert_array_equal(back == number, expected == STORED_LABELS[structure], err_msg=structure)

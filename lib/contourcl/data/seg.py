@@ -197,34 +197,6 @@ def place_frames(seg: pydicom.Dataset, geo: SeriesGeometry, name: str = "SEG") -
     return placed
 
 
-#: what dcmjs's derived datasets say when the caller gives nothing (DerivedDataset's defaults):
-#: the SEGs OHIF's "Export DICOM SEG" (MONAI Label 0.8.5's OHIF 3.9) stores
-DCMJS_DEFAULTS = {"Manufacturer": "Unspecified", "ManufacturerModelName": "Unspecified", "SoftwareVersions": "0",
-                  "DeviceSerialNumber": "1"}
-
-
-def dcmjs_sorted_frames(ds: pydicom.Dataset, placed: list[int], geo: SeriesGeometry) -> bool:
-    """Whether ``ds`` is a SEG that dcmjs derived the way OHIF's export does, with the fault that
-    flips it: dcmjs first sorts the source images along the normal, last slice first
-    (``ImageNormalizer``: ``distanceDatasetPairs.sort((a, b) => b[0] - a[0])``), and gives frame
-    ``n``'s plane position and source reference from the ``n``-th *sorted* image
-    (``_addPerFrameFunctionalGroups``), while frame ``n``'s pixels are the viewer's ``n``-th image
-    (OHIF's ``generateSegmentation`` builds ``labelmaps2D`` in the labelmap's own image order,
-    which for a volume is first slice first). References and positions then agree with each
-    other and not with the pixels: the SEG is reversed along the normal (OHIF #5038, #5183,
-    cornerstone3D #2580). Recognised by dcmjs's default identity and by each frame's
-    ``DimensionIndexValues`` (``[segment, n]``) being that sorted rank of the slice it names."""
-    if any(str(ds.get(k, "")) != v for k, v in DCMJS_DEFAULTS.items()):
-        return False
-    n = geo.shape[2]
-    for item, k in zip(ds.PerFrameFunctionalGroupsSequence, placed, strict=True):
-        content = item.get("FrameContentSequence")
-        values = list(content[0].get("DimensionIndexValues", [])) if content else []
-        if len(values) != 2 or int(values[1]) != n - k:  # 1-based rank, last slice first
-            return False
-    return True
-
-
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
@@ -246,12 +218,9 @@ def read_seg(seg_path: str | Path, series_folder: str | Path | None = None, *, g
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class not in (SEG_STORAGE, LABELMAP_SEG_STORAGE):
             raise InvalidSegError(f"{name}: not a DICOM SEG (SOP class {sop_class or 'missing'})")
+        # OHIF's own export (dcmjs; MONAI Label 0.8.5's OHIF) is read like any SEG: its frames lie
+        # where their references and positions say, head first and feet first (tests/fixtures/ohif-seg)
         placed = place_frames(ds, geo, name)
-        if dcmjs_sorted_frames(ds, placed, geo):
-            raise InvalidSegError(f"{name}: written by dcmjs as OHIF's 'Export DICOM SEG' writes it (Manufacturer and model "
-                                  "'Unspecified', frames numbered last slice first): its frames' positions and references follow "
-                                  "that sorted order and its pixels the viewer's own, so it is likely flipped head to foot (OHIF "
-                                  "#5038, cornerstone3D #2580); not imported. Submit corrections from Slicer")
         names: dict[str, int] = {}
         for item in ds.SegmentSequence:
             names[str(item.SegmentLabel)] = int(item.SegmentNumber)
