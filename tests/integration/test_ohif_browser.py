@@ -13,7 +13,10 @@ Orthanc's DICOMweb root, the synthetic weights). In Chromium:
 3. *Next Sample* opens a study (the answer carries its ``StudyInstanceUID``);
 4. after a final label, the SEG and the RT Structure Set ContourCL stored in Orthanc open in the
    basic viewer where the label is: the SEG's labelmap voxel for voxel, the RT Structure Set's
-   contours on the label's slices and within a voxel of its extent on each.
+   contours on the label's slices and within a voxel of its extent on each;
+5. OHIF's own *Export DICOM SEG* of ``oar_seg``'s labelmap (the command its segmentation panel
+   runs, called in the page), stored in Orthanc through ``/proxy/dicom``, comes back as the
+   head-first CT's final label (``--conf dicomweb_import_seg all``) where it was drawn.
 
 Set ``CONTOURCL_SCREENSHOTS`` to a folder to keep screenshots of the run (the docs' come from here).
 Skipped, with the reason, where Chromium, its driver, selenium or Orthanc is missing (``.ci/run``
@@ -94,6 +97,17 @@ return window.services.segmentationService.getSegmentations().flatMap(s => {
 """
 
 
+#: OHIF's own *Export DICOM SEG*: the command its segmentation panel runs, on the one segmentation,
+#: into the active data source (the PACS, through /proxy/dicom); ``window.__stored`` says how it ended
+STORE_SEG = """
+window.__stored = null;
+const segmentation = window.services.segmentationService.getSegmentations()[0];
+Promise.resolve(window.extensionManager._commandsManager.runCommand('storeSegmentation',
+  {segmentationId: segmentation.segmentationId, dataSource: window.extensionManager.getActiveDataSource()[0]}, 'SEGMENTATION'))
+  .then(() => { window.__stored = 'stored'; }, e => { window.__stored = 'failed: ' + e; });
+"""
+
+
 def _until(check, timeout: float, what: str, every: float = 0.5):
     """``check()``'s first truthy value within ``timeout`` seconds; else fail naming ``what``."""
     deadline = time.time() + timeout
@@ -142,7 +156,8 @@ def clinic(tmp_path_factory, app_sandbox):
                 requests.post(f"{orthanc_url}/instances", data=Path(f).read_bytes(), timeout=30).raise_for_status()
             series[name] = SimpleNamespace(folder=root / name, geometry=read_series_geometry(root / name), affine=affine)
         app, _ = app_sandbox(root, weights=None, studies=False)
-        server, url = start_monailabel(app, f"{orthanc_url}/dicom-web", {"models": "all", "weights": "synthetic", "skip_scoring": "true"},
+        server, url = start_monailabel(app, f"{orthanc_url}/dicom-web", {"models": "all", "weights": "synthetic", "skip_scoring": "true",
+                                                                           "dicomweb_import_seg": "all", "dicomweb_refresh_s": "1"},
                                        root / "server.log", env={"OMP_NUM_THREADS": "1"})
         procs.append(server)
         wait_until_serving(server, url, root / "server.log")
@@ -235,8 +250,8 @@ def test_ohif_clinician_path(clinic):
         assert np.array_equal(shown["array"], expected), f"{name}: OHIF's labelmap is the server's answer, voxel for voxel"
 
     # 3. Next Sample opens a study
-    driver.find_element("css selector", "label[for=tab-1]").click()
-    _by_text(driver, "button", "Next Sample").click()
+    driver.find_element("css selector", "label[for=tab-1]").click()  # the Active Learning section
+    _until(lambda: _by_text(driver, "button", "Next Sample"), 30, "the Next Sample button").click()
     _until(lambda: _by_text(driver, "button", "OK"), 30, "the next sample's form").click()
     _until(lambda: driver.switch_to.alert, 10, "the reload prompt").accept()
     opened = _until(lambda: driver.current_url.split("StudyInstanceUIDs=")[-1], 30, "a study opened")
@@ -267,6 +282,26 @@ def test_ohif_clinician_path(clinic):
         stored.add(modality)
         _shot(driver, f"ohif-{modality.lower()}-{name}")
     assert stored == {"SEG", "RTSTRUCT"}
+
+    # 5. OHIF's own export of oar_seg's labelmap becomes the head-first CT's final label
+    name = "hfs"
+    _open_monai_label_mode(driver, url, studies[name])
+    driver.find_element("css selector", "button[title='Run Segmentation']").click()
+    _labelmap(driver, clinic.series[name].folder)
+    driver.execute_script(STORE_SEG)
+    _until(lambda: [i for i in driver.find_elements("tag name", "input") if i.is_displayed() and not i.get_attribute("value")],
+           30, "OHIF's dialog asking the SEG's name")[0].send_keys("OHIF export")
+    _by_text(driver, "button", "Save").click()
+    assert _until(lambda: driver.execute_script("return window.__stored"), 60, "OHIF storing the SEG") == "stored"
+    (cached,) = (clinic.app / "dicomweb-cache").glob("*/")
+    final = cached / "labels" / "final" / f"{clinic.series[name].geometry.series_uid}.nii.gz"
+    _until(lambda: requests.get(f"{url}/info/", timeout=30).ok and final.is_file(), 120, "the OHIF SEG imported as a final label")
+    answer_file, params = client.infer("oar", clinic.series[name].geometry.series_uid, {})
+    answer = np.asanyarray(nib.load(answer_file).dataobj)
+    imported = np.asanyarray(nib.load(final).dataobj)
+    for structure, value in params["label_names"].items():
+        if (answer == value).any():
+            np.testing.assert_array_equal(imported == STORED_LABELS[structure], answer == value, err_msg=structure)
 
 
 def _check_contours(structures: list[dict], label: np.ndarray, affine: np.ndarray, voxel_mm: float = 4.0) -> None:
