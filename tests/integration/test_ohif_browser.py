@@ -250,7 +250,7 @@ def test_ohif_clinician_path(clinic):
         assert np.array_equal(shown["array"], expected), f"{name}: OHIF's labelmap is the server's answer, voxel for voxel"
 
     # 3. Next Sample opens a study
-    driver.find_element("css selector", "label[for=tab-1]").click()  # the Active Learning section
+    _until(lambda: driver.find_element("css selector", "label[for=tab-1]"), 30, "the Active Learning section").click()
     _until(lambda: _by_text(driver, "button", "Next Sample"), 30, "the Next Sample button").click()
     _until(lambda: _by_text(driver, "button", "OK"), 30, "the next sample's form").click()
     _until(lambda: driver.switch_to.alert, 10, "the reload prompt").accept()
@@ -291,7 +291,7 @@ def test_ohif_clinician_path(clinic):
     driver.execute_script(STORE_SEG)
     _until(lambda: [i for i in driver.find_elements("tag name", "input") if i.is_displayed() and not i.get_attribute("value")],
            30, "OHIF's dialog asking the SEG's name")[0].send_keys("OHIF export")
-    _by_text(driver, "button", "Save").click()
+    _until(lambda: _by_text(driver, "button", "Save"), 30, "the dialog's Save button").click()
     assert _until(lambda: driver.execute_script("return window.__stored"), 60, "OHIF storing the SEG") == "stored"
     (cached,) = (clinic.app / "dicomweb-cache").glob("*/")
     final = cached / "labels" / "final" / f"{clinic.series[name].geometry.series_uid}.nii.gz"
