@@ -84,6 +84,7 @@ class PlainEdit:
         """``edit_radius_mm`` (the refinement network's) does not apply: the disk is ``radius_mm``."""
         return plain_edit(mask, positive, negative, affine, self.radius_mm)
 
-    def describe(self) -> dict:
+    def describe(self, edit_radius_mm: float | None = None) -> dict:
+        """What it does (``edit_radius_mm``, the refinement network's, does not apply, as in ``__call__``)."""
         return {"method": self.name, "radius_mm": self.radius_mm,
                 "what": "a disk on the click's axial slice added per positive click; the connected piece under a negative click removed on its slice"}

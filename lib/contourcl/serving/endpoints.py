@@ -208,8 +208,8 @@ def build_router(instance, prefix: str = "", server=None) -> APIRouter:
                 finally:
                     if slots.status()["running"] <= 1:
                         # the volume's copies, freed in this thread's arena, back to the system; no full
-                        # garbage collection (0.08 s of every answer, a quarter of a click's time inside
-                        # the server): the arrays are freed as their last reference goes
+                        # garbage collection (about 0.3 s of every answer, docs/models/refine.md): the
+                        # arrays are freed as their last reference goes
                         return_freed_memory(collect=False)
             if result is None:
                 raise HTTPException(500, "inference gave no result")

@@ -163,8 +163,7 @@ class ContourInferTask(InferTask):
 
     def info(self):
         """MONAI Label's task info, plus ``refine``: the method that answers clicks."""
-        method = refiner_for(self.model_path.parent)
-        return {**super().info(), "refine": method.describe(self.edit_radius_mm) if isinstance(method, NetworkRefinement) else method.describe()}
+        return {**super().info(), "refine": refiner_for(self.model_path.parent).describe(self.edit_radius_mm)}
 
     def get_path(self, validate=True):
         return str(self.model_path) if (self.model_path.is_file() or not validate) else None
