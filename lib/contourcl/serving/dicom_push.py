@@ -31,6 +31,7 @@ from pathlib import Path
 
 from contourcl.errors import ConfigError
 from contourcl.files import atomic_write_text
+from contourcl.serving.conf import conf_positive
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +75,6 @@ def parse_nodes(value) -> list[Node]:
     if not nodes:
         raise ConfigError(f"--conf dicom_push {value!r}: no node given (AE@HOST:PORT)")
     return nodes
-
-
-def _conf_float(conf: dict, key: str, default: float) -> float:
-    try:
-        value = float(conf.get(key, default))
-    except (TypeError, ValueError):
-        raise ConfigError(f"--conf {key} {conf.get(key)!r}: a number of seconds") from None
-    if value <= 0:
-        raise ConfigError(f"--conf {key} {value!r}: must be more than 0")
-    return value
 
 
 def c_store(node: Node, files, *, calling_ae: str = DEFAULT_CALLING_AE, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
@@ -170,9 +161,9 @@ class DicomPush:
             raise ConfigError(f"--conf dicom_push_ae {ae!r}: an AE title of 1-16 printable characters")
         return cls(parse_nodes(conf["dicom_push"]), store, studies, calling_ae=ae,
                    send_seg=str(conf.get("dicom_push_seg", "false")).strip().lower() == "true",
-                   retry_s=_conf_float(conf, "dicom_push_retry_s", DEFAULT_RETRY_S),
-                   retry_max_s=_conf_float(conf, "dicom_push_retry_max_s", DEFAULT_RETRY_MAX_S),
-                   timeout_s=_conf_float(conf, "dicom_push_timeout_s", DEFAULT_TIMEOUT_S), **kwargs)
+                   retry_s=conf_positive(conf, "dicom_push_retry_s", DEFAULT_RETRY_S, "seconds"),
+                   retry_max_s=conf_positive(conf, "dicom_push_retry_max_s", DEFAULT_RETRY_MAX_S, "seconds"),
+                   timeout_s=conf_positive(conf, "dicom_push_timeout_s", DEFAULT_TIMEOUT_S, "seconds"), **kwargs)
 
     # -- the queue ----------------------------------------------------------------------------
     def _load(self) -> list[dict]:

@@ -38,6 +38,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
 from contourcl.serving import browsers
+from contourcl.serving.conf import conf_positive
 
 logger = logging.getLogger(__name__)
 
@@ -149,17 +150,6 @@ def has_role(roles, role: str | None) -> bool:
     return any(ROLE_RANK.get(r, -1) >= needed for r in roles)
 
 
-def _conf_mb(conf: dict, key: str, default: float) -> float:
-    value = conf.get(key, default)
-    try:
-        mb = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--conf {key} {value!r}: give a number of megabytes (default {default})") from None
-    if mb <= 0:
-        raise ValueError(f"--conf {key} {value!r}: must be more than 0")
-    return mb
-
-
 def _mb_text(mb: float) -> str:
     return f"{mb:g}"
 
@@ -167,7 +157,8 @@ def _mb_text(mb: float) -> str:
 def limits(conf: dict) -> dict:
     """The request body limits in MB (1 MB = 1,048,576 bytes): ``max_upload_mb`` for every request
     but ``PUT /model/...``, which ``max_model_mb`` limits."""
-    return {"max_upload_mb": _conf_mb(conf, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB), "max_model_mb": _conf_mb(conf, "max_model_mb", DEFAULT_MAX_MODEL_MB)}
+    return {"max_upload_mb": conf_positive(conf, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB, "megabytes"),
+            "max_model_mb": conf_positive(conf, "max_model_mb", DEFAULT_MAX_MODEL_MB, "megabytes")}
 
 
 def _server_args(argv: list[str] | None = None):
