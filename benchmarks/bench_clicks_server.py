@@ -10,10 +10,11 @@ models nor the refinement network trained on) on 127.0.0.1, and for each CT:
 
 1. ``POST /infer/<model>``: the automatic contour (timed);
 2. for each structure the reference contours whose automatic Dice is below ``--below``: ``--clicks``
-   rounds of the simulated clinician (:func:`contourcl.refine.simulator.next_click`, seeded per
-   case and structure as the click benchmark seeds it), each sent in Slicer's form (all clicks of
-   the structure so far, ``background`` for the negative ones) with the current label map uploaded
-   (timed), the answer becoming the current label map.
+   rounds of the simulated clinician, the click benchmark's own series
+   (:func:`contourcl.training.refine.benchmark.click_series`: the same simulator, seeds and
+   slices), each sent in Slicer's form (all clicks of the structure so far, ``background`` for the
+   negative ones) with the current label map uploaded (timed), the answer becoming the current
+   label map (:class:`ServerClicks`).
 
 Scored with the project's one metric code on each CT's own grid against the scored reference.
 Prints, and writes to ``--out`` (``.json``, ``.md``): per structure the Dice before and after the
@@ -39,11 +40,9 @@ import requests
 from contourcl.data.datasets import labeled_cases, openkbp_or_exit, read_scored_reference
 from contourcl.data.labels import model_labels
 from contourcl.data.volumes import read_nifti
-from contourcl.effort import voxel_sizes
 from contourcl.files import atomic_write_text
-from contourcl.refine.simulator import next_click
 from contourcl.testing import REPO, infer_answer, sandbox, start_monailabel, stop_process, wait_until_serving
-from contourcl.training.refine.benchmark import score, structure_seed, valid_region
+from contourcl.training.refine.benchmark import click_series, score, structure_seed, valid_region
 
 
 def infer(url: str, model: str, image: str, params: dict, label: np.ndarray | None = None, affine=None) -> tuple[np.ndarray, dict, float]:
@@ -59,12 +58,36 @@ def infer(url: str, model: str, image: str, params: dict, label: np.ndarray | No
     return label, params, seconds
 
 
+class ServerClicks:
+    """The real server as a :data:`~contourcl.training.refine.benchmark.Method` for one structure:
+    each call sends the structure's clicks so far in Slicer's form with the current label map
+    uploaded, and takes the answer as the current label map; it times each answer and checks that
+    only this structure's voxels changed."""
+
+    def __init__(self, url: str, model: str, image: str, label: np.ndarray, name: str, value: int):
+        self.url, self.model, self.image, self.name, self.value = url, model, image, name, value
+        self.current = label.copy()
+        self.seconds: list[float] = []
+        self.server_seconds: list[float | None] = []
+        self.others_identical = True
+
+    def __call__(self, ct, affine, mask, positive, negative) -> np.ndarray:
+        params = {"label": self.name, self.name: positive.tolist(), "background": negative.tolist()}
+        answer, answered, seconds = infer(self.url, self.model, self.image, params, self.current, affine)
+        self.seconds.append(seconds)
+        self.server_seconds.append((answered.get("latencies") or {}).get("total"))
+        changed = answer != self.current  # only between background and this structure
+        self.others_identical &= bool(np.isin(self.current[changed], [0, self.value]).all()
+                                      and np.isin(answer[changed], [0, self.value]).all())
+        self.current = answer
+        return answer == self.value
+
+
 def run_case(url: str, model: str, case: dict, clicks: int, below: float, seed: int) -> dict:
     ct, affine = read_nifti(case["image"])
     ref = read_scored_reference(case, model, ct=(ct, affine))
-    valid = np.broadcast_to(valid_region(ref.imaged, ref.label.shape), ref.label.shape)
+    valid = valid_region(ref.imaged, ref.label.shape)
     auto, auto_params, auto_s = infer(url, model, case["id"], {})
-    spacing = voxel_sizes(affine)
     out = {"case": case["id"], "auto_seconds": auto_s, "click_seconds": [], "structures": {},
            "auto_server_seconds": (auto_params.get("latencies") or {}).get("total"), "click_server_seconds": []}
     for name, value in model_labels(model).items():
@@ -74,22 +97,13 @@ def run_case(url: str, model: str, case: dict, clicks: int, below: float, seed: 
         before = score(auto == value, reference, affine, 2.0, ("dice",))["dice"]
         if before >= below:
             continue
-        rng = np.random.default_rng(structure_seed(seed, case["id"], name))
-        current, pos, neg, others_kept = auto.copy(), [], [], True
-        for _ in range(clicks):
-            click = next_click(current == value, reference, spacing, rng, valid)
-            if click is None:
-                break
-            (pos if click.positive else neg).append(list(click.point))
-            params = {"label": name, name: pos, "background": neg}
-            answer, answered, seconds = infer(url, model, case["id"], params, current, affine)
-            out["click_seconds"].append(seconds)
-            out["click_server_seconds"].append((answered.get("latencies") or {}).get("total"))
-            changed = answer != current  # only between background and this structure
-            others_kept &= bool(np.isin(current[changed], [0, value]).all() and np.isin(answer[changed], [0, value]).all())
-            current = answer
-        after = score(current == value, reference, affine, 2.0, ("dice",))["dice"]
-        out["structures"][name] = {"before": before, "after": after, "clicks": len(pos) + len(neg), "others_identical": others_kept}
+        # the click benchmark's own series (simulator, seeds, scoring on the slices that image the patient)
+        server = ServerClicks(url, model, case["id"], auto, name, value)
+        masks, made = click_series(server, ct, affine, auto == value, reference, valid, clicks, structure_seed(seed, case["id"], name))
+        out["click_seconds"] += server.seconds
+        out["click_server_seconds"] += server.server_seconds
+        after = score(masks[-1], reference, affine, 2.0, ("dice",))["dice"]
+        out["structures"][name] = {"before": before, "after": after, "clicks": len(made), "others_identical": server.others_identical}
     return out
 
 

@@ -50,6 +50,7 @@ def test_the_app_serves_the_models_of_its_config_files():
     assert list(configs) == ["oar", "gtv"]
     assert (configs["oar"].largest_component, configs["gtv"].largest_component) == (True, False)
     assert (configs["oar"].edit_radius_mm, configs["gtv"].edit_radius_mm) == (None, 40.0)  # a target's clicks edit wider
+    assert (configs["oar"].click_reach_mm, configs["gtv"].click_reach_mm) == (None, 25.0)  # and reach further
     assert "Organs at risk" in configs["oar"].description and "Tumour target" in configs["gtv"].description
     assert app_configs(APP) == configs  # what commands run outside the server read
 

@@ -75,3 +75,28 @@ def test_positive_and_negative_clicks_go_to_their_channels():
 def test_bad_clicks_are_refused():
     with pytest.raises(ValueError):
         click_maps([(1, 2)], None, (4, 4, 4), np.eye(4))
+
+
+def test_a_models_click_scope_is_parsed_and_checked():
+    """How far a model's clicks act: ``MODEL=MM`` options become each model's scope (the others
+    keep the file's), and back; a malformed item, an unknown model or a reach that is not a
+    positive number of mm is refused by name, in an option and in a model config."""
+    import pytest
+
+    from contourcl.refine.encoding import ClickScope, model_scopes, scope_options
+    from contourcl.serving.config import ModelConfig
+
+    scopes = model_scopes(["oar", "gtv"], edit_radius_mm="gtv=40", reach_mm=" gtv=25 ,")
+    assert scopes == {"oar": ClickScope(), "gtv": ClickScope(40.0, 25.0)}
+    assert scopes["gtv"].kwargs() == {"edit_radius_mm": 40.0, "reach_mm": 25.0}
+    assert scope_options(scopes) == {"edit_radius_mm": "gtv=40", "reach_mm": "gtv=25"}
+    with pytest.raises(ValueError, match="MODEL=MM"):
+        model_scopes(["gtv"], reach_mm="gtv=far")
+    with pytest.raises(ValueError, match="'liver' is not one of the models"):
+        model_scopes(["oar", "gtv"], reach_mm="liver=10")
+    with pytest.raises(ValueError, match="reach_mm must be a positive number of mm"):
+        ClickScope(reach_mm=0)
+    with pytest.raises(ValueError, match="gtv: edit_radius_mm must be a positive number of mm, not 'wide'"):
+        ModelConfig(name="gtv", description="target", largest_component=False, edit_radius_mm="wide")
+    with pytest.raises(ValueError, match="gtv: reach_mm must be"):
+        ModelConfig(name="gtv", description="target", largest_component=False, click_reach_mm=-5.0)

@@ -16,7 +16,7 @@ from contourcl.models.checkpoint import ModelMeta, read_meta, save_model
 from contourcl.models.networks import NetConfig, build_network
 from contourcl.refine.encoding import reach_slices
 from contourcl.refine.network import MASK_PRIOR_LOGIT, from_shipped, refine_config, refine_meta
-from contourcl.refine.refiner import Refiner
+from contourcl.refine.refiner import WINDOW, Refiner, crop_window
 from contourcl.testing import tiny_model_file
 
 
@@ -173,3 +173,47 @@ def test_a_click_changes_the_mask_only_within_the_edit_radius():
     assert wider[region9].all() and np.array_equal(wider[~region9], mask[~region9])
     whole = Refiner(AllStructure(), meta)(_ct(shape), affine, mask, click, None)
     assert whole[:, :, 6 - reach : 7 + reach].all() and np.array_equal(whole[:, :, : 6 - reach], mask[:, :, : 6 - reach])
+
+
+def test_a_models_reach_bounds_the_slices_a_click_changes():
+    """A model's own reach (``gtv``'s config: a target's errors span many slices) replaces the
+    file's: the click changes the slices within it, and no other."""
+    affine, shape, click = np.diag([1.5, 1.5, 2.5, 1.0]), (40, 40, 24), np.array([[20, 20, 12]])
+    mask = np.zeros(shape, dtype=bool)
+    refiner = Refiner(AllStructure(), replace(_meta(spacing=(1.5, 1.5)), provenance={"encoding": {"edit_radius_mm": 6.0}}))
+    assert refiner.reach_mm == 7.5
+    for reach_mm, slices in ((None, reach_slices(2.5)), (20.0, 8)):
+        out = refiner(_ct(shape), affine, mask, click, None, reach_mm=reach_mm)
+        changed = np.nonzero(out.any(axis=(0, 1)))[0]
+        assert changed.tolist() == list(range(12 - slices, 13 + slices)), reach_mm
+
+
+def test_the_window_the_network_answers_on_holds_every_click_region():
+    """The network runs on a window around the region clicks may change, not the whole slice: the
+    window holds the region (with context), is at least the training windows' size and a multiple
+    of 32, and lies inside the slice; on a slice no larger, the whole slice."""
+    region = np.zeros((300, 260), dtype=bool)
+    for box in ((slice(0, 10), slice(250, 260)), (slice(140, 150), slice(100, 105)), (slice(290, 300), slice(0, 4))):
+        one = np.zeros_like(region)
+        one[box] = True
+        rows, cols = crop_window(one)
+        for w, n, hit in ((rows, 300, box[0]), (cols, 260, box[1])):
+            assert 0 <= w.start and w.stop <= n and w.start <= hit.start and hit.stop <= w.stop
+            assert (w.stop - w.start) >= WINDOW and (w.stop - w.start) % 32 == 0
+    both = np.zeros_like(region)
+    both[5, 5] = both[280, 250] = True
+    assert crop_window(both) == (slice(0, 300), slice(0, 260)), "regions far apart: the whole slice"
+    assert crop_window(np.ones((80, 90), dtype=bool)) == (slice(0, 80), slice(0, 90))
+
+
+def test_clicks_far_apart_on_a_large_slice_are_all_answered():
+    """Two clicks at opposite corners of a 512-pixel slice: the network's window holds both edit
+    regions, and both are answered (what a window too small would lose)."""
+    affine, shape = np.diag([0.9, 0.9, 2.5, 1.0]), (512, 512, 5)
+    mask = np.zeros(shape, dtype=bool)
+    clicks = np.array([[30, 30, 2], [480, 470, 2]])
+    refiner = Refiner(AllStructure(), replace(_meta(spacing=(3.0, 3.0)), provenance={"encoding": {"edit_radius_mm": 12.0}}))
+    out = refiner(_ct(shape), affine, mask, clicks, None)
+    for y, x, z in clicks:
+        assert out[y - 5 : y + 6, x - 5 : x + 6, z].all(), (y, x)
+    assert not out[200:300, 200:300].any()

@@ -49,20 +49,24 @@ def test_the_click_commands_hand_their_options_on(monkeypatch):
     monkeypatch.setattr(refine_train, "main", lambda argv: seen.setdefault("train", argv) and 0)
     main(["benchmark", "clicks", "--max-cases", "2", "--models", "oar"])
     main(["train-refiner", "--work", "/tmp/w", "--minutes", "1"])
-    # the benchmark gets each model's edit radius from the app's configs, as the server reads them
-    assert seen == {"benchmark": ["--max-cases", "2", "--models", "oar", "--edit-radius", "gtv=40"], "train": ["--work", "/tmp/w", "--minutes", "1"]}
+    # the benchmark and the training get each model's click scope from the app's configs, as the server reads them
+    assert seen == {"benchmark": ["--max-cases", "2", "--models", "oar", "--edit-radius", "gtv=40", "--reach", "gtv=25"],
+                    "train": ["--work", "/tmp/w", "--minutes", "1", "--model-edit-radius", "gtv=40", "--model-reach", "gtv=25"]}
     seen.clear()
     main(["benchmark", "clicks", "--edit-radius", "gtv=30"])
-    assert seen["benchmark"] == ["--edit-radius", "gtv=30"], "one given is kept"
+    main(["train-refiner", "--model-reach=gtv=10"])
+    assert seen["benchmark"] == ["--edit-radius", "gtv=30", "--reach", "gtv=25"], "one given is kept"
+    assert seen["train"] == ["--model-reach=gtv=10", "--model-edit-radius", "gtv=40"]
     with pytest.raises(SystemExit):  # a command that takes no options of another module still refuses unknown ones
         main(["effort", "--studies", "x", "--bogus"])
 
 
-def test_a_models_clicks_get_its_configured_edit_radius(tmp_path, monkeypatch, blob_files):
-    """The task hands the method its model config's edit radius (``gtv``: 40 mm in the shipped
-    app), and ``/info/`` names it beside the file's own."""
+def test_a_models_clicks_get_its_configured_scope(tmp_path, monkeypatch, blob_files):
+    """The task hands the method its model config's click scope (``gtv``: 40 mm in-plane, 25 mm
+    above and below in the shipped app), and ``/info/`` names it beside the file's own."""
     from contourcl.clicks import parse_clicks
     from contourcl.data.labels import model_labels
+    from contourcl.refine.encoding import ClickScope
     from contourcl.serving import infer
     from contourcl.serving.config import app_configs
     from contourcl.testing import REPO, tiny_model_file
@@ -72,8 +76,8 @@ def test_a_models_clicks_get_its_configured_edit_radius(tmp_path, monkeypatch, b
     class Recorder:
         name = "recorder"
 
-        def __call__(self, ct, affine, mask, positive, negative, edit_radius_mm=None):
-            seen.append(edit_radius_mm)
+        def __call__(self, ct, affine, mask, positive, negative, edit_radius_mm=None, reach_mm=None):
+            seen.append((edit_radius_mm, reach_mm))
             return mask
 
     import nibabel as nib
@@ -85,15 +89,16 @@ def test_a_models_clicks_get_its_configured_edit_radius(tmp_path, monkeypatch, b
     label_file = str(tmp_path / "start.nii.gz")
     nib.save(nib.Nifti1Image(start, affine), label_file)
     monkeypatch.setattr(infer, "refiner_for", lambda folder: Recorder())
-    radius = app_configs(REPO / "apps" / "radonc")["gtv"].edit_radius_mm
-    assert radius == 40.0
+    scope = app_configs(REPO / "apps" / "radonc")["gtv"].click_scope
+    assert scope == ClickScope(40.0, 25.0)
     labels = model_labels("gtv")
     tiny_model_file(tmp_path / "gtv.pt", "gtv")
-    for configured in (radius, None):
-        task = infer.ContourInferTask("gtv", tmp_path / "gtv.pt", "gtv", False, edit_radius_mm=configured)
+    for configured in (scope, None):
+        task = infer.ContourInferTask("gtv", tmp_path / "gtv.pt", "gtv", False, click_scope=configured)
         request = {"image": ct_file, "_label_upload": label_file, "label": "GTV", "GTV": [[20, 20, 4]]}
         task.refine(request, parse_clicks(request, "gtv", labels), labels)
-    assert seen == [40.0, None]
+    assert seen == [(40.0, 25.0), (None, None)]
     _refine_file(tmp_path / "refine.pt")
     method = refiner_for(tmp_path)
-    assert method.describe()["edit_radius_mm"] == 20.0 and method.describe(40.0)["edit_radius_mm"] == 40.0
+    assert (method.describe()["edit_radius_mm"], method.describe()["reach_mm"]) == (20.0, 7.5)
+    assert (method.describe(**scope.kwargs())["edit_radius_mm"], method.describe(**scope.kwargs())["reach_mm"]) == (40.0, 25.0)

@@ -1,7 +1,7 @@
 """The click benchmark: contours after 0, 1, 2, 3, 5 and 10 simulated clicks per structure.
 
     python -m contourcl.training.refine.benchmark [--data DIR] [--refiner FILE] [--models oar,gtv]
-        [--edit-radius gtv=40] [--clicks 0,1,2,3,5,10] [--out results/clicks] [--max-cases N] [--ids pt_1,...] [--seed 0]
+        [--edit-radius gtv=40] [--reach gtv=25] [--clicks 0,1,2,3,5,10] [--out results/clicks] [--max-cases N] [--ids pt_1,...] [--seed 0]
         [--threads 2] [--tolerance 2.0] [--methods network,plain_edit] [--no-progress]
 
 For every validation case and model (``oar``, ``gtv``), every structure the reference contours
@@ -13,8 +13,8 @@ with the structure's new mask, all clicks so far given each time:
 - ``auto``: the automatic contour, unchanged (the first baseline);
 - ``plain_edit``: :func:`contourcl.refine.plain_edit.plain_edit`, no network (the second);
 - ``network``: the refinement network (:class:`contourcl.refine.refiner.Refiner`), with each
-  model's edit radius (``--edit-radius``; ``contourcl benchmark clicks`` gives the app's model
-  configs', ``gtv=40``, as the server answers).
+  model's edit radius and reach (``--edit-radius``, ``--reach``; :class:`contourcl.refine.encoding.ClickScope`;
+  ``contourcl benchmark clicks`` gives the app's model configs', as the server answers).
 
 Scored with the project's one metric code (:func:`contourcl.evaluation.contour_metrics`: Dice,
 surface Dice at ``--tolerance`` mm, HD95) on each CT's own grid against
@@ -44,6 +44,7 @@ from contourcl.data.labels import model_labels
 from contourcl.data.volumes import blank_slices, read_nifti
 from contourcl.effort import voxel_sizes
 from contourcl.evaluation import METRICS, contour_metrics, format_figure, summarise
+from contourcl.refine.encoding import model_scopes
 from contourcl.refine.simulator import next_click
 
 CLICKS = (0, 1, 2, 3, 5, 10)
@@ -308,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", help="the validation cases (default: <OpenKBP>/validation-pats, CONTOURCL_OPENKBP)")
     parser.add_argument("--refiner", default="apps/radonc/model/refine.pt", help="the refinement model file")
     parser.add_argument("--model-dir", default="apps/radonc/model", help="where oar.pt and gtv.pt are")
+    parser.add_argument("--reach", default="", metavar="MODEL=MM,...",
+                        help="how far above and below its slice a model's clicks act (default: the refinement file's)")
     parser.add_argument("--edit-radius", default="", metavar="MODEL=MM,...",
                         help="each model's edit radius for the network (mm; a model not named: the file's); "
                              "`contourcl benchmark clicks` fills it from the app's model configs, as the server reads them")
@@ -356,16 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases = cases[: args.max_cases]
         todo += [(model, c) for c in cases]
     contourers = {m: Contourer(Path(args.model_dir) / f"{m}.pt") for m in models}
-    radius = dict.fromkeys(models)  # None: the refinement file's
-    for item in filter(None, (x.strip() for x in args.edit_radius.split(","))):
-        name, _, mm = item.partition("=")
-        try:
-            radius[name.strip()] = float(mm)
-        except ValueError:
-            parser.error(f"--edit-radius {item!r}: give MODEL=MM, e.g. gtv=40")
+    try:
+        scopes = model_scopes(models, edit_radius_mm=args.edit_radius, reach_mm=args.reach)  # None fields: the file's
+    except ValueError as e:
+        parser.error(f"--edit-radius/--reach {e}")
     settings = {"models": {m: model_version(Path(args.model_dir) / f"{m}.pt") for m in models}, "methods": sorted(methods),
                 "refiner": model_version(Path(args.refiner)) if "network" in methods else None, "clicks": counts,
-                "seed": args.seed, "tolerance": args.tolerance, "edit_radius_mm": radius}
+                "seed": args.seed, "tolerance": args.tolerance, "scope": {m: sc.kwargs() for m, sc in scopes.items()}}
     records = []
     t0 = time.perf_counter()
     for model, case in tqdm(todo, desc="clicks", unit="case", disable=args.no_progress):
@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if done.get("settings") == settings:
                 records.append(done)
                 continue
-        per_model = {k: (partial(m, edit_radius_mm=radius[model]) if k == "network" else m) for k, m in methods.items()}
+        per_model = {k: (partial(m, **scopes[model].kwargs()) if k == "network" else m) for k, m in methods.items()}
         record = {**run_case(case, model, per_model, contourers[model], counts, args.seed, args.tolerance), "settings": settings}
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record))

@@ -1,8 +1,8 @@
 """Train the click refinement network by simulating a clinician, on OpenKBP's training patients.
 
     python -m contourcl.training.refine.train --work DIR [--data DIR] [--out apps/radonc/model/refine.pt]
-        [--steps 2000] [--minutes M] [--batch-episodes 4] [--slices 4] [--lr 1e-3] [--mask-prior P] [--edit-radius 20] [--seed 0]
-        [--threads 2] [--device cpu|cuda] [--holdout 5] [--eval-every 250] [--max-cases N] [--no-progress]
+        [--steps 2000] [--minutes M] [--batch-episodes 4] [--slices 4] [--lr 1e-3] [--mask-prior P] [--edit-radius 20]
+        [--reach 7.5] [--model-edit-radius gtv=40] [--model-reach gtv=25] [--init FILE] [--seed 0] [--threads 2] [--device cpu|cuda] [--holdout 5] [--eval-every 250] [--max-cases N] [--no-progress]
 
 ``--work`` (outside the repository) keeps the cached cases (:mod:`.cache`: the CT, references and
 the shipped models' automatic contours on the network's grid, computed once), the training state
@@ -15,9 +15,13 @@ not contoured, not background: never trained on), in a 96 x 96 pixel window arou
 (half the time the shipped model's automatic contour, otherwise the reference perturbed: dilated,
 eroded, shifted, a piece removed); then 1-5 rounds of: the simulated clinician's click at the
 centre of the largest error region (:func:`contourcl.refine.simulator.next_click`), and, but for
-the last round, the network's own answer on the slices the clicks reach, kept within
-``--edit-radius`` mm of the clicks as the served :class:`~contourcl.refine.refiner.Refiner` keeps
-it. The loss (BCE + Dice) is on ``--slices`` of the slices the clicks reach (half of them the last
+the last round, the network's own answer on the slices the clicks reach (``--reach`` mm above
+and below), kept within ``--edit-radius`` mm of the clicks as the served
+:class:`~contourcl.refine.refiner.Refiner` keeps it; a model's own scope
+(``--model-edit-radius``, ``--model-reach``: its app config's, :class:`~contourcl.refine.encoding.ClickScope`;
+``contourcl train-refiner`` fills them from the app) replaces the file's for its episodes and in
+the held-out figure, as the server applies it. ``--init``: continue from a refinement file (its
+weights; the schedule starts anew). The loss (BCE + Dice) is on ``--slices`` of the slices the clicks reach (half of them the last
 click's), against the reference, where the clicks may change the mask (the rest is the current
 mask by construction). The network's output is added to ``--mask-prior`` times the current mask
 in -1/+1 (:func:`contourcl.refine.network.refine_logits`). ``--cases`` held out of the training run: ``--holdout`` training patients
@@ -41,6 +45,7 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +54,10 @@ from scipy import ndimage
 
 from contourcl.data.datasets import labeled_cases, openkbp_or_exit
 from contourcl.files import atomic_copy, sha256_file
-from contourcl.models.checkpoint import save_model
-from contourcl.refine.encoding import EDIT_RADIUS_MM, axial_maps, edit_region
+from contourcl.models.checkpoint import load_model, save_model
+from contourcl.refine.encoding import CLICK_REACH_MM, EDIT_RADIUS_MM, ClickScope, axial_maps, edit_region, model_scopes
 from contourcl.refine.network import MASK_PRIOR_LOGIT, from_shipped, refine_logits, refine_meta
+from contourcl.refine.refiner import WINDOW as CROP
 from contourcl.refine.refiner import Refiner, reached_slices, run_network
 from contourcl.refine.simulator import next_click
 from contourcl.training.refine.benchmark import plain_edit_method, run_case
@@ -59,7 +65,6 @@ from contourcl.training.refine.cache import MODELS, build_cache, load_case
 
 logger = logging.getLogger(__name__)
 
-CROP = 96
 #: share of episodes on the gtv model's one structure (PTV70); the rest on oar's seven
 GTV_SHARE = 0.35
 #: share of episodes starting from the automatic contour (the rest: a perturbed reference)
@@ -147,28 +152,31 @@ class Episodes:
                 "valid": case["imaged"][None, None, :], "model": model}
 
 
-def episode_inputs(ep: dict, mask: np.ndarray, pos: list, neg: list, zs: np.ndarray) -> torch.Tensor:
+def episode_inputs(ep: dict, mask: np.ndarray, pos: list, neg: list, zs: np.ndarray, reach_mm: float = CLICK_REACH_MM) -> torch.Tensor:
     """The network's input ``(len(zs), 4, h, w)`` of an episode's slices ``zs``."""
     shape, pixel, slice_mm = ep["image"].shape, ep["spacing"][:2], float(ep["spacing"][2])
-    maps = [axial_maps(np.asarray(p, dtype=np.float64).reshape(-1, 3), shape, pixel, slice_mm, slices=zs) for p in (pos, neg)]
+    maps = [axial_maps(np.asarray(p, dtype=np.float64).reshape(-1, 3), shape, pixel, slice_mm, slices=zs, reach_mm=reach_mm)
+            for p in (pos, neg)]
     stack = np.stack([ep["image"][:, :, zs], mask[:, :, zs].astype(np.float32), *maps])  # (4, h, w, n)
     return torch.from_numpy(np.ascontiguousarray(stack.transpose(3, 0, 1, 2)))
 
 
-def episode_region(ep: dict, points: list, zs: np.ndarray, edit_radius_mm: float | None) -> np.ndarray:
+def episode_region(ep: dict, points: list, zs: np.ndarray, edit_radius_mm: float | None, reach_mm: float = CLICK_REACH_MM) -> np.ndarray:
     """Where the clicks ``points`` may change an episode's mask on its slices ``zs``: ``(h, w, len(zs))``."""
     shape = ep["image"].shape
     if edit_radius_mm is None:
         return np.ones((*shape[:2], len(zs)), dtype=bool)
     return edit_region(np.asarray(points, dtype=np.float64).reshape(-1, 3), shape, ep["spacing"][:2], float(ep["spacing"][2]),
-                       slices=zs, radius_mm=edit_radius_mm)
+                       slices=zs, radius_mm=edit_radius_mm, reach_mm=reach_mm)
 
 
 def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: int, device: torch.device,
-         prior: float = MASK_PRIOR_LOGIT, edit_radius_mm: float | None = EDIT_RADIUS_MM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Run an episode's clicks and the network's answers (kept within ``edit_radius_mm`` of the
-    clicks, as the served :class:`Refiner` keeps them); the training slices' inputs, targets and
-    where the loss counts (where the clicks may change the mask)."""
+         prior: float = MASK_PRIOR_LOGIT, edit_radius_mm: float | None = EDIT_RADIUS_MM,
+         reach_mm: float = CLICK_REACH_MM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Run an episode's clicks and the network's answers (on the slices within ``reach_mm`` of a
+    click, kept within ``edit_radius_mm`` of the clicks, as the served :class:`Refiner` keeps them);
+    the training slices' inputs, targets and where the loss counts (where the clicks may change the
+    mask)."""
     rounds = int(rng.integers(1, 6))
     mask, pos, neg = ep["mask"].copy(), [], []
     last = None
@@ -179,24 +187,24 @@ def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: i
         (pos if click.positive else neg).append(click.point)
         last = click.point
         if r < rounds - 1:
-            zs = reached_slices(np.asarray(pos + neg), mask.shape[2], float(ep["spacing"][2]))
-            probs = run_network(network, episode_inputs(ep, mask, pos, neg, zs), device=device, prior=prior)
-            region = episode_region(ep, pos + neg, zs, edit_radius_mm)
+            zs = reached_slices(np.asarray(pos + neg), mask.shape[2], float(ep["spacing"][2]), reach_mm)
+            probs = run_network(network, episode_inputs(ep, mask, pos, neg, zs, reach_mm), device=device, prior=prior)
+            region = episode_region(ep, pos + neg, zs, edit_radius_mm, reach_mm)
             new = np.where(region, (probs.numpy() > 0.5).transpose(1, 2, 0), mask[:, :, zs])
             mask[:, :, zs] = new & ep["valid"][0, 0, zs]
     if last is None:
         return None
     depth, slice_mm = mask.shape[2], float(ep["spacing"][2])
-    mine = reached_slices(np.asarray([last]), depth, slice_mm)
-    every = reached_slices(np.asarray(pos + neg), depth, slice_mm)
+    mine = reached_slices(np.asarray([last]), depth, slice_mm, reach_mm)
+    every = reached_slices(np.asarray(pos + neg), depth, slice_mm, reach_mm)
     half = min(len(mine), (slices + 1) // 2)
     chosen = list(rng.choice(mine, size=half, replace=False))
     rest = [z for z in every if z not in chosen]
     chosen += list(rng.choice(rest, size=min(len(rest), slices - half), replace=False)) if rest else []
     zs = np.asarray(sorted(int(z) for z in chosen))
     target = torch.from_numpy(np.ascontiguousarray(ep["ref"][:, :, zs].transpose(2, 0, 1).astype(np.float32)))
-    weight = torch.from_numpy(np.ascontiguousarray(episode_region(ep, pos + neg, zs, edit_radius_mm).transpose(2, 0, 1).astype(np.float32)))
-    return episode_inputs(ep, mask, pos, neg, zs), target, weight
+    weight = torch.from_numpy(np.ascontiguousarray(episode_region(ep, pos + neg, zs, edit_radius_mm, reach_mm).transpose(2, 0, 1).astype(np.float32)))
+    return episode_inputs(ep, mask, pos, neg, zs, reach_mm), target, weight
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,14 +217,19 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     return bce + dice
 
 
-def gate_figures(network, meta, cases: Sequence[tuple[str, dict]], contourers, methods_extra: dict, seed: int) -> dict:
-    """Mean Dice after :data:`GATE_CLICKS` clicks per structure on the held-out cases (and after 0):
+def gate_figures(network, meta, cases: Sequence[tuple[str, dict]], contourers, methods_extra: dict, seed: int,
+                 scopes: dict[str, ClickScope] | None = None) -> dict:
+    """Mean Dice after :data:`GATE_CLICKS` clicks per structure on the held-out cases (and after 0),
+    the network answering each model's clicks with its ``scopes`` (default: the file's):
     ``{method: {"dice": mean over structures, "n": structures}}``."""
     was = network.training
-    methods = {"network": Refiner(network, meta), **methods_extra}
+    refiner = Refiner(network, meta)
+    methods = {"network": refiner, **methods_extra}
     values: dict[str, list[float]] = {m: [] for m in ["auto", *methods]}
     for model, case in cases:
-        record = run_case(case, model, methods, contourers[model], (0, GATE_CLICKS), seed, metrics=("dice",))
+        scope = (scopes or {}).get(model, ClickScope())
+        per_model = {**methods, "network": partial(refiner, **scope.kwargs())}
+        record = run_case(case, model, per_model, contourers[model], (0, GATE_CLICKS), seed, metrics=("dice",))
         for per in record["structures"].values():
             values["auto"].append(per["auto"]["0"]["dice"])
             for m in methods:
@@ -240,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the logit the current mask adds (inside) or takes away (outside); the file records it")
     parser.add_argument("--edit-radius", type=float, default=EDIT_RADIUS_MM,
                         help="mm around a click where the network may change the mask (0: the whole slices it reaches)")
+    parser.add_argument("--reach", type=float, default=CLICK_REACH_MM, help="mm above and below its slice a click reaches (the file's)")
+    parser.add_argument("--model-edit-radius", default="", metavar="MODEL=MM,...", help="a model's own edit radius (its app config's)")
+    parser.add_argument("--model-reach", default="", metavar="MODEL=MM,...", help="a model's own reach (its app config's)")
+    parser.add_argument("--init", help="a refinement model file to continue from (default: the shipped oar.pt's encoder and decoder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -274,6 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 len(episodes.pairs["gtv"]), gate_ids)
 
     network, base = from_shipped(str(model_files["oar"]))
+    if args.init:
+        started, _ = load_model(args.init)
+        if tuple(started.state_dict()) != tuple(network.state_dict()):
+            parser.error(f"--init {args.init}: not a refinement network of the shipped model's architecture")
+        network.load_state_dict(started.state_dict())
     network = network.to(device).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
@@ -291,19 +313,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gate_cases = [(m, by_id[i][m]) for i in gate_ids for m in MODELS]
     edit_radius = args.edit_radius if args.edit_radius > 0 else None
-    gate_meta = refine_meta(network, base, {"mask_prior_logit": args.mask_prior}, edit_radius_mm=edit_radius)  # what the gate's Refiner reads
+    try:
+        scopes = model_scopes(MODELS, edit_radius_mm=args.model_edit_radius, reach_mm=args.model_reach)
+    except ValueError as e:
+        parser.error(f"--model-edit-radius/--model-reach {e}")
+    # each model's episodes: its own scope where it has one, else the file's
+    episode_scope = {m: (edit_radius if s.edit_radius_mm is None else s.edit_radius_mm, args.reach if s.reach_mm is None else s.reach_mm)
+                     for m, s in scopes.items()}
+    gate_meta = refine_meta(network, base, {"mask_prior_logit": args.mask_prior}, reach_mm=args.reach,
+                            edit_radius_mm=edit_radius)  # what the gate's Refiner reads
     contourers = {m: Contourer(p) for m, p in model_files.items()}
     plain = plain_edit_method()
     baseline = {}
     if gate_cases and plain is not None:
-        baseline = gate_figures(network, gate_meta, gate_cases, contourers, {"plain_edit": plain}, args.seed)
+        baseline = gate_figures(network, gate_meta, gate_cases, contourers, {"plain_edit": plain}, args.seed, scopes)
         logger.info("held out, Dice after %d clicks: plain edit %.4f, automatic %.4f", GATE_CLICKS, baseline["plain_edit"]["dice"], baseline["auto"]["dice"])
 
     def provenance() -> dict:
-        return {"mask_prior_logit": args.mask_prior, "edit_radius_mm": edit_radius, "data": str(train_dir), "train_ids": train_ids, "held_out_ids": gate_ids, "steps": step, "seconds_trained": round(spent, 1),
+        return {"mask_prior_logit": args.mask_prior, "edit_radius_mm": edit_radius, "reach_mm": args.reach,
+                "model_scopes": {m: s.kwargs() for m, s in scopes.items()}, "data": str(train_dir), "train_ids": train_ids, "held_out_ids": gate_ids, "steps": step, "seconds_trained": round(spent, 1),
                 "episodes_per_step": args.batch_episodes, "slices_per_episode": args.slices, "lr": args.lr, "seed": args.seed,
                 "device": str(device), "threads": args.threads, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "git_commit": git_commit(), "init": {"file": str(model_files["oar"]), "sha256": sha256_file(model_files["oar"])},
+                "git_commit": git_commit(), "init": {"file": str(args.init or model_files["oar"]), "sha256": sha256_file(args.init or model_files["oar"])},
                 "auto_contours": {m: sha256_file(p) for m, p in model_files.items()},
                 "command": "python -m contourcl.training.refine.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
 
@@ -311,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nonlocal best
         if figures is not None and figures["network"]["dice"] > best["dice"]:
             best = {"dice": figures["network"]["dice"], "step": step}
-            save_model(work / "best.pt", network, refine_meta(network, base, provenance(), {"held_out": figures, "baseline": baseline}, edit_radius_mm=edit_radius), half=True)
+            save_model(work / "best.pt", network, refine_meta(network, base, provenance(), {"held_out": figures, "baseline": baseline},
+                                                              reach_mm=args.reach, edit_radius_mm=edit_radius), half=True)
         torch.save({"network": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "step": step, "best": best, "seconds": spent}, work / ".state.tmp")
         os.replace(work / ".state.tmp", state_path)
@@ -324,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs, targets, weights = [], [], []
         network.eval()
         while len(inputs) < args.batch_episodes:
-            played = play(network, episodes.draw(rng), rng, args.slices, device, args.mask_prior, edit_radius)
+            ep = episodes.draw(rng)
+            played = play(network, ep, rng, args.slices, device, args.mask_prior, *episode_scope[ep["model"]])
             if played is not None:
                 inputs.append(played[0])
                 targets.append(played[1])
@@ -347,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = {"step": step, "loss": losses[-1], "seconds": round(spent, 2)}
         figures = None
         if gate_cases and (step % args.eval_every == 0 or step == args.steps):
-            figures = gate_figures(network, gate_meta, gate_cases, contourers, {}, args.seed)
+            figures = gate_figures(network, gate_meta, gate_cases, contourers, {}, args.seed, scopes)
             record["held_out"] = figures
             logger.info("step %d: loss (last 50) %.4f; held out Dice after %d clicks %.4f (automatic %.4f)", step,
                         np.mean(losses[-50:]), GATE_CLICKS, figures["network"]["dice"], figures["auto"]["dice"])
@@ -357,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint(figures)
     bar.close()
     if gate_cases and step % args.eval_every and step != args.steps:  # stopped by --minutes between evaluations
-        figures = gate_figures(network, gate_meta, gate_cases, contourers, {}, args.seed)
+        figures = gate_figures(network, gate_meta, gate_cases, contourers, {}, args.seed, scopes)
         logger.info("step %d: held out Dice after %d clicks %.4f", step, GATE_CLICKS, figures["network"]["dice"])
         checkpoint(figures)
     else:

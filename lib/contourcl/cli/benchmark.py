@@ -140,15 +140,25 @@ def clinic(args: argparse.Namespace) -> int:
     return 0
 
 
-def clicks_options(options: list[str]) -> list[str]:
-    """The click benchmark's options, with each model's edit radius from the app's model configs
-    (``--edit-radius``, as the server reads them) unless given."""
-    if any(o.startswith("--edit-radius") for o in options):
-        return list(options)
+def scope_options(options: list[str], flags: dict[str, str]) -> list[str]:
+    """``options`` with how far each model's clicks act, from the app's model configs as the server
+    reads them (:class:`contourcl.refine.encoding.ClickScope`), for each field's option in
+    ``flags`` (``{"edit_radius_mm": "--edit-radius", ...}``) not already given."""
+    from contourcl.refine.encoding import scope_options as option_texts
     from contourcl.serving.config import app_configs, resolve_app
 
-    radii = [f"{name}={c.edit_radius_mm:g}" for name, c in app_configs(resolve_app(None)).items() if c.edit_radius_mm is not None]
-    return [*options, "--edit-radius", ",".join(radii)] if radii else list(options)
+    texts = option_texts({name: c.click_scope for name, c in app_configs(resolve_app(None)).items()})
+    out = list(options)
+    for field, flag in flags.items():
+        if field in texts and not any(o == flag or o.startswith(flag + "=") for o in options):
+            out += [flag, texts[field]]
+    return out
+
+
+def clicks_options(options: list[str]) -> list[str]:
+    """The click benchmark's options, with each model's edit radius and reach from the app's model
+    configs (``--edit-radius``, ``--reach``) unless given."""
+    return scope_options(options, {"edit_radius_mm": "--edit-radius", "reach_mm": "--reach"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """``contourcl train-refiner``: train the click-refinement network by simulating a clinician on the
 OpenKBP training patients (:mod:`contourcl.training.refine.train`; its options follow the command:
-``contourcl train-refiner --help-options``)."""
+``contourcl train-refiner --help-options``), each model's clicks with the scope its app config
+gives them (``--model-edit-radius``, ``--model-reach``) unless given."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from contourcl.cli.benchmark import scope_options
     from contourcl.training.refine.train import main
 
-    return main(["--help"] if args.help_options else args.options)
+    if args.help_options:
+        return main(["--help"])
+    # each model's clicks trained as the server answers them: its app config's scope
+    return main(scope_options(args.options, {"edit_radius_mm": "--model-edit-radius", "reach_mm": "--model-reach"}))

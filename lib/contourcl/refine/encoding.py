@@ -18,7 +18,8 @@ works on the image's own grid (any voxel order, oblique or feet-first affines), 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -31,6 +32,55 @@ CLICK_REACH_MM = 7.5
 #: how far from a click, in its axial plane, the refinement network may change the mask (mm), on
 #: the slices the click reaches: a click corrects what is near it and leaves the rest alone
 EDIT_RADIUS_MM = 20.0
+
+
+@dataclass(frozen=True)
+class ClickScope:
+    """How far one model's clicks act: the network may change the mask within ``edit_radius_mm`` of
+    a click in its axial plane, on the slices within ``reach_mm`` of its slice; ``None``: the
+    refinement file's (what it was trained with). A model config sets it (``gtv``: a target's
+    errors are whole regions); the refinement method takes it as keyword arguments
+    (:meth:`kwargs`)."""
+
+    edit_radius_mm: float | None = None
+    reach_mm: float | None = None
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if value is not None and not (isinstance(value, int | float) and float(value) > 0):
+                raise ValueError(f"{name} must be a positive number of mm, not {value!r}")
+
+    def kwargs(self) -> dict:
+        """``{"edit_radius_mm": ..., "reach_mm": ...}``: the refinement method's keyword arguments."""
+        return asdict(self)
+
+
+def model_scopes(models: Sequence[str], **per_model: str) -> dict[str, ClickScope]:
+    """Each model's :class:`ClickScope` from options of the form ``"MODEL=MM,..."``, one per field
+    (``edit_radius_mm="gtv=40"``, ``reach_mm="gtv=25"``); models not named get the file's.
+    Raises ValueError naming a malformed item or an unknown model."""
+    values: dict[str, dict] = {m: {} for m in models}
+    for field, text in per_model.items():
+        for item in filter(None, (x.strip() for x in (text or "").split(","))):
+            name, _, mm = item.partition("=")
+            if name.strip() not in values:
+                raise ValueError(f"{item!r}: {name.strip()!r} is not one of the models {list(models)}")
+            try:
+                values[name.strip()][field] = float(mm)
+            except ValueError:
+                raise ValueError(f"{item!r}: give MODEL=MM, e.g. gtv=40") from None
+    return {m: ClickScope(**v) for m, v in values.items()}
+
+
+def scope_options(scopes: Mapping[str, ClickScope]) -> dict[str, str]:
+    """The ``"MODEL=MM,..."`` option text of each field of ``scopes`` (the inverse of
+    :func:`model_scopes`; fields no model sets are left out)."""
+    out: dict[str, str] = {}
+    for field in ("edit_radius_mm", "reach_mm"):
+        text = ",".join(f"{m}={getattr(s, field):g}" for m, s in scopes.items() if getattr(s, field) is not None)
+        if text:
+            out[field] = text
+    return out
 
 
 def reach_slices(slice_mm: float, reach_mm: float = CLICK_REACH_MM) -> int:

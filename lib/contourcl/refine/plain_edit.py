@@ -80,11 +80,12 @@ class PlainEdit:
         self.radius_mm = float(radius_mm)
 
     def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray,
-                 edit_radius_mm: float | None = None) -> np.ndarray:
-        """``edit_radius_mm`` (the refinement network's) does not apply: the disk is ``radius_mm``."""
+                 edit_radius_mm: float | None = None, reach_mm: float | None = None) -> np.ndarray:
+        """``edit_radius_mm`` and ``reach_mm`` (the refinement network's) do not apply: the disk is
+        ``radius_mm``, on the click's slice."""
         return plain_edit(mask, positive, negative, affine, self.radius_mm)
 
-    def describe(self, edit_radius_mm: float | None = None) -> dict:
-        """What it does (``edit_radius_mm``, the refinement network's, does not apply, as in ``__call__``)."""
+    def describe(self, edit_radius_mm: float | None = None, reach_mm: float | None = None) -> dict:
+        """What it does (``edit_radius_mm`` and ``reach_mm``, the refinement network's, do not apply, as in ``__call__``)."""
         return {"method": self.name, "radius_mm": self.radius_mm,
                 "what": "a disk on the click's axial slice added per positive click; the connected piece under a negative click removed on its slice"}

@@ -124,6 +124,33 @@ def run_network(network: ContourUNet, inputs: torch.Tensor, batch: int = 16, dev
     return torch.sigmoid(logits)
 
 
+#: the least in-plane window (network pixels) the network answers clicks on: its training windows' size
+WINDOW = 96
+#: context (network pixels) kept around the region a click may change
+WINDOW_MARGIN = 16
+
+
+def crop_window(region: np.ndarray, size: int = WINDOW, margin: int = WINDOW_MARGIN, multiple: int = 32) -> tuple[slice, slice]:
+    """The in-plane window ``(rows, columns)`` of a slice the network runs on to answer inside
+    ``region`` (``(H, W)`` bool, on the network's grid): the region's bounding box and ``margin``
+    pixels of context around it, at least ``size`` pixels (the training windows' size), rounded up to
+    a ``multiple``, and kept inside the slice (the whole axis where the slice is not larger)."""
+    window = []
+    for axis in range(2):
+        n = region.shape[axis]
+        hit = np.nonzero(region.any(axis=1 - axis))[0]
+        if not len(hit):
+            return slice(0, 0), slice(0, 0)
+        lo, hi = int(hit[0]) - margin, int(hit[-1]) + 1 + margin
+        want = -(-max(hi - lo, size) // multiple) * multiple
+        if want >= n:
+            window.append(slice(0, n))
+            continue
+        lo = min(max(0, (lo + hi - want) // 2), n - want)
+        window.append(slice(lo, lo + want))
+    return window[0], window[1]
+
+
 def reached_slices(points: np.ndarray, depth: int, slice_mm: float, reach_mm: float = CLICK_REACH_MM) -> np.ndarray:
     """The sorted axial slices (last axis of a RAS grid of ``depth`` slices) that clicks at
     ``points`` (RAS voxel indices) reach."""
@@ -158,10 +185,11 @@ class Refiner:
         return cls(network, meta, device)
 
     def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray,
-                 edit_radius_mm: float | None = None) -> np.ndarray:
+                 edit_radius_mm: float | None = None, reach_mm: float | None = None) -> np.ndarray:
         """The structure's new mask (bool, ``mask``'s grid) after the clicks ``positive`` and
         ``negative`` (``(N, 3)`` voxel indices of the image's voxel order); the network's answer
-        kept within ``edit_radius_mm`` of a click (default: the file's)."""
+        kept within ``edit_radius_mm`` of a click, on the slices within ``reach_mm`` of its slice
+        (defaults: the file's)."""
         ct = np.asarray(ct)
         mask = np.asarray(mask, dtype=bool)
         if ct.ndim != 3 or mask.shape != ct.shape:
@@ -177,17 +205,21 @@ class Refiner:
         spacing = orient.spacing(affine)
         ras_ct, ras_out = orient.view(ct), orient.view(out)
         ras_pos, ras_neg = orient.points(pos, ct.shape), orient.points(neg, ct.shape)
-        zs = reached_slices(np.concatenate([ras_pos, ras_neg]), ras_ct.shape[2], spacing[2], self.reach_mm)
+        reach = self.reach_mm if reach_mm is None else float(reach_mm)
+        zs = reached_slices(np.concatenate([ras_pos, ras_neg]), ras_ct.shape[2], spacing[2], reach)
         radius = self.edit_radius_mm if edit_radius_mm is None else float(edit_radius_mm)
-        new = self.refine_slices(ras_ct[:, :, zs], ras_out[:, :, zs], ras_pos, ras_neg, zs, spacing, radius)
+        new = self.refine_slices(ras_ct[:, :, zs], ras_out[:, :, zs], ras_pos, ras_neg, zs, spacing, radius, reach)
         ras_out[:, :, zs] = new
         return out
 
     def refine_slices(self, ct: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray, zs: np.ndarray,
-                      spacing: np.ndarray, edit_radius_mm: float | None = None) -> np.ndarray:
+                      spacing: np.ndarray, edit_radius_mm: float | None = None, reach_mm: float | None = None) -> np.ndarray:
         """The new mask ``(H, W, len(zs))`` of the axial slices ``zs`` (RAS order: ``ct`` and
         ``mask`` are those slices), for clicks given as RAS voxel indices of the whole grid; the
-        network's answer kept within ``edit_radius_mm`` of a click (``None``: everywhere)."""
+        network's answer kept within ``edit_radius_mm`` of a click (``None``: everywhere), the
+        click maps reaching ``reach_mm`` (default: the file's). With an edit radius the network
+        runs on the window of the slices around it (:func:`crop_window`), not the whole slices."""
+        reach = self.reach_mm if reach_mm is None else float(reach_mm)
         size = ct.shape[:2]
         pixel = (float(spacing[0]), float(spacing[1]))
         net_size = network_size(size, pixel, self.meta.spacing)
@@ -200,18 +232,23 @@ class Refiner:
         grid = (*net_size, int(zs.max()) + 1)
         maps = [
             torch.from_numpy(np.moveaxis(axial_maps(p, grid, net_pixel, float(spacing[2]), slices=zs, radius_mm=self.radius_mm,
-                                                    reach_mm=self.reach_mm), 2, 0))[:, None]
+                                                    reach_mm=reach), 2, 0))[:, None]
             for p in points
         ]
         inputs = torch.cat([image, current, *maps], dim=1)
-        with self._lock:
-            probs = run_network(self.network, inputs, device=self.device, prior=self.prior)
         was = current[:, 0] > 0.5
-        new = probs > 0.5
-        if edit_radius_mm is not None:  # only near the clicks
-            region = edit_region(np.concatenate(points), grid, net_pixel, float(spacing[2]), slices=zs,
-                                 radius_mm=edit_radius_mm, reach_mm=self.reach_mm)
-            new = torch.where(torch.from_numpy(np.moveaxis(region, 2, 0)), new, was)
+        window = (slice(None), slice(None))
+        region = None
+        if edit_radius_mm is not None:  # only near the clicks: the network sees the window around them
+            region = torch.from_numpy(np.moveaxis(edit_region(np.concatenate(points), grid, net_pixel, float(spacing[2]), slices=zs,
+                                                              radius_mm=edit_radius_mm, reach_mm=reach), 2, 0))
+            window = crop_window(region.any(dim=0).numpy())
+        with self._lock:
+            probs = run_network(self.network, inputs[(slice(None), slice(None), *window)], device=self.device, prior=self.prior)
+        new = was.clone()
+        new[(slice(None), *window)] = probs > 0.5
+        if region is not None:
+            new = torch.where(region, new, was)
         # back on the CT's grid, only what the network changed: elsewhere the mask is exactly the input's
         changed = resample_slices((new != was).float()[:, None], size)[:, 0] > 0
         back = resample_slices(new.float()[:, None], size)[:, 0] > 0.5

@@ -119,7 +119,7 @@ class ContourApp(MONAILabelApp):
         """``oar`` and ``gtv`` (declared ``deepedit``: clicks) and ``oar_seg``, ``gtv_seg`` (the same
         models declared ``segmentation``: what OHIF's *Auto-Segmentation* lists)."""
         tasks = {m: ContourInferTask(m, self.model_dir / f"{m}.pt", self.configs[m].description, self.configs[m].largest_component,
-                                     edit_radius_mm=self.configs[m].edit_radius_mm) for m in self.models}
+                                     click_scope=self.configs[m].click_scope) for m in self.models}
         return {**tasks, **{f"{m}_seg": task.automatic() for m, task in tasks.items()}}
 
     def init_trainers(self):

@@ -39,12 +39,23 @@ class ModelConfig:
     #: how far from a click (mm, in its axial plane) the refinement network may change this
     #: model's structures; ``None``: the refinement file's (20 mm, what it was trained with)
     edit_radius_mm: float | None = None
+    #: how far above and below its slice (mm) a click of this model acts; ``None``: the file's (7.5 mm)
+    click_reach_mm: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.largest_component, bool):
             raise TypeError(f"{self.name}: largest_component must be True or False, not {self.largest_component!r}")
-        if self.edit_radius_mm is not None and not float(self.edit_radius_mm) > 0:
-            raise ValueError(f"{self.name}: edit_radius_mm must be a positive number of mm, not {self.edit_radius_mm!r}")
+        try:
+            self.click_scope  # noqa: B018 (validates)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+
+    @property
+    def click_scope(self):
+        """How far this model's clicks act (:class:`contourcl.refine.encoding.ClickScope`)."""
+        from contourcl.refine.encoding import ClickScope  # numpy: not at `contourcl models`' import
+
+        return ClickScope(self.edit_radius_mm, self.click_reach_mm)
 
 
 def register(config: ModelConfig) -> ModelConfig:

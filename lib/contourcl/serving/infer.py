@@ -31,6 +31,7 @@ from contourcl.data.labels import model_labels
 from contourcl.data.volumes import check_label_geometry, read_ct, read_volume, write_label
 from contourcl.errors import ContourCLError, InvalidClickError, LabelMismatchError
 from contourcl.inference import Contourer, model_version
+from contourcl.refine.encoding import ClickScope
 from contourcl.refine.plain_edit import PlainEdit
 from contourcl.serving.lifecycle import in_task_subprocess
 from contourcl.serving.model_store import ModelStore, served_file_problem
@@ -76,15 +77,17 @@ class NetworkRefinement:
         self.path = path
         self.refiner = Refiner.from_file(path)
 
-    def __call__(self, ct, affine, mask, positive, negative, edit_radius_mm=None):
-        return self.refiner(ct, affine, mask, positive, negative, edit_radius_mm=edit_radius_mm)
+    def __call__(self, ct, affine, mask, positive, negative, edit_radius_mm=None, reach_mm=None):
+        return self.refiner(ct, affine, mask, positive, negative, edit_radius_mm=edit_radius_mm, reach_mm=reach_mm)
 
-    def describe(self, edit_radius_mm: float | None = None) -> dict:
-        """Its provenance, and the edit radius a model's clicks get (``edit_radius_mm``, else the file's)."""
+    def describe(self, edit_radius_mm: float | None = None, reach_mm: float | None = None) -> dict:
+        """Its provenance, and how far a model's clicks act (``edit_radius_mm``, ``reach_mm``, else the file's)."""
         keep = ("data", "steps", "seconds_trained", "date", "git_commit", "init")
         provenance = {k: v for k, v in self.refiner.meta.provenance.items() if k in keep}
         radius = self.refiner.edit_radius_mm if edit_radius_mm is None else float(edit_radius_mm)
-        return {"method": self.name, "file": self.path.name, "version": model_version(self.path), **provenance, "edit_radius_mm": radius}
+        reach = self.refiner.reach_mm if reach_mm is None else float(reach_mm)
+        return {"method": self.name, "file": self.path.name, "version": model_version(self.path), **provenance,
+                "edit_radius_mm": radius, "reach_mm": reach}
 
 
 _REFINERS: dict[Path, tuple[str, object]] = {}  # refine.pt -> (its model_version, the method or the reason it is unusable)
@@ -124,7 +127,7 @@ class ContourInferTask(InferTask):
     """
 
     def __init__(self, model: str, model_path: str | Path, description: str, largest_component: bool = True,
-                 infer_type: str = InferType.DEEPEDIT, contourer: ServedContourer | None = None, edit_radius_mm: float | None = None):
+                 infer_type: str = InferType.DEEPEDIT, contourer: ServedContourer | None = None, click_scope: ClickScope | None = None):
         super().__init__(
             type=infer_type,  # deepedit: Slicer and OHIF show their point tools; no points: the automatic contour
             labels=model_labels(model),
@@ -134,7 +137,7 @@ class ContourInferTask(InferTask):
         )
         self.model = model
         self.model_path = Path(model_path)
-        self.edit_radius_mm = edit_radius_mm  # the model config's; None: the refinement file's
+        self.click_scope = click_scope or ClickScope()  # the model config's; None fields: the refinement file's
         if contourer is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             # loads nothing yet: a broken file cannot stop the server here
@@ -148,7 +151,7 @@ class ContourInferTask(InferTask):
         file, one answer; OHIF's *Auto-Segmentation* lists it (clicks are answered as by this task)."""
         return ContourInferTask(self.model, self.model_path, f"{self.description} (automatic contours)",
                                 self._config["largest_component"], infer_type=InferType.SEGMENTATION, contourer=self.contourer,
-                                edit_radius_mm=self.edit_radius_mm)
+                                click_scope=self.click_scope)
 
     def is_valid(self) -> bool:
         """True when the served file exists and passes the model check (see :meth:`unavailable_reason`)."""
@@ -163,7 +166,7 @@ class ContourInferTask(InferTask):
 
     def info(self):
         """MONAI Label's task info, plus ``refine``: the method that answers clicks."""
-        return {**super().info(), "refine": refiner_for(self.model_path.parent).describe(self.edit_radius_mm)}
+        return {**super().info(), "refine": refiner_for(self.model_path.parent).describe(**self.click_scope.kwargs())}
 
     def get_path(self, validate=True):
         return str(self.model_path) if (self.model_path.is_file() or not validate) else None
@@ -219,7 +222,7 @@ class ContourInferTask(InferTask):
         out = start.copy()
         targets = clicks.targets(start, labels)
         for name in targets:
-            mask = method(ct, affine, start == labels[name], clicks.positive_of(name), clicks.negative, edit_radius_mm=self.edit_radius_mm)
+            mask = method(ct, affine, start == labels[name], clicks.positive_of(name), clicks.negative, **self.click_scope.kwargs())
             out = merge_structure(out, start, labels[name], mask)
         t3 = time.perf_counter()
         with tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.model}_", delete=False) as f:
