@@ -217,3 +217,14 @@ def test_clicks_far_apart_on_a_large_slice_are_all_answered():
     for y, x, z in clicks:
         assert out[y - 5 : y + 6, x - 5 : x + 6, z].all(), (y, x)
     assert not out[200:300, 200:300].any()
+
+
+def test_an_edit_radius_smaller_than_a_pixel_changes_nothing():
+    """An edit region that holds no pixel of the network's grid (a radius far under a pixel, the
+    click between pixels): the mask comes back unchanged, not an error."""
+    affine, shape = np.diag([1.0, 1.0, 2.5, 1.0]), (40, 40, 6)
+    mask = np.random.default_rng(3).random(shape) < 0.3
+    network = build_network(refine_config(NetConfig(out_channels=8, encoder="resnet10", width=8)))  # convolutions: no empty input
+    refiner = Refiner(network, _meta(spacing=(3.0, 3.0)))
+    out = refiner(_ct(shape), affine, mask, np.array([[20, 20, 3]]), None, edit_radius_mm=0.01)
+    assert np.array_equal(out, mask)

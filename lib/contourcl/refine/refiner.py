@@ -243,10 +243,11 @@ class Refiner:
             region = torch.from_numpy(np.moveaxis(edit_region(np.concatenate(points), grid, net_pixel, float(spacing[2]), slices=zs,
                                                               radius_mm=edit_radius_mm, reach_mm=reach), 2, 0))
             window = crop_window(region.any(dim=0).numpy())
-        with self._lock:
-            probs = run_network(self.network, inputs[(slice(None), slice(None), *window)], device=self.device, prior=self.prior)
         new = was.clone()
-        new[(slice(None), *window)] = probs > 0.5
+        if region is None or window[0].stop > window[0].start:  # else the region holds no pixel of the grid (a radius under a pixel)
+            with self._lock:
+                probs = run_network(self.network, inputs[(slice(None), slice(None), *window)], device=self.device, prior=self.prior)
+            new[(slice(None), *window)] = probs > 0.5
         if region is not None:
             new = torch.where(region, new, was)
         # back on the CT's grid, only what the network changed: elsewhere the mask is exactly the input's
