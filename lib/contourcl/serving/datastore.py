@@ -288,7 +288,8 @@ class SafeDatastore(LocalDatastore):
         other copy has; returns the copy."""
         folder = self._history_dir(tag)
         ext = self._to_id(os.path.basename(str(path)))[1]
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}.{time.time_ns() % 10**9:09d}"
+        ns = time.time_ns()  # one reading: the seconds and their fraction from two readings could run backwards
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(ns // 10**9))}.{ns % 10**9:09d}"
         suffix = "" if why == "replaced" else f".{why}"
         backup = folder / f"{image_id}.{stamp}{suffix}{ext}"
         n = 1
