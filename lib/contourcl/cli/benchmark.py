@@ -140,14 +140,14 @@ def clinic(args: argparse.Namespace) -> int:
     return 0
 
 
-def scope_options(options: list[str], flags: dict[str, str]) -> list[str]:
+def with_config_scopes(options: list[str], flags: dict[str, str]) -> list[str]:
     """``options`` with how far each model's clicks act, from the app's model configs as the server
     reads them (:class:`contourcl.refine.encoding.ClickScope`), for each field's option in
     ``flags`` (``{"edit_radius_mm": "--edit-radius", ...}``) not already given."""
-    from contourcl.refine.encoding import scope_options as option_texts
+    from contourcl.refine.encoding import scope_options
     from contourcl.serving.config import app_configs, resolve_app
 
-    texts = option_texts({name: c.click_scope for name, c in app_configs(resolve_app(None)).items()})
+    texts = scope_options({name: c.click_scope for name, c in app_configs(resolve_app(None)).items()})
     out = list(options)
     for field, flag in flags.items():
         if field in texts and not any(o == flag or o.startswith(flag + "=") for o in options):
@@ -158,7 +158,7 @@ def scope_options(options: list[str], flags: dict[str, str]) -> list[str]:
 def clicks_options(options: list[str]) -> list[str]:
     """The click benchmark's options, with each model's edit radius and reach from the app's model
     configs (``--edit-radius``, ``--reach``) unless given."""
-    return scope_options(options, {"edit_radius_mm": "--edit-radius", "reach_mm": "--reach"})
+    return with_config_scopes(options, {"edit_radius_mm": "--edit-radius", "reach_mm": "--reach"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,10 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from contourcl.cli.benchmark import scope_options
+    from contourcl.cli.benchmark import with_config_scopes
     from contourcl.training.refine.train import main
 
     if args.help_options:
         return main(["--help"])
     # each model's clicks trained as the server answers them: its app config's scope
-    return main(scope_options(args.options, {"edit_radius_mm": "--model-edit-radius", "reach_mm": "--model-reach"}))
+    return main(with_config_scopes(args.options, {"edit_radius_mm": "--model-edit-radius", "reach_mm": "--model-reach"}))

@@ -9,10 +9,11 @@ axial axis last), as the shipped models' preprocessing orients a CT. Only the ax
 clicks reach (:func:`contourcl.refine.encoding.reach_slices` around each click's slice) are
 recomputed; every other voxel is the input mask's, exactly. Those slices are resampled in-plane
 to the model file's grid (bilinear; the CT windowed after, the mask thresholded at 0.5), the click
-maps drawn on that grid, the network run on the whole slices (zero-padded to a multiple of 32),
-and its answer kept only within the edit radius of a click (:func:`contourcl.refine.encoding.edit_region`:
-the file's, or the caller's for its model, e.g. ``gtv``'s config; files without one and no
-caller's: everywhere on those slices).
+maps drawn on that grid, the network run on the window of those slices around the clicks'
+edit region (:func:`crop_window`; the whole slices without an edit radius; zero-padded to a
+multiple of 32), and its answer kept only within the edit radius of a click
+(:func:`contourcl.refine.encoding.edit_region`: the file's, or the caller's for its model, e.g.
+``gtv``'s config; files without one and no caller's: everywhere on those slices).
 Where that answer differs from the current mask, it is resampled back (bilinear, 0.5); everywhere
 else the input mask is kept exactly. The slice grid is kept: the network is 2D.
 """
@@ -205,21 +206,25 @@ class Refiner:
         spacing = orient.spacing(affine)
         ras_ct, ras_out = orient.view(ct), orient.view(out)
         ras_pos, ras_neg = orient.points(pos, ct.shape), orient.points(neg, ct.shape)
-        reach = self.reach_mm if reach_mm is None else float(reach_mm)
+        radius, reach = self.scope(edit_radius_mm, reach_mm)
         zs = reached_slices(np.concatenate([ras_pos, ras_neg]), ras_ct.shape[2], spacing[2], reach)
-        radius = self.edit_radius_mm if edit_radius_mm is None else float(edit_radius_mm)
         new = self.refine_slices(ras_ct[:, :, zs], ras_out[:, :, zs], ras_pos, ras_neg, zs, spacing, radius, reach)
         ras_out[:, :, zs] = new
         return out
 
+    def scope(self, edit_radius_mm: float | None = None, reach_mm: float | None = None) -> tuple[float | None, float]:
+        """How far clicks act: ``(edit radius, reach)`` in mm, a model's own where given, else the
+        file's (an edit radius of ``None``: the whole reached slices)."""
+        return (self.edit_radius_mm if edit_radius_mm is None else float(edit_radius_mm),
+                self.reach_mm if reach_mm is None else float(reach_mm))
+
     def refine_slices(self, ct: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray, zs: np.ndarray,
-                      spacing: np.ndarray, edit_radius_mm: float | None = None, reach_mm: float | None = None) -> np.ndarray:
+                      spacing: np.ndarray, edit_radius_mm: float | None, reach_mm: float) -> np.ndarray:
         """The new mask ``(H, W, len(zs))`` of the axial slices ``zs`` (RAS order: ``ct`` and
         ``mask`` are those slices), for clicks given as RAS voxel indices of the whole grid; the
         network's answer kept within ``edit_radius_mm`` of a click (``None``: everywhere), the
-        click maps reaching ``reach_mm`` (default: the file's). With an edit radius the network
-        runs on the window of the slices around it (:func:`crop_window`), not the whole slices."""
-        reach = self.reach_mm if reach_mm is None else float(reach_mm)
+        click maps reaching ``reach_mm`` (:meth:`scope`). With an edit radius the network runs on
+        the window of the slices around it (:func:`crop_window`), not the whole slices."""
         size = ct.shape[:2]
         pixel = (float(spacing[0]), float(spacing[1]))
         net_size = network_size(size, pixel, self.meta.spacing)
@@ -232,7 +237,7 @@ class Refiner:
         grid = (*net_size, int(zs.max()) + 1)
         maps = [
             torch.from_numpy(np.moveaxis(axial_maps(p, grid, net_pixel, float(spacing[2]), slices=zs, radius_mm=self.radius_mm,
-                                                    reach_mm=reach), 2, 0))[:, None]
+                                                    reach_mm=reach_mm), 2, 0))[:, None]
             for p in points
         ]
         inputs = torch.cat([image, current, *maps], dim=1)
@@ -241,10 +246,10 @@ class Refiner:
         region = None
         if edit_radius_mm is not None:  # only near the clicks: the network sees the window around them
             region = torch.from_numpy(np.moveaxis(edit_region(np.concatenate(points), grid, net_pixel, float(spacing[2]), slices=zs,
-                                                              radius_mm=edit_radius_mm, reach_mm=reach), 2, 0))
+                                                              radius_mm=edit_radius_mm, reach_mm=reach_mm), 2, 0))
             window = crop_window(region.any(dim=0).numpy())
         new = was.clone()
-        if region is None or window[0].stop > window[0].start:  # else the region holds no pixel of the grid (a radius under a pixel)
+        if region is None or bool(region.any()):  # else it holds no pixel of the grid (a radius under a pixel)
             with self._lock:
                 probs = run_network(self.network, inputs[(slice(None), slice(None), *window)], device=self.device, prior=self.prior)
             new[(slice(None), *window)] = probs > 0.5

@@ -84,8 +84,7 @@ class NetworkRefinement:
         """Its provenance, and how far a model's clicks act (``edit_radius_mm``, ``reach_mm``, else the file's)."""
         keep = ("data", "steps", "seconds_trained", "date", "git_commit", "init")
         provenance = {k: v for k, v in self.refiner.meta.provenance.items() if k in keep}
-        radius = self.refiner.edit_radius_mm if edit_radius_mm is None else float(edit_radius_mm)
-        reach = self.refiner.reach_mm if reach_mm is None else float(reach_mm)
+        radius, reach = self.refiner.scope(edit_radius_mm, reach_mm)
         return {"method": self.name, "file": self.path.name, "version": model_version(self.path), **provenance,
                 "edit_radius_mm": radius, "reach_mm": reach}
 
