@@ -6,12 +6,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from contourcl.models.networks import NetConfig
 from contourcl.refine.encoding import reach_slices
 from contourcl.training.refine.train import play
 
 
 class Unchanged(torch.nn.Module):
     """A stand-in network whose correction is 0: the mask stays."""
+
+    config = NetConfig(out_channels=1, in_channels=4, encoder="resnet10", width=8)
 
     def forward(self, x):
         return torch.zeros_like(x[:, :1])

@@ -2,7 +2,7 @@
 
     python -m contourcl.training.refine.train --work DIR [--data DIR] [--out apps/radonc/model/refine.pt]
         [--steps 2000] [--minutes M] [--batch-episodes 4] [--slices 4] [--lr 1e-3] [--mask-prior P] [--edit-radius 20]
-        [--reach 7.5] [--model-edit-radius gtv=40] [--model-reach gtv=25] [--init FILE] [--seed 0] [--threads 2] [--device cpu|cuda] [--holdout 5] [--eval-every 250] [--max-cases N] [--no-progress]
+        [--reach 7.5] [--model-edit-radius gtv=40] [--model-reach gtv=25] [--context] [--init FILE] [--seed 0] [--threads 2] [--device cpu|cuda] [--holdout 5] [--eval-every 250] [--max-cases N] [--no-progress]
 
 ``--work`` (outside the repository) keeps the cached cases (:mod:`.cache`: the CT, references and
 the shipped models' automatic contours on the network's grid, computed once), the training state
@@ -21,7 +21,9 @@ and below), kept within ``--edit-radius`` mm of the clicks as the served
 (``--model-edit-radius``, ``--model-reach``: its app config's, :class:`~contourcl.refine.encoding.ClickScope`;
 ``contourcl train-refiner`` fills them from the app) replaces the file's for its episodes and in
 the held-out figure, as the server applies it. ``--init``: continue from a refinement file (its
-weights; the schedule starts anew). The loss (BCE + Dice) is on ``--slices`` of the slices the clicks reach (half of them the last
+weights; the schedule starts anew). ``--context``: the network sees the CT and the current mask on
+the slices below and above each slice too (:data:`contourcl.refine.network.CONTEXT_CHANNELS`; a
+file without them continues with their weights at zero). The loss (BCE + Dice) is on ``--slices`` of the slices the clicks reach (half of them the last
 click's), against the reference, where the clicks may change the mask (the rest is the current
 mask by construction). The network's output is added to ``--mask-prior`` times the current mask
 in -1/+1 (:func:`contourcl.refine.network.refine_logits`). ``--cases`` held out of the training run: ``--holdout`` training patients
@@ -56,9 +58,16 @@ from contourcl.data.datasets import labeled_cases, openkbp_or_exit
 from contourcl.files import atomic_copy, sha256_file
 from contourcl.models.checkpoint import load_model, save_model
 from contourcl.refine.encoding import CLICK_REACH_MM, EDIT_RADIUS_MM, ClickScope, axial_maps, edit_region, model_scopes
-from contourcl.refine.network import MASK_PRIOR_LOGIT, from_shipped, refine_logits, refine_meta
+from contourcl.refine.network import (
+    MASK_PRIOR_LOGIT,
+    from_shipped,
+    has_context,
+    refine_logits,
+    refine_meta,
+    with_context,
+)
 from contourcl.refine.refiner import WINDOW as CROP
-from contourcl.refine.refiner import Refiner, reached_slices, run_network
+from contourcl.refine.refiner import Refiner, neighbours, reached_slices, run_network
 from contourcl.refine.simulator import next_click
 from contourcl.training.refine.benchmark import plain_edit_method, run_case
 from contourcl.training.refine.cache import MODELS, build_cache, load_case
@@ -152,12 +161,18 @@ class Episodes:
                 "valid": case["imaged"][None, None, :], "model": model}
 
 
-def episode_inputs(ep: dict, mask: np.ndarray, pos: list, neg: list, zs: np.ndarray, reach_mm: float = CLICK_REACH_MM) -> torch.Tensor:
-    """The network's input ``(len(zs), 4, h, w)`` of an episode's slices ``zs``."""
+def episode_inputs(ep: dict, mask: np.ndarray, pos: list, neg: list, zs: np.ndarray, reach_mm: float = CLICK_REACH_MM,
+                   context: bool = False) -> torch.Tensor:
+    """The network's input ``(len(zs), C, h, w)`` of an episode's slices ``zs`` (C: 4, or 8 with
+    slice ``context``, :func:`contourcl.refine.network.input_channels`)."""
     shape, pixel, slice_mm = ep["image"].shape, ep["spacing"][:2], float(ep["spacing"][2])
     maps = [axial_maps(np.asarray(p, dtype=np.float64).reshape(-1, 3), shape, pixel, slice_mm, slices=zs, reach_mm=reach_mm)
             for p in (pos, neg)]
-    stack = np.stack([ep["image"][:, :, zs], mask[:, :, zs].astype(np.float32), *maps])  # (4, h, w, n)
+    extra = []
+    if context:
+        below, above = neighbours(zs, shape[2])
+        extra = [ep["image"][:, :, below], ep["image"][:, :, above], mask[:, :, below].astype(np.float32), mask[:, :, above].astype(np.float32)]
+    stack = np.stack([ep["image"][:, :, zs], mask[:, :, zs].astype(np.float32), *maps, *extra]).astype(np.float32)  # (C, h, w, n)
     return torch.from_numpy(np.ascontiguousarray(stack.transpose(3, 0, 1, 2)))
 
 
@@ -178,6 +193,7 @@ def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: i
     the training slices' inputs, targets and where the loss counts (where the clicks may change the
     mask)."""
     rounds = int(rng.integers(1, 6))
+    context = has_context(network)
     mask, pos, neg = ep["mask"].copy(), [], []
     last = None
     for r in range(rounds):
@@ -188,7 +204,7 @@ def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: i
         last = click.point
         if r < rounds - 1:
             zs = reached_slices(np.asarray(pos + neg), mask.shape[2], float(ep["spacing"][2]), reach_mm)
-            probs = run_network(network, episode_inputs(ep, mask, pos, neg, zs, reach_mm), device=device, prior=prior)
+            probs = run_network(network, episode_inputs(ep, mask, pos, neg, zs, reach_mm, context), device=device, prior=prior)
             region = episode_region(ep, pos + neg, zs, edit_radius_mm, reach_mm)
             new = np.where(region, (probs.numpy() > 0.5).transpose(1, 2, 0), mask[:, :, zs])
             mask[:, :, zs] = new & ep["valid"][0, 0, zs]
@@ -204,7 +220,7 @@ def play(network: torch.nn.Module, ep: dict, rng: np.random.Generator, slices: i
     zs = np.asarray(sorted(int(z) for z in chosen))
     target = torch.from_numpy(np.ascontiguousarray(ep["ref"][:, :, zs].transpose(2, 0, 1).astype(np.float32)))
     weight = torch.from_numpy(np.ascontiguousarray(episode_region(ep, pos + neg, zs, edit_radius_mm, reach_mm).transpose(2, 0, 1).astype(np.float32)))
-    return episode_inputs(ep, mask, pos, neg, zs, reach_mm), target, weight
+    return episode_inputs(ep, mask, pos, neg, zs, reach_mm, context), target, weight
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reach", type=float, default=CLICK_REACH_MM, help="mm above and below its slice a click reaches (the file's)")
     parser.add_argument("--model-edit-radius", default="", metavar="MODEL=MM,...", help="a model's own edit radius (its app config's)")
     parser.add_argument("--model-reach", default="", metavar="MODEL=MM,...", help="a model's own reach (its app config's)")
+    parser.add_argument("--context", action="store_true", help="the network sees the CT and the mask on the neighbouring slices too")
     parser.add_argument("--init", help="a refinement model file to continue from (default: the shipped oar.pt's encoder and decoder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -290,9 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("%d training cases (%s oar, %s gtv structure-cases); held out: %s", len(train_ids), len(episodes.pairs["oar"]),
                 len(episodes.pairs["gtv"]), gate_ids)
 
-    network, base = from_shipped(str(model_files["oar"]))
+    network, base = from_shipped(str(model_files["oar"]), context=args.context)
     if args.init:
         started, _ = load_model(args.init)
+        if args.context:  # a file without slice context continues with the new channels at zero
+            started = with_context(started)
         if tuple(started.state_dict()) != tuple(network.state_dict()):
             parser.error(f"--init {args.init}: not a refinement network of the shipped model's architecture")
         network.load_state_dict(started.state_dict())
@@ -332,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def provenance() -> dict:
         return {"mask_prior_logit": args.mask_prior, "edit_radius_mm": edit_radius, "reach_mm": args.reach,
                 "model_scopes": {m: s.kwargs() for m, s in scopes.items()}, "data": str(train_dir), "train_ids": train_ids, "held_out_ids": gate_ids, "steps": step, "seconds_trained": round(spent, 1),
-                "episodes_per_step": args.batch_episodes, "slices_per_episode": args.slices, "lr": args.lr, "seed": args.seed,
+                "slice_context": bool(args.context), "episodes_per_step": args.batch_episodes, "slices_per_episode": args.slices, "lr": args.lr, "seed": args.seed,
                 "device": str(device), "threads": args.threads, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "git_commit": git_commit(), "init": {"file": str(args.init or model_files["oar"]), "sha256": sha256_file(args.init or model_files["oar"])},
                 "auto_contours": {m: sha256_file(p) for m, p in model_files.items()},

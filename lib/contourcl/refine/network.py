@@ -1,12 +1,16 @@
 """The refinement network: one 2D U-Net for every structure of every model.
 
 It is the project's :class:`~contourcl.models.networks.ContourUNet` (ResNet encoder, MONAI's
-U-Net decoder) with four input channels, an axial slice each (:data:`INPUT_CHANNELS`):
+U-Net decoder) with four input channels (eight with slice context), an axial slice each (:data:`INPUT_CHANNELS`):
 
 1. the CT, windowed and scaled to [0, 1] as the shipped models' files say (their ``window``),
    on their in-plane grid (their ``spacing``: 3 x 3 mm);
 2. the structure's current mask (0/1);
 3. the positive and 4. the negative click maps (:mod:`contourcl.refine.encoding`);
+
+and, in a network with slice context (:data:`CONTEXT_CHANNELS`, ``in_channels`` 8), the CT and
+the current mask on the slices below and above (at the grid's first and last slice, that slice itself),
+so that the network sees how the structure runs from slice to slice;
 
 and one output: the logit of the structure's new mask on the slice, as a correction of the current
 mask: :func:`refine_logits` adds ``MASK_PRIOR_LOGIT * (2 mask - 1)`` to the network's output, so a
@@ -29,6 +33,8 @@ from contourcl.refine.encoding import CLICK_RADIUS_MM, CLICK_REACH_MM, EDIT_RADI
 
 #: the network's input channels, in order
 INPUT_CHANNELS = ("ct", "mask", "positive", "negative")
+#: a network with slice context takes these after :data:`INPUT_CHANNELS`: the neighbouring slices
+CONTEXT_CHANNELS = ("ct_below", "ct_above", "mask_below", "mask_above")
 #: the logit the current mask adds (inside) or takes away (outside): the network learns corrections
 MASK_PRIOR_LOGIT = 1.0  # small: a correction need not outweigh it by much (docs/models/refine.md)
 #: the ``model`` a refinement model file names
@@ -37,27 +43,60 @@ REFINE_MODEL = "refine"
 REFINE_LABELS = {"structure": 1}
 
 
-def refine_config(base: NetConfig | dict) -> NetConfig:
-    """The refinement network's configuration: ``base``'s encoder and decoder, four inputs, one output."""
+def input_channels(context: bool = False) -> tuple[str, ...]:
+    """The refinement network's input channels, in order (with ``context``: the neighbouring slices too)."""
+    return INPUT_CHANNELS + (CONTEXT_CHANNELS if context else ())
+
+
+def has_context(network: ContourUNet) -> bool:
+    """Whether ``network`` takes the neighbouring slices (:data:`CONTEXT_CHANNELS`)."""
+    n = int(network.config.in_channels)
+    if n not in (len(INPUT_CHANNELS), len(input_channels(True))):
+        raise ValueError(f"a refinement network takes {len(INPUT_CHANNELS)} or {len(input_channels(True))} input channels, not {n}")
+    return n == len(input_channels(True))
+
+
+def refine_config(base: NetConfig | dict, context: bool = False) -> NetConfig:
+    """The refinement network's configuration: ``base``'s encoder and decoder, the inputs of
+    :func:`input_channels`, one output."""
     base = base if isinstance(base, NetConfig) else NetConfig(**base)
-    return NetConfig(out_channels=1, encoder=base.encoder, width=base.width, in_channels=len(INPUT_CHANNELS),
+    return NetConfig(out_channels=1, encoder=base.encoder, width=base.width, in_channels=len(input_channels(context)),
                      dropout=base.dropout, decoder_channels=tuple(base.decoder_channels))
 
 
-def from_shipped(model_path: str) -> tuple[ContourUNet, ModelMeta]:
+#: the one weight whose shape depends on the input channels (MONAI's decoder takes no input skip)
+FIRST_CONV = "encoder.resnet.conv1.weight"
+
+
+def with_context(network: ContourUNet) -> ContourUNet:
+    """``network`` (a refinement network without slice context) taking the neighbouring slices
+    too: the same weights, the new channels' first-convolution weights zero, so that it answers
+    exactly as ``network`` until trained."""
+    if has_context(network):
+        return network
+    wider = build_network(refine_config(network.config, context=True))
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    weight = torch.zeros_like(wider.state_dict()[FIRST_CONV])
+    weight[:, : len(INPUT_CHANNELS)] = state[FIRST_CONV]
+    state[FIRST_CONV] = weight
+    wider.load_state_dict(state)
+    return wider
+
+
+def from_shipped(model_path: str, context: bool = False) -> tuple[ContourUNet, ModelMeta]:
     """A refinement network started from the model file at ``model_path`` (e.g. the shipped
-    ``oar.pt``), and that file's meta (its preprocessing is the refinement network's)."""
+    ``oar.pt``), and that file's meta (its preprocessing is the refinement network's); with
+    ``context``, taking the neighbouring slices too (their weights zero)."""
     shipped, meta = load_model(model_path)
     if int(shipped.config.in_channels) != 1:
         raise ValueError(f"{model_path}: a network of {shipped.config.in_channels} input channels; start from a one-slice model")
-    network = build_network(refine_config(shipped.config))
+    network = build_network(refine_config(shipped.config, context))
     source = shipped.state_dict()
     state = network.state_dict()
-    conv1 = "encoder.resnet.conv1.weight"
     for key, value in source.items():
-        if key == conv1:
+        if key == FIRST_CONV:
             weight = torch.zeros_like(state[key])
-            weight[:, :1] = value  # the CT channel's weights; mask and clicks start at zero
+            weight[:, :1] = value  # the CT channel's weights; mask, clicks and context start at zero
             state[key] = weight
         elif key.startswith(("encoder.", "decoder.")) and key in state and state[key].shape == value.shape:
             state[key] = value.clone()

@@ -11,7 +11,8 @@ recomputed; every other voxel is the input mask's, exactly. Those slices are res
 to the model file's grid (bilinear; the CT windowed after, the mask thresholded at 0.5), the click
 maps drawn on that grid, the network run on the window of those slices around the clicks'
 edit region (:func:`crop_window`; the whole slices without an edit radius; zero-padded to a
-multiple of 32), and its answer kept only within the edit radius of a click
+multiple of 32; a network with slice context, :func:`contourcl.refine.network.has_context`, also
+gets the CT and the input mask of each slice's neighbours, :func:`neighbours`), and its answer kept only within the edit radius of a click
 (:func:`contourcl.refine.encoding.edit_region`: the file's, or the caller's for its model, e.g.
 ``gtv``'s config; files without one and no caller's: everywhere on those slices).
 Where that answer differs from the current mask, it is resampled back (bilinear, 0.5); everywhere
@@ -39,7 +40,7 @@ from contourcl.refine.encoding import (
     edit_region,
     reach_slices,
 )
-from contourcl.refine.network import MASK_PRIOR_LOGIT, refine_logits
+from contourcl.refine.network import MASK_PRIOR_LOGIT, has_context, refine_logits
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,18 @@ def crop_window(region: np.ndarray, size: int = WINDOW, margin: int = WINDOW_MAR
     return window[0], window[1]
 
 
+def as_slices(volume: np.ndarray) -> torch.Tensor:
+    """Axial slices ``(H, W, n)`` as a float32 batch ``(n, 1, H, W)``."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0), dtype=np.float32))[:, None]
+
+
+def neighbours(zs: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slice below and the slice above each of ``zs`` on a grid of ``depth`` slices (the slice
+    itself at the grid's ends): what a network with slice context sees beside each slice."""
+    zs = np.asarray(zs, dtype=np.int64)
+    return np.clip(zs - 1, 0, depth - 1), np.clip(zs + 1, 0, depth - 1)
+
+
 def reached_slices(points: np.ndarray, depth: int, slice_mm: float, reach_mm: float = CLICK_REACH_MM) -> np.ndarray:
     """The sorted axial slices (last axis of a RAS grid of ``depth`` slices) that clicks at
     ``points`` (RAS voxel indices) reach."""
@@ -176,13 +189,14 @@ class Refiner:
         edit = encoding.get("edit_radius_mm")  # a file without one changes the whole reached slices
         self.edit_radius_mm = None if edit is None else float(edit)
         self.prior = float(meta.provenance.get("mask_prior_logit", MASK_PRIOR_LOGIT))
+        self.context = has_context(network)  # the neighbouring slices as inputs too
         self._lock = threading.Lock()  # one request at a time through the network
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Refiner:
         network, meta = load_model(path, device)
-        if int(network.config.in_channels) != 4 or int(network.config.out_channels) != 1:
-            raise ValueError(f"{Path(path).name} is not a refinement model file (4 inputs, 1 output)")
+        if int(network.config.in_channels) not in (4, 8) or int(network.config.out_channels) != 1:
+            raise ValueError(f"{Path(path).name} is not a refinement model file (4 or 8 inputs, 1 output)")
         return cls(network, meta, device)
 
     def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray,
@@ -208,7 +222,11 @@ class Refiner:
         ras_pos, ras_neg = orient.points(pos, ct.shape), orient.points(neg, ct.shape)
         radius, reach = self.scope(edit_radius_mm, reach_mm)
         zs = reached_slices(np.concatenate([ras_pos, ras_neg]), ras_ct.shape[2], spacing[2], reach)
-        new = self.refine_slices(ras_ct[:, :, zs], ras_out[:, :, zs], ras_pos, ras_neg, zs, spacing, radius, reach)
+        context = None
+        if self.context:  # the CT and the input mask on each slice's neighbours (the slice itself at the ends)
+            below, above = neighbours(zs, ras_ct.shape[2])
+            context = (ras_ct[:, :, below], ras_ct[:, :, above], ras_out[:, :, below], ras_out[:, :, above])
+        new = self.refine_slices(ras_ct[:, :, zs], ras_out[:, :, zs], ras_pos, ras_neg, zs, spacing, radius, reach, context)
         ras_out[:, :, zs] = new
         return out
 
@@ -219,20 +237,27 @@ class Refiner:
                 self.reach_mm if reach_mm is None else float(reach_mm))
 
     def refine_slices(self, ct: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray, zs: np.ndarray,
-                      spacing: np.ndarray, edit_radius_mm: float | None, reach_mm: float) -> np.ndarray:
+                      spacing: np.ndarray, edit_radius_mm: float | None, reach_mm: float,
+                      context: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
         """The new mask ``(H, W, len(zs))`` of the axial slices ``zs`` (RAS order: ``ct`` and
         ``mask`` are those slices), for clicks given as RAS voxel indices of the whole grid; the
         network's answer kept within ``edit_radius_mm`` of a click (``None``: everywhere), the
         click maps reaching ``reach_mm`` (:meth:`scope`). With an edit radius the network runs on
-        the window of the slices around it (:func:`crop_window`), not the whole slices."""
+        the window of the slices around it (:func:`crop_window`), not the whole slices. ``context``:
+        the CT below, the CT above, the mask below and the mask above each slice, for a network
+        with slice context."""
         size = ct.shape[:2]
         pixel = (float(spacing[0]), float(spacing[1]))
         net_size = network_size(size, pixel, self.meta.spacing)
         net_pixel = (size[0] * pixel[0] / net_size[0], size[1] * pixel[1] / net_size[1])
-        hu = torch.from_numpy(np.ascontiguousarray(np.moveaxis(ct, 2, 0), dtype=np.float32))[:, None]
-        cur = torch.from_numpy(np.ascontiguousarray(np.moveaxis(mask, 2, 0), dtype=np.float32))[:, None]
-        image = windowed(resample_slices(hu, net_size), self.meta.window)
-        current = (resample_slices(cur, net_size) > 0.5).float()
+        def ct_in(slices: np.ndarray) -> torch.Tensor:  # (H, W, n) HU -> (n, 1, h, w) windowed, the network's grid
+            return windowed(resample_slices(as_slices(slices), net_size), self.meta.window)
+
+        def mask_in(slices: np.ndarray) -> torch.Tensor:
+            return (resample_slices(as_slices(slices), net_size) > 0.5).float()
+
+        image, current = ct_in(ct), mask_in(mask)
+        extra = [] if context is None else [ct_in(context[0]), ct_in(context[1]), mask_in(context[2]), mask_in(context[3])]
         points = [to_network_points(p, size, net_size) for p in (positive, negative)]  # on the network's grid
         grid = (*net_size, int(zs.max()) + 1)
         maps = [
@@ -240,7 +265,7 @@ class Refiner:
                                                     reach_mm=reach_mm), 2, 0))[:, None]
             for p in points
         ]
-        inputs = torch.cat([image, current, *maps], dim=1)
+        inputs = torch.cat([image, current, *maps, *extra], dim=1)
         was = current[:, 0] > 0.5
         window = (slice(None), slice(None))
         region = None
