@@ -104,3 +104,31 @@ def test_benchmark_command_end_to_end(openkbp_like, tmp_path):
 
 def run_random_n2(out):
     return json.loads((out / "runs" / "oar" / "random" / "n02-d0.json").read_text())
+
+
+def test_the_agcl_row_runs_the_papers_stage_3_end_to_end(openkbp_like, tmp_path):
+    """AGCL's stage 3 as a table row: the heads trained over the shared pretraining's two-channel
+    encoder, the draw's random-init model giving the coarse masks, scored through the served path
+    on every structure the validation cases contour."""
+    from contourcl.cli import main
+
+    out = tmp_path / "results"
+    argv = ["benchmark", "label-efficiency", "--data", str(openkbp_like), "--out", str(out), "--models", "oar",
+            "--methods", "random", "agcl", "--sizes", "2", "--draws", "1", "--pool", "0",
+            "--pretrain-iterations", "2", "--finetune-steps", "4", "--jobs", "1", "--threads", "1"]
+    assert main(argv) == 0
+    run = json.loads((out / "runs" / "oar" / "agcl" / "n02-d0.json").read_text())
+    assert run["stage"] == 3 and run["heads_optimiser"] == {"lr": 1e-4, "batch_size": 4, "weight_decay": 0.0}
+    assert run["coarse_model"].endswith("oar-random-n02-d0.pt") and run["encoder_2ch"].endswith("agcl-unet-oar-n02-d0.2ch.pt")
+    random_run = json.loads((out / "runs" / "oar" / "random" / "n02-d0.json").read_text())
+    assert len(run["history"]) == len(random_run["history"]), "the table's epochs"
+    assert run["scored_path"] == le.SCORING_PATH
+    assert set(run["cases"]) == {"pt_10", "pt_11"}
+    def scored(record):
+        return {(c, s): m["dice"] for c, per in record["cases"].items() for s, m in per.items() if not np.isnan(m["dice"])}
+
+    assert set(scored(run)) == set(scored(random_run)), "the structures every row scores (the check's set-aside ones not)"
+    assert len(scored(run)) >= 8 and all(0.0 <= d <= 1.0 for d in scored(run).values())
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert any((r["method"], r["structure"], r["metric"]) == ("agcl", "mean", "dice") for r in rows)
+    assert "| agcl |" in (out / "results.md").read_text()

@@ -249,6 +249,37 @@ def test_agcl_heads_fine_tune_and_fuse_on_phantoms(phantoms, tmp_path):
     assert int((dilated_coarse(lab, 1) == 2).sum()) == 5  # a cross: dilation by one voxel
 
 
+def test_stage3_served_as_one_network_gives_the_fusion_rule():
+    """AGCL's stage 3 through the served path: the argmax of the softmax the served path takes of
+    AGCLStage3's output is fuse_labels' map (background where every target is below 0.5), the
+    coarse model's argmax is the mask each head sees, and a coarse model of another numbering is refused."""
+    from contourcl.training.finetune.agcl_segmenter import AGCLStage3
+
+    torch.manual_seed(0)
+    segmenter = AGCLSegmenter(ResNetEncoder("resnet10", 8, 2), n_targets=3).eval()
+    coarse = build_network(NetConfig(out_channels=4, encoder="resnet10", width=8)).eval()
+    seen = []
+    probs = torch.tensor([[0.2, 0.4, 0.1], [0.6, 0.9, 0.1], [0.3, 0.2, 0.55], [0.5, 0.1, 0.1], [0.49, 0.49, 0.49]])
+    fixed = probs[torch.arange(32) % 5].t().reshape(1, 3, 1, 32).expand(2, 3, 32, 32)  # (B, T, H, W): the five cases along W
+
+    def heads(image, mask):
+        seen.append(mask)
+        return fixed
+
+    segmenter.probabilities = heads
+    stage3 = AGCLStage3(segmenter, coarse)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        out = torch.softmax(stage3(x), dim=1).argmax(dim=1)
+        expected_coarse = coarse(x).argmax(dim=1)
+    assert torch.equal(out, fuse_labels(fixed))
+    assert out[0, 0, :5].tolist() == [0, 2, 3, 1, 0]
+    assert torch.equal(seen[0], expected_coarse)
+    assert stage3.config.in_channels == 1 and stage3.config.out_channels == 4
+    with pytest.raises(ValueError, match="structures"):
+        AGCLStage3(segmenter, build_network(NetConfig(out_channels=8, encoder="resnet10", width=8)))
+
+
 # ------------------------------------------------------------------------------- single structure (issue 9)
 def test_supcon_on_an_all_positive_batch_is_minimised_by_collapse():
     """The degenerate optimum the code must not allow, by hand: all labels equal, all z equal.

@@ -163,6 +163,28 @@ def test_plan_masks_come_from_the_same_draw(openkbp_like, tmp_path):
         le.plan(openkbp_like, tmp_path, scale, methods=["nope"])
 
 
+def test_the_agcl_row_is_the_papers_stage_3_on_the_shared_pretraining(openkbp_like, tmp_path):
+    from contourcl.training.pretrain.agcl import two_channel_path
+
+    scale = le.Scale("tiny", "resnet10", 8, 64, 2, 4, finetune_steps=4, finetune_epochs=2, finetune_batch=8,
+                     samples_per_volume=2, pool=None, sizes=(1,), draws=2)
+    for methods in (["random", "agcl", "agcl-unet"], ["random", "agcl"]):
+        p = le.plan(openkbp_like, tmp_path, scale, models=["oar"], methods=methods)
+        keys = {t.key: t for t in p.tasks}
+        assert [t.key for t in p.tasks].count("pretrain/agcl-unet/oar/n01-d1") == 1, "one pretraining for both rows"
+        pretraining = keys["pretrain/agcl-unet/oar/n01-d1"]
+        stage3 = keys["finetune/agcl/oar/n01-d1"]
+        assert stage3.fn is le.agcl_task
+        assert set(stage3.deps) == {"pretrain/agcl-unet/oar/n01-d1", "finetune/random/oar/n01-d1"}
+        assert stage3.spec["encoder_2ch"] == str(two_channel_path(pretraining.output))
+        assert stage3.spec["coarse_model"] == keys["finetune/random/oar/n01-d1"].spec["model_path"]
+        assert stage3.spec["train"] == keys["finetune/random/oar/n01-d1"].spec["train"]
+        heads = stage3.spec["finetune"]
+        assert (heads["lr"], heads["batch_size"], heads["weight_decay"]) == (1e-4, 4, 0.0), "the paper's Adam, 1e-4, batch 4"
+        assert heads["steps_per_epoch"] * heads["max_epochs"] == 4, "the table's steps"
+    assert keys["pretrain/agcl-unet/oar/n01-d1"].spec["config"]["method"] == "agcl"
+
+
 def test_rescore_marks_set_aside_references_not_contoured():
     """A stored run's figures under the reference check: the set-aside structures become not
     contoured (NaN), every other figure stays (its contour and reference did not change)."""

@@ -142,6 +142,11 @@ class Method:
     #: choose the voxel-Siamese lambda per draw on an inner split of its labeled cases (issue 32;
     #: :func:`contourcl.training.finetune.voxel_siamese.select_lambda`)
     select_lambda: bool = False
+    #: AGCL's stage 3 (:mod:`contourcl.training.finetune.agcl_segmenter`): the frozen two-channel
+    #: encoder, per-target ASPP heads on the draw's coarse masks, label fusion (:func:`agcl_task`)
+    stage3: bool = False
+    #: the row whose per-draw pretraining this one reads (one pretraining serves both rows)
+    shares_pretraining: str | None = None
 
 
 METHODS = {
@@ -155,6 +160,8 @@ METHODS = {
         # paper's stage 3 (frozen two-channel encoder, per-target ASPP heads, label fusion;
         # contourcl.training.finetune.agcl_segmenter), hence its own name (issue 32)
         Method("agcl-unet", "agcl", needs_masks=True),
+        # AGCL as the paper builds it: its stage 3 on the same pretraining
+        Method("agcl", "agcl", needs_masks=True, stage3=True, shares_pretraining="agcl-unet"),
         Method("polycl-o", "polycl-o", needs_masks=True),
         Method("polycl-s", "polycl-s"),
         Method("voxel-siamese", voxel_siamese=True),
@@ -166,7 +173,7 @@ METHODS = {
     )
 }
 #: the rows run unless --methods says otherwise (simsiam is SepaReg's first stage alone)
-DEFAULT_METHODS = ("random", "simclr", "separeg", "agcl-unet", "polycl-o", "polycl-s", "voxel-siamese")
+DEFAULT_METHODS = ("random", "simclr", "separeg", "agcl", "agcl-unet", "polycl-o", "polycl-s", "voxel-siamese")
 
 
 # ----------------------------------------------------------------------------------- the data
@@ -293,28 +300,62 @@ def finetune_task(spec: dict) -> dict:
         return {"result": spec["result"]}
     t0 = time.perf_counter()
     metrics, set_aside = _score(spec)
-    record = {
+    record = _record(spec, cfg, result.seconds, time.perf_counter() - t0, result.history, metrics, set_aside, model_path)
+    if selection is not None:
+        record["lambda_selection"] = selection
+    _write_json(Path(spec["result"]), record)
+    return {"result": spec["result"]}
+
+
+def _record(spec: dict, cfg, train_seconds: float, evaluate_seconds: float, history: list, metrics: dict, set_aside: dict,
+            scored_model: Path) -> dict:
+    """A run's result record (``scored_model``: the model file whose rules scored it)."""
+    return {
         "model": cfg.model,
         "method": spec["method"],
         "n_labeled": len(spec["train"]),
         "draw": spec["draw"],
         "train_cases": [c["id"] for c in spec["train"]],
         "init": cfg.init,
-        "model_path": str(model_path),
+        "model_path": str(spec["model_path"]),
         "tolerance_mm": spec["tolerance_mm"],
         "labels": model_labels(cfg.model),
-        "seconds": {"finetune": result.seconds, "evaluate": time.perf_counter() - t0},
-        "history": result.history,
+        "seconds": {"finetune": train_seconds, "evaluate": evaluate_seconds},
+        "history": history,
         "cases": metrics,
         "set_aside": set_aside,
         "scored_on": SCORED_ON,
         "pretrain_seed": spec.get("pretrain_seed", 0),
         "rule": TRAINING_RULE,
         "scored_path": SCORING_PATH,
-        "largest_component": read_meta(model_path).largest_component,
+        "largest_component": read_meta(scored_model).largest_component,
     }
-    if selection is not None:
-        record["lambda_selection"] = selection
+
+
+#: AGCL's stage-3 heads are trained as the paper trains them: "Adam optimizer with batch size of 4
+#: and learning rate of 10^-4" (appendix 6.2; AdamW without weight decay is Adam), for the table's steps
+AGCL_HEADS = {"lr": 1e-4, "batch_size": 4, "weight_decay": 0.0}
+
+
+def agcl_task(spec: dict) -> dict:
+    """AGCL's stage 3 on one draw (:mod:`contourcl.training.finetune.agcl_segmenter`): the heads
+    trained on the draw's cases over the frozen two-channel encoder of its AGCL pretraining, the
+    draw's random-init model giving the coarse masks; scored through the served path."""
+    from contourcl.training.finetune.agcl_segmenter import finetune_agcl, save_agcl, stage3_scores
+    from contourcl.training.finetune.engine import FinetuneConfig
+
+    cfg = FinetuneConfig(**spec["finetune"])
+    for path in (spec["encoder_2ch"], spec["coarse_model"]):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} is missing")
+    result = finetune_agcl(spec["train"], [], spec["encoder_2ch"], spec["coarse_model"], cfg, progress=False)
+    model_path = Path(spec["model_path"])
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    save_agcl(model_path, cfg.model, result, spec["encoder_2ch"], spec["coarse_model"])
+    t0 = time.perf_counter()
+    metrics, set_aside = stage3_scores(result.segmenter, spec["coarse_model"], spec["validation"], spec["tolerance_mm"])
+    record = _record(spec, cfg, result.seconds, time.perf_counter() - t0, result.history, metrics, set_aside, Path(spec["coarse_model"]))
+    record.update(stage=3, encoder_2ch=str(spec["encoder_2ch"]), coarse_model=str(spec["coarse_model"]), heads_optimiser=dict(AGCL_HEADS))
     _write_json(Path(spec["result"]), record)
     return {"result": spec["result"]}
 
@@ -539,7 +580,8 @@ def _add_finetune(p: Plan, model: str, name: str, method: Method, n: int, draw: 
     if method.pretrain and method.needs_masks:
         if "random" not in p.methods:
             raise ValueError(f"{name} takes its organ masks from the random-init model: keep 'random' in --methods")
-        ckpt = p.out / "pretrain" / f"{name}-{model}-n{n:02d}-d{draw}{st}.pt"
+        owner = method.shares_pretraining or name
+        ckpt = p.out / "pretrain" / f"{owner}-{model}-n{n:02d}-d{draw}{st}.pt"
         targets = list(model_labels(model)) if model == "oar" else ["GTV"]
         options = {"coarse_model": str(coarse), ("targets" if method.pretrain == "agcl" else "organs"): targets}
         pre_deps: tuple[str, ...] = (f"finetune/random/{tag}",)
@@ -552,10 +594,11 @@ def _add_finetune(p: Plan, model: str, name: str, method: Method, n: int, draw: 
             options["coarse_model"] = [str(oar_coarse), str(coarse)]
             options["negatives"] = list(model_labels("oar"))
             pre_deps = (f"finetune/random/oar/n{n:02d}-d{draw}", *pre_deps)
-        p.tasks.append(Task(f"pretrain/{name}/{tag}{st}", pretrain_task,
-                            {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, options, k)},
-                            ckpt, deps=pre_deps))
-        deps, init = (f"pretrain/{name}/{tag}{st}",), str(ckpt)
+        key = f"pretrain/{owner}/{tag}{st}"
+        if not any(t.key == key for t in p.tasks):  # a row sharing it may have planned it
+            p.tasks.append(Task(key, pretrain_task, {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, options, k)},
+                                ckpt, deps=pre_deps))
+        deps, init = (key,), str(ckpt)
     elif method.pretrain:
         ckpt = p.out / "pretrain" / f"{name}{st}.pt"
         deps, init = (f"pretrain/{name}{st}",), str(ckpt)
@@ -567,6 +610,14 @@ def _add_finetune(p: Plan, model: str, name: str, method: Method, n: int, draw: 
         "result": str(result), "tolerance_mm": p.tolerance_mm, "pretrain_seed": k,
         "select_lambda": method.select_lambda,
     }
+    if method.stage3:
+        from contourcl.training.pretrain.agcl import two_channel_path
+
+        spec.update(encoder_2ch=str(two_channel_path(ckpt)), coarse_model=str(coarse),
+                    model_path=str(p.out / "models" / f"{model}-{name}-n{n:02d}-d{draw}{st}.agcl.pt"))
+        spec["finetune"].update(AGCL_HEADS, init=spec["encoder_2ch"])  # the record names the encoder the heads sit on
+        p.tasks.append(Task(f"finetune/{name}/{tag}{st}", agcl_task, spec, result, (*deps, f"finetune/random/{tag}")))
+        return
     needed = (Path(spec["model_path"]),) if name == "random" and any(METHODS[m].needs_masks for m in p.methods) else ()
     p.tasks.append(Task(f"finetune/{name}/{tag}{st}", finetune_task, spec, result, deps, also=needed))
 

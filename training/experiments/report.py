@@ -291,8 +291,9 @@ def overlays(runs: list[dict], rows: list[dict], model: str, results: Path, vali
     n = max((r["n_labeled"] for r in runs if r["model"] == model), default=None)
     if n is None:
         return []
+    drawn = {r["method"] for r in runs if "stage" not in r}  # AGCL's stage 3 is no model file the app contours with
     means = {r["method"]: r["mean"] for r in rows
-             if r["model"] == model and r["n_labeled"] == n and r["structure"] == "mean" and r["metric"] == "dice"}
+             if r["model"] == model and r["n_labeled"] == n and r["structure"] == "mean" and r["metric"] == "dice" and r["method"] in drawn}
     best = max(means, key=lambda m: -np.inf if np.isnan(means[m]) else means[m])
     written = []
     for method in dict.fromkeys([best, "random"]):

@@ -26,9 +26,17 @@ Departures from the paper (issue 32), each with its reason:
 - Coarse masks in training: the reference dilated (see above), not a first-stage model's output:
   a model trained on the same cases would reproduce their references almost exactly, and the heads
   must learn to correct an imperfect mask.
-- Not in the label-efficiency tables: their ``agcl-unet`` row fine-tunes the whole U-Net from the
-  1-channel checkpoint (:mod:`contourcl.training.pretrain.agcl`). Evaluating this stage 3 per draw
-  (the draw's random-init model as the coarse model) is a later run.
+- Steps: the paper counts epochs; :func:`finetune_agcl` trains ``steps_per_epoch`` batches per
+  epoch when the config sets it (cases drawn with replacement), as the other rows of the
+  label-efficiency tables do, so that a row at one labeled patient is not ten steps long.
+
+Scoring: the fused map is what :class:`AGCLStage3` gives the served path
+(:func:`contourcl.inference.contour`: the body's box, neighbour averaging, probabilities
+interpolated onto the CT's grid), scored by :func:`contourcl.evaluation.evaluate_network` with the
+coarse model file's preprocessing and rules, as every other row and ``contourcl evaluate`` score
+(:func:`stage3_scores`). The label-efficiency tables' ``agcl`` row is this stage 3, each draw's
+random-init model its coarse model (:mod:`contourcl.training.experiments.label_efficiency`); their
+``agcl-unet`` row fine-tunes the whole U-Net from the 1-channel checkpoint instead.
 """
 
 from __future__ import annotations
@@ -48,13 +56,14 @@ from monai.networks.blocks import SimpleASPP
 from monai.transforms import Compose
 from scipy.ndimage import binary_dilation
 from torch import nn
+from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
 from contourcl.data.labels import model_labels
-from contourcl.inference import slice_probabilities
-from contourcl.models.checkpoint import load_model
+from contourcl.evaluation import DEFAULT_TOLERANCE_MM, evaluate_network, prepare_cases
+from contourcl.models.checkpoint import read_meta
 from contourcl.models.encoder_checkpoint import read_encoder
-from contourcl.models.networks import ResNetEncoder
+from contourcl.models.networks import ContourUNet, ResNetEncoder
 from contourcl.training.finetune.engine import FinetuneConfig, _item, augmentation, preprocessing
 
 logger = logging.getLogger(__name__)
@@ -168,10 +177,66 @@ class AGCLSegmenter(nn.Module):
         return fuse_labels(self.probabilities(image, coarse), threshold)
 
 
+class AGCLStage3(nn.Module):
+    """AGCL's stage 3 as one network of the served path: slices ``(B, 1, H, W)`` in, class scores
+    ``(B, T + 1, H, W)`` out, numbered as the coarse model's labels.
+
+    The coarse model (a 2D model file's network, e.g. the draw's random-init ``oar`` model) draws
+    each slice's coarse mask (its argmax), the segmenter's heads answer each target on it, and the
+    output is the log of ``[threshold, p_1, ..., p_T]`` (the threshold's float just below it): the softmax the served path takes of it
+    is those scores over their sum, whose argmax is :func:`fuse_labels`' rule (background where
+    every ``p_t`` is below ``threshold``, else the most probable target). ``config`` is the coarse
+    network's (one input slice, T + 1 outputs): what :func:`contourcl.inference.slice_probabilities` reads.
+    """
+
+    def __init__(self, segmenter: AGCLSegmenter, coarse: ContourUNet, threshold: float = 0.5):
+        super().__init__()
+        if int(coarse.config.in_channels) != 1:
+            raise ValueError(f"the coarse model takes {coarse.config.in_channels} slices; AGCL's stage 3 needs a one-slice model")
+        if int(coarse.config.out_channels) != len(segmenter.heads) + 1:
+            raise ValueError(f"the coarse model has {coarse.config.out_channels - 1} structures, the segmenter {len(segmenter.heads)} heads")
+        self.segmenter, self.coarse, self.threshold = segmenter, coarse, float(threshold)
+        self.config = coarse.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coarse = self.coarse(x).argmax(dim=1)
+        probs = self.segmenter.probabilities(x, coarse)
+        # background just under the threshold: a target at exactly the threshold is kept, as fuse_labels keeps it
+        floor = torch.nextafter(torch.tensor(self.threshold, dtype=probs.dtype), torch.tensor(0.0, dtype=probs.dtype))
+        scores = torch.cat([floor.expand_as(probs[:, :1]), probs], dim=1)
+        return torch.log(scores.clamp_min(1e-6))
+
+
+def stage3_scores(segmenter: AGCLSegmenter, coarse_model: str | Path, cases: Sequence, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+                  ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, str]]]:
+    """Each case's figures (:func:`contourcl.evaluation.evaluate_network`: the served path and the
+    one metric) of AGCL's stage 3 on ``coarse_model`` (a model file) over labeled ``cases``
+    (:func:`contourcl.data.datasets.labeled_cases` entries), and the reference structures the
+    check set aside (``{case: {structure: reason}}``)."""
+    from contourcl.inference import Contourer
+
+    contourer = Contourer(coarse_model)
+    _, coarse_net, meta = contourer.model()
+    network = AGCLStage3(segmenter.eval(), coarse_net.eval()).to(contourer.device)
+    prepared = prepare_cases(cases, meta)
+    metrics = evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device)
+    return metrics, {c.id: c.set_aside for c in prepared if c.set_aside}
+
+
+def structure_dice(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Mean Dice per structure over the cases that contour it (``nan``: not contoured)."""
+    values: dict[str, list[float]] = {}
+    for per in metrics.values():
+        for name, figures in per.items():
+            if not np.isnan(figures["dice"]):
+                values.setdefault(name, []).append(float(figures["dice"]))
+    return {n: float(np.mean(v)) for n, v in values.items()}
+
+
 @dataclass
 class AGCLFinetuneResult:
     segmenter: AGCLSegmenter
-    val_dice: dict[str, float]  # per structure, with the coarse masks of ``coarse_model``
+    val_dice: dict[str, float]  # per structure, with the coarse masks of ``coarse_model`` (:func:`stage3_scores`)
     history: list[dict]
     seconds: float
 
@@ -196,12 +261,16 @@ def finetune_agcl(
     t0 = time.perf_counter()
     names = list(model_labels(cfg.model))
     segmenter = AGCLSegmenter.from_checkpoint(encoder_2ch, n_targets=len(names)).train()
-    coarse_net, coarse_meta = load_model(coarse_model)
+    coarse_meta = read_meta(coarse_model)
     if coarse_meta.model != cfg.model:
         raise ValueError(f"coarse model {coarse_model} is a {coarse_meta.model} model, not {cfg.model}")
     cache = CacheDataset([_item(i) for i in train_items], Compose(preprocessing(cfg)), progress=False)
-    loader = DataLoader(Dataset(cache, Compose(augmentation(cfg))), batch_size=max(1, cfg.batch_size // cfg.samples_per_volume),
-                        shuffle=True, collate_fn=list_data_collate)
+    train_ds = Dataset(cache, Compose(augmentation(cfg)))
+    volumes_per_batch = max(1, cfg.batch_size // cfg.samples_per_volume)
+    sampler = None
+    if cfg.steps_per_epoch:  # a fixed number of steps whatever the number of cases, as the engine trains
+        sampler = RandomSampler(train_ds, replacement=True, num_samples=cfg.steps_per_epoch * volumes_per_batch)
+    loader = DataLoader(train_ds, batch_size=volumes_per_batch, shuffle=sampler is None, sampler=sampler, collate_fn=list_data_collate)
     dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, reduction="none")
     optimizer = torch.optim.AdamW([p for p in segmenter.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
@@ -220,7 +289,7 @@ def finetune_agcl(
         history.append({"epoch": epoch, "loss": float(np.mean(losses))})
         logger.info("AGCL epoch %d/%d  loss %.4f", epoch, cfg.max_epochs, history[-1]["loss"])
     segmenter.eval()
-    val = agcl_dice(segmenter, coarse_net, [_item(i) for i in val_items], cfg) if val_items else {}
+    val = structure_dice(stage3_scores(segmenter, coarse_model, val_items)[0]) if val_items else {}
     return AGCLFinetuneResult(segmenter, val, history, time.perf_counter() - t0)
 
 
@@ -229,21 +298,3 @@ def save_agcl(path: str | Path, model: str, result: AGCLFinetuneResult, encoder_
     torch.save({"format": "contourcl-agcl/1", "model": model, "state_dict": result.segmenter.state_dict(),
                 "encoder_2ch": str(encoder_2ch), "coarse_model": str(coarse_model), "val_dice": result.val_dice,
                 "history": result.history}, path)
-
-
-def agcl_dice(segmenter: AGCLSegmenter, coarse_net, items: list[dict], cfg: FinetuneConfig) -> dict[str, float]:
-    """Per-structure Dice of the fused map, coarse masks from ``coarse_net``; absent structures skipped."""
-    names = list(model_labels(cfg.model))
-    scores: dict[str, list[float]] = {n: [] for n in names}
-    for vol in CacheDataset(items, Compose(preprocessing(cfg)), progress=False):
-        image = vol["image"][None]  # (1, 1, H, W, D)
-        coarse = torch.argmax(slice_probabilities(coarse_net, image, cfg.roi), dim=1)[0]  # (H, W, D)
-        with torch.no_grad():
-            slices = [segmenter.predict(image[..., z], coarse[None, ..., z])[0] for z in range(image.shape[-1])]
-        pred = torch.stack(slices, dim=-1)
-        truth = vol["label"][0].long()
-        for t, name in enumerate(names, start=1):
-            if vol["present"][t] > 0:
-                p, y = pred == t, truth == t
-                scores[name].append(float(2 * (p & y).sum() / max(int(p.sum() + y.sum()), 1)))
-    return {n: float(np.mean(v)) for n, v in scores.items() if v}
