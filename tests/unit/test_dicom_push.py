@@ -57,8 +57,14 @@ class Receiver:
         return self
 
     def stop(self):
+        """Shut the server down, waiting at most 10 s: pynetdicom's shutdown once hung in this
+        suite (a refused association's thread); the socket is closed either way."""
         if self.server is not None:
-            self.server.shutdown()
+            stopping = threading.Thread(target=self.server.shutdown, daemon=True)
+            stopping.start()
+            stopping.join(10)
+            if stopping.is_alive():
+                self.server.server_close()
             self.server = None
 
 
