@@ -262,12 +262,12 @@ def test_stage3_served_as_one_network_gives_the_fusion_rule():
     probs = torch.tensor([[0.2, 0.4, 0.1], [0.6, 0.9, 0.1], [0.3, 0.2, 0.55], [0.5, 0.1, 0.1], [0.49, 0.49, 0.49]])
     fixed = probs[torch.arange(32) % 5].t().reshape(1, 3, 1, 32).expand(2, 3, 32, 32)  # (B, T, H, W): the five cases along W
 
-    def heads(image, mask):
+    def heads(image, mask, size):
         seen.append(mask)
         return fixed
 
-    segmenter.probabilities = heads
-    stage3 = AGCLStage3(segmenter, coarse)
+    segmenter.attended_probabilities = heads
+    stage3 = AGCLStage3(segmenter, coarse, 32)
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         out = torch.softmax(stage3(x), dim=1).argmax(dim=1)
@@ -277,7 +277,29 @@ def test_stage3_served_as_one_network_gives_the_fusion_rule():
     assert torch.equal(seen[0], expected_coarse)
     assert stage3.config.in_channels == 1 and stage3.config.out_channels == 4
     with pytest.raises(ValueError, match="structures"):
-        AGCLStage3(segmenter, build_network(NetConfig(out_channels=8, encoder="resnet10", width=8)))
+        AGCLStage3(segmenter, build_network(NetConfig(out_channels=8, encoder="resnet10", width=8)), 32)
+
+
+def test_each_head_answers_on_a_patch_centred_on_its_coarse_mask_only():
+    """The paper's attention: a target is answered on the patch centred on its coarse mask, and
+    nowhere on a slice whose coarse mask lacks it (trained heads mark foreground far from it)."""
+    torch.manual_seed(0)
+    segmenter = AGCLSegmenter(ResNetEncoder("resnet10", 8, 2), n_targets=3).eval()
+    image = torch.rand(2, 1, 96, 128)
+    coarse = torch.zeros(2, 96, 128, dtype=torch.long)
+    coarse[0, 40:50, 60:70] = 2  # target 2 on slice 0 only; its box's centre (45, 65)
+    coarse[1, 2:6, 2:6] = 3  # target 3 at slice 1's corner: its patch runs past the edge
+    out = segmenter.attended_probabilities(image, coarse, 32)
+    assert not out[:, 0].any(), "target 1 has no coarse mask: nothing"
+    assert not out[1, 1].any() and not out[0, 2].any(), "no target where its slice's coarse mask lacks it"
+    x = torch.cat([image[:1], (coarse[:1] == 2).float()[:, None]], dim=1)[..., 29:61, 49:81]
+    with torch.no_grad():
+        expected = torch.softmax(segmenter.heads[1](segmenter.encoder(x), (32, 32)), dim=1)[0, 1]
+    assert torch.allclose(out[0, 1, 29:61, 49:81], expected, atol=1e-6)
+    outside = torch.ones(96, 128, dtype=torch.bool)
+    outside[29:61, 49:81] = False
+    assert not out[0, 1][outside].any(), "nothing outside the patch"
+    assert out[1, 2, :20, :20].gt(0).all() and not out[1, 2, 20:].any() and not out[1, 2, :, 20:].any(), "the corner patch, clipped"
 
 
 # ------------------------------------------------------------------------------- single structure (issue 9)

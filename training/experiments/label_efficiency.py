@@ -341,21 +341,26 @@ def agcl_task(spec: dict) -> dict:
     """AGCL's stage 3 on one draw (:mod:`contourcl.training.finetune.agcl_segmenter`): the heads
     trained on the draw's cases over the frozen two-channel encoder of its AGCL pretraining, the
     draw's random-init model giving the coarse masks; scored through the served path."""
-    from contourcl.training.finetune.agcl_segmenter import finetune_agcl, save_agcl, stage3_scores
+    from contourcl.training.finetune.agcl_segmenter import finetune_agcl, load_agcl, save_agcl, stage3_scores
     from contourcl.training.finetune.engine import FinetuneConfig
 
     cfg = FinetuneConfig(**spec["finetune"])
     for path in (spec["encoder_2ch"], spec["coarse_model"]):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} is missing")
-    result = finetune_agcl(spec["train"], [], spec["encoder_2ch"], spec["coarse_model"], cfg, progress=False)
     model_path = Path(spec["model_path"])
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    save_agcl(model_path, cfg.model, result, spec["encoder_2ch"], spec["coarse_model"])
+    saved = load_agcl(model_path) if model_path.is_file() else None
+    if saved is not None and (saved[1]["encoder_2ch"], saved[1]["coarse_model"]) == (str(spec["encoder_2ch"]), str(spec["coarse_model"])):
+        result = saved[0]  # trained by an earlier call of this task (its record removed to score it again)
+    else:
+        result = finetune_agcl(spec["train"], [], spec["encoder_2ch"], spec["coarse_model"], cfg, progress=False)
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        save_agcl(model_path, cfg.model, result, spec["encoder_2ch"], spec["coarse_model"])
     t0 = time.perf_counter()
-    metrics, set_aside = stage3_scores(result.segmenter, spec["coarse_model"], spec["validation"], spec["tolerance_mm"])
+    metrics, set_aside = stage3_scores(result.segmenter, spec["coarse_model"], spec["validation"], cfg.roi[0], spec["tolerance_mm"])
     record = _record(spec, cfg, result.seconds, time.perf_counter() - t0, result.history, metrics, set_aside, Path(spec["coarse_model"]))
-    record.update(stage=3, encoder_2ch=str(spec["encoder_2ch"]), coarse_model=str(spec["coarse_model"]), heads_optimiser=dict(AGCL_HEADS))
+    record.update(stage=3, encoder_2ch=str(spec["encoder_2ch"]), coarse_model=str(spec["coarse_model"]), heads_optimiser=dict(AGCL_HEADS),
+                  patch=cfg.roi[0])
     _write_json(Path(spec["result"]), record)
     return {"result": spec["result"]}
 

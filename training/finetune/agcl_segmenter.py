@@ -172,6 +172,37 @@ class AGCLSegmenter(nn.Module):
         """Per-target foreground probabilities ``(B, T, H, W)``."""
         return torch.softmax(self(image, coarse), dim=2)[:, :, 1]
 
+    def attended_probabilities(self, image: torch.Tensor, coarse: torch.Tensor, size: int) -> torch.Tensor:
+        """Per-target foreground probabilities ``(B, T, H, W)`` where the paper answers them: each
+        target on a ``size`` x ``size`` patch centred on its coarse mask's bounding box in the slice
+        (zero-padded past the slice's edge; the box rounded up to a multiple of 32 where it is
+        larger), 0 elsewhere and on slices whose coarse mask lacks the target. The heads never see
+        a slice without their target's mask in training (its channel is the attention); answered
+        on whole slices they mark foreground far from it."""
+        b, _, h, w = image.shape
+        out = image.new_zeros(b, len(self.heads), h, w)
+        for t, head in enumerate(self.heads):
+            for i in range(b):
+                target = coarse[i] == t + 1
+                if not bool(target.any()):
+                    continue
+                rows, cols = torch.nonzero(target.any(dim=1)).flatten(), torch.nonzero(target.any(dim=0)).flatten()
+                box = []
+                for lo, hi in ((int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))):
+                    side = max(int(size), -(-(hi - lo + 1) // 32) * 32)
+                    start = (lo + hi + 1) // 2 - side // 2
+                    box.append((start, side))
+                (r0, rs), (c0, cs) = box
+                pad = (max(0, -c0), max(0, c0 + cs - w), max(0, -r0), max(0, r0 + rs - h))
+                x = torch.cat([image[i : i + 1], target[None, None].to(image.dtype)], dim=1)
+                x = F.pad(x, pad)[..., r0 + pad[2] : r0 + pad[2] + rs, c0 + pad[0] : c0 + pad[0] + cs]
+                with torch.no_grad():
+                    p = torch.softmax(head(self.encoder(x), (rs, cs)), dim=1)[0, 1]
+                top, left = max(0, r0), max(0, c0)
+                bottom, right = min(h, r0 + rs), min(w, c0 + cs)
+                out[i, t, top:bottom, left:right] = p[top - r0 : bottom - r0, left - c0 : right - c0]
+        return out
+
     def predict(self, image: torch.Tensor, coarse: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
         """One multi-structure map ``(B, H, W)`` numbered 1..T (0 background)."""
         return fuse_labels(self.probabilities(image, coarse), threshold)
@@ -182,33 +213,34 @@ class AGCLStage3(nn.Module):
     ``(B, T + 1, H, W)`` out, numbered as the coarse model's labels.
 
     The coarse model (a 2D model file's network, e.g. the draw's random-init ``oar`` model) draws
-    each slice's coarse mask (its argmax), the segmenter's heads answer each target on it, and the
+    each slice's coarse mask (its argmax), the segmenter's heads answer each target on a ``patch``-pixel
+    patch centred on it (:meth:`AGCLSegmenter.attended_probabilities`; the training crops' size), and the
     output is the log of ``[threshold, p_1, ..., p_T]`` (the threshold's float just below it): the softmax the served path takes of it
     is those scores over their sum, whose argmax is :func:`fuse_labels`' rule (background where
     every ``p_t`` is below ``threshold``, else the most probable target). ``config`` is the coarse
     network's (one input slice, T + 1 outputs): what :func:`contourcl.inference.slice_probabilities` reads.
     """
 
-    def __init__(self, segmenter: AGCLSegmenter, coarse: ContourUNet, threshold: float = 0.5):
+    def __init__(self, segmenter: AGCLSegmenter, coarse: ContourUNet, patch: int, threshold: float = 0.5):
         super().__init__()
         if int(coarse.config.in_channels) != 1:
             raise ValueError(f"the coarse model takes {coarse.config.in_channels} slices; AGCL's stage 3 needs a one-slice model")
         if int(coarse.config.out_channels) != len(segmenter.heads) + 1:
             raise ValueError(f"the coarse model has {coarse.config.out_channels - 1} structures, the segmenter {len(segmenter.heads)} heads")
-        self.segmenter, self.coarse, self.threshold = segmenter, coarse, float(threshold)
+        self.segmenter, self.coarse, self.patch, self.threshold = segmenter, coarse, int(patch), float(threshold)
         self.config = coarse.config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         coarse = self.coarse(x).argmax(dim=1)
-        probs = self.segmenter.probabilities(x, coarse)
+        probs = self.segmenter.attended_probabilities(x, coarse, self.patch)
         # background just under the threshold: a target at exactly the threshold is kept, as fuse_labels keeps it
         floor = torch.nextafter(torch.tensor(self.threshold, dtype=probs.dtype), torch.tensor(0.0, dtype=probs.dtype))
         scores = torch.cat([floor.expand_as(probs[:, :1]), probs], dim=1)
         return torch.log(scores.clamp_min(1e-6))
 
 
-def stage3_scores(segmenter: AGCLSegmenter, coarse_model: str | Path, cases: Sequence, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-                  ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, str]]]:
+def stage3_scores(segmenter: AGCLSegmenter, coarse_model: str | Path, cases: Sequence, patch: int,
+                  tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, str]]]:
     """Each case's figures (:func:`contourcl.evaluation.evaluate_network`: the served path and the
     one metric) of AGCL's stage 3 on ``coarse_model`` (a model file) over labeled ``cases``
     (:func:`contourcl.data.datasets.labeled_cases` entries), and the reference structures the
@@ -217,7 +249,7 @@ def stage3_scores(segmenter: AGCLSegmenter, coarse_model: str | Path, cases: Seq
 
     contourer = Contourer(coarse_model)
     _, coarse_net, meta = contourer.model()
-    network = AGCLStage3(segmenter.eval(), coarse_net.eval()).to(contourer.device)
+    network = AGCLStage3(segmenter.eval(), coarse_net.eval(), patch).to(contourer.device)
     prepared = prepare_cases(cases, meta)
     metrics = evaluate_network(network, meta, prepared, contourer.keeps_largest_component(meta), tolerance_mm, device=contourer.device)
     return metrics, {c.id: c.set_aside for c in prepared if c.set_aside}
@@ -289,7 +321,7 @@ def finetune_agcl(
         history.append({"epoch": epoch, "loss": float(np.mean(losses))})
         logger.info("AGCL epoch %d/%d  loss %.4f", epoch, cfg.max_epochs, history[-1]["loss"])
     segmenter.eval()
-    val = structure_dice(stage3_scores(segmenter, coarse_model, val_items)[0]) if val_items else {}
+    val = structure_dice(stage3_scores(segmenter, coarse_model, val_items, cfg.roi[0])[0]) if val_items else {}
     return AGCLFinetuneResult(segmenter, val, history, time.perf_counter() - t0)
 
 
@@ -297,4 +329,16 @@ def save_agcl(path: str | Path, model: str, result: AGCLFinetuneResult, encoder_
     """Write the trained segmenter (format ``contourcl-agcl/1``; the app does not serve it)."""
     torch.save({"format": "contourcl-agcl/1", "model": model, "state_dict": result.segmenter.state_dict(),
                 "encoder_2ch": str(encoder_2ch), "coarse_model": str(coarse_model), "val_dice": result.val_dice,
-                "history": result.history}, path)
+                "history": result.history, "seconds": result.seconds}, path)
+
+
+def load_agcl(path: str | Path) -> tuple[AGCLFinetuneResult, dict]:
+    """A segmenter :func:`save_agcl` wrote (on the two-channel encoder it names), as the result it
+    saved, and the file's other fields."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("format") != "contourcl-agcl/1":
+        raise ValueError(f"{path} is not an AGCL stage-3 file (format {saved.get('format')!r})")
+    segmenter = AGCLSegmenter.from_checkpoint(saved["encoder_2ch"], n_targets=len(model_labels(saved["model"])))
+    segmenter.load_state_dict(saved["state_dict"])
+    result = AGCLFinetuneResult(segmenter.eval(), dict(saved["val_dice"]), list(saved["history"]), float(saved.get("seconds") or float("nan")))
+    return result, {k: v for k, v in saved.items() if k != "state_dict"}
