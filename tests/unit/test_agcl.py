@@ -222,7 +222,7 @@ def test_agcl_heads_fine_tune_and_fuse_on_phantoms(phantoms, tmp_path):
     from contourcl.models.checkpoint import ModelMeta, save_model
     from contourcl.models.encoder_checkpoint import save_encoder
     from contourcl.models.networks import NetConfig, build_network
-    from contourcl.training.finetune.agcl_segmenter import dilated_coarse, finetune_agcl
+    from contourcl.training.finetune.agcl_segmenter import finetune_agcl, perturbed_coarse
     from contourcl.training.finetune.engine import FinetuneConfig
 
     enc = ResNetEncoder("resnet10", 8, 2)
@@ -244,9 +244,21 @@ def test_agcl_heads_fine_tune_and_fuse_on_phantoms(phantoms, tmp_path):
                  if any((read_nifti(c["label"])[0] == value).any() for c in cases[2:])}
     assert contoured and set(result.val_dice) == contoured, f"validation figures {result.val_dice} for {sorted(contoured)}"
     assert all(0 <= d <= 1 for d in result.val_dice.values())
-    lab = torch.zeros(1, 1, 9, 9)
-    lab[0, 0, 4, 4] = 2
-    assert int((dilated_coarse(lab, 1) == 2).sum()) == 5  # a cross: dilation by one voxel
+    # the coarse masks it trains on are the references made imperfect: grown, shrunk and shifted by
+    # up to 2 voxels (always grown by 2, the heads learned to shrink every mask by 2)
+    lab = torch.zeros(1, 1, 40, 40)
+    lab[0, 0, 10:30, 12:28] = 2
+    lab[0, 0, 2:5, 2:5] = 5  # a small one: drawn last, never emptied
+    sizes, moved = set(), 0
+    for seed in range(20):
+        coarse = perturbed_coarse(lab, np.random.default_rng(seed))
+        big = coarse[0] == 2
+        sizes.add(int(big.sum()))
+        rows = torch.nonzero(big.any(dim=1)).flatten()
+        moved += (int(rows[0]) + int(rows[-1])) // 2 != 19  # the reference's rows 10-29: centre 19
+        assert (coarse[0] == 5).any()
+    assert min(sizes) < 320 < max(sizes), f"grown and shrunk: {sorted(sizes)}"
+    assert moved > 0
 
 
 def test_stage3_served_as_one_network_gives_the_fusion_rule():
