@@ -39,7 +39,7 @@ Scoring: the fused map is what :class:`AGCLStage3` gives the served path
 (:func:`contourcl.inference.contour`: the body's box, neighbour averaging, probabilities
 interpolated onto the CT's grid), scored by :func:`contourcl.evaluation.evaluate_network` with the
 coarse model file's preprocessing and rules, as every other row and ``contourcl evaluate`` score
-(:func:`stage3_scores`). The label-efficiency tables' ``agcl`` row is this stage 3, each draw's
+(:func:`stage3_scores`, patient-wise means). The label-efficiency tables' ``agcl`` row is this stage 3, each draw's
 random-init model its coarse model (:mod:`contourcl.training.experiments.label_efficiency`); their
 ``agcl-unet`` row fine-tunes the whole U-Net from the 1-channel checkpoint instead.
 """
@@ -65,7 +65,7 @@ from torch.utils.data import RandomSampler
 from tqdm.auto import tqdm
 
 from contourcl.data.labels import model_labels
-from contourcl.evaluation import DEFAULT_TOLERANCE_MM, evaluate_network, prepare_cases
+from contourcl.evaluation import DEFAULT_TOLERANCE_MM, evaluate_network, prepare_cases, summarise
 from contourcl.models.checkpoint import read_meta
 from contourcl.models.encoder_checkpoint import read_encoder
 from contourcl.models.networks import ContourUNet, ResNetEncoder
@@ -260,20 +260,10 @@ def stage3_scores(segmenter: AGCLSegmenter, coarse_model: str | Path, cases: Seq
     return metrics, {c.id: c.set_aside for c in prepared if c.set_aside}
 
 
-def structure_dice(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
-    """Mean Dice per structure over the cases that contour it (``nan``: not contoured)."""
-    values: dict[str, list[float]] = {}
-    for per in metrics.values():
-        for name, figures in per.items():
-            if not np.isnan(figures["dice"]):
-                values.setdefault(name, []).append(float(figures["dice"]))
-    return {n: float(np.mean(v)) for n, v in values.items()}
-
-
 @dataclass
 class AGCLFinetuneResult:
     segmenter: AGCLSegmenter
-    val_dice: dict[str, float]  # per structure, with the coarse masks of ``coarse_model`` (:func:`stage3_scores`)
+    val_dice: dict[str, float]  # per structure, with the coarse masks of ``coarse_model`` (:func:`stage3_scores`, patient-wise means)
     history: list[dict]
     seconds: float
 
@@ -337,7 +327,10 @@ def finetune_agcl(
         history.append({"epoch": epoch, "loss": float(np.mean(losses))})
         logger.info("AGCL epoch %d/%d  loss %.4f", epoch, cfg.max_epochs, history[-1]["loss"])
     segmenter.eval()
-    val = structure_dice(stage3_scores(segmenter, coarse_model, val_items, cfg.roi[0])[0]) if val_items else {}
+    val = {}
+    if val_items:  # each structure's patient-wise mean Dice, over the cases that contour it
+        summary = summarise([stage3_scores(segmenter, coarse_model, val_items, cfg.roi[0])[0]], names)
+        val = {n: summary[(n, "dice")]["mean"] for n in names if summary[(n, "dice")]["patients"]}
     return AGCLFinetuneResult(segmenter, val, history, time.perf_counter() - t0)
 
 

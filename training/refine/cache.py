@@ -23,15 +23,14 @@ from contourcl.data.datasets import read_scored_reference
 from contourcl.data.labels import model_labels
 from contourcl.data.volumes import read_nifti
 from contourcl.inference import Contourer
-from contourcl.refine.refiner import Orientation, network_size, resample_slices, windowed
+from contourcl.refine.refiner import Orientation, as_slices, network_size, resample_slices, windowed
 
 MODELS = ("oar", "gtv")
 
 
 def to_grid(volume: np.ndarray, net_size: tuple[int, int]) -> torch.Tensor:
     """A RAS-ordered ``(H, W, D)`` volume resampled in-plane to ``net_size``: ``(D, h, w)`` float32."""
-    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0), dtype=np.float32))[:, None]
-    return resample_slices(t, net_size)[:, 0]
+    return resample_slices(as_slices(volume), net_size)[:, 0]
 
 
 def labels_to_grid(label: np.ndarray, values: list[int], net_size: tuple[int, int]) -> np.ndarray:

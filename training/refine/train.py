@@ -172,7 +172,7 @@ def episode_inputs(ep: dict, mask: np.ndarray, pos: list, neg: list, zs: np.ndar
     if context:
         below, above = neighbours(zs, shape[2])
         extra = [ep["image"][:, :, below], ep["image"][:, :, above], mask[:, :, below].astype(np.float32), mask[:, :, above].astype(np.float32)]
-    stack = np.stack([ep["image"][:, :, zs], mask[:, :, zs].astype(np.float32), *maps, *extra]).astype(np.float32)  # (C, h, w, n)
+    stack = np.stack([ep["image"][:, :, zs], mask[:, :, zs].astype(np.float32), *maps, *extra])  # (C, h, w, n), float32
     return torch.from_numpy(np.ascontiguousarray(stack.transpose(3, 0, 1, 2)))
 
 
