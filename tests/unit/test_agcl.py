@@ -148,7 +148,7 @@ def test_segmenter_keeps_the_encoder_frozen():
     opt = torch.optim.Adam([p for p in seg.parameters() if p.requires_grad], lr=1e-2)
     opt.step()
     assert all(torch.equal(v, enc.state_dict()[k]) for k, v in frozen.items())
-    pred = seg.predict(image, coarse)
+    pred = fuse_labels(seg.eval().attended_probabilities(image, coarse, 32), 0.5)
     assert pred.shape == (2, 64, 64) and int(pred.min()) >= 0 and int(pred.max()) <= 3
     plain = AGCLSegmenter(enc, n_targets=1, channels=8, low_level=False)
     assert plain(image, coarse).shape == (2, 1, 2, 64, 64)

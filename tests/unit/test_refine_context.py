@@ -124,3 +124,17 @@ def test_a_network_widened_to_take_context_answers_as_before(tmp_path):
     after = Refiner(wider.eval(), meta)(ct, FEET_FIRST, mask, *clicks)
     assert (before != mask).any(), "the network changes the mask: the comparison means something"
     assert np.array_equal(before, after)
+
+
+def test_a_file_that_is_no_refinement_network_is_refused_by_name(tmp_path):
+    segmentation = tiny_model_file(tmp_path / "oar.pt", model="oar")  # 1 input, 8 outputs
+    with pytest.raises(ValueError, match=r"oar\.pt is not a refinement model file: .*input channels, not 1"):
+        Refiner.from_file(segmentation)
+    network, base = from_shipped(str(segmentation))
+    from contourcl.models.checkpoint import save_model
+
+    save_model(tmp_path / "ok.pt", network, refine_meta(network, base, edit_radius_mm=None))
+    assert not Refiner.from_file(tmp_path / "ok.pt").context
+    wider = with_context(network)
+    save_model(tmp_path / "wide.pt", wider, refine_meta(wider, base, edit_radius_mm=None))
+    assert Refiner.from_file(tmp_path / "wide.pt").context

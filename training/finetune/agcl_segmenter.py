@@ -139,7 +139,9 @@ class AGCLSegmenter(nn.Module):
 
     ``forward(image, coarse)``: ``image`` ``(B, 1, H, W)``, ``coarse`` ``(B, H, W)`` the coarse
     segmentation numbered 1..T (the ``oar`` model's numbering); returns per-target logits
-    ``(B, T, 2, H, W)``; :meth:`predict` fuses them (:func:`fuse_labels`). Training
+    ``(B, T, 2, H, W)`` (training). At use each target is answered only on the patch centred on
+    its coarse mask (:meth:`attended_probabilities`) and the answers are fused (:func:`fuse_labels`,
+    :class:`AGCLStage3`). Training
     (:func:`finetune_agcl`) scores each binary output with soft Dice (the paper's Eq. 1).
     """
 
@@ -173,10 +175,6 @@ class AGCLSegmenter(nn.Module):
             outs.append(head(feats, size))
         return torch.stack(outs, dim=1)
 
-    def probabilities(self, image: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        """Per-target foreground probabilities ``(B, T, H, W)``."""
-        return torch.softmax(self(image, coarse), dim=2)[:, :, 1]
-
     def attended_probabilities(self, image: torch.Tensor, coarse: torch.Tensor, size: int) -> torch.Tensor:
         """Per-target foreground probabilities ``(B, T, H, W)`` where the paper answers them: each
         target on a ``size`` x ``size`` patch centred on its coarse mask's bounding box in the slice
@@ -207,10 +205,6 @@ class AGCLSegmenter(nn.Module):
                 bottom, right = min(h, r0 + rs), min(w, c0 + cs)
                 out[i, t, top:bottom, left:right] = p[top - r0 : bottom - r0, left - c0 : right - c0]
         return out
-
-    def predict(self, image: torch.Tensor, coarse: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-        """One multi-structure map ``(B, H, W)`` numbered 1..T (0 background)."""
-        return fuse_labels(self.probabilities(image, coarse), threshold)
 
 
 class AGCLStage3(nn.Module):

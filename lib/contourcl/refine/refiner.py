@@ -195,8 +195,12 @@ class Refiner:
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Refiner:
         network, meta = load_model(path, device)
-        if int(network.config.in_channels) not in (4, 8) or int(network.config.out_channels) != 1:
-            raise ValueError(f"{Path(path).name} is not a refinement model file (4 or 8 inputs, 1 output)")
+        try:
+            has_context(network)  # the inputs: 4, or 8 with slice context
+        except ValueError as e:
+            raise ValueError(f"{Path(path).name} is not a refinement model file: {e}") from None
+        if int(network.config.out_channels) != 1:
+            raise ValueError(f"{Path(path).name} is not a refinement model file: {network.config.out_channels} outputs, not 1")
         return cls(network, meta, device)
 
     def __call__(self, ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray,
