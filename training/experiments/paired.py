@@ -232,12 +232,12 @@ def compare_all(runs: Sequence[Mapping], model: str, methods: Sequence[str], siz
     return correct(found)
 
 
-def compare_evaluations(a: Mapping, b: Mapping, metric: str = "dice", reps: int = 10000, seed: int = 0) -> list[dict]:
+def compare_evaluations(a: Mapping, b: Mapping, metric: str = "dice", reps: int = 10000, seed: int = 0, level: float = 0.95) -> list[dict]:
     """Two model files scored on the same cases (``contourcl evaluate --json``), paired by patient.
 
     One row for the mean over structures (``"mean"``, each patient's :func:`patient_scores`) and one
-    per structure, over the patients both score: ``a`` minus ``b``, its 95 % bootstrap interval over
-    patients (one draw: :func:`bootstrap_ci`), the Wilcoxon signed-rank p and the number of patients.
+    per structure, over the patients both score: ``a`` minus ``b``, its bootstrap interval at
+    ``level`` over patients (one draw: :func:`bootstrap_ci`), the Wilcoxon signed-rank p and the number of patients.
     This is how two recipes are compared on an inner validation split.
     """
     structures = list(dict.fromkeys(s for run in (a, b) for case in run["cases"].values() for s in case))  # first-seen order
@@ -251,7 +251,7 @@ def compare_evaluations(a: Mapping, b: Mapping, metric: str = "dice", reps: int 
         delta = difference_matrix([only(a)], [only(b)], metric)
         if delta.size == 0:
             continue
-        low, high = bootstrap_ci(delta, reps, seed=seed)
+        low, high = bootstrap_ci(delta, reps, level=level, seed=seed)
         rows.append({"scope": scope, "difference": float(delta.mean()), "ci_low": low, "ci_high": high,
                      "p_wilcoxon": wilcoxon_p(delta[0]), "patients": int(delta.shape[1])})
     return rows

@@ -3,7 +3,9 @@
 files' ``contourcl evaluate --json`` figures on the same cases, paired by patient
 (:func:`contourcl.training.experiments.paired.compare_evaluations`); ``contourcl benchmark clinic``: a
 department's learning curve replayed through the real server (:mod:`contourcl.serving.clinic`);
-``contourcl benchmark clicks``: Dice after simulated clicks (:mod:`contourcl.training.refine.benchmark`)."""
+``contourcl benchmark clicks``: Dice after simulated clicks (:mod:`contourcl.training.refine.benchmark`);
+``contourcl benchmark pretrained-init``: the shipped recipe from pretraining checkpoints against random
+init (:mod:`contourcl.training.experiments.pretrained_init`)."""
 
 from __future__ import annotations
 
@@ -72,6 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--last", type=int, default=10, help="patients compared at the end (default %(default)s)")
     c.add_argument("--work", help="where the servers' copies of the app and studies go (default: a temporary folder, removed)")
     c.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from the finished arms")
+    i = sub.add_parser("pretrained-init", help="the shipped recipe's first stage from random init and from pretraining checkpoints, "
+                                              "paired by patient on its inner validation split (issue 32)")
+    i.add_argument("--data", help="the OpenKBP folder (its train-pats/ is used; default: $CONTOURCL_OPENKBP)")
+    i.add_argument("--encoder", action="append", default=[], metavar="NAME=CKPT",
+                   help="a pretraining checkpoint (contourcl pretrain --out) and the arm's name; repeatable")
+    i.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    i.add_argument("--out", default="results/pretrained-init", help="results folder (finished arms are kept and not run again)")
+    i.add_argument("--jobs", type=int, default=1, help="arms trained at a time (default %(default)s)")
+    i.add_argument("--threads", type=int, default=2, help="torch threads per arm (default %(default)s)")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe option changed (e.g. epochs=1: a quick check)")
+    i.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished arms")
     k = sub.add_parser("clicks", help="Dice, surface Dice and HD95 after 0-10 simulated clicks per structure: the refinement "
                                       "network against the automatic contour and the plain edit")
     k.add_argument("--help-options", action="store_true", help="the benchmark's own options")
@@ -118,6 +131,33 @@ def paired(args: argparse.Namespace) -> int:
     print("| structure | A - B | 95 % CI | Wilcoxon p | patients |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scope']} | {r['difference']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_wilcoxon']:.2g} | {r['patients']} |")
+    return 0
+
+
+def pretrained_init(args: argparse.Namespace) -> int:
+    import sys
+
+    import yaml
+
+    from contourcl.training.experiments.pretrained_init import run_benchmark as run_arms
+
+    def pairs(items: list[str], what: str) -> dict[str, str]:
+        out = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise SystemExit(f"{what} {item!r}: write NAME=VALUE")
+            out[key.strip()] = value.strip()
+        return out
+
+    encoders = pairs(args.encoder, "--encoder")
+    for name, path in encoders.items():
+        if not Path(path).is_file():
+            raise SystemExit(f"--encoder {name}={path}: no such checkpoint")
+    overrides = {k.replace("-", "_"): yaml.safe_load(v) for k, v in pairs(args.set, "--set").items()}
+    command = "contourcl " + " ".join(sys.argv[1:])
+    path = run_arms(openkbp_root(args.data), Path(args.out), encoders, args.models, args.jobs, args.threads, overrides, command, args.report_only)
+    print(path.read_text())
     return 0
 
 
@@ -170,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
         from contourcl.training.refine.benchmark import main
 
         return main(["--help"] if args.help_options else clicks_options(args.options))
+    if args.benchmark == "pretrained-init":
+        return pretrained_init(args)
     scale = scale_from_args(args)
     models = args.models or list(scale.models or MODELS)
     methods = args.methods or list(scale.methods or DEFAULT_METHODS)
