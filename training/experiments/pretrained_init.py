@@ -139,14 +139,13 @@ def report(out: Path, runs: Mapping[str, Mapping[str, dict]], command: str) -> P
         "pretraining checkpoint, scored on the inner validation patients through the served path. "
         f"A checkpoint is **not worse** when the lower end of the paired interval of the mean Dice is at or above {NOT_WORSE}; "
         "the intervals are percentile bootstraps over patients at the level corrected for the pairs made (Bonferroni).", "",
-        "| model | arm | encoder | mean Dice (± s.e. over patients) | patients | stage-1 wall time |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | arm | encoder | mean Dice (± s.e. over patients) | patients |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for model, arms in runs.items():
         for arm, run in arms.items():
             s = summarise([run["cases"]], sorted({k for c in run["cases"].values() for k in c}))[("mean", "dice")]
-            lines.append(f"| {model} | {arm} | {run.get('init') or 'random init'} | {s['mean']:.3f} ± {s['se']:.3f} | {s['patients']} | "
-                         f"{run.get('seconds_this_call', 0) / 60:.0f} min |")
+            lines.append(f"| {model} | {arm} | {run.get('init') or 'random init'} | {s['mean']:.3f} ± {s['se']:.3f} | {s['patients']} |")
     lines += ["", "| model | arm - random | structure | difference | interval | level | Wilcoxon p | patients | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
