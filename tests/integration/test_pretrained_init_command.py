@@ -9,7 +9,7 @@ import json
 from contourcl.models.checkpoint import encoder_provenance, read_meta
 from contourcl.testing import run_contourcl, write_openkbp_like
 
-QUICK = ["--set", "encoder=resnet10", "--set", "width=8", "--set", "epochs=1", "--set", "steps-per-epoch=2", "--set", "val-interval=1",
+QUICK = ["--set", "spacing=4", "--set", "encoder=resnet10", "--set", "width=8", "--set", "epochs=1", "--set", "steps-per-epoch=2", "--set", "val-interval=1",
          "--set", "roi=64", "--set", "batch-size=4", "--set", "samples-per-volume=2", "--set", "warmup-steps=0"]
 
 
@@ -44,6 +44,11 @@ def test_both_arms_train_score_and_pair_on_the_inner_split(tmp_path):
     again = run_contourcl(*argv, cwd=tmp_path, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert stamps == {arm: (out / "runs" / f"oar-{arm}.json").stat().st_mtime_ns for arm in runs}
+    # the recipe's 3 mm against a checkpoint pretrained at 4 mm: refused before any training
+    other = run_contourcl("benchmark", "pretrained-init", "--data", data, "--encoder", f"simclr={ckpt}", "--models", "oar",
+                          "--out", tmp_path / "other", cwd=tmp_path, timeout=60)
+    assert other.returncode != 0 and "pretrained on other images than the oar recipe trains on: in-plane spacing [4.0, 4.0] mm (here [3.0, 3.0])" in other.stderr
+    assert not (tmp_path / "other" / "models").exists()
     missing = run_contourcl("benchmark", "pretrained-init", "--data", data, "--encoder", f"x={tmp_path / 'none.pt'}", "--out", out,
                             cwd=tmp_path, timeout=60)
     assert missing.returncode != 0 and "no such checkpoint" in missing.stderr

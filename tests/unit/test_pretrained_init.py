@@ -54,3 +54,13 @@ def test_the_intervals_are_corrected_for_every_pair_made():
     assert first["level"] == pytest.approx(0.95) and same["level"] == pytest.approx(1 - 0.05 / 4)
     assert same["ci_low"] < first["ci_low"] and same["ci_high"] > first["ci_high"]  # wider: corrected for 4 pairs
     assert {(r["model"], r["arm"]) for r in four} == {("oar", "separeg"), ("oar", "simclr"), ("gtv", "separeg"), ("gtv", "simclr")}
+
+
+def test_a_checkpoint_pretrained_on_other_images_is_named():
+    from contourcl.models.encoder_checkpoint import input_mismatch
+
+    meta = {"spacing": [4.0, 4.0], "window": [-500.0, 800.0]}
+    assert input_mismatch(meta, (4.0, 4.0), (-500, 800)) is None
+    assert input_mismatch(meta, (3.0, 3.0), (-500, 800)) == "in-plane spacing [4.0, 4.0] mm (here [3.0, 3.0])"
+    assert "window [-500.0, 800.0] HU (here [-1000.0, 1000.0])" in input_mismatch(meta, (4.0, 4.0), (-1000, 1000))
+    assert input_mismatch({}, (3.0, 3.0), (-500, 800)) is None  # a checkpoint that does not say

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from contourcl.files import atomic_write_text
+from contourcl.models.encoder_checkpoint import input_mismatch, read_encoder
 from contourcl.training.experiments.paired import compare_evaluations
 from contourcl.training.recipes import load_recipe
 
@@ -66,6 +67,15 @@ def stage1_argv(model: str, data: Path, out: Path, init: str | None = None, over
     if init:
         argv += ["--init", str(init)]
     return argv
+
+
+def recipe_input(model: str, overrides: Mapping[str, object] | None = None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The in-plane spacing (mm) and HU window the recipe's networks see."""
+    from contourcl.training.finetune.engine import FinetuneConfig
+
+    spacing = {**load_recipe(model), **(overrides or {})}.get("spacing")
+    cfg = FinetuneConfig(model=model)
+    return ((float(spacing), float(spacing)) if spacing else tuple(cfg.spacing)), tuple(cfg.window)
 
 
 def finished(model_file: Path) -> bool:
@@ -164,6 +174,11 @@ def run_benchmark(data: Path, out: Path, encoders: Mapping[str, str], models: Se
     arms = {RANDOM: None, **encoders}
     if RANDOM in encoders:
         raise ValueError(f"{RANDOM!r} is the arm without a checkpoint: name the checkpoint otherwise")
+    for name, path in encoders.items():
+        for model in models:
+            mismatch = input_mismatch(read_encoder(path)[1], *recipe_input(model, overrides))
+            if mismatch:
+                raise ValueError(f"--encoder {name}={path} was pretrained on other images than the {model} recipe trains on: {mismatch}")
     if not report_only:
         tasks = [(m, a, init) for m in models for a, init in arms.items()]
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

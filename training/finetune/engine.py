@@ -66,7 +66,7 @@ from contourcl.data.transforms import (
 from contourcl.errors import ConfigError
 from contourcl.evaluation import EvaluationCase, evaluate_network, prepare_cases, summarise
 from contourcl.models.checkpoint import ModelMeta, save_model
-from contourcl.models.encoder_checkpoint import load_encoder
+from contourcl.models.encoder_checkpoint import input_mismatch, load_encoder
 from contourcl.models.networks import ContourUNet, NetConfig, build_network
 from contourcl.training.distributed import init_distributed
 from contourcl.training.finetune.deep_supervision import DeepSupervisedNet, PartialLabelDeepSupervisionLoss
@@ -326,6 +326,9 @@ def finetune(
         if cfg.init:
             info = load_encoder(network, cfg.init)
             logger.info("encoder initialised from %s (%s)", cfg.init, info.get("method", "?"))
+            mismatch = input_mismatch(info, cfg.spacing, cfg.window)
+            if mismatch:
+                logger.warning("%s was pretrained on other images than these: %s", cfg.init, mismatch)
     if cfg.voxel_siamese and cfg.context:
         raise ConfigError("the voxel-level Siamese loss is implemented for 2D input only: use context 0 with it")
     if cfg.voxel_siamese and cfg.deep_supervision:

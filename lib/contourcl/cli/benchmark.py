@@ -156,7 +156,11 @@ def pretrained_init(args: argparse.Namespace) -> int:
             raise SystemExit(f"--encoder {name}={path}: no such checkpoint")
     overrides = {k.replace("-", "_"): yaml.safe_load(v) for k, v in pairs(args.set, "--set").items()}
     command = "contourcl " + " ".join(sys.argv[1:])
-    path = run_arms(openkbp_root(args.data), Path(args.out), encoders, args.models, args.jobs, args.threads, overrides, command, args.report_only)
+    try:
+        path = run_arms(openkbp_root(args.data), Path(args.out), encoders, args.models, args.jobs, args.threads, overrides, command,
+                        args.report_only)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     print(path.read_text())
     return 0
 
