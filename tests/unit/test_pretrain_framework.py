@@ -243,3 +243,16 @@ def test_multi_stage_protocol_and_on_end(tmp_path, monkeypatch):
     assert result["method"].events == ["a done", "after a: 1"]
     assert {k: len(v) for k, v in result["history"].items()} == {"a": 2, "b": 3}
     assert result["meta"]["stages"]["b"]["iterations"] == 3
+
+
+def test_the_pretraining_spacing_is_a_command_line_option():
+    """The shipped recipes train at 3 mm: an encoder for them is pretrained at 3 mm too (issue 32)."""
+    import argparse
+
+    from contourcl.cli.pretrain import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    given = config_from_args(parser.parse_args(["separeg", "--images", "x", "--out", "y.pt", "--spacing", "3"]))
+    assert tuple(given.spacing) == (3.0, 3.0)
+    assert tuple(config_from_args(parser.parse_args(["separeg", "--images", "x", "--out", "y.pt"])).spacing) == (4.0, 4.0)

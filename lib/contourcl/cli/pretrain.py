@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", choices=sorted(RESNET_SPECS), help="encoder depth (default resnet18)")
     parser.add_argument("--width", type=int, help="encoder width (64: standard ResNet; default 32)")
     parser.add_argument("--image-size", type=int, help="side of the square inputs (default 128)")
+    parser.add_argument("--spacing", type=float, metavar="MM",
+                        help="in-plane voxel size of the inputs (default 4; the fine-tuning that loads the encoder should see the same: 3 for the shipped recipes)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the method's)")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
     parser.add_argument("--checkpoint-every", type=int, help="steps between training-state checkpoints")
@@ -63,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         "encoder": args.encoder,
         "width": args.width,
         "image_size": args.image_size,
+        "spacing": (args.spacing, args.spacing) if args.spacing else None,
         "lr": args.lr,
         "optimizer": args.optimizer,
         "checkpoint_every": args.checkpoint_every,
