@@ -39,11 +39,14 @@ def test_both_arms_train_score_and_pair_on_the_inner_split(tmp_path):
     assert (mean["model"], mean["arm"], mean["level"]) == ("oar", "simclr", 0.95)
     assert mean["not_worse"] is (mean["ci_low"] >= -0.005)
     assert "| oar | simclr | mean |" in (out / "results.md").read_text()
-    # a second call resumes: the finished arms are not run again
+    # a second call resumes: the finished arms are not run again, and a call for fewer arms keeps the others in the report
     stamps = {arm: (out / "runs" / f"oar-{arm}.json").stat().st_mtime_ns for arm in runs}
     again = run_contourcl(*argv, cwd=tmp_path, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert stamps == {arm: (out / "runs" / f"oar-{arm}.json").stat().st_mtime_ns for arm in runs}
+    narrow = run_contourcl("benchmark", "pretrained-init", "--data", data, "--models", "oar", "--out", out, "--report-only", cwd=tmp_path, timeout=60)
+    assert narrow.returncode == 0, narrow.stderr[-2000:]
+    assert "| oar | simclr | mean |" in (out / "results.md").read_text()
     # the recipe's 3 mm against a checkpoint pretrained at 4 mm: refused before any training
     other = run_contourcl("benchmark", "pretrained-init", "--data", data, "--encoder", f"simclr={ckpt}", "--models", "oar",
                           "--out", tmp_path / "other", cwd=tmp_path, timeout=60)

@@ -184,10 +184,15 @@ def run_benchmark(data: Path, out: Path, encoders: Mapping[str, str], models: Se
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for f in [pool.submit(run_arm, m, a, init, data, out, threads, overrides) for m, a, init in tasks]:
                 f.result()
+    return report(out, finished_runs(out), command)
+
+
+def finished_runs(out: Path) -> dict[str, dict[str, dict]]:
+    """Every finished arm in ``out`` (model -> arm -> run record), this call's or an earlier one's:
+    a call for one model or checkpoint does not narrow the report."""
     runs: dict[str, dict[str, dict]] = {}
-    for model in models:
-        for arm in arms:
-            path = out / "runs" / f"{model}-{arm}.json"
-            if path.is_file():
-                runs.setdefault(model, {})[arm] = json.loads(path.read_text())
-    return report(out, runs, command)
+    for model in MODELS:
+        for path in sorted((out / "runs").glob(f"{model}-*.json")):
+            run = json.loads(path.read_text())
+            runs.setdefault(model, {})[run["arm"]] = run
+    return {m: dict(sorted(arms.items(), key=lambda a: a[0] != RANDOM)) for m, arms in runs.items()}
