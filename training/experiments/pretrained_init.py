@@ -51,10 +51,15 @@ RANDOM = "random"
 NOT_WORSE = -0.005
 
 
+def recipe_options(model: str, overrides: Mapping[str, object] | None = None) -> dict:
+    """The shipped recipe's options of ``model``, ``overrides`` winning."""
+    return {**load_recipe(model), **(overrides or {})}
+
+
 def stage1_argv(model: str, data: Path, out: Path, init: str | None = None, overrides: Mapping[str, object] | None = None) -> list[str]:
     """``contourcl finetune`` arguments of the shipped recipe's first stage: the recipe's options
     (``overrides`` win) without ``refit``, on ``data``, writing ``out`` with its state beside it."""
-    options = {**load_recipe(model), **(overrides or {})}
+    options = recipe_options(model, overrides)
     options.pop("refit", None)
     argv = ["finetune"]
     for key, value in options.items():
@@ -73,7 +78,7 @@ def recipe_input(model: str, overrides: Mapping[str, object] | None = None) -> t
     """The in-plane spacing (mm) and HU window the recipe's networks see."""
     from contourcl.training.finetune.engine import FinetuneConfig
 
-    spacing = {**load_recipe(model), **(overrides or {})}.get("spacing")
+    spacing = recipe_options(model, overrides).get("spacing")
     cfg = FinetuneConfig(model=model)
     return ((float(spacing), float(spacing)) if spacing else tuple(cfg.spacing)), tuple(cfg.window)
 
@@ -175,8 +180,9 @@ def run_benchmark(data: Path, out: Path, encoders: Mapping[str, str], models: Se
     if RANDOM in encoders:
         raise ValueError(f"{RANDOM!r} is the arm without a checkpoint: name the checkpoint otherwise")
     for name, path in encoders.items():
+        meta = read_encoder(path)[1]  # once per checkpoint
         for model in models:
-            mismatch = input_mismatch(read_encoder(path)[1], *recipe_input(model, overrides))
+            mismatch = input_mismatch(meta, *recipe_input(model, overrides))
             if mismatch:
                 raise ValueError(f"--encoder {name}={path} was pretrained on other images than the {model} recipe trains on: {mismatch}")
     if not report_only:

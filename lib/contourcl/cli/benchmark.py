@@ -14,6 +14,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from contourcl.cli.pretrain import parse_option
 from contourcl.data.datasets import openkbp_root
 from contourcl.evaluation import DEFAULT_TOLERANCE_MM
 from contourcl.serving.config import default_largest_component
@@ -83,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--out", default="results/pretrained-init", help="results folder (finished arms are kept and not run again)")
     i.add_argument("--jobs", type=int, default=1, help="arms trained at a time (default %(default)s)")
     i.add_argument("--threads", type=int, default=2, help="torch threads per arm (default %(default)s)")
-    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe option changed (e.g. epochs=1: a quick check)")
+    i.add_argument("--set", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                   help="a recipe option changed (e.g. epochs=1: a quick check)")
     i.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished arms")
     k = sub.add_parser("clicks", help="Dice, surface Dice and HD95 after 0-10 simulated clicks per structure: the refinement "
                                       "network against the automatic contour and the plain edit")
@@ -137,24 +139,17 @@ def paired(args: argparse.Namespace) -> int:
 def pretrained_init(args: argparse.Namespace) -> int:
     import sys
 
-    import yaml
-
     from contourcl.training.experiments.pretrained_init import run_benchmark as run_arms
 
-    def pairs(items: list[str], what: str) -> dict[str, str]:
-        out = {}
-        for item in items:
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip() or not value.strip():
-                raise SystemExit(f"{what} {item!r}: write NAME=VALUE")
-            out[key.strip()] = value.strip()
-        return out
-
-    encoders = pairs(args.encoder, "--encoder")
-    for name, path in encoders.items():
+    encoders = {}
+    for item in args.encoder:
+        name, sep, path = (part.strip() for part in item.partition("="))
+        if not sep or not name or not path:
+            raise SystemExit(f"--encoder {item!r}: write NAME=CKPT")
         if not Path(path).is_file():
             raise SystemExit(f"--encoder {name}={path}: no such checkpoint")
-    overrides = {k.replace("-", "_"): yaml.safe_load(v) for k, v in pairs(args.set, "--set").items()}
+        encoders[name] = path
+    overrides = dict(args.set)  # (key, value) pairs, parsed as contourcl pretrain's --set
     command = "contourcl " + " ".join(sys.argv[1:])
     try:
         path = run_arms(openkbp_root(args.data), Path(args.out), encoders, args.models, args.jobs, args.threads, overrides, command,

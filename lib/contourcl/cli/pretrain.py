@@ -16,7 +16,9 @@ from contourcl.training.pretrain.base import ConfigError, PretrainConfig, merge_
 from contourcl.training.pretrain.trainer import available_methods, get_method, pretrain
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
+    """A ``--set KEY=VALUE`` option (here and in ``contourcl benchmark pretrained-init``): the key
+    with ``-`` written ``_``, the value read as YAML (``3`` a number, ``true`` a flag)."""
     import yaml
 
     if "=" not in text:
@@ -50,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run whose state is CKPT.state.pt")
     parser.add_argument("--stop-after", type=int, metavar="N", help="stop (state saved) after N steps in this call")
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
-    parser.add_argument("--set", dest="options", action="append", type=_parse_option, default=None, metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="options", action="append", type=parse_option, default=None, metavar="KEY=VALUE",
                         help="method option, e.g. --set num_clusters=5 --set region_mode=resize (repeatable)")
 
 
