@@ -47,6 +47,7 @@ def test_both_arms_train_score_and_pair_on_the_inner_split(tmp_path):
     narrow = run_contourcl("benchmark", "pretrained-init", "--data", data, "--models", "oar", "--out", out, "--report-only", cwd=tmp_path, timeout=60)
     assert narrow.returncode == 0, narrow.stderr[-2000:]
     assert "| oar | simclr | mean |" in (out / "results.md").read_text()
+    assert f"- oar/random, oar/simclr: `contourcl {' '.join(map(str, argv))}`" in (out / "results.md").read_text()  # the call that made them
     # the recipe's 3 mm against a checkpoint pretrained at 4 mm: refused before any training
     other = run_contourcl("benchmark", "pretrained-init", "--data", data, "--encoder", f"simclr={ckpt}", "--models", "oar",
                           "--out", tmp_path / "other", cwd=tmp_path, timeout=60)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from contourcl.training.experiments.pretrained_init import NOT_WORSE, compare, stage1_argv
+from contourcl.training.experiments.pretrained_init import NOT_WORSE, compare, report, stage1_argv
 from contourcl.training.recipes import load_recipe
 
 
@@ -64,3 +64,18 @@ def test_a_checkpoint_pretrained_on_other_images_is_named():
     assert input_mismatch(meta, (3.0, 3.0), (-500, 800)) == "in-plane spacing [4.0, 4.0] mm (here [3.0, 3.0])"
     assert "window [-500.0, 800.0] HU (here [-1000.0, 1000.0])" in input_mismatch(meta, (4.0, 4.0), (-1000, 1000))
     assert input_mismatch({}, (3.0, 3.0), (-500, 800)) is None  # a checkpoint that does not say
+
+
+def test_the_report_names_the_call_that_made_each_arm(tmp_path):
+    arm, random = _run([0.01, -0.02, 0.03])
+    for run in (arm, random):
+        for case in run["cases"].values():
+            case["A"].update(hd95=5.0, surface_dice=0.5)
+    first = "contourcl benchmark pretrained-init --models oar --encoder separeg=a.pt"
+    runs = {"oar": {"random": {**random, "command": first}, "separeg": {**arm, "command": first}},
+            "gtv": {"random": random, "simclr": {**arm, "command": "contourcl benchmark pretrained-init --models gtv"}}}
+    text = report(tmp_path, runs, "contourcl benchmark pretrained-init --report-only").read_text()
+    assert f"- oar/random, oar/separeg: `{first}`" in text
+    assert "- gtv/simclr: `contourcl benchmark pretrained-init --models gtv`" in text
+    assert "- gtv/random: its record does not say" in text
+    assert "--report-only" not in text  # this call made no arm

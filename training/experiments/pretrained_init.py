@@ -100,9 +100,10 @@ def _contourcl(argv: Sequence[str], log: Path, threads: int) -> None:
 
 
 def run_arm(model: str, arm: str, init: str | None, data: Path, out: Path, threads: int = 2,
-            overrides: Mapping[str, object] | None = None) -> Path:
+            overrides: Mapping[str, object] | None = None, command: str = "") -> Path:
     """One arm: the stage-1 file (trained, or resumed, unless finished), then its figures on the
-    inner validation patients. Returns ``runs/<model>-<arm>.json``."""
+    inner validation patients. Returns ``runs/<model>-<arm>.json``, which records ``command`` (the
+    call that made it, printed by :func:`report`)."""
     from contourcl.models.checkpoint import read_meta
 
     record = out / "runs" / f"{model}-{arm}.json"
@@ -121,7 +122,7 @@ def run_arm(model: str, arm: str, init: str | None, data: Path, out: Path, threa
     figures = out / "runs" / f".{model}-{arm}.evaluate.json"
     _contourcl(["evaluate", str(model_file), "--data", str(data / "train-pats"), "--ids", ",".join(ids), "--json", str(figures)], log, threads)
     result = json.loads(figures.read_text())
-    result.update(arm=arm, init=init, inner_val_ids=ids, seconds_this_call=round(seconds, 1))
+    result.update(arm=arm, init=init, inner_val_ids=ids, seconds_this_call=round(seconds, 1), command=command)
     atomic_write_text(record, json.dumps(result, indent=1))
     figures.unlink()
     return record
@@ -142,14 +143,33 @@ def compare(runs: Mapping[str, Mapping[str, dict]], alpha: float = 0.05) -> list
     return rows
 
 
+def arm_commands(runs: Mapping[str, Mapping[str, dict]]) -> dict[str, list[str]]:
+    """The call that made each arm (``command`` -> ``["model/arm", ...]``), in the runs' order; an
+    arm whose record predates recording it under ``""``."""
+    made: dict[str, list[str]] = {}
+    for model, arms in runs.items():
+        for arm, run in arms.items():
+            made.setdefault(run.get("command") or "", []).append(f"{model}/{arm}")
+    return made
+
+
 def report(out: Path, runs: Mapping[str, Mapping[str, dict]], command: str) -> Path:
-    """``results.md`` and ``results.json`` of the pairs."""
+    """``results.md`` and ``results.json`` of the pairs; each arm under the call that made it
+    (``command`` is this call's, kept in ``results.json``)."""
     from contourcl.evaluation import summarise
 
     rows = compare(runs)
-    lines = [
-        "# Served models from pretraining (issue 32, item 6)", "",
-        f"`{command}`", "",
+    lines = ["# Served models from pretraining (issue 32, item 6)", "", "Made by:", ""]
+    for made_by, arms in arm_commands(runs).items():
+        if made_by:
+            lines.append(f"- {', '.join(arms)}: `{made_by}`")
+        else:
+            unsaid = "its record does not say (made before records kept their command)"
+            if all(a.endswith("/" + RANDOM) for a in arms):
+                unsaid += "; every call for its model trains it the same way (no checkpoint, the recipe's split and seed)"
+            lines.append(f"- {', '.join(arms)}: {unsaid}")
+    lines += [
+        "",
         "The shipped recipe's first stage (its inner split and seed, no refit) from random init and from each "
         "pretraining checkpoint, scored on the inner validation patients through the served path. "
         f"A checkpoint is **not worse** when the lower end of the paired interval of the mean Dice is at or above {NOT_WORSE}; "
@@ -188,7 +208,7 @@ def run_benchmark(data: Path, out: Path, encoders: Mapping[str, str], models: Se
     if not report_only:
         tasks = [(m, a, init) for m in models for a, init in arms.items()]
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for f in [pool.submit(run_arm, m, a, init, data, out, threads, overrides) for m, a, init in tasks]:
+            for f in [pool.submit(run_arm, m, a, init, data, out, threads, overrides, command) for m, a, init in tasks]:
                 f.result()
     return report(out, finished_runs(out), command)
 
