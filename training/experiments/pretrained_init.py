@@ -143,13 +143,13 @@ def compare(runs: Mapping[str, Mapping[str, dict]], alpha: float = 0.05) -> list
     return rows
 
 
-def arm_commands(runs: Mapping[str, Mapping[str, dict]]) -> dict[str, list[str]]:
-    """The call that made each arm (``command`` -> ``["model/arm", ...]``), in the runs' order; an
+def arm_commands(runs: Mapping[str, Mapping[str, dict]]) -> dict[str, list[tuple[str, str]]]:
+    """The call that made each arm (``command`` -> ``[(model, arm), ...]``), in the runs' order; an
     arm whose record predates recording it under ``""``."""
-    made: dict[str, list[str]] = {}
+    made: dict[str, list[tuple[str, str]]] = {}
     for model, arms in runs.items():
         for arm, run in arms.items():
-            made.setdefault(run.get("command") or "", []).append(f"{model}/{arm}")
+            made.setdefault(run.get("command") or "", []).append((model, arm))
     return made
 
 
@@ -161,13 +161,14 @@ def report(out: Path, runs: Mapping[str, Mapping[str, dict]], command: str) -> P
     rows = compare(runs)
     lines = ["# Served models from pretraining (issue 32, item 6)", "", "Made by:", ""]
     for made_by, arms in arm_commands(runs).items():
+        names = ", ".join(f"{model}/{arm}" for model, arm in arms)
         if made_by:
-            lines.append(f"- {', '.join(arms)}: `{made_by}`")
+            lines.append(f"- {names}: `{made_by}`")
         else:
             unsaid = "its record does not say (made before records kept their command)"
-            if all(a.endswith("/" + RANDOM) for a in arms):
+            if all(arm == RANDOM for _, arm in arms):
                 unsaid += "; every call for its model trains it the same way (no checkpoint, the recipe's split and seed)"
-            lines.append(f"- {', '.join(arms)}: {unsaid}")
+            lines.append(f"- {names}: {unsaid}")
     lines += [
         "",
         "The shipped recipe's first stage (its inner split and seed, no refit) from random init and from each "
