@@ -427,9 +427,30 @@ class Task:
     #: files later tasks read that are not kept with the results (a coarse model's weights):
     #: when one is missing, the task runs again to remake it, without rewriting ``output``
     also: tuple[Path, ...] = ()
+    #: its output is read only by later tasks (a pretrained checkpoint), no result of the table:
+    #: it runs only when an unfinished task needs it (:func:`needed`)
+    intermediate: bool = False
 
     def finished(self) -> bool:
         return self.output.exists() and all(p.exists() for p in self.also)
+
+
+def needed(tasks: Sequence[Task]) -> set[str]:
+    """The keys of the tasks that must run: every missing result (the ``output`` of a task that is
+    not ``intermediate``) and, transitively, every unfinished task one of them depends on.
+
+    A checkpoint whose fine-tunings are all recorded, or a coarse model whose weights are gone
+    but whose dependents are all finished, is not made again.
+    """
+    by_key = {t.key: t for t in tasks}
+    todo = [t for t in tasks if not t.intermediate and not t.output.exists()]
+    keys: set[str] = set()
+    while todo:
+        t = todo.pop()
+        if t.key not in keys:
+            keys.add(t.key)
+            todo += [by_key[d] for d in t.deps if d in by_key and not by_key[d].finished()]
+    return keys
 
 
 def _init_worker(threads: int) -> None:
@@ -442,11 +463,13 @@ def _init_worker(threads: int) -> None:
 def run_tasks(tasks: Sequence[Task], jobs: int = 1, threads: int = 1, progress: bool = True) -> list[str]:
     """Run ``tasks`` in dependency order, ``jobs`` at a time; returns the keys that failed.
 
-    Tasks whose output exists are skipped; a failed task's dependents are not run.
+    Only the :func:`needed` tasks run: finished ones and unneeded intermediate ones are skipped;
+    a failed task's dependents are not run.
     """
-    done = {t.key for t in tasks if t.finished()}
+    wanted = needed(tasks)
+    done = {t.key for t in tasks if t.key not in wanted}
     failed: list[str] = []
-    pending = [t for t in tasks if t.key not in done]
+    pending = [t for t in tasks if t.key in wanted]
     bar = tqdm(total=len(tasks), initial=len(done), desc="label-efficiency", unit="run", disable=not progress)
 
     blocked_keys: set[str] = set()
@@ -602,7 +625,7 @@ def _add_finetune(p: Plan, model: str, name: str, method: Method, n: int, draw: 
         key = f"pretrain/{owner}/{tag}{st}"
         if not any(t.key == key for t in p.tasks):  # a row sharing it may have planned it
             p.tasks.append(Task(key, pretrain_task, {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, options, k)},
-                                ckpt, deps=pre_deps))
+                                ckpt, deps=pre_deps, intermediate=True))
         deps, init = (key,), str(ckpt)
     elif method.pretrain:
         ckpt = p.out / "pretrain" / f"{name}{st}.pt"
@@ -656,7 +679,8 @@ def plan(data: str | Path, out: str | Path, scale: Scale, models: Sequence[str] 
             for k in range(p.pretrain_seeds):
                 ckpt = p.out / "pretrain" / f"{name}{_seed_tag(k)}.pt"
                 p.tasks.append(Task(f"pretrain/{name}{_seed_tag(k)}", pretrain_task,
-                                    {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, dict(method.options), k)}, ckpt))
+                                    {"config": _pretrain_config(p, method.pretrain, pool_images, ckpt, dict(method.options), k)}, ckpt,
+                                    intermediate=True))
     for model in p.models:
         labeled = [c for c in usable_cases(train, model) if c["id"] in pool]
         p.validation[model] = usable_cases(val, model)
@@ -711,8 +735,8 @@ def run_benchmark(p: Plan, jobs: int | None = None, threads: int | None = None, 
         gpu = (p.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         jobs = jobs or (1 if gpu else max(1, cores))
         threads = threads or max(1, cores // jobs)
-        logger.info("%d runs (%d already done), %d at a time with %d thread(s) each, in %s",
-                    len(p.tasks), sum(t.finished() for t in p.tasks), jobs, threads, p.out)
+        logger.info("%d runs (%d done or not needed), %d at a time with %d thread(s) each, in %s",
+                    len(p.tasks), len(p.tasks) - len(needed(p.tasks)), jobs, threads, p.out)
         t0 = time.perf_counter()
         failed = run_tasks(p.tasks, jobs, threads)
         logger.info("runs finished in %.1f min", (time.perf_counter() - t0) / 60)
