@@ -124,14 +124,6 @@ def test_run_tasks_order_failures_and_resume(tmp_path):
     assert a.read_text() == "kept"
 
 
-def _write_also(spec):
-    from pathlib import Path
-
-    for out in spec["out"]:
-        Path(out).write_text("made")
-    return {}
-
-
 def test_run_tasks_makes_only_what_a_missing_result_needs(tmp_path):
     """A checkpoint whose fine-tuning is recorded is not pretrained again; a coarse model whose
     weights are gone is remade only for a pretraining a missing result needs."""
@@ -140,8 +132,8 @@ def test_run_tasks_makes_only_what_a_missing_result_needs(tmp_path):
     for x in ("coarse_a.json", "coarse_b.json", "result_a"):
         f[x].write_text("kept")
     tasks = [
-        le.Task("random/a", _write_also, {"out": [str(f["coarse_a.pt"])]}, f["coarse_a.json"], also=(f["coarse_a.pt"],)),
-        le.Task("random/b", _write_also, {"out": [str(f["coarse_b.pt"])]}, f["coarse_b.json"], also=(f["coarse_b.pt"],)),
+        le.Task("random/a", _write, {"out": str(f["coarse_a.pt"])}, f["coarse_a.json"], also=(f["coarse_a.pt"],)),
+        le.Task("random/b", _write, {"out": str(f["coarse_b.pt"])}, f["coarse_b.json"], also=(f["coarse_b.pt"],)),
         le.Task("pretrain/a", _write, {"out": str(f["ckpt_a"])}, f["ckpt_a"], deps=("random/a",), intermediate=True),
         le.Task("pretrain/b", _write, {"out": str(f["ckpt_b"])}, f["ckpt_b"], deps=("random/b",), intermediate=True),
         le.Task("finetune/a", _write, {"out": str(f["result_a"])}, f["result_a"], deps=("pretrain/a",)),
