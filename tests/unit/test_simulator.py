@@ -103,3 +103,23 @@ def test_the_server_check_over_every_patient_counts_only_structures_below_the_ba
     assert abs(c["gain"] - (0.2 + 0.1 + 0.0) / 3) < 1e-9
     assert c["low"] <= c["gain"] <= c["high"]
     assert check_gain(records, "gtv") is None
+
+
+def test_the_oracle_ceiling_fixes_only_within_the_clicks_scope():
+    """The benchmark's ``oracle`` (a ceiling, not a method): the mask becomes the reference within
+    the edit radius of a click on the slices it reaches, and stays the input everywhere else."""
+    from contourcl.training.refine.benchmark import click_series, oracle_method
+
+    affine = np.diag([4.0, 4.0, 2.5, 1.0])  # 20 mm = 5 pixels; a 5 mm reach = 2 slices each way
+    ref = _box((40, 40, 12), (5, 5, 0), (35, 35, 12))
+    start = np.zeros_like(ref)  # all missed: the first click goes to the centre of the box
+    oracle = oracle_method(20.0, 5.0)
+    new = oracle(None, affine, start, np.array([[20, 20, 6]]), np.zeros((0, 3), int), reference=ref)
+    assert new[20, 20, 6] and new[25, 20, 6] and new[20, 15, 4] and new[20, 20, 8]
+    assert not new[26, 20, 6] and not new[20, 20, 9] and not new[20, 20, 3]  # 6 pixels away; 3 slices away
+    assert not (new & ~ref).any()
+    wide = oracle_method(None, 5.0)(None, affine, start, np.array([[20, 20, 6]]), np.zeros((0, 3), int), reference=ref)
+    assert (wide[:, :, 4:9] == ref[:, :, 4:9]).all() and not wide[:, :, :4].any()  # None: the whole reached slices
+    masks, made = click_series(oracle, None, affine, start, ref, np.ones(ref.shape, bool), 3, seed=0)
+    assert [m.sum() for m in masks] == sorted(m.sum() for m in masks) and len(made) == 3  # never worse, click by click
+    assert (masks[3] == ref).sum() > (masks[1] == ref).sum()

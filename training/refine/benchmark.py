@@ -14,7 +14,11 @@ with the structure's new mask, all clicks so far given each time:
 - ``plain_edit``: :func:`contourcl.refine.plain_edit.plain_edit`, no network (the second);
 - ``network``: the refinement network (:class:`contourcl.refine.refiner.Refiner`), with each
   model's edit radius and reach (``--edit-radius``, ``--reach``; :class:`contourcl.refine.encoding.ClickScope`;
-  ``contourcl benchmark clicks`` gives the app's model configs', as the server answers).
+  ``contourcl benchmark clicks`` gives the app's model configs', as the server answers);
+- ``oracle`` (only when asked for): not a method a clinician has but a ceiling. Within the
+  network's scope around the clicks so far (the same edit radius and reach), the mask becomes the
+  reference: what a perfect editor that changes only near the clicks would reach
+  (:func:`oracle_method`).
 
 Scored with the project's one metric code (:func:`contourcl.evaluation.contour_metrics`: Dice,
 surface Dice at ``--tolerance`` mm, HD95) on each CT's own grid against
@@ -44,11 +48,11 @@ from contourcl.data.labels import model_labels
 from contourcl.data.volumes import blank_slices, read_nifti
 from contourcl.effort import voxel_sizes
 from contourcl.evaluation import METRICS, contour_metrics, format_figure, summarise
-from contourcl.refine.encoding import model_scopes
+from contourcl.refine.encoding import click_maps, model_scopes
 from contourcl.refine.simulator import next_click
 
 CLICKS = (0, 1, 2, 3, 5, 10)
-METHODS = ("auto", "plain_edit", "network")
+METHODS = ("auto", "plain_edit", "network", "oracle")
 #: surface Dice tolerance of the click benchmark (mm), as issue 31 and the effort records use
 TOLERANCE_MM = 2.0
 
@@ -69,6 +73,24 @@ def plain_edit_method() -> Method | None:
     return method
 
 
+def oracle_method(edit_radius_mm: float | None, reach_mm: float):
+    """The ceiling of an editor that changes only near the clicks: within ``edit_radius_mm`` of
+    each click so far in its axial plane (``None``: the whole slices), on the slices within
+    ``reach_mm`` of its slice (:func:`contourcl.refine.encoding.click_maps`' reach), the mask
+    becomes ``reference``; elsewhere it stays. Called with the reference as a keyword
+    (``uses_reference``), which no real method sees."""
+    radius = 1e6 if edit_radius_mm is None else float(edit_radius_mm)
+
+    def method(ct: np.ndarray, affine: np.ndarray, mask: np.ndarray, positive: np.ndarray, negative: np.ndarray,
+               reference: np.ndarray) -> np.ndarray:
+        points = np.concatenate([np.reshape(positive, (-1, 3)), np.reshape(negative, (-1, 3))])
+        region = click_maps(points, None, mask.shape, affine, radius_mm=radius, reach_mm=reach_mm)[0] > 0
+        return np.where(region, reference, mask)
+
+    method.uses_reference = True
+    return method
+
+
 def valid_region(imaged: tuple[int, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     """A bool array broadcastable to ``shape``: the slices that image the patient."""
     axis, kept = imaged
@@ -82,6 +104,8 @@ def click_series(method: Method, ct: np.ndarray, affine: np.ndarray, start: np.n
     """The masks after 0..``clicks`` simulated clicks with ``method`` and the clicks themselves.
 
     After a click that leaves no error the mask stays (a clinician stops clicking)."""
+    if getattr(method, "uses_reference", False):  # the oracle ceiling (oracle_method)
+        method = partial(method, reference=reference)
     spacing = voxel_sizes(affine)
     rng = np.random.default_rng(seed)
     mask = np.asarray(start, dtype=bool)
@@ -194,7 +218,9 @@ def write_outputs(records: Sequence[dict], out: Path, models: Sequence[str], met
     lines = [f"# Click benchmark ({len({r['case'] for r in records})} patients)", "", f"`{command}`", "",
              f"Mean ± standard error over patients; surface Dice at {tolerance_mm:g} mm; HD95 in mm "
              "(a structure a method misses has none: counted as missed). `auto`: the automatic contour; "
-             "`plain_edit`: no network; `network`: the refinement network.", ""]
+             "`plain_edit`: no network; `network`: the refinement network"
+             + ("; `oracle`: the mask set to the reference within the network's scope around the clicks (a ceiling, "
+                "not a method)" if "oracle" in methods else "") + ".", ""]
     summaries = {m: summary_rows(records, m, methods, counts) for m in models}
     lines += error_lines(records, models)
     if "network" in methods and 3 in counts:
@@ -283,7 +309,7 @@ def plot(summaries: dict, path: Path, methods: Sequence[str], counts: Sequence[i
 
     models = [m for m, s in summaries.items() if s]
     fig, axes = plt.subplots(1, 2 * max(1, len(models)), figsize=(4.2 * 2 * max(1, len(models)), 3.4), squeeze=False)
-    colours = {"auto": "tab:gray", "plain_edit": "tab:orange", "network": "tab:blue"}
+    colours = {"auto": "tab:gray", "plain_edit": "tab:orange", "network": "tab:blue", "oracle": "tab:green"}
     for i, model in enumerate(models):
         for j, metric in enumerate(("dice", "surface_dice")):
             ax = axes[0][2 * i + j]
@@ -315,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="each model's edit radius for the network (mm; a model not named: the file's); "
                              "`contourcl benchmark clicks` fills it from the app's model configs, as the server reads them")
     parser.add_argument("--models", default="oar,gtv")
-    parser.add_argument("--methods", default="network,plain_edit", help="besides auto: network, plain_edit")
+    parser.add_argument("--methods", default="network,plain_edit",
+                        help="besides auto: network, plain_edit, oracle (a ceiling: the reference within the network's scope)")
     parser.add_argument("--clicks", default=",".join(map(str, CLICKS)))
     parser.add_argument("--out", default="results/clicks")
     parser.add_argument("--max-cases", type=int)
@@ -337,9 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = sorted({int(c) for c in args.clicks.split(",")})
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     methods: dict[str, Method] = {}
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    refiner = Refiner.from_file(args.refiner) if {"network", "oracle"} & set(names) else None
+    for name in names:
         if name == "network":
-            methods[name] = Refiner.from_file(args.refiner)
+            methods[name] = refiner
+        elif name == "oracle":
+            methods[name] = oracle_method  # made per model below, with its scope
         elif name == "plain_edit":
             method = plain_edit_method()
             if method is None:
@@ -364,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(f"--edit-radius/--reach {e}")
     settings = {"models": {m: model_version(Path(args.model_dir) / f"{m}.pt") for m in models}, "methods": sorted(methods),
-                "refiner": model_version(Path(args.refiner)) if "network" in methods else None, "clicks": counts,
+                "refiner": model_version(Path(args.refiner)) if refiner is not None else None, "clicks": counts,
                 "seed": args.seed, "tolerance": args.tolerance, "scope": {m: sc.kwargs() for m, sc in scopes.items()}}
     records = []
     t0 = time.perf_counter()
@@ -375,7 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if done.get("settings") == settings:
                 records.append(done)
                 continue
-        per_model = {k: (partial(m, **scopes[model].kwargs()) if k == "network" else m) for k, m in methods.items()}
+        per_model = {k: (partial(m, **scopes[model].kwargs()) if k == "network"
+                         else oracle_method(*refiner.scope(**scopes[model].kwargs())) if k == "oracle" else m)
+                     for k, m in methods.items()}
         record = {**run_case(case, model, per_model, contourers[model], counts, args.seed, args.tolerance), "settings": settings}
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record))
