@@ -123,3 +123,19 @@ def test_the_oracle_ceiling_fixes_only_within_the_clicks_scope():
     masks, made = click_series(oracle, None, affine, start, ref, np.ones(ref.shape, bool), 3, seed=0)
     assert [m.sum() for m in masks] == sorted(m.sum() for m in masks) and len(made) == 3  # never worse, click by click
     assert (masks[3] == ref).sum() > (masks[1] == ref).sum()
+
+
+def test_what_a_click_does_counts_fixed_and_broken_voxels():
+    """The benchmark's record of each click: voxels it fixes and breaks against the reference, and
+    the table over every click made."""
+    from contourcl.training.refine.benchmark import change_lines, click_changes
+
+    ref = _box((10, 10, 4), (2, 2, 0), (6, 6, 4))
+    start = np.zeros_like(ref)
+    first = start | _box((10, 10, 4), (2, 2, 0), (6, 6, 2))  # fixes 32
+    second = (first & ~_box((10, 10, 4), (2, 2, 0), (3, 6, 1))) | _box((10, 10, 4), (7, 7, 0), (9, 9, 1))  # breaks 4 + 4
+    assert click_changes([start, first, second], ref) == [[32, 0], [0, 8]]
+    records = [{"model": "oar", "changes": {"Brainstem/network": [[32, 0], [0, 8]], "Brainstem/plain_edit": [[1, 3]]}}]
+    table = "\n".join(change_lines(records, ["oar"], ["network", "plain_edit"]))
+    assert "| oar | network | 2 | 16.0 | 4.0 | 50% |" in table
+    assert "| oar | plain_edit | 1 | 1.0 | 3.0 | 100% |" in table

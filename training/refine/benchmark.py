@@ -2,7 +2,7 @@
 
     python -m contourcl.training.refine.benchmark [--data DIR] [--refiner FILE] [--models oar,gtv]
         [--edit-radius gtv=40] [--reach gtv=25] [--clicks 0,1,2,3,5,10] [--out results/clicks] [--max-cases N] [--ids pt_1,...] [--seed 0]
-        [--threads 2] [--tolerance 2.0] [--methods network,plain_edit] [--no-progress]
+        [--threads 2] [--tolerance 2.0] [--methods network,plain_edit,oracle] [--mask-prior P] [--no-progress]
 
 For every validation case and model (``oar``, ``gtv``), every structure the reference contours
 starts from the shipped model's automatic contour (:class:`contourcl.inference.Contourer`, the
@@ -14,8 +14,10 @@ with the structure's new mask, all clicks so far given each time:
 - ``plain_edit``: :func:`contourcl.refine.plain_edit.plain_edit`, no network (the second);
 - ``network``: the refinement network (:class:`contourcl.refine.refiner.Refiner`), with each
   model's edit radius and reach (``--edit-radius``, ``--reach``; :class:`contourcl.refine.encoding.ClickScope`;
-  ``contourcl benchmark clicks`` gives the app's model configs', as the server answers);
-- ``oracle`` (only when asked for): not a method a clinician has but a ceiling. Within the
+  ``contourcl benchmark clicks`` gives the app's model configs', as the server answers;
+  ``--mask-prior``: another weight of the current mask than the file's, to measure how the answer
+  trades voxels fixed against voxels broken: a file is served with its own);
+- ``oracle``: not a method a clinician has but a ceiling. Within the
   network's scope around the clicks so far (the same edit radius and reach), the mask becomes the
   reference: what a perfect editor that changes only near the clicks would reach
   (:func:`oracle_method`).
@@ -152,6 +154,16 @@ def error_near_surface(start: np.ndarray, reference: np.ndarray, affine: np.ndar
     return {"voxels": n, "near_surface": float(near.mean())}
 
 
+def click_changes(masks: Sequence[np.ndarray], reference: np.ndarray) -> list[list[int]]:
+    """What each click did: ``[fixed, broken]`` voxels per step of ``masks`` (a click series), fixed
+    where the mask came to agree with ``reference``, broken where it stopped agreeing."""
+    out = []
+    for before, after in zip(masks[:-1], masks[1:], strict=True):
+        was, now = before == reference, after == reference
+        out.append([int((now & ~was).sum()), int((was & ~now).sum())])
+    return out
+
+
 def run_case(case: dict, model: str, methods: dict[str, Method], contourer, counts: Sequence[int] = CLICKS, seed: int = 0,
              tolerance_mm: float = TOLERANCE_MM, metrics: Sequence[str] = METRICS) -> dict:
     """One case and model: ``{"case", "model", "seconds", "structures": {name: {method: {clicks: figures}}}, "clicks"}``."""
@@ -178,6 +190,7 @@ def run_case(case: dict, model: str, methods: dict[str, Method], contourer, coun
             out["method_seconds"][label] = out["method_seconds"].get(label, 0.0) + time.perf_counter() - t
             per[label] = {str(n): (first if n == 0 else score(masks[n], reference, affine, tolerance_mm, metrics)) for n in counts}
             out["clicks"][f"{name}/{label}"] = made
+            out.setdefault("changes", {})[f"{name}/{label}"] = click_changes(masks[: len(made) + 1], reference)
         out["structures"][name] = per
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -223,8 +236,9 @@ def write_outputs(records: Sequence[dict], out: Path, models: Sequence[str], met
                 "not a method)" if "oracle" in methods else "") + ".", ""]
     summaries = {m: summary_rows(records, m, methods, counts) for m in models}
     lines += error_lines(records, models)
+    lines += change_lines(records, models, [m for m in methods if m != "auto"])
     if "network" in methods and 3 in counts:
-        lines += check_lines(records, models)
+        lines += check_lines(records, models, [m for m in ("network", "oracle") if m in methods])
     for model in models:
         summary = summaries[model]
         if not summary:
@@ -271,17 +285,19 @@ def check_gain(records: Sequence[dict], model: str, below: float = 0.9, clicks: 
             "structures": sum(len(g) for g in per_patient)}
 
 
-def check_lines(records: Sequence[dict], models: Sequence[str]) -> list[str]:
-    """Issue 31's server check (>= +0.08 after 3 clicks) over every patient of the benchmark."""
+def check_lines(records: Sequence[dict], models: Sequence[str], methods: Sequence[str] = ("network",)) -> list[str]:
+    """Issue 31's server check (>= +0.08 after 3 clicks) over every patient of the benchmark, for
+    the network (and the oracle's ceiling, where it ran)."""
     lines = ["## Issue 31's check over every patient", "",
-             "Mean Dice gain after 3 network clicks of the structures whose automatic Dice is below 0.9 (the server "
+             "Mean Dice gain after 3 clicks of the structures whose automatic Dice is below 0.9 (the server "
              "check's figure, `benchmarks/bench_clicks_server.py`, there on 5 CTs), with a 95 % bootstrap interval "
              "over patients; issue 31 asks at least +0.08.", "",
-             "| model | gain | 95 % interval | structures | patients |", "| --- | --- | --- | --- | --- |"]
+             "| model | method | gain | 95 % interval | structures | patients |", "| --- | --- | --- | --- | --- | --- |"]
     for model in models:
-        c = check_gain(records, model)
-        if c:
-            lines.append(f"| {model} | {c['gain']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | {c['structures']} | {c['patients']} |")
+        for method in methods:
+            c = check_gain(records, model, method=method)
+            if c:
+                lines.append(f"| {model} | {method} | {c['gain']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | {c['structures']} | {c['patients']} |")
     return [*lines, ""]
 
 
@@ -297,6 +313,24 @@ def error_lines(records: Sequence[dict], models: Sequence[str]) -> list[str]:
             shares = [r["errors"][s]["near_surface"] for r in records if r["model"] == model and r.get("errors", {}).get(s, {}).get("near_surface") is not None]
             if shares:
                 lines.append(f"| {model} | {s} | {np.mean(shares):.2f} | {len(shares)} |")
+    return [*lines, ""]
+
+
+def change_lines(records: Sequence[dict], models: Sequence[str], methods: Sequence[str]) -> list[str]:
+    """A table of what a click does: voxels it fixes and breaks, mean over every click made (every
+    patient, structure and click; the simulated clinician stops once a structure has no error)."""
+    lines = ["## What a click does", "",
+             "Voxels a click fixes (come to agree with the reference) and breaks (stop agreeing), mean over every click "
+             "made; the share of clicks that break more than they fix.", "",
+             "| model | method | clicks | fixed | broken | breaks more than it fixes |", "| --- | --- | --- | --- | --- | --- |"]
+    for model in models:
+        for method in methods:
+            steps = np.asarray([step for r in records if r["model"] == model
+                                for key, per in r.get("changes", {}).items() if key.rsplit("/", 1)[1] == method
+                                for step in per], dtype=float).reshape(-1, 2)
+            if len(steps):
+                lines.append(f"| {model} | {method} | {len(steps)} | {steps[:, 0].mean():.1f} | {steps[:, 1].mean():.1f} | "
+                             f"{float((steps[:, 1] > steps[:, 0]).mean()):.0%} |")
     return [*lines, ""]
 
 
@@ -341,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="each model's edit radius for the network (mm; a model not named: the file's); "
                              "`contourcl benchmark clicks` fills it from the app's model configs, as the server reads them")
     parser.add_argument("--models", default="oar,gtv")
-    parser.add_argument("--methods", default="network,plain_edit",
+    parser.add_argument("--methods", default="network,plain_edit,oracle",
                         help="besides auto: network, plain_edit, oracle (a ceiling: the reference within the network's scope)")
     parser.add_argument("--clicks", default=",".join(map(str, CLICKS)))
     parser.add_argument("--out", default="results/clicks")
@@ -350,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=TOLERANCE_MM, help="surface Dice tolerance (mm)")
+    parser.add_argument("--mask-prior", type=float, metavar="P",
+                        help="the network's current-mask logit instead of the file's (a measurement; the server uses the file's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -366,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods: dict[str, Method] = {}
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     refiner = Refiner.from_file(args.refiner) if {"network", "oracle"} & set(names) else None
+    if refiner is not None and args.mask_prior is not None:
+        refiner.prior = float(args.mask_prior)
     for name in names:
         if name == "network":
             methods[name] = refiner
@@ -395,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(f"--edit-radius/--reach {e}")
     settings = {"models": {m: model_version(Path(args.model_dir) / f"{m}.pt") for m in models}, "methods": sorted(methods),
-                "refiner": model_version(Path(args.refiner)) if refiner is not None else None, "clicks": counts,
+                "refiner": model_version(Path(args.refiner)) if refiner is not None else None,
+                "mask_prior": refiner.prior if refiner is not None else None, "clicks": counts,
                 "seed": args.seed, "tolerance": args.tolerance, "scope": {m: sc.kwargs() for m, sc in scopes.items()}}
     records = []
     t0 = time.perf_counter()
