@@ -399,23 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = Path(args.data) if args.data else openkbp_or_exit(parser, None) / "validation-pats"
     counts = sorted({int(c) for c in args.clicks.split(",")})
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    methods: dict[str, Method] = {}
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    refiner = Refiner.from_file(args.refiner) if {"network", "oracle"} & set(names) else None
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    for name in methods:
+        if name not in METHODS[1:]:
+            parser.error(f"unknown method {name!r}")
+    refiner = Refiner.from_file(args.refiner) if {"network", "oracle"} & set(methods) else None
     if refiner is not None and args.mask_prior is not None:
         refiner.prior = float(args.mask_prior)
-    for name in names:
-        if name == "network":
-            methods[name] = refiner
-        elif name == "oracle":
-            methods[name] = oracle_method  # made per model below, with its scope
-        elif name == "plain_edit":
-            method = plain_edit_method()
-            if method is None:
-                parser.error("contourcl.refine.plain_edit is not there yet: leave plain_edit out of --methods")
-            methods[name] = method
-        else:
-            parser.error(f"unknown method {name!r}")
+    plain = plain_edit_method() if "plain_edit" in methods else None
+    if "plain_edit" in methods and plain is None:
+        parser.error("contourcl.refine.plain_edit is not there yet: leave plain_edit out of --methods")
     out = Path(args.out)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     todo = []
@@ -432,6 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         scopes = model_scopes(models, edit_radius_mm=args.edit_radius, reach_mm=args.reach)  # None fields: the file's
     except ValueError as e:
         parser.error(f"--edit-radius/--reach {e}")
+
+    def scoped(model: str) -> dict[str, Method]:
+        """Each method for ``model``: the network and the oracle with the model's click scope."""
+        kwargs = scopes[model].kwargs()
+        made = {"network": lambda: partial(refiner, **kwargs), "oracle": lambda: oracle_method(*refiner.scope(**kwargs)),
+                "plain_edit": lambda: plain}
+        return {name: made[name]() for name in methods}
+
+    per_model = {m: scoped(m) for m in models}
     settings = {"models": {m: model_version(Path(args.model_dir) / f"{m}.pt") for m in models}, "methods": sorted(methods),
                 "refiner": model_version(Path(args.refiner)) if refiner is not None else None,
                 "mask_prior": refiner.prior if refiner is not None else None, "clicks": counts,
@@ -445,10 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if done.get("settings") == settings:
                 records.append(done)
                 continue
-        per_model = {k: (partial(m, **scopes[model].kwargs()) if k == "network"
-                         else oracle_method(*refiner.scope(**scopes[model].kwargs())) if k == "oracle" else m)
-                     for k, m in methods.items()}
-        record = {**run_case(case, model, per_model, contourers[model], counts, args.seed, args.tolerance), "settings": settings}
+        record = {**run_case(case, model, per_model[model], contourers[model], counts, args.seed, args.tolerance), "settings": settings}
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(path)
